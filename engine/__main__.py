@@ -1,0 +1,48 @@
+"""`python -m engine <verb> [args]`: dump (Hydra) and inspect (plain arguments).
+
+The verb is popped before Hydra reads sys.argv.  Config-group choices (`model=`, `prompts=`)
+are checked here so that a typo gets one line instead of Hydra's multi-line report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = """usage: python -m engine <verb> [args]
+  dump     sample completions, store every step's full logits (Hydra: key=value overrides)
+  inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
+GROUPS = ("model", "prompts")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # same as engine.dump.CONF, no heavy import
+
+
+def check_group_choices(args: list[str]) -> str | None:
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if eq and name.lstrip("+~") in GROUPS:
+            options = sorted(p.stem for p in (CONF_DIR / name.lstrip("+~")).glob("*.yaml"))
+            if value not in options:
+                return f"unknown {name} {value!r}; available: {', '.join(options)}"
+    return None
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("dump", "inspect"):
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    verb = sys.argv.pop(1)
+    if verb == "inspect":
+        from engine.inspect import main as inspect_main
+
+        sys.exit(inspect_main(sys.argv[1:]))
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    from engine.dump import main as dump_main
+
+    dump_main()
+
+
+if __name__ == "__main__":
+    main()

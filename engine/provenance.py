@@ -1,0 +1,45 @@
+"""Root-level provenance: package versions, the engine's git commit, what the archive stores
+about its tokenizers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "h5py", "numba", "hydra-core",
+            "gguf")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
+def git_commit() -> str:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def root_provenance() -> dict[str, str]:
+    return {"packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit()}
+
+
+def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
+    """(display string of every id < vocab_size, tokenizer.json text or "")."""
+    n = len(tokenizer)
+    strings = [t.replace("\x00", "\u2400")  # HDF5 strings cannot hold NUL: show it as U+2400
+               for t in tokenizer.batch_decode([[i] for i in range(min(n, vocab_size))])]
+    strings += [""] * (vocab_size - len(strings))  # ids the tokenizer never emits
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return strings, (backend.to_str() if backend is not None else "")
