@@ -191,7 +191,7 @@ class ArchiveWriter:
             self.g["logits_offset"][s0:s0 + n] = sbuf[1]
         for name, ds in self._activations():
             ds[s0:s0 + n] = acts[name]
-        last = tokens[np.arange(n), np.maximum(length - 1, 0)]
+        last = tokens[np.arange(n), np.maximum(length - 1, 0)] if T else np.full(n, -1)
         ended = (length > 0) & np.isin(last, np.asarray(eos_ids, dtype=np.int32))
         samples = self.f["samples"]
         samples["tokens"][s0:s0 + n] = tokens

@@ -65,6 +65,18 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return x
 
 
+def draw(x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits `x` [batch, vocab] by inverse-CDF sampling, each row with
+    its own generator: u ~ U[0, 1) per row, token = first index whose cumulative probability
+    exceeds u (right=True never picks a zero-probability token).  The CDF is float64 so its
+    rounding (~1e-16 per step) is far below any token's probability."""
+    u = torch.stack([torch.rand((), generator=g, device=x.device, dtype=torch.float64)
+                     for g in gens])  # [batch]
+    cdf = torch.softmax(x, dim=-1).double().cumsum(dim=-1)  # [batch, vocab]
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp(max=x.shape[-1] - 1)
+
+
 def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), capture: Sequence[str] = ()) -> Iterator[Step]:
@@ -83,20 +95,20 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     tap: dict[str, torch.Tensor] = {}
 
-    def keep_last(tensor, hook):
-        tap[hook.name] = tensor[:, -1].detach()
-        return tensor
+    def keep_last(name):  # keyed by the requested name: aliases report their canonical one
+        def hook(tensor, hook):
+            tap[name] = tensor[:, -1].detach()
+            return tensor
+        return hook
 
-    hooks = [(LOGITS_HOOK, keep_last)] + [(name, keep_last) for name in capture]
+    hooks = [(name, keep_last(name)) for name in (LOGITS_HOOK, *capture)]
     ids = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)  # [batch, pos]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     with torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
         _, cache = bridge(ids, return_type="logits_and_cache")
         for t in range(max_new_tokens):
             logits = tap[LOGITS_HOOK]  # [batch, vocab]
-            probs = torch.softmax(warp(logits, temperature, top_k, top_p), dim=-1)
-            tokens = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i])
-                                for i in range(n)])  # [batch]
+            tokens = draw(warp(logits, temperature, top_k, top_p), gens)  # [batch]
             yield Step(t, logits, {k: tap[k] for k in capture}, tokens, ~finished)
             finished = finished | torch.isin(tokens, eos)
             if bool(finished.all()) or t + 1 == max_new_tokens:

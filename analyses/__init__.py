@@ -1,0 +1,1 @@
+"""Analyses over stored archives (Hydra-composed; never load a language model)."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: Hydra-composed dump configs pointed at tmp paths, and small archives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from engine.dump import CONF, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One model cache per test session (the SmolLM2 dequantization runs once)."""
+    return Path(os.environ.get("LOGIT_ENGINE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def compose_dump(tmp: Path, cache: Path, overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("dump", overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
+                                          "progress=false", *overrides])
+
+
+@pytest.fixture
+def dump_cfg(tmp_path, cache_dir):
+    def make(*overrides):
+        return compose_dump(tmp_path, cache_dir, ["model=tiny-random", *overrides])
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory, cache_dir) -> Path:
+    """A tiny-random archive (2 prompts x 3 samples x 12 steps, fp32), built once."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = compose_dump(tmp, cache_dir, ["model=tiny-random", "n_samples=3", "batch_size=2",
+                                        "max_new_tokens=12", "codec=fp32"])
+    return Path(run(cfg)["archive"])
+
+
+def engine_cli(*args, cwd=None, timeout=300, env=None):
+    """Run `python -m engine ...` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
