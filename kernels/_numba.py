@@ -1,0 +1,401 @@
+"""numba CPU kernels over logit rows [rows, vocab], one compiled family per input codec.
+
+Every kernel is a `prange` over rows (never inside a row) with plain loops inside; each row is
+read a few times while it sits in L2.  Per element the work is float32 (decode, subtract the
+row max, polynomial exp from `_bits`), accumulations are float64 so sums over 150k entries
+keep ~1e-12 relative error.  fastmath is limited to {reassoc, contract, nsz}: reassociation
+lets LLVM vectorize the reductions; nnan/ninf are *not* set because -inf (masked tokens) is
+data here, handled by explicit selects (`e > 0`) that keep 0 * -inf out of every sum.
+Parallel kernels are never cached (cache=True with parallel=True segfaults when the thread
+count changes, pynndescent #175).
+
+Notation inside a row: x = decoded value, m = row max, d = x - m <= 0, e = exp(d),
+S = sum e, so log p = d - log S.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from kernels._bits import EXP_FLOOR, bf16_bits_to_f32, exp_nonpos, f16_bits_to_f32, log_pos
+
+FM = {"reassoc", "contract", "nsz"}
+F32 = np.float32
+BLOCK = 2048  # entries summed in float32 before folding into a float64 total
+
+
+# ---- decoders: element j of a row, given the row's q16 scale/offset (ignored otherwise) ----
+@njit(inline="always")
+def _dec_f32(row, j, sc, off):
+    return row[j]
+
+
+@njit(inline="always")
+def _dec_f64(row, j, sc, off):
+    return row[j]  # float64 stays float64 until the max is subtracted
+
+
+@njit(inline="always")
+def _dec_f16(row, j, sc, off):
+    return f16_bits_to_f32(row[j])
+
+
+@njit(inline="always")
+def _dec_bf16(row, j, sc, off):
+    return bf16_bits_to_f32(row[j])
+
+
+@njit(inline="always")
+def _dec_q16(row, j, sc, off):
+    return off + F32(row[j]) * sc  # a log-probability; every kernel is shift-invariant
+
+
+DECODERS = {"f32": _dec_f32, "f64": _dec_f64, "f16": _dec_f16, "bf16": _dec_bf16,
+            "q16": _dec_q16}
+
+
+@functools.lru_cache(maxsize=None)
+def family(kind: str):
+    """Kernels for one input codec (compiled lazily, on first call of each)."""
+    dec = DECODERS[kind]
+
+    @njit(inline="always", fastmath=FM)
+    def row_max(row, sc, off):
+        m = dec(row, 0, sc, off)
+        for j in range(1, row.shape[0]):
+            m = max(m, dec(row, j, sc, off))
+        return m
+
+    @njit(inline="always", fastmath=FM)
+    def row_d(row, j, sc, off, m):
+        return F32(dec(row, j, sc, off) - m)
+
+    @njit(inline="always", fastmath=FM)
+    def row_sum_exp(row, sc, off, m):
+        s = 0.0
+        for j in range(row.shape[0]):
+            s += exp_nonpos(row_d(row, j, sc, off, m))
+        return s
+
+    @njit(inline="always", fastmath=FM)
+    def online_sums(row, sc, off):
+        """One read of the row: (m, S, sum e*d) with d = x - m, by blocks of BLOCK entries.
+        Each block's max is found while the block sits in L1; when it raises the running
+        max the totals are rescaled (S' = S e^sh, T' = (T + sh S) e^sh, sh = m_old - m_new).
+        Block sums are float32 (<= BLOCK/16 adds per vector lane), totals float64."""
+        V = row.shape[0]
+        m = dec(row, 0, sc, off)  # the decoded type; replaced by the first block's max
+        s = 0.0
+        t = 0.0
+        for b0 in range(0, V, BLOCK):
+            blk = row[b0:min(b0 + BLOCK, V)]  # iterate a slice from 0: LLVM vectorizes this
+            bm = dec(blk, 0, sc, off)
+            for j in range(1, blk.shape[0]):
+                bm = max(bm, dec(blk, j, sc, off))
+            if b0 == 0 or bm > m:
+                if s > 0:
+                    sh = float(m - bm)
+                    k = np.exp(sh)
+                    t = (t + sh * s) * k
+                    s = s * k
+                m = bm
+            if m == -np.inf:  # nothing finite yet: this block adds no mass
+                continue
+            bs = F32(0.0)
+            bt = F32(0.0)
+            for j in range(blk.shape[0]):
+                d = max(F32(dec(blk, j, sc, off) - m), EXP_FLOOR)  # finite, so 0 * d = 0
+                e = exp_nonpos(d)
+                bs += e
+                bt += e * d
+            s += bs
+            t += bt
+        return m, s, t
+
+    @njit(inline="always", fastmath=FM)
+    def moments(row, sc, off, m, g):
+        """(log S, E[d], E[d^2], E[d^3]) under weights e = exp(g d), d = x - m; float32
+        block sums over slices (vectorized), float64 totals."""
+        V = row.shape[0]
+        gg = F32(g)
+        s = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for b0 in range(0, V, BLOCK):
+            blk = row[b0:min(b0 + BLOCK, V)]
+            b = F32(0.0)
+            b1 = F32(0.0)
+            b2 = F32(0.0)
+            b3 = F32(0.0)
+            for j in range(blk.shape[0]):
+                d = max(F32(dec(blk, j, sc, off) - m), EXP_FLOOR)
+                e = exp_nonpos(gg * d)  # 0 wherever d hit the floor (g d <= floor too, g >= 1)
+                e = e if d > EXP_FLOOR else F32(0.0)  # ... and for g < 1
+                ed = e * d
+                b += e
+                b1 += ed
+                b2 += ed * d
+                b3 += ed * d * d
+            s += b
+            s1 += b1
+            s2 += b2
+            s3 += b3
+        return np.log(s), s1 / s, s2 / s, s3 / s
+
+    @njit(parallel=True, fastmath=FM)
+    def logsumexp(data, scale, offset, out):  # out [rows] float64
+        for r in prange(data.shape[0]):
+            m, s, _ = online_sums(data[r], scale[r], offset[r])
+            out[r] = m + np.log(s)
+
+    @njit(parallel=True, fastmath=FM)
+    def log_softmax(data, scale, offset, out):  # out [rows, vocab] float32
+        for r in prange(data.shape[0]):
+            row, sc, off = data[r], scale[r], offset[r]
+            m = row_max(row, sc, off)
+            ls = F32(np.log(row_sum_exp(row, sc, off, m)))
+            o = out[r]
+            for j in range(row.shape[0]):
+                o[j] = row_d(row, j, sc, off, m) - ls
+
+    @njit(parallel=True, fastmath=FM)
+    def entropy(data, scale, offset, out):  # out [rows] float64, nats
+        for r in prange(data.shape[0]):
+            _, s, t = online_sums(data[r], scale[r], offset[r])
+            out[r] = np.log(s) - t / s  # H = log S - E[d]
+
+    @njit(parallel=True, fastmath=FM)
+    def entropy_topk(data, scale, offset, k, renormalize, out):
+        """Entropy of the k most probable tokens: renormalised over them (<= log k), or the
+        partial sum -sum_{top k} p log p with full-vocabulary p."""
+        for r in prange(data.shape[0]):
+            row, sc, off = data[r], scale[r], offset[r]
+            m = row_max(row, sc, off)
+            top = np.full(k, -np.inf, dtype=np.float32)  # ascending; top[0] is the k-th best
+            for j in range(row.shape[0]):
+                d = row_d(row, j, sc, off, m)
+                if d > top[0]:
+                    i = 0
+                    while i + 1 < k and top[i + 1] < d:
+                        top[i] = top[i + 1]
+                        i += 1
+                    top[i] = d
+            s = 0.0
+            s1 = 0.0
+            for i in range(k):
+                e = exp_nonpos(top[i])
+                s += e
+                s1 += e * top[i] if e > 0 else 0.0
+            if renormalize:
+                out[r] = np.log(s) - s1 / s
+            else:
+                ls = np.log(row_sum_exp(row, sc, off, m))
+                out[r] = (ls * s - s1) / np.exp(ls)  # -sum p (d - ls), p = e / S
+
+    @njit(parallel=True, fastmath=FM)
+    def token_stats(data, scale, offset, tokens, logprob, rank):
+        for r in prange(data.shape[0]):
+            row, sc, off = data[r], scale[r], offset[r]
+            m = row_max(row, sc, off)
+            dt = row_d(row, tokens[r], sc, off, m)
+            s = 0.0
+            above = 0
+            for j in range(row.shape[0]):
+                d = row_d(row, j, sc, off, m)
+                s += exp_nonpos(d)
+                above += 1 if d > dt else 0
+            logprob[r] = dt - np.log(s)
+            rank[r] = above + 1
+
+    @njit(parallel=True, fastmath=FM)
+    def tempered_moments(data, scale, offset, gammas, out):
+        """For each row r and each g = gammas[r, i]: out[r, i] = (log sum e, E[d], E[d^2],
+        E[d^3]) with e = exp(g d), i.e. under r_g ∝ p^g."""
+        for r in prange(data.shape[0]):
+            row, sc, off = data[r], scale[r], offset[r]
+            m = row_max(row, sc, off)
+            for i in range(gammas.shape[1]):
+                out[r, i, 0], out[r, i, 1], out[r, i, 2], out[r, i, 3] = moments(
+                    row, sc, off, m, gammas[r, i])
+
+    return {"logsumexp": logsumexp, "log_softmax": log_softmax, "entropy": entropy,
+            "entropy_topk": entropy_topk, "token_stats": token_stats,
+            "tempered_moments": tempered_moments, "row_max": row_max, "row_d": row_d,
+            "moments": moments}
+
+
+@functools.lru_cache(maxsize=None)
+def pair_family(kind_p: str, kind_q: str):
+    """Kernels over two aligned row sets p (e.g. base) and q (e.g. aligned)."""
+    fp, fq = family(kind_p), family(kind_q)
+    max_p, d_p, max_q, d_q = fp["row_max"], fp["row_d"], fq["row_max"], fq["row_d"]
+
+    @njit(parallel=True, fastmath=FM)
+    def pair_stats(p, sp, op, q, sq, oq, tokens, out):
+        """out[r] = (KL(p||q), KL(q||p), JS, TV, argmax agree, q[tok] - p[tok])."""
+        for r in prange(p.shape[0]):
+            rp, scp, ofp, rq, scq, ofq = p[r], sp[r], op[r], q[r], sq[r], oq[r]
+            V = rp.shape[0]
+            mp = max_p(rp, scp, ofp)
+            mq = max_q(rq, scq, ofq)
+            ep = np.empty(V, np.float32)
+            eq = np.empty(V, np.float32)
+            Sp = 0.0
+            Sq = 0.0
+            ap = V
+            aq = V
+            for j in range(V):  # pass 1: exps (kept), sums, first argmax of each
+                dp = d_p(rp, j, scp, ofp, mp)
+                dq = d_q(rq, j, scq, ofq, mq)
+                ep[j] = exp_nonpos(dp)
+                eq[j] = exp_nonpos(dq)
+                Sp += ep[j]
+                Sq += eq[j]
+                ap = min(ap, j if dp == 0 else V)
+                aq = min(aq, j if dq == 0 else V)
+            lsp = F32(np.log(Sp))
+            lsq = F32(np.log(Sq))
+            ip = F32(1.0 / Sp)
+            iq = F32(1.0 / Sq)
+            kl_pq = 0.0
+            kl_qp = 0.0
+            js = 0.0
+            tv = 0.0
+            for j in range(V):  # pass 2: divergences from normalised probabilities
+                lp = d_p(rp, j, scp, ofp, mp) - lsp
+                lq = d_q(rq, j, scq, ofq, mq) - lsq
+                pj = ep[j] * ip
+                qj = eq[j] * iq
+                mj = F32(0.5) * (pj + qj)
+                lm = log_pos(mj) if mj > F32(1e-37) else F32(0.0)  # both ~0: terms vanish
+                kl_pq += pj * (lp - lq) if pj > 0 else F32(0.0)  # lq = -inf -> +inf: true KL
+                kl_qp += qj * (lq - lp) if qj > 0 else F32(0.0)
+                js += (pj * (lp - lm) if pj > 0 else F32(0.0)) + (qj * (lq - lm) if qj > 0 else F32(0.0))
+                tv += abs(pj - qj)
+            t = tokens[r]
+            out[r, 0] = kl_pq
+            out[r, 1] = kl_qp
+            out[r, 2] = 0.5 * js
+            out[r, 3] = 0.5 * tv
+            out[r, 4] = 1.0 if ap == aq else 0.0
+            out[r, 5] = (eq[t] * iq - ep[t] * ip) if t >= 0 else np.nan
+
+    @njit(parallel=True, fastmath=FM)
+    def gamma_base(p, sp, op, q, sq, oq, out):
+        """Per row, one pass over p and q: out = (E_q[d_p], E_q[log q], then the tempered
+        moments of d_p at gamma = 1: log S_p, E_p[d], E_p[d^2], E_p[d^3], and max p)."""
+        for r in prange(p.shape[0]):
+            rp, scp, ofp, rq, scq, ofq = p[r], sp[r], op[r], q[r], sq[r], oq[r]
+            V = rp.shape[0]
+            mp = max_p(rp, scp, ofp)
+            mq = max_q(rq, scq, ofq)
+            tot = np.zeros(7)  # S_p, sum e_p d, e_p d^2, e_p d^3, S_q, sum e_q d_p, e_q d_q
+            for b0 in range(0, V, BLOCK):  # float32 sums over sliced blocks, float64 totals
+                bp = rp[b0:min(b0 + BLOCK, V)]
+                bq = rq[b0:min(b0 + BLOCK, V)]
+                a0 = F32(0.0)
+                a1 = F32(0.0)
+                a2 = F32(0.0)
+                a3 = F32(0.0)
+                c0 = F32(0.0)
+                c1 = F32(0.0)
+                c2 = F32(0.0)
+                for j in range(bp.shape[0]):
+                    dp = d_p(bp, j, scp, ofp, mp)
+                    dq = max(d_q(bq, j, scq, ofq, mq), EXP_FLOOR)
+                    ep = exp_nonpos(dp)
+                    eq = exp_nonpos(dq)
+                    epd = ep * max(dp, EXP_FLOOR)
+                    a0 += ep
+                    a1 += epd
+                    a2 += epd * dp
+                    a3 += epd * dp * dp
+                    c0 += eq
+                    c1 += eq * dp if eq > 0 else F32(0.0)  # q > 0 where p = 0: -inf, KL = inf
+                    c2 += eq * dq
+                tot[0] += a0
+                tot[1] += a1
+                tot[2] += a2
+                tot[3] += a3
+                tot[4] += c0
+                tot[5] += c1
+                tot[6] += c2
+            out[r, 0] = tot[5] / tot[4]
+            out[r, 1] = tot[6] / tot[4] - np.log(tot[4])
+            out[r, 2] = np.log(tot[0])
+            out[r, 3] = tot[1] / tot[0]
+            out[r, 4] = tot[2] / tot[0]
+            out[r, 5] = tot[3] / tot[0]
+            out[r, 6] = mp
+
+    return {"pair_stats": pair_stats, "gamma_base": gamma_base}
+
+
+@functools.lru_cache(maxsize=None)
+def fit_gamma_kernel(kind_p: str):
+    """Per-row gamma = argmin KL(q || softmax(gamma log p)): after `gamma_base` (one pass over
+    p and q), safeguarded Halley steps, each one pass over p (tempered moments at the new g).
+
+    f(g) = E_q[log q] - g E_q[d_p] + log S(g),  S(g) = sum exp(g d_p)
+    f'(g) = E_g[d_p] - E_q[d_p],  f''(g) = Var_g[d_p] >= 0 (convex),  f'''(g) = 3rd central
+    moment.  The bracket [lo, hi] on the root of f' (increasing) keeps every step safe."""
+    moments = family(kind_p)["moments"]
+
+    @njit(parallel=True, fastmath=FM)
+    def fit(p, sp, op, basebuf, g_max, tol, max_iter, out):
+        """basebuf from gamma_base; out[r] = (gamma, KL at gamma, KL at 1, passes)."""
+        for r in prange(p.shape[0]):
+            rp, scp, ofp = p[r], sp[r], op[r]
+            q_dp, q_lq = basebuf[r, 0], basebuf[r, 1]
+            ls, m1, m2, m3, mp = (basebuf[r, 2], basebuf[r, 3], basebuf[r, 4], basebuf[r, 5],
+                                  basebuf[r, 6])
+            kl1 = q_lq - q_dp + ls
+            out[r, 2] = kl1
+            if not np.isfinite(q_dp):  # q has mass where p has none: KL infinite for all g
+                out[r, 0] = np.nan
+                out[r, 1] = np.inf
+                out[r, 3] = 0
+                continue
+            g = 1.0
+            lo = 0.0
+            hi = g_max
+            it = 0
+            while True:
+                f1 = m1 - q_dp  # f'(g)
+                f2 = m2 - m1 * m1  # f''(g) = Var_g[d] >= 0
+                kl = q_lq - g * q_dp + ls
+                if f2 <= 1e-300:  # p^g is flat in g (one-hot or uniform p): g unidentified
+                    g = np.nan
+                    kl = kl1
+                    break
+                if f1 < 0:
+                    lo = g
+                else:
+                    hi = g
+                f3 = m3 - 3.0 * m1 * m2 + 2.0 * m1 ** 3
+                den = 2.0 * f2 * f2 - f1 * f3
+                step = 2.0 * f1 * f2 / den if den > 0 else f1 / f2  # Halley, else Newton
+                nxt = g - step
+                if lo <= nxt <= hi and abs(step) <= tol * max(1.0, g):
+                    # Halley's error after this step is O(step**3): take it without another
+                    # pass, KL by its Taylor expansion to third order.
+                    dg = nxt - g
+                    kl = kl + f1 * dg + 0.5 * f2 * dg * dg + f3 * dg ** 3 / 6.0
+                    g = nxt
+                    break
+                if not (lo < nxt < hi):
+                    nxt = 0.5 * (lo + hi)  # bisection keeps the bracket
+                if it >= max_iter:
+                    break
+                g = nxt
+                ls, m1, m2, m3 = moments(rp, scp, ofp, mp, g)
+                it += 1
+            out[r, 0] = g
+            out[r, 1] = kl
+            out[r, 3] = it
+
+    return fit

@@ -1,0 +1,149 @@
+"""torch implementations (CPU or CUDA) with the same semantics as the numba kernels.
+
+Rows are processed in blocks so the float32 working copy stays bounded (`BLOCK_BYTES`);
+inside a block everything is whole-tensor torch.  Compute dtype is float32 (float64 for
+float64 input); masked entries (-inf) are kept out of sums with `where`, as in numba.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK_BYTES = 64 << 20
+
+
+def decode(data: torch.Tensor, codec: str, scale=None, offset=None) -> torch.Tensor:
+    """Stored rows -> compute dtype (float32, or float64 for float64 input)."""
+    if codec == "q16":
+        codes = data.to(torch.int32) & 0xFFFF  # uint16 held in int16 bit patterns
+        return offset[:, None].float() + codes.float() * scale[:, None].float()
+    if codec == "bf16" and data.dtype != torch.bfloat16:
+        return data.view(torch.bfloat16).float()
+    return data if data.dtype == torch.float64 else data.float()
+
+
+def blocks(n_rows: int, vocab: int):
+    step = max(1, BLOCK_BYTES // max(1, 4 * vocab))
+    for r0 in range(0, n_rows, step):
+        yield slice(r0, min(r0 + step, n_rows))
+
+
+def _plogp(lp):
+    return torch.where(lp > -torch.inf, lp.exp() * lp, torch.zeros_like(lp))
+
+
+def logsumexp(x):
+    return torch.logsumexp(x, -1)
+
+
+def log_softmax(x):
+    return torch.log_softmax(x, -1)
+
+
+def entropy(x, topk=None, renormalize=True):
+    if topk is None:
+        return -_plogp(torch.log_softmax(x, -1)).sum(-1)
+    top = torch.topk(x, topk, dim=-1).values
+    if renormalize:
+        return -_plogp(torch.log_softmax(top, -1)).sum(-1)
+    return -_plogp(top - torch.logsumexp(x, -1, keepdim=True)).sum(-1)
+
+
+def token_stats(x, tokens):
+    lp = torch.log_softmax(x, -1)
+    chosen = x.gather(-1, tokens[:, None])
+    return lp.gather(-1, tokens[:, None])[:, 0], (x > chosen).sum(-1) + 1
+
+
+def pair_stats(p, q, tokens):
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    P, Q = lp.exp(), lq.exp()
+    zero = torch.zeros_like(P)
+    kl_pq = torch.where(P > 0, P * (lp - lq), zero).sum(-1)
+    kl_qp = torch.where(Q > 0, Q * (lq - lp), zero).sum(-1)
+    M = 0.5 * (P + Q)
+    lm = torch.log(torch.where(M > 0, M, torch.ones_like(M)))
+    js = 0.5 * (torch.where(P > 0, P * (lp - lm), zero).sum(-1)
+                + torch.where(Q > 0, Q * (lq - lm), zero).sum(-1))
+    tv = 0.5 * (P - Q).abs().sum(-1)
+    agree = (lp.argmax(-1) == lq.argmax(-1)).to(P.dtype)
+    if tokens is None:
+        dp = torch.full_like(tv, math.nan)
+    else:
+        t = tokens.clamp(min=0)[:, None]
+        dp = (Q.gather(-1, t) - P.gather(-1, t))[:, 0]
+    return torch.stack([kl_pq, kl_qp, js, tv, agree, dp], -1)
+
+
+def tempered_moments(x, gammas):
+    """[rows, G, 4]: (log S, E[d], E[d^2], E[d^3]) of d = x - max under p^gamma."""
+    d = x - x.max(-1, keepdim=True).values  # [rows, vocab]
+    out = []
+    for i in range(gammas.shape[1]):
+        z = gammas[:, i : i + 1].to(d.dtype) * d
+        ls = torch.logsumexp(z, -1, keepdim=True)
+        w = torch.exp(z - ls)
+        dd = torch.where(w > 0, d, torch.zeros_like(d))
+        out.append(torch.stack([ls[:, 0], (w * dd).sum(-1), (w * dd**2).sum(-1),
+                                (w * dd**3).sum(-1)], -1))
+    return torch.stack(out, 1)
+
+
+def gamma_base(p, q):
+    """Same seven columns as numba's gamma_base."""
+    mp = p.max(-1, keepdim=True).values
+    dp = p - mp
+    lq = torch.log_softmax(q, -1)
+    Q = lq.exp()
+    q_dp = torch.where(Q > 0, Q * dp, torch.zeros_like(Q)).sum(-1)
+    q_lq = -entropy(q)
+    m = tempered_moments(p, torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device))[:, 0]
+    return torch.cat([q_dp[:, None], q_lq[:, None], m, mp], -1)
+
+
+def fit_gamma(p, q, g_max=100.0, tol=1e-4, max_iter=50):
+    """Vectorised form of the numba kernel's safeguarded Halley iteration; [rows, 4]."""
+    base = gamma_base(p, q).double()
+    q_dp, q_lq = base[:, 0], base[:, 1]
+    ls, m1, m2, m3 = base[:, 2], base[:, 3], base[:, 4], base[:, 5]
+    kl1 = q_lq - q_dp + ls
+    g = torch.ones_like(q_dp)
+    lo, hi = torch.zeros_like(g), torch.full_like(g, g_max)
+    kl = kl1.clone()
+    active = torch.isfinite(q_dp)
+    bad = ~active
+    its = torch.zeros_like(g)
+    for _ in range(max_iter + 1):
+        f1, f2 = m1 - q_dp, m2 - m1 * m1
+        kl = torch.where(active, q_lq - g * q_dp + ls, kl)
+        flat = active & (f2 <= 1e-300)
+        bad |= flat
+        active &= ~flat
+        lo = torch.where(active & (f1 < 0), g, lo)
+        hi = torch.where(active & (f1 >= 0), g, hi)
+        f3 = m3 - 3 * m1 * m2 + 2 * m1**3
+        den = 2 * f2 * f2 - f1 * f3
+        step = torch.where(den > 0, 2 * f1 * f2 / den, f1 / f2)
+        nxt = g - step
+        inside = (nxt >= lo) & (nxt <= hi)
+        conv = active & inside & (step.abs() <= tol * torch.clamp(g, min=1.0))
+        dg = nxt - g  # converged rows take the last step; KL by third-order Taylor
+        kl = torch.where(conv, kl + f1 * dg + 0.5 * f2 * dg**2 + f3 * dg**3 / 6, kl)
+        g = torch.where(conv, nxt, g)
+        active &= ~conv & (its < max_iter)
+        if not bool(active.any()):
+            break
+        nxt = torch.where((nxt > lo) & (nxt < hi), nxt, 0.5 * (lo + hi))
+        g = torch.where(active, nxt, g)
+        its += active.double()
+        m = tempered_moments(p, g[:, None].to(p.dtype))[:, 0].double()
+        ls = torch.where(active, m[:, 0], ls)
+        m1 = torch.where(active, m[:, 1], m1)
+        m2 = torch.where(active, m[:, 2], m2)
+        m3 = torch.where(active, m[:, 3], m3)
+    nan, inf = torch.full_like(g, math.nan), torch.full_like(g, math.inf)
+    g = torch.where(bad, nan, g)
+    kl = torch.where(torch.isfinite(q_dp), kl, inf)
+    return torch.stack([g, kl, kl1, its], -1)
