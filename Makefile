@@ -33,7 +33,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/dump_overhead.py
+	$(BIN)/python -m bench.dump_overhead
+	$(BIN)/python -m bench.kernels
 
 clean:
 	rm -rf $(VENV) outputs/demo .pytest_cache

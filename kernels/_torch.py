@@ -1,8 +1,10 @@
 """torch implementations (CPU or CUDA) with the same semantics as the numba kernels.
 
 Rows are processed in blocks so the float32 working copy stays bounded (`BLOCK_BYTES`);
-inside a block everything is whole-tensor torch.  Compute dtype is float32 (float64 for
-float64 input); masked entries (-inf) are kept out of sums with `where`, as in numba.
+inside a block everything is whole-tensor torch.  Element-wise work is float32 (float64 for
+float64 input); every reduction over the vocabulary accumulates in float64
+(`sum(dtype=float64)`: a float32 sum over 152k entries drifts by 1e-5 relative).  Masked
+entries (-inf) are kept out of sums with `where`, as in numba.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 
 BLOCK_BYTES = 64 << 20
+EXP_FLOOR = -87.0  # exp below this is < 2**-125: zero for every sum here
 
 
 def decode(data: torch.Tensor, codec: str, scale=None, offset=None) -> torch.Tensor:
@@ -34,40 +37,51 @@ def _plogp(lp):
     return torch.where(lp > -torch.inf, lp.exp() * lp, torch.zeros_like(lp))
 
 
-def logsumexp(x):
-    return torch.logsumexp(x, -1)
+def logsumexp(x, keepdim=False):
+    """float64 [rows]: exp in the compute dtype, sum in float64.  (torch.logsumexp and
+    log_softmax sum in float32 on the CPU: 2e-5 off at a 152k vocabulary.)"""
+    m = x.max(-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows: log 0 = -inf
+    s = torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64)
+    out = m.double() + torch.log(s)
+    return out if keepdim else out[..., 0]
 
 
 def log_softmax(x):
-    return torch.log_softmax(x, -1)
+    return x - logsumexp(x, keepdim=True).to(x.dtype)
 
 
 def entropy(x, topk=None, renormalize=True):
-    if topk is None:
-        return -_plogp(torch.log_softmax(x, -1)).sum(-1)
+    if topk is None:  # H = log S - E[d], d = x - max: no log-softmax tensor needed
+        m = x.max(-1, keepdim=True).values
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        d = (x - m).clamp_(min=EXP_FLOOR)  # finite, so e * d is 0 where e underflows
+        e = torch.exp(d)
+        s = e.sum(-1).double()  # torch's float32 sums are cascaded: ~1e-7 relative at 152k
+        return torch.log(s) - (e * d).sum(-1).double() / s
     top = torch.topk(x, topk, dim=-1).values
     if renormalize:
-        return -_plogp(torch.log_softmax(top, -1)).sum(-1)
-    return -_plogp(top - torch.logsumexp(x, -1, keepdim=True)).sum(-1)
+        return -_plogp(log_softmax(top)).sum(-1, dtype=torch.float64)
+    return -_plogp(top - logsumexp(x, keepdim=True).to(x.dtype)).sum(-1, dtype=torch.float64)
 
 
 def token_stats(x, tokens):
-    lp = torch.log_softmax(x, -1)
+    lp = log_softmax(x)
     chosen = x.gather(-1, tokens[:, None])
     return lp.gather(-1, tokens[:, None])[:, 0], (x > chosen).sum(-1) + 1
 
 
 def pair_stats(p, q, tokens):
-    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    lp, lq = log_softmax(p), log_softmax(q)
     P, Q = lp.exp(), lq.exp()
     zero = torch.zeros_like(P)
-    kl_pq = torch.where(P > 0, P * (lp - lq), zero).sum(-1)
-    kl_qp = torch.where(Q > 0, Q * (lq - lp), zero).sum(-1)
+    kl_pq = torch.where(P > 0, P * (lp - lq), zero).sum(-1, dtype=torch.float64)
+    kl_qp = torch.where(Q > 0, Q * (lq - lp), zero).sum(-1, dtype=torch.float64)
     M = 0.5 * (P + Q)
     lm = torch.log(torch.where(M > 0, M, torch.ones_like(M)))
-    js = 0.5 * (torch.where(P > 0, P * (lp - lm), zero).sum(-1)
-                + torch.where(Q > 0, Q * (lq - lm), zero).sum(-1))
-    tv = 0.5 * (P - Q).abs().sum(-1)
+    js = 0.5 * (torch.where(P > 0, P * (lp - lm), zero).sum(-1, dtype=torch.float64)
+                + torch.where(Q > 0, Q * (lq - lm), zero).sum(-1, dtype=torch.float64))
+    tv = 0.5 * (P - Q).abs().sum(-1, dtype=torch.float64)
     agree = (lp.argmax(-1) == lq.argmax(-1)).to(P.dtype)
     if tokens is None:
         dp = torch.full_like(tv, math.nan)
@@ -83,11 +97,11 @@ def tempered_moments(x, gammas):
     out = []
     for i in range(gammas.shape[1]):
         z = gammas[:, i : i + 1].to(d.dtype) * d
-        ls = torch.logsumexp(z, -1, keepdim=True)
+        ls = logsumexp(z, keepdim=True).to(z.dtype)
         w = torch.exp(z - ls)
         dd = torch.where(w > 0, d, torch.zeros_like(d))
-        out.append(torch.stack([ls[:, 0], (w * dd).sum(-1), (w * dd**2).sum(-1),
-                                (w * dd**3).sum(-1)], -1))
+        out.append(torch.stack([ls[:, 0], (w * dd).sum(-1, dtype=torch.float64), (w * dd**2).sum(-1, dtype=torch.float64),
+                                (w * dd**3).sum(-1, dtype=torch.float64)], -1))
     return torch.stack(out, 1)
 
 
@@ -95,15 +109,15 @@ def gamma_base(p, q):
     """Same seven columns as numba's gamma_base."""
     mp = p.max(-1, keepdim=True).values
     dp = p - mp
-    lq = torch.log_softmax(q, -1)
+    lq = log_softmax(q)
     Q = lq.exp()
-    q_dp = torch.where(Q > 0, Q * dp, torch.zeros_like(Q)).sum(-1)
+    q_dp = torch.where(Q > 0, Q * dp, torch.zeros_like(Q)).sum(-1, dtype=torch.float64)
     q_lq = -entropy(q)
     m = tempered_moments(p, torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device))[:, 0]
     return torch.cat([q_dp[:, None], q_lq[:, None], m, mp], -1)
 
 
-def fit_gamma(p, q, g_max=100.0, tol=1e-4, max_iter=50):
+def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
     """Vectorised form of the numba kernel's safeguarded Halley iteration; [rows, 4]."""
     base = gamma_base(p, q).double()
     q_dp, q_lq = base[:, 0], base[:, 1]

@@ -1,0 +1,210 @@
+"""Every kernel against its float64 reference, across input codecs, both backends, edge rows
+and vocabulary sizes.  The reference reads exactly what the kernel reads (the decoded stored
+values), so these tests measure the kernels' arithmetic; codec error is tested separately."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernels as K
+from engine import codecs
+from kernels import reference as R
+
+RNG = np.random.default_rng(0)
+NUMBA_CODECS = ("fp64", "fp32", "fp16", "bf16", "q16")
+TORCH_CODECS = ("t_fp32", "t_fp16", "t_bf16", "t_q16")
+
+
+def edge_rows(V: int) -> np.ndarray:
+    """[rows, V] float64: random, one-hot, near one-hot, all equal, masked, large."""
+    rows = [RNG.standard_normal(V) * 3]
+    if V >= 2:
+        one_hot = np.full(V, -np.inf)
+        one_hot[V // 2] = 0.0
+        near = np.full(V, -30.0)
+        near[1] = 30.0
+        masked = RNG.standard_normal(V) * 2
+        masked[RNG.random(V) < 0.4] = -np.inf
+        masked[0] = 1.0
+        rows += [one_hot, near, np.zeros(V), masked, RNG.standard_normal(V) * 3000]
+    return np.stack(rows)
+
+
+def encode(x64: np.ndarray, codec: str):
+    """(kernel input, float64 values the kernel sees)."""
+    t = torch.from_numpy(x64)
+    if codec == "fp64":
+        return x64, x64
+    if codec in ("fp32", "fp16", "t_fp32", "t_fp16"):
+        dt = np.float32 if codec.endswith("fp32") else np.float16
+        stored = np.clip(x64, -60000, 60000).astype(dt)
+        return (torch.from_numpy(stored) if codec.startswith("t_") else stored), stored.astype(np.float64)
+    base = codec.removeprefix("t_")
+    data, scale, offset = codecs.encode(base, t.float())
+    sc = None if scale is None else scale.numpy()
+    of = None if offset is None else offset.numpy()
+    seen = codecs.decode(base, codecs.to_numpy(base, data), sc, of).astype(np.float64)
+    if codec.startswith("t_"):
+        if base == "bf16":
+            return data.view(torch.bfloat16), seen
+        return K.Encoded(data, "q16", scale, offset), seen
+    return K.Encoded(codecs.to_numpy(base, data), base, sc, of), seen
+
+
+def as_np(a):
+    return a.double().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
+
+
+def close(got, want, atol, rtol=1e-5, what=""):
+    got, want = as_np(got), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    same_inf = np.isinf(want) & (got == want)
+    ok = same_inf | np.isclose(got, want, atol=atol, rtol=rtol)
+    assert ok.all(), f"{what}: max_diff={np.nanmax(np.abs(np.where(same_inf, 0, got - want)))}"
+
+
+# function -> (kernel call, reference call, atol)
+SINGLE = {
+    "logsumexp": (K.logsumexp, R.logsumexp, 2e-6),
+    "entropy": (K.entropy, R.entropy, 2e-6),
+    "entropy_bits": (lambda x: K.entropy(x, base=2), lambda x: R.entropy(x, base=2), 3e-6),
+    "top5_entropy": (lambda x: K.entropy(x, topk=5), lambda x: R.entropy(x, topk=5), 2e-6),
+    "top5_partial": (lambda x: K.entropy(x, topk=5, renormalize=False),
+                     lambda x: R.entropy(x, topk=5, renormalize=False), 2e-6),
+    "tempered_entropy": (lambda x: K.tempered_entropy(x, [0.5, 1.0, 2.0]),
+                         lambda x: R.tempered_entropy(x, [0.5, 1.0, 2.0]), 5e-6),
+}
+
+
+@pytest.mark.parametrize("codec", NUMBA_CODECS + TORCH_CODECS)
+@pytest.mark.parametrize("name", list(SINGLE))
+@pytest.mark.parametrize("V", [1, 2, 49152])
+def test_single_row_kernels_match_reference(name, codec, V):
+    fn, ref, atol = SINGLE[name]
+    x, seen = encode(edge_rows(V), codec)
+    with np.errstate(all="ignore"):
+        close(fn(x), ref(seen), atol, what=f"{name}/{codec}/V={V}")
+
+
+@pytest.mark.parametrize("codec", ["fp16", "q16", "t_fp32", "t_bf16"])
+def test_qwen_sized_vocabulary(codec):
+    x, seen = encode(RNG.standard_normal((3, 151936)) * 4, codec)
+    close(K.entropy(x), R.entropy(seen), 3e-6, what=codec)
+    close(K.entropy(x, topk=5), R.entropy(seen, topk=5), 3e-6, what=codec)
+
+
+@pytest.mark.parametrize("codec", NUMBA_CODECS + TORCH_CODECS)
+def test_log_softmax_and_token_stats(codec):
+    x, seen = encode(edge_rows(4096), codec)
+    with np.errstate(all="ignore"):
+        close(K.log_softmax(x), R.log_softmax(seen), 3e-5, rtol=2e-6, what=codec)
+    finite = [np.flatnonzero(np.isfinite(r)) for r in seen]
+    tokens = np.array([RNG.choice(f) for f in finite])
+    got = K.token_stats(x, tokens)
+    lp, rank = R.token_stats(seen, tokens)
+    close(got.logprob, lp, 3e-5, rtol=2e-6, what=codec)
+    assert np.array_equal(as_np(got.rank), rank)
+
+
+@pytest.mark.parametrize("codec", NUMBA_CODECS + TORCH_CODECS)
+def test_pair_stats_match_reference(codec):
+    p64 = edge_rows(4096)
+    q64 = p64 * 1.3 + RNG.standard_normal(p64.shape) * 0.3
+    p, sp = encode(p64, codec)
+    q, sq = encode(q64, codec)
+    tokens = np.array([int(np.nanargmax(r)) for r in sp])
+    got = K.pair_stats(p, q, tokens)
+    with np.errstate(all="ignore"):
+        want = R.pair_stats(sp, sq, tokens)
+    for field, g, w in zip(got._fields, got, want):
+        close(g, w, 2e-5, rtol=2e-5, what=f"{field}/{codec}")
+
+
+def test_kl_is_infinite_where_q_masks_mass_of_p():
+    p = np.array([[0.0, 0.0, 0.0]], np.float32)
+    q = np.array([[0.0, -np.inf, 0.0]], np.float32)
+    s = K.pair_stats(p, q)
+    assert np.isinf(s.kl_pq[0]) and np.isfinite(s.kl_qp[0]) and np.isfinite(s.js[0])
+    close(s.kl_qp, [np.log(2 / 3) * -1 + np.log(1 / 3) * 0 - np.log(2 / 3) * 0 + 0], 1e-6)
+
+
+@pytest.mark.parametrize("codec", ["fp64", "fp32", "fp16", "bf16", "q16", "t_fp32", "t_q16"])
+def test_fit_gamma_matches_scalar_minimiser(codec):
+    p64 = RNG.standard_normal((6, 2048)) * 2.5
+    q64 = 1.6 * p64 + RNG.standard_normal(p64.shape) * 0.4
+    p, sp = encode(p64, codec)
+    q, sq = encode(q64, codec)
+    got = K.fit_gamma(p, q)
+    g, kl, kl1 = R.fit_gamma(sp, sq)
+    close(got.gamma, g, 2e-5, what=f"gamma/{codec}")
+    close(got.kl, kl, 2e-6, what=f"kl/{codec}")
+    close(got.kl_at_1, kl1, 2e-6, what=f"kl_at_1/{codec}")
+    assert np.all(as_np(got.kl) <= as_np(got.kl_at_1) + 1e-9)
+
+
+def test_fit_gamma_unidentified_rows_are_nan_not_errors():
+    flat = np.zeros((1, 100), np.float32)
+    one_hot = np.full((1, 100), -np.inf, np.float32)
+    one_hot[0, 3] = 0
+    for row in (flat, one_hot, np.zeros((1, 1), np.float32)):
+        f = K.fit_gamma(row, row)
+        assert np.isnan(f.gamma[0]) and f.kl[0] == pytest.approx(0, abs=1e-7)
+    p = np.array([[0.0, -np.inf, 1.0]], np.float32)
+    f = K.fit_gamma(p, np.zeros((1, 3), np.float32))  # q has mass where p has none
+    assert np.isnan(f.gamma[0]) and np.isinf(f.kl[0])
+
+
+def test_leading_dimensions_are_kept():
+    x = RNG.standard_normal((3, 4, 50)).astype(np.float32)
+    assert K.entropy(x).shape == (3, 4)
+    assert K.log_softmax(x).shape == (3, 4, 50)
+    assert K.pair_stats(x, x).kl_pq.shape == (3, 4)
+    assert K.fit_gamma(x, 2 * x).gamma.shape == (3, 4)
+    assert K.tempered_entropy(x, [1, 2]).shape == (3, 4, 2)
+    assert K.entropy(torch.from_numpy(x)).shape == (3, 4)
+
+
+def test_float16_input_is_not_copied_to_float32(monkeypatch):
+    """The numba path hands a uint16 view of the caller's float16 buffer to the kernel."""
+    from kernels import _numba
+
+    seen = {}
+    real = _numba.family
+
+    def spy(kind):
+        fam = real(kind)
+
+        def entropy(data, *rest):
+            seen["base"] = data.base if data.base is not None else data
+            seen["dtype"] = data.dtype
+            return fam["entropy"](data, *rest)
+        return {**fam, "entropy": entropy}
+
+    monkeypatch.setattr(_numba, "family", spy)
+    x = RNG.standard_normal((4, 300)).astype(np.float16)
+    K.entropy(x)
+    assert seen["dtype"] == np.uint16 and np.shares_memory(seen["base"], x)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.zeros((2, 3), np.int32), "float16/32/64"),
+    (np.zeros((2, 0), np.float32), "non-empty"),
+    (np.zeros((2, 3), np.uint16), "Encoded"),
+])
+def test_bad_input_raises_value_error(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        K.entropy(bad)
+
+
+def test_bad_tokens_and_shapes_raise():
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match="token ids"):
+        K.token_stats(x, [0, 5])
+    with pytest.raises(ValueError, match="one token per row"):
+        K.token_stats(x, [0])
+    with pytest.raises(ValueError, match="same shape"):
+        K.pair_stats(x, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="topk"):
+        K.entropy(x, topk=0)
