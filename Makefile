@@ -24,10 +24,21 @@ demo: setup
 	$(BIN)/python -m engine dump model=smollm2-135m-instruct prompts=seeds n_samples=16 \
 		max_new_tokens=64 out=$(DEMO)/smollm2-135m-instruct.h5 overwrite=true \
 		hydra.run.dir=$(DEMO)/logs/dump
+	$(BIN)/python -m engine score archive=$(DEMO)/smollm2-135m-instruct.h5 model=tempered \
+		model.base=smollm2-135m-instruct model.gamma=1.5 hydra.run.dir=$(DEMO)/logs/score
+	$(BIN)/python -m engine perturb source=$(DEMO)/smollm2-135m-instruct.h5 \
+		model=smollm2-135m-instruct parents=first cut_after=. "edit.replace=[' was',' was not']" \
+		n_samples=8 max_new_tokens=48 out=$(DEMO)/perturb.h5 overwrite=true \
+		hydra.run.dir=$(DEMO)/logs/perturb
 	$(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5
+	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5
+	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5 --render --samples 0,1,8,9
 	@echo
-	@echo "demo archive: $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"
-	@echo "look inside:  $(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5 --render --limit 3"
+	@echo "demo archive (SmolLM2-135M-Instruct + its synthetic tempered twin, gamma 1.5):"
+	@echo "  $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"
+	@echo "perturbation archive (\"was\" -> \"was not\", with matched controls):"
+	@echo "  $(CURDIR)/$(DEMO)/perturb.h5"
+	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5 --sample 0 --step 3"
 
 test: setup
 	$(BIN)/python -m pytest -q

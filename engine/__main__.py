@@ -7,27 +7,30 @@ are checked here so that a typo gets one line instead of Hydra's multi-line repo
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from engine import config
 
 USAGE = """usage: python -m engine <verb> [args]
   dump     sample completions, store every step's full logits (Hydra: key=value overrides)
+  score    teacher-force a second model over an archive's completions, store its logits
+  perturb  cut, edit and resample completions (attractor states), with matched controls
   inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
+HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb"}
 GROUPS = ("model", "prompts")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # same as engine.dump.CONF, no heavy import
 
 
 def check_group_choices(args: list[str]) -> str | None:
     for arg in args:
         name, eq, value = arg.partition("=")
         if eq and name.lstrip("+~") in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / name.lstrip("+~")).glob("*.yaml"))
+            options = config.options(name.lstrip("+~"))
             if value not in options:
                 return f"unknown {name} {value!r}; available: {', '.join(options)}"
     return None
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("dump", "inspect"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("inspect", *HYDRA_VERBS):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     verb = sys.argv.pop(1)
@@ -39,9 +42,9 @@ def main() -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    from engine.dump import main as dump_main
+    import importlib
 
-    dump_main()
+    importlib.import_module(HYDRA_VERBS[verb]).main()
 
 
 if __name__ == "__main__":

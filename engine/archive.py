@@ -84,7 +84,7 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
         _early(s, "length", (total,), np.int32)
         _early(s, "finish_reason", (total,), FINISH)
         _early(s, "seed", (total,), np.uint64)
-        _model_group(f, model, total, steps, codec, window, capture_dims)
+        add_model_group(f, model, total, steps, codec, window, capture_dims)
         f.flush()
     except Exception:
         f.close()
@@ -93,10 +93,14 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
     return ArchiveWriter(f, model.key)
 
 
-def _model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims):
+def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims=None):
+    """Create /models/<key> at full size (every chunk allocated).  Its own `n_complete` and
+    `complete` attributes record how many samples have rows (scored models fill them after
+    the generator)."""
     g = f.create_group(f"models/{model.key}")
     for k, v in model.provenance.items():
         g.attrs[k] = v
+    g.attrs["n_complete"], g.attrs["complete"] = np.int64(0), np.int8(0)
     g.create_dataset("prompt_text", data=np.array(list(model.prompt_text), dtype=object),
                      dtype=STR)
     pt = g.create_dataset("prompt_tokens", (len(model.prompt_tokens),), dtype=VLEN_I32)
@@ -116,7 +120,7 @@ def _model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims)
         lg.attrs["window"] = float(window)
         for name in ("logits_scale", "logits_offset"):
             _early(g, name, (total, steps), np.float32, chunks=(1, max(1, steps)))
-    for hook, d in capture_dims.items():
+    for hook, d in (capture_dims or {}).items():
         _early(g, f"activations/{hook}", (total, steps, d), np.float32,
                chunks=(1, max(1, steps), d), fill_time="never")
 
@@ -140,30 +144,31 @@ def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
     return ArchiveWriter(f, str(f.attrs["generator"]))
 
 
-class ArchiveWriter:
-    """Streams batches of samples into a created or reopened archive."""
+class ModelWriter:
+    """Writes the rows of one model group: logits (encoded), q16 scales, activations."""
 
-    def __init__(self, f: h5py.File, model_key: str):
-        self.f, self.g = f, f[f"models/{model_key}"]
-        self.logits = self.g["logits"]
+    def __init__(self, group: h5py.Group):
+        self.g = group
+        self.logits = group["logits"]  # [sample, step, vocab]
         self.codec = str(self.logits.attrs["codec"])
         self.window = float(self.logits.attrs.get("window", codecs.MIN_Q16_WINDOW))
-        self.steps = int(f.attrs["max_new_tokens"])
+        self.steps = int(self.logits.shape[1])
+        grp = group.get("activations")
+        self.acts = {} if grp is None else {n: grp[n] for n in _walk_datasets(grp)}
 
     @property
     def n_complete(self) -> int:
-        return int(self.f.attrs["n_complete"])
+        return int(self.g.attrs["n_complete"])
 
-    def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Step],
-                    eos_ids: Sequence[int]) -> None:
-        """Consume one batch's steps, writing whole chunks as they fill, then commit it."""
-        n, T, V = len(seeds), self.steps, self.logits.shape[-1]
+    def write(self, s0: int, n: int, steps: Iterable[Step]) -> tuple[np.ndarray, np.ndarray]:
+        """Consume one batch's steps for samples s0..s0+n, writing whole chunks as they fill.
+        Returns (tokens [n, T] with -1 padding, length [n])."""
+        T, V = self.steps, self.logits.shape[-1]
         k = self.logits.chunks[1] if self.logits.chunks else 1
         q16 = self.codec == "q16"
         buf = np.zeros((n, k, V), dtype=self.logits.dtype)  # [sample, step, vocab]: one chunk row each
         sbuf = np.zeros((2, n, T), dtype=np.float32) if q16 else None  # scale, offset
-        acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32)
-                for name, ds in self._activations()}
+        acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32) for name, ds in self.acts.items()}
         tokens = np.full((n, T), -1, dtype=np.int32)
         length = np.zeros(n, dtype=np.int32)
         t0 = 0
@@ -189,8 +194,37 @@ class ArchiveWriter:
         if q16:
             self.g["logits_scale"][s0:s0 + n] = sbuf[0]
             self.g["logits_offset"][s0:s0 + n] = sbuf[1]
-        for name, ds in self._activations():
+        for name, ds in self.acts.items():
             ds[s0:s0 + n] = acts[name]
+        return tokens, length
+
+    def commit(self, n_complete: int) -> None:
+        """Flush rows, then record them (in place, fixed size: see module docstring)."""
+        self.g.file.flush()
+        self.g.attrs.modify("n_complete", np.int64(n_complete))
+        self.g.file.flush()
+
+    def finish(self) -> None:
+        self.g.attrs.modify("complete", np.int8(1))
+        self.g.file.flush()
+
+
+class ArchiveWriter:
+    """Streams batches of generated samples into a created or reopened archive: the
+    generator's rows (ModelWriter) plus the per-sample records, then the root commit."""
+
+    def __init__(self, f: h5py.File, model_key: str):
+        self.f = f
+        self.rows = ModelWriter(f[f"models/{model_key}"])
+
+    @property
+    def n_complete(self) -> int:
+        return int(self.f.attrs["n_complete"])
+
+    def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Step],
+                    eos_ids: Sequence[int]) -> None:
+        n, T = len(seeds), self.rows.steps
+        tokens, length = self.rows.write(s0, n, steps)
         last = tokens[np.arange(n), np.maximum(length - 1, 0)] if T else np.full(n, -1)
         ended = (length > 0) & np.isin(last, np.asarray(eos_ids, dtype=np.int32))
         samples = self.f["samples"]
@@ -198,15 +232,13 @@ class ArchiveWriter:
         samples["length"][s0:s0 + n] = length
         samples["finish_reason"][s0:s0 + n] = ended.astype(np.uint8)
         samples["seed"][s0:s0 + n] = np.asarray(seeds, dtype=np.uint64)
-        self.f.flush()  # data first ...
-        self.f.attrs.modify("n_complete", np.int64(s0 + n))  # ... then the commit record
+        self.rows.commit(s0 + n)
+        self.f.flush()  # data and the group's record first ...
+        self.f.attrs.modify("n_complete", np.int64(s0 + n))  # ... then the root commit
         self.f.flush()
 
-    def _activations(self):
-        grp = self.g.get("activations")
-        return [] if grp is None else [(n, grp[n]) for n in _walk_datasets(grp)]
-
     def finish(self) -> None:
+        self.rows.finish()
         self.f.attrs.modify("complete", np.int8(1))
         self.f.flush()
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from engine import archive, codecs
 from engine.cli import user_errors
+from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import load_model
 from engine.prompts import load_prompts, render
@@ -25,7 +26,6 @@ from engine.provenance import root_provenance, tokenizer_record
 from engine.sampling import check_hooks, generate, sample_seed
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parent.parent / "conf"  # config groups live at the repo root
 
 
 def validate(cfg: DictConfig) -> None:
@@ -100,6 +100,23 @@ def capture_dims(lm, prompt_ids, capture) -> dict[str, int]:
     return dims
 
 
+def sample_all(writer, lm, prompt_ids, per_prompt: int, cfg, capture=(), seed_of=None) -> None:
+    """Generate every remaining sample (from writer.n_complete on) and finish the archive.
+    `seed_of(index)` overrides the per-sample seed (perturb shares seeds across variants)."""
+    total = len(prompt_ids) * per_prompt
+    seed_of = seed_of or (lambda i: sample_seed(cfg.seed, i))
+    bar = tqdm(total=total, initial=writer.n_complete, unit="sample", desc=f"sample {lm.key}",
+               disable=not cfg.progress, dynamic_ncols=True)
+    for p, s0, s1 in batches(len(prompt_ids), per_prompt, cfg.batch_size, writer.n_complete):
+        seeds = [seed_of(i) for i in range(s0, s1)]
+        steps = generate(lm.bridge, prompt_ids[p], seeds, cfg.max_new_tokens, cfg.temperature,
+                         cfg.top_k, cfg.top_p, lm.eos_ids, list(capture))
+        writer.write_batch(s0, seeds, steps, lm.eos_ids)
+        bar.update(s1 - s0)
+    bar.close()
+    writer.finish()
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     prompts = load_prompts(cfg.prompts)
@@ -126,21 +143,12 @@ def run(cfg: DictConfig) -> dict:
                                 n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                                 model=info, codec=cfg.codec, window=cfg.q16_window,
                                 capture_dims=capture_dims(lm, seen[0][1], capture))
-    total = len(prompts) * cfg.n_samples
     with writer:
         done = writer.n_complete
         if resuming:
-            log.info("resuming %s at sample %d of %d", partial, done, total)
-        bar = tqdm(total=total, initial=done, unit="sample", desc=f"dump {lm.key}",
-                   disable=not cfg.progress, dynamic_ncols=True)
-        for p, s0, s1 in batches(len(prompts), cfg.n_samples, cfg.batch_size, done):
-            seeds = [sample_seed(cfg.seed, i) for i in range(s0, s1)]
-            steps = generate(lm.bridge, seen[p][1], seeds, cfg.max_new_tokens, cfg.temperature,
-                             cfg.top_k, cfg.top_p, lm.eos_ids, capture)
-            writer.write_batch(s0, seeds, steps, lm.eos_ids)
-            bar.update(s1 - s0)
-        bar.close()
-        writer.finish()
+            log.info("resuming %s at sample %d of %d", partial, done, len(prompts) * cfg.n_samples)
+        sample_all(writer, lm, [ids for _, ids in seen], cfg.n_samples, cfg, capture)
+    total = len(prompts) * cfg.n_samples
     os.replace(partial, out)  # atomic: `out` is either the old file or the complete new one
     size = out.stat().st_size
     log.info("wrote %s (%d samples, %.1f MiB)", out, total, size / 2**20)

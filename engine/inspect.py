@@ -80,6 +80,17 @@ def summary(a: Archive) -> str:
                      f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")
         if "activations" in m.group:
             lines.append(f"    activations: {', '.join(m.group['activations'])}")
+        if p.get("role") == "scored":
+            state = "complete" if m.complete else f"PARTIAL {m.n_complete}/{a.n_samples}"
+            lines.append(f"    scored (teacher-forced), {state}, chat_template={p.get('chat_template')}")
+    if "lineage" in a.f:
+        lin = a.f["lineage"]
+        kinds = {v: k for k, v in lin["variant"].dtype.metadata["enum"].items()} \
+            if lin["variant"].dtype.metadata else {}
+        lines.append(f"lineage  from {lin.attrs.get('source_archive')}")
+        for i, (par, var, cut, ed) in enumerate(zip(lin["parent_sample"][()], lin["variant"][()],
+                                                    lin["cut"][()], lin["edit"].asstr()[()])):
+            lines.append(f"  prompt [{i}] parent {par} {kinds.get(int(var), var)} cut {cut}: {ed}")
     return "\n".join(lines)
 
 
@@ -148,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--render", action="store_true",
                     help="print completions coloured by each token's probability")
     ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
+    ap.add_argument("--samples", help="comma-separated sample indices to render, e.g. 0,8")
     return ap
 
 
@@ -161,7 +173,12 @@ def main(argv: list[str]) -> int:
             if args.sample is not None:
                 _check_sample(a, args.sample)
             if args.render:
-                chosen = [args.sample] if args.sample is not None else range(min(args.limit, a.n_complete))
+                if args.samples:
+                    chosen = [_check_sample(a, int(v)) for v in args.samples.split(",")]
+                elif args.sample is not None:
+                    chosen = [args.sample]
+                else:
+                    chosen = range(min(args.limit, a.n_complete))
                 print(render(a, m, chosen))
             elif args.step is not None:
                 if args.sample is None:

@@ -10,6 +10,9 @@ Sources (`model.source` in conf/model/*.yaml):
               models, so the state dict is written with safetensors directly).
   tiny-random a tiny Llama built from a config with a fixed seed and a byte-level tokenizer
               built in code: no files, no network; for tests.
+  tempered    SYNTHETIC: another configured model (`model.base`) with its logits multiplied
+              by `model.gamma` at the unembedding hook, i.e. pi ∝ pi_base**gamma at every
+              token.  The ground-truth control for gamma fits, not a real aligned model.
 
 The bridge runs raw HF weights (no LayerNorm folding), so its logits match HuggingFace's.
 """
@@ -32,7 +35,7 @@ from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hf", "gguf", "smollm2", "tiny-random")
+SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -194,6 +197,8 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
     source = mcfg.source
     if source not in SOURCES:
         raise EngineError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "tempered":
+        return load_tempered(mcfg, device, cache_dir)
     dtype = _dtype(mcfg.dtype)
     dev = resolve_device(device)
     cache = Path(os.path.expanduser(str(cache_dir)))
@@ -231,10 +236,34 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
     except Exception as exc:
         raise EngineError(f"TransformerBridge cannot wrap {mcfg.name!r}: {exc}") from exc
     bridge.eval()
-    tok = bridge.tokenizer
+    # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
+    # which would prepend e.g. SmolLM2's <|im_start|> to raw prompts the model never saw so
     prov.update(tokenizer_name=str(getattr(tok, "name_or_path", "")), vocab_hash=vocab_hash(tok),
                 vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok))
     if tok.eos_token_id is not None:
         eos_ids.add(tok.eos_token_id)
     return LoadedModel(key=str(mcfg.key), bridge=bridge, tokenizer=tok, device=dev,
                        eos_ids=tuple(sorted(int(i) for i in eos_ids)), provenance=prov)
+
+
+def load_tempered(mcfg, device, cache_dir) -> LoadedModel:
+    """`model.base` with every step's logits multiplied by `model.gamma` (a permanent hook on
+    the unembedding output, registered before any capture hook, so captures see the tempered
+    logits): softmax(gamma * logits) ∝ softmax(logits)**gamma."""
+    from engine.config import model_config
+    from engine.sampling import LOGITS_HOOK
+
+    gamma = float(mcfg.gamma)
+    if not gamma > 0:
+        raise EngineError(f"model.gamma must be > 0, got {mcfg.gamma}")
+    base_cfg = model_config(str(mcfg.base))
+    if base_cfg.source == "tempered":
+        raise EngineError("model.base of a tempered model cannot itself be tempered")
+    lm = load_model(base_cfg, device, cache_dir)
+    lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits * gamma, is_permanent=True)
+    base_prov = lm.provenance
+    lm.provenance = {**base_prov, "source": "tempered", "gamma": gamma,
+                     "base_model": str(base_cfg.key), "base_source": base_prov["source"],
+                     "name": f"({base_prov['name']}) ** {gamma:g}  [synthetic tempered twin]"}
+    lm.key = str(mcfg.key)
+    return lm

@@ -51,7 +51,11 @@ class ModelView:
         if self.codec not in codecs.CODECS:
             raise EngineError(f"model {self.key!r} has unknown codec {self.codec!r}")
         self.provenance = {k: (v.item() if hasattr(v, "item") else v)
-                           for k, v in group.attrs.items()}
+                           for k, v in group.attrs.items() if k not in ("n_complete", "complete")}
+        root = group.file.attrs
+        # scored groups record their own progress; the generator's equals the root's
+        self.n_complete = int(group.attrs.get("n_complete", root.get("n_complete", 0)))
+        self.complete = bool(group.attrs.get("complete", root.get("complete", 0)))
 
     @property
     def vocab_size(self) -> int:
@@ -163,8 +167,9 @@ class Archive:
         """Yield every stored row (step < length) of the chosen complete samples, one chunk
         (1, k, vocab) at a time: memory is one chunk plus its decoded form."""
         m = self.model(key)
-        lengths = self.f["samples/length"][: self.n_complete]
-        chosen = range(self.n_complete) if samples is None else samples
+        n = min(self.n_complete, m.n_complete)
+        lengths = self.f["samples/length"][:n]
+        chosen = range(n) if samples is None else samples
         k = m.logits.chunks[1] if m.logits.chunks else max(1, self.max_new_tokens)
         q16 = m.codec == "q16"
         for s in chosen:

@@ -115,3 +115,17 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
                 break
             _, cache = bridge(tokens[:, None], return_type="logits_and_cache",
                               past_key_values=cache)
+
+
+def forward_logits(bridge, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [batch, pos, vocab] of token ids [batch, pos], read at the same
+    hook point as `generate` (so permanent hooks such as tempering apply identically)."""
+    tap: dict[str, torch.Tensor] = {}
+
+    def keep(tensor, hook):
+        tap["logits"] = tensor.detach()
+        return tensor
+
+    with torch.inference_mode(), bridge.hooks(fwd_hooks=[(LOGITS_HOOK, keep)]):
+        bridge(ids, return_type=None)
+    return tap["logits"]

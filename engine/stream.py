@@ -68,11 +68,11 @@ def map_pairs(archive: Archive, fn: Callable, p_key: str, q_key: str, samples=No
         raise EngineError(f"models {p_key!r} and {q_key!r} have different logit shapes "
                           f"{mp.logits.shape} vs {mq.logits.shape}")
     tokens = archive.samples()["tokens"]
+    if samples is None:  # rows both models have (a scored group may still be partial)
+        samples = range(min(archive.n_complete, mp.n_complete, mq.n_complete))
     results, index = [], []
-    blocks_q = archive.iter_rows(q_key, samples)
     with tqdm(disable=not progress, unit="row", desc=f"{p_key} vs {q_key}") as bar:
-        for bp in archive.iter_rows(p_key, samples):
-            bq = next(blocks_q)
+        for bp, bq in zip(archive.iter_rows(p_key, samples), archive.iter_rows(q_key, samples)):
             tok = tokens[bp.sample, bp.steps]
             results.append(fn(kernel_input(bp, mp.codec), kernel_input(bq, mq.codec), tok))
             index.append((bp.sample, bp.steps))

@@ -148,3 +148,15 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, cache_dir, d
         la, lb = a.model().logits[()], b.model().logits[()]
         assert np.array_equal(la, lb)
         assert np.array_equal(la[:done], kept_logits)
+
+
+@pytest.mark.parametrize("verb, extra, needle", [
+    ("score", ["archive=/nonexistent/a.h5"], "archive not found"),
+    ("score", ["archive=/nonexistent/a.h5", "model=nope"], "unknown model 'nope'"),
+    ("perturb", ["source=/nonexistent/a.h5", "model=tiny-random"], "archive not found"),
+    ("perturb", ["model=tiny-random"], "source"),
+])
+def test_score_and_perturb_bad_input_get_one_line(tmp_path, cache_dir, verb, extra, needle):
+    res = engine_cli(verb, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/h",
+                     "progress=false", *extra)
+    assert_one_line_error(res, needle)

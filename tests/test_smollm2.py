@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from engine import dump as dump_mod
 from engine import models
+from engine.errors import EngineError
 from engine.reader import Archive
 from tests.conftest import compose_dump
 
@@ -71,3 +72,23 @@ def test_chat_template_is_recorded(tmp_path, cache_dir):
         seen = a.model().group["prompt_text"].asstr()[0]
     assert "<|im_start|>user\nGrace Hopper was<|im_end|>" in seen
     assert seen.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_scoring_smollm2_on_a_tiny_random_archive_is_refused(tiny_archive, tmp_path, cache_dir):
+    """A real tokenizer mismatch (49152-token BPE vs 258-token bytes): one clear refusal."""
+    from engine import score as score_mod
+
+    from tests.test_pairs import compose_cfg
+
+    before = tiny_archive.read_bytes()
+    cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={tiny_archive}",
+                                                    "model=smollm2-135m-instruct"])
+    with pytest.raises(EngineError, match="tokenizer mismatch"):
+        score_mod.run(cfg)
+    assert tiny_archive.read_bytes() == before
+
+
+def test_raw_prompts_use_the_models_own_tokenizer(smol_archive):
+    """No BOS is invented for SmolLM2 (its HF tokenizer adds none to raw text)."""
+    with Archive(smol_archive) as a:
+        assert list(a.model().group["prompt_tokens"][0]) == [55, 11617, 10941, 456, 436]

@@ -1,0 +1,198 @@
+"""`python -m engine perturb source=ARCHIVE`: the attractor experiment, generalised.
+
+For each parent completion in the source archive: cut it (after the first occurrence of a
+string, or at a token count), then build two prefixes, prompt + kept completion:
+  control  the kept tokens exactly as sampled;
+  edit     prompt + kept text with an edit applied (replace / insert / delete), re-tokenized,
+           or, for a fork, the kept tokens up to step t followed by the rank-r alternative to
+           the token sampled there (ranked by the source's stored logits; forking paths).
+Each prefix becomes one prompt of a new archive and gets `n_samples` continuations with full
+per-step logits; continuation j of a variant and of its control share one seed (common random
+numbers), so their differences come from the prefix.  /lineage records, per prompt: parent
+sample, variant (control/edit/fork), cut, the edit, and the index of the matched control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import h5py
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from engine import archive
+from engine.cli import user_errors
+from engine.config import CONF
+from engine.dump import plan_output, sample_all, validate as validate_sampling
+from engine.errors import EngineError
+from engine.models import load_model
+from engine.provenance import root_provenance, tokenizer_record
+from engine.reader import Archive
+from engine.sampling import sample_seed
+
+log = logging.getLogger(__name__)
+VARIANT = h5py.enum_dtype({"control": 0, "edit": 1, "fork": 2}, basetype="u1")
+
+
+def cut_position(tokenizer, tokens, after: str | None, at: int | None) -> int:
+    """Number of completion tokens kept: the shortest prefix whose text contains `after`
+    (its first occurrence), or `at`."""
+    if after is None:
+        if at is None or not 0 <= int(at) <= len(tokens):
+            raise EngineError(f"cut_at must be in [0, {len(tokens)}] (or set cut_after)")
+        return int(at)
+    for c in range(1, len(tokens) + 1):
+        if after in tokenizer.decode(tokens[:c]):
+            return c
+    raise EngineError(f"cut_after={after!r} does not occur in the parent completion")
+
+
+def apply_edit(text: str, edit, deleted: int) -> tuple[str, str]:
+    """(edited text, description); `text` is the prompt as the model read it followed by the
+    kept completion (minus `deleted` tokens), so "Grace Hopper was" itself can be edited."""
+    done = [f"delete {deleted} tokens"] if deleted else []
+    if edit.replace is not None:
+        old, new = list(edit.replace)
+        if old not in text:
+            raise EngineError(f"edit.replace: {old!r} does not occur in {text!r}")
+        text = text.replace(old, new, 1)
+        done.append(f"replace {old!r} -> {new!r}")
+    if edit.insert:
+        text += str(edit.insert)
+        done.append(f"insert {str(edit.insert)!r}")
+    if not done:
+        raise EngineError("no edit: set edit.replace, edit.insert or edit.delete, or fork")
+    return text, "; ".join(done)
+
+
+def choose_parents(src: Archive, tok, cfg) -> list[int]:
+    """`parents` as given, or for parents=first the first completion of prompt 0 in which
+    `cut_after` occurs (so "clip after the first sentence" always has a sentence to clip)."""
+    if cfg.parents != "first":
+        return [int(p) for p in cfg.parents]
+    s = src.samples()
+    for i in np.flatnonzero(s["prompt_index"] == 0):
+        if cfg.cut_after is None or cfg.cut_after in tok.decode(s["tokens"][i, : int(s["length"][i])]):
+            return [int(i)]
+    raise EngineError(f"no completion of prompt 0 contains cut_after={cfg.cut_after!r}")
+
+
+def variants(src: Archive, lm, cfg) -> list[dict]:
+    """Control and perturbed prefix (full token ids: prompt + kept completion) per parent."""
+    s, m = src.samples(), src.model()
+    tok = lm.tokenizer
+    out = []
+    for parent in choose_parents(src, tok, cfg):
+        if not 0 <= int(parent) < src.n_complete:
+            raise EngineError(f"parent sample {parent} out of range (0..{src.n_complete - 1})")
+        parent = int(parent)
+        prompt_ids = [int(i) for i in m.group["prompt_tokens"][int(s["prompt_index"][parent])]]
+        comp = [int(i) for i in s["tokens"][parent, : int(s["length"][parent])]]
+        if cfg.fork is not None:
+            t, r = int(cfg.fork.step), int(cfg.fork.rank)
+            if not (0 <= t < len(comp) and r >= 1):
+                raise EngineError(f"fork.step must be in [0, {len(comp)}) and fork.rank >= 1")
+            row = m.rows(parent, t)
+            order = [int(i) for i in np.argsort(-row, kind="stable") if int(i) != comp[t]]
+            alt = order[r - 1]
+            kept, pert_full = comp[: t + 1], prompt_ids + comp[:t] + [alt]
+            kind, cut = "fork", t
+            desc = f"fork at step {t}: {tok.decode([comp[t]])!r} -> rank-{r} alternative {tok.decode([alt])!r}"
+        else:
+            cut = cut_position(tok, comp, cfg.cut_after, cfg.cut_at)
+            deleted = min(int(cfg.edit.delete), cut)
+            kept = comp[:cut]
+            text, desc = apply_edit(tok.decode(prompt_ids + kept[: cut - deleted]), cfg.edit, deleted)
+            # the edited text is re-tokenized whole (special-token strings map back to ids)
+            pert_full = tok(text, add_special_tokens=False)["input_ids"]
+            kind = "edit"
+        for variant, ids, d in (("control", prompt_ids + kept, "unperturbed prefix"),
+                                (kind, pert_full, desc)):
+            ids = [int(i) for i in ids]
+            out.append({"parent": parent, "variant": variant, "cut": cut, "edit": d,
+                        "prompt_ids": ids, "text": tok.decode(ids)})
+    return out
+
+
+def run_key(cfg: DictConfig) -> dict:
+    keys = ("source", "parents", "cut_after", "cut_at", "edit", "fork", "n_samples",
+            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "codec",
+            "q16_window")
+    out = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    out["model"] = OmegaConf.to_container(cfg.model, resolve=True)
+    return out
+
+
+def write_lineage(f: h5py.File, vs: list[dict], source: Path, src_attrs: dict) -> None:
+    g = f.create_group("lineage")
+    g.attrs["source_archive"] = str(source)
+    g.attrs["source_created"] = str(src_attrs.get("created", ""))
+    g.attrs["source_generator"] = str(src_attrs.get("generator", ""))
+    g.create_dataset("parent_sample", data=np.array([v["parent"] for v in vs], np.int32))
+    g.create_dataset("variant", data=np.array([{"control": 0, "edit": 1, "fork": 2}[v["variant"]]
+                                               for v in vs], np.uint8), dtype=VARIANT)
+    g.create_dataset("cut", data=np.array([v["cut"] for v in vs], np.int32))
+    g.create_dataset("edit", data=np.array([v["edit"] for v in vs], dtype=object),
+                     dtype=archive.STR)
+    # prompts come in (control, variant) pairs: each one's matched control is the even index
+    g.create_dataset("control_prompt", data=(np.arange(len(vs)) // 2 * 2).astype(np.int32))
+
+
+def run(cfg: DictConfig) -> dict:
+    validate_sampling(cfg)
+    if cfg.parents != "first" and not len(cfg.parents):
+        raise EngineError("parents is empty: name source samples, or parents=first")
+    out = Path(str(cfg.out)).expanduser().resolve()
+    partial = out.with_name(out.name + ".partial")
+    resuming = plan_output(out, partial, cfg.resume, cfg.overwrite)
+    with Archive(cfg.source) as src:
+        gen = src.model().provenance
+        src_attrs = dict(src.f.attrs)
+        lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
+        if lm.provenance["vocab_hash"] != gen.get("vocab_hash"):
+            raise EngineError(f"model {lm.key!r} does not share the source generator's tokenizer "
+                              f"({gen.get('tokenizer_name')}); token ids would not align")
+        vs = variants(src, lm, cfg)
+    key = run_key(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        writer = archive.open_for_resume(partial, key)
+    else:
+        partial.unlink(missing_ok=True)
+        strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
+        info = archive.ModelInfo(key=lm.key, provenance=lm.provenance, vocab_size=lm.vocab_size,
+                                 prompt_text=[v["text"] for v in vs],
+                                 prompt_tokens=[v["prompt_ids"] for v in vs],
+                                 vocab_strings=strings, tokenizer_json=tok_json)
+        writer = archive.create(partial, run_key=key, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                                provenance_root=root_provenance(), prompts=[v["text"] for v in vs],
+                                n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                                model=info, codec=cfg.codec, window=cfg.q16_window,
+                                capture_dims={})
+        write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), src_attrs)
+        writer.f.flush()
+    M = cfg.n_samples
+
+    def seed_of(i: int) -> int:  # continuation j of a pair shares its seed with the control's
+        pair, j = i // (2 * M), i % M
+        return sample_seed(cfg.seed, pair * M + j)
+
+    with writer:
+        sample_all(writer, lm, [v["prompt_ids"] for v in vs], M, cfg, seed_of=seed_of)
+    os.replace(partial, out)
+    log.info("wrote %s: %d variants x %d continuations", out, len(vs), M)
+    return {"archive": str(out), "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")}
+                                              for v in vs], "samples": len(vs) * M}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="perturb")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        result = run(cfg)
+    for v in result["variants"]:
+        print(f"parent {v['parent']} {v['variant']:<7} cut {v['cut']:>3}: {v['edit']}")
+    print(f"archive: {result['archive']}")
