@@ -45,6 +45,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.dump_overhead
+	$(BIN)/python -m bench.codecs
 	$(BIN)/python -m bench.kernels
 
 clean:

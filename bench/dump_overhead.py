@@ -4,6 +4,8 @@ One process, one loaded model, same prompts, samples, batch composition and seed
   hf_generate   transformers `generate(do_sample=True, top_k=0)` with no logits kept
   engine_loop   the engine's hooked, KV-cached loop through TransformerBridge, logits dropped
   dump          `engine.dump.run`: the same loop + codec + HDF5 writes (model load excluded)
+  score         `engine.score.run` of the same model over the dumped archive (teacher-forced,
+                one forward per batch; model load excluded)
 Every run generates exactly max_new_tokens per sample (EOS disabled in all three).
 Peak RSS is measured in child processes at two sizes of n_samples.
 
@@ -13,8 +15,8 @@ Peak RSS is measured in child processes at two sizes of n_samples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from engine import dump as dump_mod
+from engine import score as score_mod
 from engine.dump import CONF
 from engine.models import load_model
 from engine.prompts import render
@@ -112,16 +115,22 @@ def main():
                                      args.max_new_tokens):
                     pass
 
-        dump_mod_load = dump_mod.load_model
+        dump_mod_load, score_mod_load = dump_mod.load_model, score_mod.load_model
         dump_mod.load_model = lambda *a, **k: lm
+        score_mod.load_model = lambda *a, **k: dataclasses.replace(lm, key="rescored")
         try:
             run_dump = lambda: dump_mod.run(cfg)  # noqa: E731
             run_hf(); run_loop()  # warm-up (allocator, first-call costs)
             t_hf = best_of(run_hf, args.repeats)
             t_loop = best_of(run_loop, args.repeats)
             t_dump = best_of(run_dump, args.repeats)
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                scfg = compose("score", overrides=[f"archive={tmp / 'bench.h5'}", "progress=false",
+                                                   f"model={args.model}", "model.key=rescored",
+                                                   f"batch_size={args.batch_size}", "overwrite=true"])
+            t_score = best_of(lambda: score_mod.run(scfg), args.repeats)
         finally:
-            dump_mod.load_model = dump_mod_load
+            dump_mod.load_model, score_mod.load_model = dump_mod_load, score_mod_load
         size = (tmp / "bench.h5").stat().st_size
         sizes = [int(s) for s in args.rss_sizes.split(",")]
         rss = {n: peak_rss_child(args, n, tmp) for n in sizes}
@@ -129,8 +138,10 @@ def main():
           f"steps {args.max_new_tokens}  batch {args.batch_size}  codec {args.codec}  "
           f"threads {torch.get_num_threads()}")
     print(f"{'path':<14}{'seconds':>10}{'tokens/s':>12}{'x hf_generate':>15}")
-    for name, t in (("hf_generate", t_hf), ("engine_loop", t_loop), ("dump", t_dump)):
+    for name, t in (("hf_generate", t_hf), ("engine_loop", t_loop), ("dump", t_dump),
+                    ("score", t_score)):
         print(f"{name:<14}{t:>10.2f}{total_tokens / t:>12.1f}{t / t_hf:>15.3f}")
+    print(f"score / dump = {t_score / t_dump:.3f}")
     print(f"archive {size / 2**20:.1f} MiB ({size / total_tokens / 1024:.1f} KiB per step)")
     print("peak RSS (child process, model load included): "
           + ", ".join(f"n_samples={n}: {v:.0f} MiB" for n, v in rss.items())

@@ -46,8 +46,12 @@ class ModelInfo:
 
 
 def chunk_steps(vocab: int, itemsize: int, max_steps: int) -> int:
-    """Steps per chunk so a (1, k, vocab) chunk is about CHUNK_TARGET_BYTES."""
-    return int(max(1, min(max_steps, CHUNK_TARGET_BYTES // max(1, vocab * itemsize))))
+    """Steps per chunk: at most CHUNK_TARGET_BYTES per (1, k, vocab) chunk, and k spread so
+    the chunks cover max_steps evenly (64 steps in 16+16+16+16, not 21+21+21+21 with 20 steps
+    of the last chunk allocated for nothing)."""
+    k0 = max(1, min(max_steps, CHUNK_TARGET_BYTES // max(1, vocab * itemsize)))
+    n = -(-max(1, max_steps) // k0)  # chunks along the step axis
+    return int(-(-max(1, max_steps) // n))
 
 
 def _early(f, name, shape, dtype, chunks=None, **kw):
@@ -61,8 +65,7 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
            prompts: Sequence[str], n_samples: int, max_new_tokens: int, model: ModelInfo,
            codec: str, window: float, capture_dims: dict[str, int]) -> "ArchiveWriter":
     """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples."""
-    n_prompts, total, steps, vocab = len(prompts), len(prompts) * n_samples, max_new_tokens, \
-        model.vocab_size
+    n_prompts, total, steps = len(prompts), len(prompts) * n_samples, max_new_tokens
     f = h5py.File(path, "w")
     try:
         a = f.attrs

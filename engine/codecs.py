@@ -58,8 +58,9 @@ def encode(codec: str, logits: torch.Tensor, window: float = MIN_Q16_WINDOW):
         # torch's float -> bfloat16 cast rounds to nearest even; keep the bit pattern.
         return logits.float().to(torch.bfloat16).view(torch.int16), None, None
     if codec == "q16":
-        # log_softmax in float32: codes resolve 24/65535 nats, far above float32's 2e-6 at 24.
-        lp = torch.log_softmax(logits.float(), dim=-1)
+        # log_softmax in float64: torch's float32 version is off by up to ~2e-5 nats at these
+        # vocabularies (float32 log-sum-exp), a tenth of the code step; [batch, vocab] is small.
+        lp = torch.log_softmax(logits.double(), dim=-1)
         hi = lp.max(dim=-1).values  # [rows]
         lo = torch.maximum(lp.min(dim=-1).values, hi - window)
         scale = (hi - lo) / Q16_MAX_CODE
@@ -68,7 +69,7 @@ def encode(codec: str, logits: torch.Tensor, window: float = MIN_Q16_WINDOW):
         code = code.clamp(0, Q16_MAX_CODE).to(torch.int32)
         # store as int16 bit pattern (torch has no uint16 arithmetic on every device)
         data = torch.where(code > 32767, code - 65536, code).to(torch.int16)
-        return data, scale, lo
+        return data, scale.float(), lo.float()
     raise EngineError(f"unknown codec {codec!r}")
 
 

@@ -22,7 +22,7 @@ from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import load_model
 from engine.prompts import load_prompts, render
-from engine.provenance import root_provenance, tokenizer_record
+from engine.provenance import model_info, root_provenance
 from engine.sampling import check_hooks, generate, sample_seed
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,19 @@ def capture_dims(lm, prompt_ids, capture) -> dict[str, int]:
     return dims
 
 
+def open_or_create(partial: Path, resuming: bool, key: dict, cfg, prompts, info,
+                   dims=lambda: {}) -> archive.ArchiveWriter:
+    """Reopen the partial archive of an interrupted run, or create a fresh one."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        return archive.open_for_resume(partial, key)
+    partial.unlink(missing_ok=True)
+    return archive.create(partial, run_key=key, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                          provenance_root=root_provenance(), prompts=prompts,
+                          n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, model=info,
+                          codec=cfg.codec, window=cfg.q16_window, capture_dims=dims())
+
+
 def sample_all(writer, lm, prompt_ids, per_prompt: int, cfg, capture=(), seed_of=None) -> None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
     `seed_of(index)` overrides the per-sample seed (perturb shares seeds across variants)."""
@@ -126,23 +139,9 @@ def run(cfg: DictConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
     seen = [render(lm.tokenizer, p, cfg.chat_template) for p in prompts]
     capture = list(cfg.capture)
-    key = run_key(cfg, prompts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        writer = archive.open_for_resume(partial, key)
-    else:
-        partial.unlink(missing_ok=True)
-        strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
-        info = archive.ModelInfo(key=lm.key, provenance=lm.provenance, vocab_size=lm.vocab_size,
-                                 prompt_text=[s for s, _ in seen],
-                                 prompt_tokens=[i for _, i in seen], vocab_strings=strings,
-                                 tokenizer_json=tok_json)
-        writer = archive.create(partial, run_key=key,
-                                config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                                provenance_root=root_provenance(), prompts=prompts,
-                                n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                                model=info, codec=cfg.codec, window=cfg.q16_window,
-                                capture_dims=capture_dims(lm, seen[0][1], capture))
+    info = model_info(lm, [t for t, _ in seen], [i for _, i in seen])
+    writer = open_or_create(partial, resuming, run_key(cfg, prompts), cfg, prompts, info,
+                            lambda: capture_dims(lm, seen[0][1], capture))
     with writer:
         done = writer.n_complete
         if resuming:

@@ -238,7 +238,8 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
     bridge.eval()
     # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
     # which would prepend e.g. SmolLM2's <|im_start|> to raw prompts the model never saw so
-    prov.update(tokenizer_name=str(getattr(tok, "name_or_path", "")), vocab_hash=vocab_hash(tok),
+    tok_name = prov.get("path") or str(getattr(tok, "name_or_path", ""))  # GGUF: the file, not our cache
+    prov.update(tokenizer_name=tok_name, vocab_hash=vocab_hash(tok),
                 vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok))
     if tok.eos_token_id is not None:
         eos_ids.add(tok.eos_token_id)

@@ -14,7 +14,6 @@ sample, variant (control/edit/fork), cut, the edit, and the index of the matched
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from engine import archive
 from engine.cli import user_errors
 from engine.config import CONF
-from engine.dump import plan_output, sample_all, validate as validate_sampling
+from engine.dump import open_or_create, plan_output, sample_all, validate as validate_sampling
 from engine.errors import EngineError
 from engine.models import load_model
-from engine.provenance import root_provenance, tokenizer_record
+from engine.provenance import model_info
 from engine.reader import Archive
 from engine.sampling import sample_seed
 
@@ -157,22 +156,10 @@ def run(cfg: DictConfig) -> dict:
             raise EngineError(f"model {lm.key!r} does not share the source generator's tokenizer "
                               f"({gen.get('tokenizer_name')}); token ids would not align")
         vs = variants(src, lm, cfg)
-    key = run_key(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        writer = archive.open_for_resume(partial, key)
-    else:
-        partial.unlink(missing_ok=True)
-        strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
-        info = archive.ModelInfo(key=lm.key, provenance=lm.provenance, vocab_size=lm.vocab_size,
-                                 prompt_text=[v["text"] for v in vs],
-                                 prompt_tokens=[v["prompt_ids"] for v in vs],
-                                 vocab_strings=strings, tokenizer_json=tok_json)
-        writer = archive.create(partial, run_key=key, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                                provenance_root=root_provenance(), prompts=[v["text"] for v in vs],
-                                n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
-                                model=info, codec=cfg.codec, window=cfg.q16_window,
-                                capture_dims={})
+    texts = [v["text"] for v in vs]
+    info = model_info(lm, texts, [v["prompt_ids"] for v in vs])
+    writer = open_or_create(partial, resuming, run_key(cfg), cfg, texts, info)
+    if not resuming:
         write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), src_attrs)
         writer.f.flush()
     M = cfg.n_samples

@@ -43,3 +43,13 @@ def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
     strings += [""] * (vocab_size - len(strings))  # ids the tokenizer never emits
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return strings, (backend.to_str() if backend is not None else "")
+
+
+def model_info(lm, prompt_text, prompt_tokens, **extra):
+    """What an archive records about a loaded model that read these prompts."""
+    from engine.archive import ModelInfo
+
+    strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
+    return ModelInfo(key=lm.key, provenance={**lm.provenance, **extra}, vocab_size=lm.vocab_size,
+                     prompt_text=list(prompt_text), prompt_tokens=list(prompt_tokens),
+                     vocab_strings=strings, tokenizer_json=tok_json)

@@ -31,7 +31,7 @@ from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import load_model
 from engine.prompts import render
-from engine.provenance import tokenizer_record
+from engine.provenance import model_info
 from engine.reader import Archive
 from engine.sampling import Step, forward_logits
 
@@ -112,13 +112,9 @@ def run(cfg: DictConfig) -> dict:
     with h5py.File(path, "r+") as f:
         resuming = plan_group(f, lm.key, generator, cfg)
         if not resuming:
-            strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
-            prov = {**lm.provenance, "role": "scored", "chat_template": bool(cfg.chat_template),
-                    "score_key": json.dumps(score_key(cfg), sort_keys=True)}
-            info = archive.ModelInfo(key=lm.key, provenance=prov, vocab_size=lm.vocab_size,
-                                     prompt_text=[s for s, _ in seen],
-                                     prompt_tokens=[i for _, i in seen], vocab_strings=strings,
-                                     tokenizer_json=tok_json)
+            info = model_info(lm, [t for t, _ in seen], [i for _, i in seen], role="scored",
+                              chat_template=bool(cfg.chat_template),
+                              score_key=json.dumps(score_key(cfg), sort_keys=True))
             archive.add_model_group(f, info, total, T, codec, cfg.q16_window)
             f.flush()
         w = archive.ModelWriter(f[f"models/{lm.key}"])
