@@ -33,11 +33,15 @@ demo: setup
 	$(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5
 	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5
 	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5 --render --samples 0,1,8,9
+	$(BIN)/python -m analyses -m analysis=entropy,pair archive=$(DEMO)/smollm2-135m-instruct.h5 \
+		progress=false hydra.sweep.dir=$(DEMO)/analyses
 	@echo
 	@echo "demo archive (SmolLM2-135M-Instruct + its synthetic tempered twin, gamma 1.5):"
 	@echo "  $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"
 	@echo "perturbation archive (\"was\" -> \"was not\", with matched controls):"
 	@echo "  $(CURDIR)/$(DEMO)/perturb.h5"
+	@echo "analyses (summary.json, per_step.csv, PNG and SVG figures):"
+	@ls -d $(CURDIR)/$(DEMO)/analyses/*/
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5 --sample 0 --step 3"
 
 test: setup

@@ -1,4 +1,4 @@
-"""`python -m engine <verb> [args]`: dump (Hydra) and inspect (plain arguments).
+"""`python -m engine <verb> [args]`: dump, score, perturb (Hydra) and inspect (plain arguments).
 
 The verb is popped before Hydra reads sys.argv.  Config-group choices (`model=`, `prompts=`)
 are checked here so that a typo gets one line instead of Hydra's multi-line report.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from engine import config
+from engine.cli import check_group_choices
 
 USAGE = """usage: python -m engine <verb> [args]
   dump     sample completions, store every step's full logits (Hydra: key=value overrides)
@@ -17,16 +17,6 @@ USAGE = """usage: python -m engine <verb> [args]
   inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
 HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb"}
 GROUPS = ("model", "prompts")
-
-
-def check_group_choices(args: list[str]) -> str | None:
-    for arg in args:
-        name, eq, value = arg.partition("=")
-        if eq and name.lstrip("+~") in GROUPS:
-            options = config.options(name.lstrip("+~"))
-            if value not in options:
-                return f"unknown {name} {value!r}; available: {', '.join(options)}"
-    return None
 
 
 def main() -> None:
@@ -38,10 +28,7 @@ def main() -> None:
         from engine.inspect import main as inspect_main
 
         sys.exit(inspect_main(sys.argv[1:]))
-    problem = check_group_choices(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    check_group_choices(sys.argv[1:], GROUPS)
     import importlib
 
     importlib.import_module(HYDRA_VERBS[verb]).main()

@@ -21,3 +21,19 @@ def user_errors():
     except KeyboardInterrupt:
         print("error: interrupted (a dump continues with resume=true)", file=sys.stderr)
         sys.exit(130)
+
+
+def check_group_choices(args: list[str], groups: tuple[str, ...]) -> None:
+    """Exit with one line when a `group=option` override names no conf/<group>/<option>.yaml
+    (Hydra would print a multi-line report)."""
+    from engine.config import options
+
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        group = name.lstrip("+~")
+        if eq and group in groups:
+            bad = [v for v in value.split(",") if v not in options(group)]  # multirun: a,b
+            if bad:
+                print(f"error: unknown {group} {bad[0]!r}; available: {', '.join(options(group))}",
+                      file=sys.stderr)
+                sys.exit(2)

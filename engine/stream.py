@@ -34,6 +34,8 @@ def _stack(results: list, index: list) -> tuple[dict, np.ndarray, np.ndarray]:
     first = results[0]
     if hasattr(first, "_fields"):  # a kernel record (NamedTuple of arrays)
         out = {f: np.concatenate([getattr(r, f) for r in results]) for f in first._fields}
+    elif isinstance(first, dict):  # several per-row arrays by name
+        out = {f: np.concatenate([r[f] for r in results]) for f in first}
     else:
         out = {"value": np.concatenate(results)}
     return out, sample, step

@@ -1,0 +1,48 @@
+"""`python -m analyses analysis=NAME archive=PATH`: thin Hydra wrapper around `run(cfg)`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from analyses.common import write_json
+from engine.cli import check_group_choices, user_errors
+from engine.config import CONF, options
+from engine.errors import EngineError
+from engine.reader import Archive
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one analysis over one archive; returns its summary (also written as summary.json)."""
+    name = str(cfg.analysis.name)
+    if name not in options("analysis"):
+        raise EngineError(f"unknown analysis {name!r}; available: {', '.join(options('analysis'))}")
+    out = Path(str(cfg.paths.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"analyses.{name}")
+    with Archive(cfg.archive) as a:
+        summary = module.run(cfg, a, out)
+        summary.update(analysis=name, archive=str(a.path), generator=a.generator,
+                       config=OmegaConf.to_container(cfg.analysis, resolve=True))
+    summary["summary"] = str(write_json(out, "summary.json", summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="analyses")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        result = run(cfg)
+    print(f"{result['analysis']}: {result['summary']}")
+    for f in result.get("figures", []):
+        if f.endswith(".png"):
+            print(f"  figure {f}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    check_group_choices(sys.argv[1:], ("analysis",))
+    main()

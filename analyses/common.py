@@ -1,0 +1,54 @@
+"""Shared output helpers: one place decides where files go (the run's output dir)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_json(out: Path, name: str, data: dict) -> Path:
+    path = out / name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_plain))
+    return path
+
+
+def _plain(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x))
+
+
+def write_csv(out: Path, name: str, columns: dict[str, np.ndarray]) -> Path:
+    path = out / name
+    keys = list(columns)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for row in zip(*(np.asarray(columns[k]).tolist() for k in keys)):
+            w.writerow(row)
+    return path
+
+
+def save_figure(fig, out: Path, stem: str) -> list[str]:
+    paths = []
+    for ext in ("png", "svg"):
+        p = out / f"{stem}.{ext}"
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+        paths.append(str(p))
+    plt.close(fig)
+    return paths
+
+
+def mean_std(x) -> dict:
+    x = np.asarray(x, np.float64)
+    return {"mean": float(x.mean()) if x.size else float("nan"),
+            "std": float(x.std(ddof=1)) if x.size > 1 else float("nan")}

@@ -1,0 +1,175 @@
+"""Paired report: how the aligned model's next-token distributions differ from the base's on
+identical contexts (every stored step of a scored archive).
+
+- llama.cpp `--kl-divergence` style: KL(base || aligned) mean ± standard error, percentiles,
+  min/max; "same top p" (argmax agreement ± binomial error); Δp of the sampled token
+  (aligned − base: mean, RMS); KL(aligned || base) too; KL by position (Qi et al. 2025 find it
+  concentrated in the first tokens).
+- Token shift (Lin et al. 2023, URIAL): the base model's rank of the aligned model's top token
+  per step: unshifted (1), marginal (2-3), shifted (> 3).
+- gamma (Zhang et al. 2025: pi_aligned ∝ pi_base**gamma, gamma = 1 + alpha/beta): per-step fit
+  `fit_gamma`, pooled gamma with a bootstrap interval over completions, share of KL explained
+  by the power, and the sequence-level gamma: per prompt, the OLS slope of log pi_aligned(y)
+  on log pi_base(y) over its completions y.  The two differ (lookahead normaliser): per-step
+  gamma is a token-level tempering exponent, sequence-level gamma the power of the paper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import kernels as K
+from analyses.common import save_figure, write_csv
+from engine.errors import EngineError
+from engine.reader import Archive
+from engine.stream import map_pairs
+
+CAVEAT = ("gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma over whole "
+          "responses); per-step gamma fits next-token distributions and estimates a token-level "
+          "tempering exponent, which differs because of the lookahead normaliser. Both are "
+          "reported; compare like with like.")
+
+
+def pick_models(a: Archive, c) -> tuple[str, str]:
+    base = c.base or a.generator
+    others = [k for k in a.models if k != base]
+    aligned = c.aligned or (others[0] if others else None)
+    if aligned is None:
+        raise EngineError("pair needs a scored archive (python -m engine score ...): only "
+                          f"{base!r} is stored")
+    for k in (base, aligned):
+        a.model(k)  # one clear error for an unknown group
+    return base, aligned
+
+
+def rows_report(p, q, tokens):
+    s = K.pair_stats(p, q, tokens)
+    g = K.fit_gamma(p, q)
+    shift_rank = K.token_stats(p, np.argmax(as_logits(q), -1)).rank
+    h = K.entropy(p)
+    lp_base = K.token_stats(p, tokens).logprob
+    lp_al = K.token_stats(q, tokens).logprob
+    return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
+            "shift_rank": shift_rank, "base_entropy": h, "lp_base": lp_base, "lp_aligned": lp_al}
+
+
+def as_logits(x):
+    """Decoded rows for an argmax (codec-encoded rows decode to float32 logits/log-probs)."""
+    from engine import codecs
+
+    if isinstance(x, K.Encoded):
+        return codecs.decode(x.codec, x.data, x.scale, x.offset)
+    return x
+
+
+def run(cfg, a: Archive, out: Path) -> dict:
+    c = cfg.analysis
+    base, aligned = pick_models(a, c)
+    r, sample, step = map_pairs(a, rows_report, base, aligned, progress=cfg.progress)
+    n = len(sample)
+    if n == 0:
+        raise EngineError("no stored rows to compare")
+    kl = r["kl_pq"]
+    agree = r["argmax_agree"]
+    pct = {str(q): float(np.percentile(kl, q)) for q in c.percentiles}
+    summary = {
+        "base": base, "aligned": aligned, "n_rows": int(n),
+        "kl_base_aligned": {"mean": float(kl.mean()), "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                            "min": float(kl.min()), "max": float(kl.max()), "percentiles": pct},
+        "kl_aligned_base": {"mean": float(r["kl_qp"].mean())},
+        "js": {"mean": float(r["js"].mean())}, "tv": {"mean": float(r["tv"].mean())},
+        "same_top_p": {"mean": float(agree.mean()),
+                       "stderr": float(np.sqrt(agree.mean() * (1 - agree.mean()) / n))},
+        "delta_p_sampled": {"mean": float(r["dp"].mean()), "rms": float(np.sqrt(np.mean(r["dp"] ** 2)))},
+        "token_shift": shift_classes(r["shift_rank"]),
+    }
+    summary["gamma"] = gamma_report(a, r, sample, base, aligned, c)
+    summary["gamma"]["caveat"] = CAVEAT
+    summary["kl_by_position"] = by_position(step, kl)
+    write_csv(out, "per_step.csv", {"sample": sample, "step": step, "kl_base_aligned": kl,
+                                   "kl_aligned_base": r["kl_qp"], "js": r["js"], "tv": r["tv"],
+                                   "argmax_agree": agree, "delta_p": r["dp"], "gamma": r["gamma"],
+                                   "base_rank_of_aligned_top": r["shift_rank"],
+                                   "base_entropy": r["base_entropy"]})
+    summary["figures"] = figures(r, step, summary, out, base, aligned)
+    return summary
+
+
+def shift_classes(rank) -> dict:
+    n = len(rank)
+    return {"unshifted": float(np.mean(rank == 1)), "marginal": float(np.mean((rank >= 2) & (rank <= 3))),
+            "shifted": float(np.mean(rank > 3)), "n": int(n)}
+
+
+def by_position(step, values) -> dict:
+    return {int(t): float(values[step == t].mean()) for t in np.unique(step)}
+
+
+def gamma_report(a, r, sample, base, aligned, c) -> dict:
+    g = r["gamma"]
+    ok = np.isfinite(g)
+    kl1, klg = r["kl_at_1"][ok], r["gamma_kl"][ok]
+    # pooled over all rows, bootstrap over completions (rows of one completion are dependent)
+    rows_p = np.concatenate([a.model(base).rows(i, slice(0, int(L))) for i, L in enumerate(a.samples()["length"])])
+    rows_q = np.concatenate([a.model(aligned).rows(i, slice(0, int(L))) for i, L in enumerate(a.samples()["length"])])
+    pooled = K.fit_gamma_pooled(rows_p, rows_q, groups=sample, n_boot=int(c.n_boot), seed=int(c.seed))
+    seq = sequence_gamma(a, r["lp_base"], r["lp_aligned"], sample)
+    return {"per_step": {"median": float(np.median(g[ok])) if ok.any() else float("nan"),
+                         "mean": float(g[ok].mean()) if ok.any() else float("nan"),
+                         "iqr": [float(np.percentile(g[ok], 25)), float(np.percentile(g[ok], 75))] if ok.any() else [],
+                         "n_identified": int(ok.sum())},
+            "pooled": {"gamma": pooled.gamma, "ci95": [pooled.ci_low, pooled.ci_high],
+                       "kl_at_gamma": pooled.kl, "kl_at_1": pooled.kl_at_1,
+                       "kl_explained": 1 - pooled.kl / pooled.kl_at_1 if pooled.kl_at_1 > 0 else float("nan")},
+            "per_step_kl_explained": float(1 - klg.sum() / kl1.sum()) if kl1.sum() > 0 else float("nan"),
+            "sequence_level": seq}
+
+
+def sequence_gamma(a: Archive, lp_base, lp_aligned, sample) -> dict:
+    """Per prompt: slope of log pi_aligned(y) on log pi_base(y) over its completions."""
+    s = a.samples()
+    n = a.n_complete
+    lb = np.bincount(sample, lp_base, minlength=n)
+    la = np.bincount(sample, lp_aligned, minlength=n)
+    out = {}
+    for p, text in enumerate(a.prompts):
+        sel = s["prompt_index"][:n] == p
+        if sel.sum() >= 3 and np.var(lb[sel]) > 0:
+            slope, intercept = np.polyfit(lb[sel], la[sel], 1)
+            out[text] = {"gamma": float(slope), "intercept": float(intercept), "n": int(sel.sum())}
+    return out
+
+
+def figures(r, step, summary, out: Path, base: str, aligned: str) -> list[str]:
+    figs = []
+    pos = summary["kl_by_position"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(list(pos), list(pos.values()), marker=".")
+    ax.set_xlabel("generated step")
+    ax.set_ylabel(f"mean KL({base} ‖ {aligned}) (nats)")
+    ax.set_title("Per-step KL against position")
+    figs += save_figure(fig, out, "kl_by_position")
+    g = r["gamma"][np.isfinite(r["gamma"])]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(g, bins=60, color="tab:purple")
+    ax.axvline(summary["gamma"]["pooled"]["gamma"], c="k", ls="--", label="pooled γ")
+    ax.set_xlabel("per-step γ (aligned ∝ base^γ)")
+    ax.set_ylabel("steps")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Per-step γ: {aligned} vs {base}")
+    figs += save_figure(fig, out, "gamma_histogram")
+    ok = np.isfinite(r["gamma"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    gp = by_position(step[ok], r["gamma"][ok])
+    axes[0].plot(list(gp), list(gp.values()), marker=".")
+    axes[0].set_xlabel("generated step")
+    axes[0].set_ylabel("mean per-step γ")
+    axes[1].scatter(r["base_entropy"][ok], r["gamma"][ok], s=3, alpha=0.4)
+    axes[1].set_xlabel(f"base entropy (nats), {base}")
+    axes[1].set_ylabel("per-step γ")
+    fig.suptitle("γ against position and base entropy")
+    figs += save_figure(fig, out, "gamma_by_position_and_entropy")
+    return figs

@@ -1,0 +1,131 @@
+"""Analyses on small tiny-random archives, checked against independent float64 computations;
+configs composed with Hydra's compose API; one multirun in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from analyses.__main__ import run as run_analysis
+from engine import dump as dump_mod
+from engine import score as score_mod
+from engine.config import CONF
+from engine.errors import EngineError
+from engine.reader import Archive
+from kernels import reference as R
+from tests.conftest import ROOT, compose_dump
+
+
+def analysis_cfg(tmp, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("analyses", overrides=[f"paths.output_dir={tmp}", "progress=false", *overrides])
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory, cache_dir):
+    """tiny-random (fp32) + its tempered twin (gamma 1.7): 2 prompts x 4 samples x 12 steps."""
+    tmp = tmp_path_factory.mktemp("paired")
+    path = dump_mod.run(compose_dump(tmp, cache_dir, ["model=tiny-random", "n_samples=4",
+                                                      "max_new_tokens=12", "codec=fp32"]))["archive"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("score", overrides=[f"archive={path}", "model=tempered", "model.base=tiny-random",
+                                          "model.gamma=1.7", f"paths.cache_dir={cache_dir}",
+                                          f"paths.output_dir={tmp}", "progress=false"])
+    score_mod.run(cfg)
+    return path
+
+
+def decoded(a, key):
+    s = a.samples()
+    return [a.model(key).rows(i, slice(0, int(s["length"][i]))).astype(np.float64)
+            for i in range(a.n_complete)]
+
+
+def test_entropy_summary_matches_independent_computation(paired, tmp_path):
+    res = run_analysis(analysis_cfg(tmp_path, "analysis=entropy", f"archive={paired}"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["models"].keys() == {"tiny-random", "tiny-random-tempered-1.7"}
+    with Archive(paired) as a:
+        for key in a.models:
+            per_comp_top = [R.entropy(rows, base=2, topk=5).mean() for rows in decoded(a, key)]
+            per_comp_h = [R.entropy(rows).mean() for rows in decoded(a, key)]
+            got = summary["models"][key]
+            assert got["top5_entropy_bits"]["mean"] == pytest.approx(np.mean(per_comp_top), abs=1e-6)
+            assert got["top5_entropy_bits"]["std"] == pytest.approx(np.std(per_comp_top, ddof=1), abs=1e-6)
+            assert got["top5_entropy_bits"]["n_completions"] == 8
+            assert got["entropy_nats"]["mean"] == pytest.approx(np.mean(per_comp_h), abs=1e-6)
+            assert 0 <= got["top5_entropy_bits"]["mean"] <= np.log2(5)
+    m = summary["models"]
+    assert m["tiny-random-tempered-1.7"]["entropy_nats"]["mean"] < m["tiny-random"]["entropy_nats"]["mean"]
+    # the twin at power 1 is the base at power 1.7 (curves from tempered_entropy)
+    curve = summary["entropy_vs_gamma"]
+    assert curve["tiny-random-tempered-1.7"]["1.0"] == pytest.approx(
+        np.interp(1.7, [1.5, 2.0], [curve["tiny-random"]["1.5"], curve["tiny-random"]["2.0"]]), rel=0.05)
+    for stem in ("top5_entropy_boxplot", "per_token_top5_entropy", "per_token_top5_probabilities",
+                 "entropy_vs_gamma"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (tmp_path / f"{stem}.svg").exists()
+    assert (tmp_path / "per_step.csv").read_text().count("\n") == 1 + 2 * 8 * 12
+    assert res["summary"] == str(tmp_path / "summary.json")
+
+
+def test_pair_report_matches_independent_computation(paired, tmp_path):
+    run_analysis(analysis_cfg(tmp_path, "analysis=pair", f"archive={paired}", "analysis.n_boot=300"))
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert (s["base"], s["aligned"]) == ("tiny-random", "tiny-random-tempered-1.7")
+    with Archive(paired) as a:
+        p, q = np.concatenate(decoded(a, "tiny-random")), np.concatenate(decoded(a, "tiny-random-tempered-1.7"))
+        smp = a.samples()
+        toks = np.concatenate([smp["tokens"][i, : int(smp["length"][i])] for i in range(a.n_complete)])
+        kl, kl_qp, js, tv, agree, dp = R.pair_stats(p, q, toks)
+        assert s["n_rows"] == len(p) == 96
+        assert s["kl_base_aligned"]["mean"] == pytest.approx(kl.mean(), rel=1e-5)
+        assert s["kl_base_aligned"]["stderr"] == pytest.approx(kl.std(ddof=1) / np.sqrt(96), rel=1e-4)
+        assert s["kl_base_aligned"]["percentiles"]["50"] == pytest.approx(np.median(kl), rel=1e-4)
+        assert s["same_top_p"]["mean"] == 1.0  # tempering keeps the argmax
+        assert s["delta_p_sampled"]["mean"] == pytest.approx(dp.mean(), abs=1e-6)
+        assert s["token_shift"]["unshifted"] == 1.0
+        g = s["gamma"]
+        assert g["per_step"]["median"] == pytest.approx(1.7, abs=1e-4)
+        assert g["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+        assert g["pooled"]["ci95"][0] <= 1.7 + 1e-4 and g["pooled"]["ci95"][1] >= 1.7 - 1e-4
+        assert g["pooled"]["kl_explained"] > 0.999
+        assert "lookahead" in g["caveat"]
+        # sequence-level gamma: OLS slope of summed token log-probs, computed here independently
+        lp_p = R.token_stats(p, toks)[0]
+        lp_q = R.token_stats(q, toks)[0]
+        sample = np.concatenate([np.full(int(L), i) for i, L in enumerate(smp["length"])])
+        for pi, text in enumerate(a.prompts):
+            sel = np.flatnonzero(smp["prompt_index"] == pi)
+            x = np.array([lp_p[sample == i].sum() for i in sel])
+            y = np.array([lp_q[sample == i].sum() for i in sel])
+            assert g["sequence_level"][text]["gamma"] == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-6)
+    for stem in ("kl_by_position", "gamma_histogram", "gamma_by_position_and_entropy"):
+        assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.svg").exists()
+
+
+def test_pair_needs_a_scored_archive(tiny_archive, tmp_path):
+    with pytest.raises(EngineError, match="scored archive"):
+        run_analysis(analysis_cfg(tmp_path, "analysis=pair", f"archive={tiny_archive}"))
+
+
+def test_multirun_entropy_and_pair_in_a_subprocess(paired, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "analyses", "-m", "analysis=entropy,pair",
+                          f"archive={paired}", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["0_entropy", "1_pair"]
+    assert json.loads(summaries[1].read_text())["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+
+
+def test_unknown_analysis_is_one_line(tmp_path, tiny_archive):
+    res = subprocess.run([sys.executable, "-m", "analyses", "analysis=nope", f"archive={tiny_archive}",
+                          f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: unknown analysis 'nope'")
+    assert len(res.stderr.strip().splitlines()) == 1
