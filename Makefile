@@ -35,6 +35,8 @@ demo: setup
 	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5 --render --samples 0,1,8,9
 	$(BIN)/python -m analyses -m analysis=entropy,pair archive=$(DEMO)/smollm2-135m-instruct.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses
+	$(BIN)/python -m analyses analysis=attractor archive=$(DEMO)/perturb.h5 progress=false \
+		hydra.run.dir=$(DEMO)/analyses/2_attractor
 	@echo
 	@echo "demo archive (SmolLM2-135M-Instruct + its synthetic tempered twin, gamma 1.5):"
 	@echo "  $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"

@@ -129,3 +129,57 @@ def test_unknown_analysis_is_one_line(tmp_path, tiny_archive):
                          timeout=120)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: unknown analysis 'nope'")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_recovery_time_on_planted_series():
+    from analyses.attractor import recovery_time, rolling
+
+    assert rolling(np.array([1.0, 2, 3, 4]), 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    h = np.full(30, 2.0)
+    p = np.full(30, 0.5)
+    p[:7] = 0.01  # low-probability tokens right after the edit, then back in the band
+    assert recovery_time(p, h, (0.3, 0.7), (1.0, 3.0), 1) == 7.0
+    # window 3: step 7 averages (0.01, 0.01, 0.5) = 0.17, out; step 8 (0.01, 0.5, 0.5) = 0.34, in
+    assert recovery_time(p, h, (0.3, 0.7), (1.0, 3.0), 3) == 8.0
+    p[-1] = 0.0  # never settles: censored
+    assert np.isnan(recovery_time(p, h, (0.3, 0.7), (1.0, 3.0), 1))
+
+
+def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
+    from engine import perturb as perturb_mod
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        pcfg = compose("perturb", overrides=[f"source={paired}", "model=tiny-random", "parents=[0]",
+                                             "cut_after=null", "cut_at=3", "edit.replace=[' was',' was not']",
+                                             "n_samples=3", "max_new_tokens=6", f"out={tmp_path}/p.h5",
+                                             f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}",
+                                             "progress=false"])
+    path = perturb_mod.run(pcfg)["archive"]
+    out = tmp_path / "att"
+    run_analysis(analysis_cfg(out, "analysis=attractor", f"archive={path}", "analysis.window=2"))
+    s = json.loads((out / "summary.json").read_text())
+    (v,) = s["variants"]
+    assert (v["prompt"], v["control_prompt"], v["variant"]) == (1, 0, "edit")
+    assert v["recovery_time"]["recovered"] + v["recovery_time"]["censored"] == 3
+    with Archive(path) as a:
+        smp = a.samples()
+        n = min(int(smp["length"][3]), int(smp["length"][0]))
+        kl = R.pair_stats(a.model().rows(3, slice(0, n)).astype(np.float64),
+                          a.model().rows(0, slice(0, n)).astype(np.float64))[0]
+        base = R.pair_stats(a.model().rows(0, slice(0, n)).astype(np.float64),
+                            a.model().rows(1, slice(0, n)).astype(np.float64))[0]
+    curve = list(s["kl_by_step_since_edit"].values())[0]
+    assert np.isfinite(curve["0"]) and curve["0"] > 0  # the edit changes the first distribution
+    assert list(s["kl_control_vs_control_by_step"].values())[0]["0"] == pytest.approx(0, abs=1e-6)
+    rows = (out / "per_step.csv").read_text().splitlines()
+    first = [r for r in rows[1:] if r.startswith("1,3,0,")]  # prompt 1, sample 3, control 0
+    assert [float(r.split(",")[4]) for r in first] == pytest.approx(kl.tolist(), abs=1e-5)
+    assert base[0] == pytest.approx(0, abs=1e-9)
+    assert "background:rgb(" in (out / "rendering.html").read_text()
+    for stem in ("kl_since_edit", "recovery_time", "probability_heatmap"):
+        assert (out / f"{stem}.png").exists() and (out / f"{stem}.svg").exists()
+
+
+def test_attractor_needs_lineage(tiny_archive, tmp_path):
+    with pytest.raises(EngineError, match="perturb"):
+        run_analysis(analysis_cfg(tmp_path, "analysis=attractor", f"archive={tiny_archive}"))

@@ -1,0 +1,170 @@
+"""Attractor states: perturbed continuations against their matched controls.
+
+Reads an archive written by `python -m engine perturb`: prompts come in (control, variant)
+pairs, and continuation j of a variant shares its seed with continuation j of its control.
+- Rendering: every continuation coloured by the probability of each sampled token (red = low,
+  green = high), the paper's attractor figure, as HTML (text) and PNG (heatmap, rows =
+  trajectories, columns = steps since the edit).
+- KL(perturbed_j,t || control_j,t) between the next-token distributions of matched
+  trajectories at step t since the edit, and as a noise floor the same KL between two control
+  trajectories (j, j+1) of the same prefix.
+- Recovery time of a perturbed trajectory: the first step t after which the rolling means
+  (window w) of its sampled-token probability and of its entropy both stay inside the
+  controls' [5th, 95th] percentile band of the same rolling means.  Trajectories that never
+  settle are censored (NaN) and counted.  This is a definition of ours: the paper shows the
+  effect (red, then green) without measuring it.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import kernels as K
+from analyses.common import mean_std, save_figure, write_csv
+from engine.errors import EngineError
+from engine.reader import Archive
+
+
+def rolling(x: np.ndarray, w: int) -> np.ndarray:
+    """Trailing rolling mean (the first w-1 entries average what exists so far)."""
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    return (c[idx] - c[np.maximum(idx - w, 0)]) / np.minimum(idx, w)
+
+
+def recovery_time(p, h, band_p, band_h, w: int) -> float:
+    rp, rh = rolling(p, w), rolling(h, w)
+    inside = (rp >= band_p[0]) & (rp <= band_p[1]) & (rh >= band_h[0]) & (rh <= band_h[1])
+    if not inside.size or not inside[-1]:
+        return float("nan")
+    outside = np.flatnonzero(~inside)
+    return float(outside[-1] + 1 if outside.size else 0)
+
+
+def trajectory(a: Archive, i: int):
+    """(rows [L, V], sampled-token prob [L], entropy [L]) of sample i."""
+    s = a.samples()
+    L = int(s["length"][i])
+    rows = a.model().rows(i, slice(0, L))
+    tok = s["tokens"][i, :L]
+    return rows, np.exp(K.token_stats(rows, tok).logprob), K.entropy(rows)
+
+
+def run(cfg, a: Archive, out: Path) -> dict:
+    c = cfg.analysis
+    if "lineage" not in a.f:
+        raise EngineError("attractor needs an archive from `python -m engine perturb` (no /lineage)")
+    lin = a.f["lineage"]
+    variant, control = lin["variant"][()], lin["control_prompt"][()]
+    M = int(a.f.attrs["samples_per_prompt"])
+    kinds = {0: "control", 1: "edit", 2: "fork"}
+    traj = {i: trajectory(a, i) for i in range(a.n_complete)}
+    results, curves, base_curves, table = [], {}, {}, {k: [] for k in ("prompt", "sample", "control_sample", "step", "kl_to_control", "p_sampled", "entropy")}
+    for v in np.flatnonzero(variant != 0):
+        cp = int(control[v])
+        ctrl = [traj[cp * M + j] for j in range(M)]
+        band_p = np.percentile(np.concatenate([rolling(t[1], c.window) for t in ctrl]), list(c.band))
+        band_h = np.percentile(np.concatenate([rolling(t[2], c.window) for t in ctrl]), list(c.band))
+        kl_by_t, base_by_t, rec = {}, {}, []
+        for j in range(M):
+            pv, cc = traj[int(v) * M + j], ctrl[j]
+            n = min(len(pv[1]), len(cc[1]))
+            kl = K.pair_stats(pv[0][:n], cc[0][:n]).kl_pq if n else np.empty(0)
+            for t in range(n):
+                kl_by_t.setdefault(t, []).append(float(kl[t]))
+                for k, val in zip(table, (int(v), int(v) * M + j, cp * M + j, t, kl[t], pv[1][t], pv[2][t])):
+                    table[k].append(val)
+            other = ctrl[(j + 1) % M]
+            nb = min(len(cc[1]), len(other[1]))
+            if nb and M > 1:
+                for t, val in enumerate(K.pair_stats(cc[0][:nb], other[0][:nb]).kl_pq):
+                    base_by_t.setdefault(t, []).append(float(val))
+            rec.append(recovery_time(pv[1], pv[2], band_p, band_h, int(c.window)))
+        rec = np.array(rec)
+        name = f"prompt {int(v)} ({kinds[int(variant[v])]}: {lin['edit'].asstr()[v]})"
+        curves[name] = {t: float(np.mean(x)) for t, x in sorted(kl_by_t.items())}
+        base_curves[name] = {t: float(np.mean(x)) for t, x in sorted(base_by_t.items())}
+        results.append({"prompt": int(v), "control_prompt": cp, "variant": kinds[int(variant[v])],
+                        "edit": lin["edit"].asstr()[v], "parent_sample": int(lin["parent_sample"][v]),
+                        "recovery_time": {**mean_std(rec[np.isfinite(rec)]),
+                                          "median": float(np.median(rec[np.isfinite(rec)])) if np.isfinite(rec).any() else float("nan"),
+                                          "recovered": int(np.isfinite(rec).sum()), "censored": int((~np.isfinite(rec)).sum()),
+                                          "values": rec.tolist()},
+                        "band": {"p_sampled": band_p.tolist(), "entropy": band_h.tolist()},
+                        "kl_first_step": curves[name].get(0, float("nan")),
+                        "kl_control_baseline_mean": float(np.mean([x for xs in base_by_t.values() for x in xs])) if base_by_t else float("nan")})
+    write_csv(out, "per_step.csv", table)
+    figures = kl_figure(curves, base_curves, out) + recovery_figure(results, out)
+    figures += heatmap(a, traj, variant, M, out) + [render_html(a, traj, variant, M, int(c.render_limit), out)]
+    return {"model": a.generator, "window": int(c.window), "band_percentiles": list(c.band),
+            "variants": results, "kl_by_step_since_edit": curves,
+            "kl_control_vs_control_by_step": base_curves, "figures": figures}
+
+
+def kl_figure(curves, base_curves, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, cv in curves.items():
+        line, = ax.plot(list(cv), list(cv.values()), marker=".", label=name[:60])
+        bc = base_curves.get(name, {})
+        if bc:
+            ax.plot(list(bc), list(bc.values()), ls=":", c=line.get_color(), label="control vs control")
+    ax.set_xlabel("steps since the edit")
+    ax.set_ylabel("mean KL(perturbed ‖ matched control) (nats)")
+    ax.set_title("Return to the unperturbed distribution")
+    ax.legend(fontsize=6)
+    return save_figure(fig, out, "kl_since_edit")
+
+
+def recovery_figure(results, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in results:
+        vals = np.array(r["recovery_time"]["values"])
+        ax.hist(vals[np.isfinite(vals)], bins=20, alpha=0.6, label=f"prompt {r['prompt']} ({r['recovery_time']['censored']} censored)")
+    ax.set_xlabel("recovery time (steps since the edit)")
+    ax.set_ylabel("trajectories")
+    ax.legend(fontsize=7)
+    ax.set_title("Recovery time distribution")
+    return save_figure(fig, out, "recovery_time")
+
+
+def heatmap(a, traj, variant, M, out: Path) -> list[str]:
+    T = a.max_new_tokens
+    rows, labels = [], []
+    for pidx in range(len(variant)):
+        for j in range(M):
+            p = traj[pidx * M + j][1]
+            rows.append(np.pad(p, (0, T - len(p)), constant_values=np.nan))
+            labels.append(f"{'ctrl' if variant[pidx] == 0 else 'pert'} p{pidx} #{j}")
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * T), max(3, 0.18 * len(rows))))
+    im = ax.imshow(np.array(rows), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=5)
+    ax.set_xlabel("steps since the edit")
+    fig.colorbar(im, ax=ax, label="probability of the sampled token")
+    ax.set_title("Sampled-token probability: controls and perturbed continuations")
+    return save_figure(fig, out, "probability_heatmap")
+
+
+def render_html(a, traj, variant, M, limit, out: Path) -> str:
+    s = a.samples()
+    vocab = a.model().vocab()
+    prompts = a.model().group["prompt_text"].asstr()[()]
+    parts = ["<html><meta charset='utf-8'><body style='font-family:monospace'>",
+             "<p>Probability of each sampled token: red = low, green = high.</p>"]
+    for pidx in range(len(variant)):
+        kind = "control" if variant[pidx] == 0 else "perturbed"
+        parts.append(f"<h3>prompt {pidx} ({kind})</h3><pre>{html.escape(prompts[pidx])}</pre>")
+        for j in range(min(M, limit)):
+            i = pidx * M + j
+            spans = []
+            for t, pr in zip(s["tokens"][i, : int(s["length"][i])], traj[i][1]):
+                r, g = int(255 * (1 - pr)), int(200 * pr + 55 * (1 - pr))
+                spans.append(f"<span style='background:rgb({r},{g},60)' title='p={pr:.3f}'>{html.escape(vocab[t])}</span>")
+            parts.append(f"<p>#{j}: {''.join(spans)}</p>")
+    parts.append("</body></html>")
+    path = out / "rendering.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return str(path)
