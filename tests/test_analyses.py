@@ -114,10 +114,13 @@ def test_pair_needs_a_scored_archive(tiny_archive, tmp_path):
 
 
 def test_multirun_entropy_and_pair_in_a_subprocess(paired, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "analyses", "-m", "analysis=entropy,pair",
+    """Two jobs in parallel through the joblib launcher config (conf/hydra/launcher/local)."""
+    res = subprocess.run([sys.executable, "-m", "analyses", "-m", "hydra/launcher=local",
+                          "analysis=entropy,pair",
                           f"archive={paired}", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == ["0_entropy", "1_pair"]
     assert json.loads(summaries[1].read_text())["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
