@@ -25,7 +25,7 @@ import kernels as K
 from analyses.common import save_figure, write_csv
 from engine.errors import EngineError
 from engine.reader import Archive
-from engine.stream import map_pairs
+from engine.stream import map_pairs, map_rows
 
 CAVEAT = ("gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma over whole "
           "responses); per-step gamma fits next-token distributions and estimates a token-level "
@@ -53,6 +53,7 @@ def rows_report(p, q, tokens):
     lp_base = K.token_stats(p, tokens).logprob
     lp_al = K.token_stats(q, tokens).logprob
     return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
+            "gamma_base": K.gamma_base(p, q),
             "shift_rank": shift_rank, "base_entropy": h, "lp_base": lp_base, "lp_aligned": lp_al}
 
 
@@ -112,10 +113,15 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
     g = r["gamma"]
     ok = np.isfinite(g)
     kl1, klg = r["kl_at_1"][ok], r["gamma_kl"][ok]
-    # pooled over all rows, bootstrap over completions (rows of one completion are dependent)
-    rows_p = np.concatenate([a.model(base).rows(i, slice(0, int(L))) for i, L in enumerate(a.samples()["length"])])
-    rows_q = np.concatenate([a.model(aligned).rows(i, slice(0, int(L))) for i, L in enumerate(a.samples()["length"])])
-    pooled = K.fit_gamma_pooled(rows_p, rows_q, groups=sample, n_boot=int(c.n_boot), seed=int(c.seed))
+    # pooled over all rows, bootstrap over completions (rows of one completion are dependent);
+    # streamed: the per-row base came with the report, each Newton step is one pass over base
+    def moments_at(gamma):
+        m, _, _ = map_rows(a, lambda x: K.tempered_moments(x, [gamma])[:, 0], base,
+                           samples=np.unique(sample), progress=False)
+        return m["value"]
+
+    pooled = K.pooled_from_moments(r["gamma_base"], moments_at, groups=sample,
+                                   n_boot=int(c.n_boot), seed=int(c.seed))
     seq = sequence_gamma(a, r["lp_base"], r["lp_aligned"], sample)
     return {"per_step": {"median": float(np.median(g[ok])) if ok.any() else float("nan"),
                          "mean": float(g[ok].mean()) if ok.any() else float("nan"),

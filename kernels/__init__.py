@@ -7,9 +7,11 @@ the float64 ground truth every kernel is tested against.  See `kernels.api` for 
 from kernels.api import (Encoded, GammaFit, PairStats, TokenStats, branching_factor, entropy,
                          fit_gamma, gamma_for_entropy, log_softmax, logsumexp, pair_stats,
                          tempered_entropy, tempered_moments, token_stats)
-from kernels.pooled import PooledGamma, bootstrap_ci, fit_gamma_pooled
+from kernels.pooled import (PooledGamma, bootstrap_ci, fit_gamma_pooled, gamma_base,
+                            pooled_from_moments)
 
 __all__ = ["Encoded", "GammaFit", "PairStats", "PooledGamma", "TokenStats", "bootstrap_ci",
-           "branching_factor", "entropy", "fit_gamma", "fit_gamma_pooled", "gamma_for_entropy",
-           "log_softmax", "logsumexp", "pair_stats", "tempered_entropy", "tempered_moments",
+           "branching_factor", "entropy", "fit_gamma", "fit_gamma_pooled", "gamma_base", "gamma_for_entropy",
+           "log_softmax", "logsumexp", "pair_stats", "pooled_from_moments", "tempered_entropy",
+           "tempered_moments",
            "token_stats"]

@@ -40,19 +40,36 @@ def bootstrap_ci(values, statistic=np.mean, n_boot=2000, alpha=0.05, seed=0):
 
 
 def fit_gamma_pooled(p_logits, q_logits, weights=None, groups=None, n_boot=2000, alpha=0.05,
-                     seed=0, g_max=100.0, tol=1e-10, max_iter=60) -> PooledGamma:
-    """Pooled gamma over rows [..., vocab] (numpy path), with a (1 - alpha) bootstrap interval.
-
-    `groups` [...] (e.g. the sample index of each row) makes the bootstrap resample whole
-    groups; default: every row is its own group."""
+                     seed=0, g_max=100.0, tol=1e-7, max_iter=60) -> PooledGamma:
+    """Pooled gamma over rows [..., vocab] held in memory (numpy path), with a (1 - alpha)
+    bootstrap interval.  `groups` [...] (e.g. the sample index of each row) makes the
+    bootstrap resample whole groups; default: every row is its own group."""
     (kind, p, sp, op, lead), base = _gamma_base_np(p_logits, q_logits)
-    n = p.shape[0]
+    rows = data_view(kind, p, sp, op)
+    return pooled_from_moments(base, lambda g: tempered_moments(rows, np.array([g]))[:, 0],
+                               weights, groups, n_boot, alpha, seed, g_max, tol, max_iter)
+
+
+def gamma_base(p_logits, q_logits) -> np.ndarray:
+    """Per row [rows, 7]: (E_q[d_p], E_q[log q], log S_p, E_p[d], E_p[d^2], E_p[d^3], max p)
+    with d_p = log-its of p minus their max: what a pooled fit needs from q, in one pass."""
+    return _gamma_base_np(p_logits, q_logits)[1]
+
+
+def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None, n_boot=2000,
+                        alpha=0.05, seed=0, g_max=100.0, tol=1e-7, max_iter=60) -> PooledGamma:
+    """The pooled fit from per-row `base` (`gamma_base`, [rows, 7]) and a callable
+    `moments_at(g)` -> [rows, 4] tempered moments of the same rows at g (as
+    `tempered_moments(rows, [g])[:, 0]`).  Each call is one pass over p: callers holding the
+    rows in memory pass a closure; streaming callers pass one that reads an archive.
+    `tol` 1e-7 (relative step) sits just above the float32 noise of the moments: a tighter one
+    only makes Newton wander inside the noise, at one pass over the data per step."""
+    n = base.shape[0]
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64).reshape(n)
     keep = np.isfinite(base[:, 0]) & (w > 0)
     if not keep.any():
         raise ValueError("no row has a finite KL(q || p^gamma): q puts mass where p has none")
     q_dp, q_lq = base[:, 0], base[:, 1]
-    rows = data_view(kind, p, sp, op)
     g, lo, hi = 1.0, 0.0, g_max
     m = base[:, 2:6]
     for _ in range(max_iter):
@@ -66,7 +83,7 @@ def fit_gamma_pooled(p_logits, q_logits, weights=None, groups=None, n_boot=2000,
         if abs(nxt - g) <= tol * max(1.0, g):
             break
         g = nxt
-        m = tempered_moments(rows, np.array([g]))[:, 0]
+        m = np.asarray(moments_at(g))
     kl_rows = q_lq - g * q_dp + m[:, 0]
     kl1_rows = q_lq - q_dp + base[:, 2]
     score = np.where(keep, w * (m[:, 1] - q_dp), 0.0)
