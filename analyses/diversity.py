@@ -14,7 +14,6 @@ first completion of each prompt.  Compare models by running it on each model's a
 
 from __future__ import annotations
 
-from itertools import combinations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
