@@ -102,11 +102,10 @@ def token_figures(a: Archive, c, out: Path) -> list[str]:
     n = int(s["length"][i])
     m = a.model()
     vocab = m.vocab()
-    x = m.rows(i, slice(0, n)).astype(np.float64)
-    lp = x - np.log(np.sum(np.exp(x - x.max(1, keepdims=True)), 1, keepdims=True)) - x.max(1, keepdims=True)
-    top = np.sort(np.exp(lp), 1)[:, ::-1][:, : c.topk]
+    rows = m.rows(i, slice(0, n))  # [step, vocab]
+    top = np.sort(np.exp(K.log_softmax(rows)), 1)[:, ::-1][:, : c.topk]
     top = top / top.sum(1, keepdims=True)
-    h = K.entropy(m.rows(i, slice(0, n)), base=2, topk=int(c.topk))
+    h = K.entropy(rows, base=2, topk=int(c.topk))
     labels = [vocab[t] for t in s["tokens"][i, :n]]
     figs = []
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * n), 3.5))

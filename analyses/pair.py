@@ -46,24 +46,14 @@ def pick_models(a: Archive, c) -> tuple[str, str]:
 
 
 def rows_report(p, q, tokens):
+    base = K.gamma_base(p, q)  # one pass over p and q, shared by the per-step and pooled fits
     s = K.pair_stats(p, q, tokens)
-    g = K.fit_gamma(p, q)
-    shift_rank = K.token_stats(p, np.argmax(as_logits(q), -1)).rank
-    h = K.entropy(p)
-    lp_base = K.token_stats(p, tokens).logprob
-    lp_al = K.token_stats(q, tokens).logprob
+    g = K.fit_gamma(p, q, base=base)
+    shift_rank = K.token_stats(p, np.argmax(K.log_softmax(q), -1)).rank
     return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
-            "gamma_base": K.gamma_base(p, q),
-            "shift_rank": shift_rank, "base_entropy": h, "lp_base": lp_base, "lp_aligned": lp_al}
-
-
-def as_logits(x):
-    """Decoded rows for an argmax (codec-encoded rows decode to float32 logits/log-probs)."""
-    from engine import codecs
-
-    if isinstance(x, K.Encoded):
-        return codecs.decode(x.codec, x.data, x.scale, x.offset)
-    return x
+            "gamma_base": base, "shift_rank": shift_rank, "base_entropy": K.entropy(p),
+            "lp_base": K.token_stats(p, tokens).logprob,
+            "lp_aligned": K.token_stats(q, tokens).logprob}
 
 
 def run(cfg, a: Archive, out: Path) -> dict:

@@ -20,12 +20,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from bench.common import best_of
 from engine import dump as dump_mod
 from engine import score as score_mod
 from engine.dump import CONF
@@ -40,15 +40,6 @@ def compose_cfg(out: Path, args, extra=()):
             f"model={args.model}", f"n_samples={args.n_samples}", f"batch_size={args.batch_size}",
             f"max_new_tokens={args.max_new_tokens}", f"codec={args.codec}", "progress=false",
             f"paths.output_dir={out.parent}", f"out={out}", "overwrite=true", *extra])
-
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def batches(args, n_prompts):
@@ -121,14 +112,14 @@ def main():
         try:
             run_dump = lambda: dump_mod.run(cfg)  # noqa: E731
             run_hf(); run_loop()  # warm-up (allocator, first-call costs)
-            t_hf = best_of(run_hf, args.repeats)
-            t_loop = best_of(run_loop, args.repeats)
-            t_dump = best_of(run_dump, args.repeats)
+            t_hf = best_of(run_hf, args.repeats, warmup=False)
+            t_loop = best_of(run_loop, args.repeats, warmup=False)
+            t_dump = best_of(run_dump, args.repeats, warmup=False)
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 scfg = compose("score", overrides=[f"archive={tmp / 'bench.h5'}", "progress=false",
                                                    f"model={args.model}", "model.key=rescored",
                                                    f"batch_size={args.batch_size}", "overwrite=true"])
-            t_score = best_of(lambda: score_mod.run(scfg), args.repeats)
+            t_score = best_of(lambda: score_mod.run(scfg), args.repeats, warmup=False)
         finally:
             dump_mod.load_model, score_mod.load_model = dump_mod_load, score_mod_load
         size = (tmp / "bench.h5").stat().st_size

@@ -16,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 if not __package__:  # run as a file, this module would shadow the `kernels` package
@@ -30,20 +29,11 @@ import torch
 from scipy.optimize import minimize_scalar
 
 import kernels as K
+from bench.common import best_of
 from engine.reader import Archive
 from engine.stream import map_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def best(fn, repeats=3):
-    fn()  # warm-up: compilation, allocator
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
 
 
 def numpy_entropy(x16):
@@ -122,12 +112,12 @@ def main():
         for th in [int(v) for v in args.threads.split(",")]:
             numba.set_num_threads(th)
             torch.set_num_threads(th)
-            res[f"numba entropy ({th} thr)"] = (best(lambda: K.entropy(x)), R, V, 2)
-            res[f"torch kernel entropy ({th} thr)"] = (best(lambda: K.entropy(t16)), R, V, 2)
-            res[f"numpy/scipy pipeline ({th} thr)"] = (best(lambda: numpy_entropy(x[:s])), s, V, 2)
+            res[f"numba entropy ({th} thr)"] = (best_of(lambda: K.entropy(x)), R, V, 2)
+            res[f"torch kernel entropy ({th} thr)"] = (best_of(lambda: K.entropy(t16)), R, V, 2)
+            res[f"numpy/scipy pipeline ({th} thr)"] = (best_of(lambda: numpy_entropy(x[:s])), s, V, 2)
             res[f"torch log_softmax pipeline ({th} thr)"] = (
-                best(lambda: torch_pipeline_entropy(t16)), R, V, 2)
-            res[f"torch Categorical ({th} thr)"] = (best(lambda: categorical_entropy(ts16)), s, V, 2)
+                best_of(lambda: torch_pipeline_entropy(t16)), R, V, 2)
+            res[f"torch Categorical ({th} thr)"] = (best_of(lambda: categorical_entropy(ts16)), s, V, 2)
         table(f"entropy, {name}: {R} rows", res, "torch Categorical (1 thr)")
 
     x = datasets["smollm2 real (V=49152)"]
@@ -136,14 +126,14 @@ def main():
     g = args.gamma_rows
     res = {}
     numba.set_num_threads(1)
-    t_ent = best(lambda: K.entropy(x))
-    t_fit = best(lambda: K.fit_gamma(x, q))
+    t_ent = best_of(lambda: K.entropy(x))
+    t_fit = best_of(lambda: K.fit_gamma(x, q))
     fit = K.fit_gamma(x, q)
     res["numba fit_gamma (1 thr)"] = (t_fit, R, V, 4)
     numba.set_num_threads(2)
-    res["numba fit_gamma (2 thr)"] = (best(lambda: K.fit_gamma(x, q)), R, V, 4)
-    res["torch fit_gamma"] = (best(lambda: K.fit_gamma(torch.from_numpy(x), torch.from_numpy(q))), R, V, 4)
-    res["scipy minimize_scalar per row"] = (best(lambda: scipy_gamma(x[:g], q[:g]), 2), g, V, 4)
+    res["numba fit_gamma (2 thr)"] = (best_of(lambda: K.fit_gamma(x, q)), R, V, 4)
+    res["torch fit_gamma"] = (best_of(lambda: K.fit_gamma(torch.from_numpy(x), torch.from_numpy(q))), R, V, 4)
+    res["scipy minimize_scalar per row"] = (best_of(lambda: scipy_gamma(x[:g], q[:g]), 2), g, V, 4)
     table("gamma fit on real SmolLM2 rows (p) vs noisy p^1.5 (q); input = both arrays",
           res, "scipy minimize_scalar per row")
     ref = scipy_gamma(x[:g], q[:g])
@@ -156,7 +146,7 @@ def main():
         numba.set_num_threads(2)
         with Archive(path) as a:
             n = int(a.samples()["length"].sum())
-            t = best(lambda: map_rows(a, K.entropy, progress=False), 2)
+            t = best_of(lambda: map_rows(a, K.entropy, progress=False), 2)
         print(f"\nstreamed from HDF5 (map_rows, whole chunks, 2 threads): {n / t:.0f} rows/s, "
               f"{n * V * 2 / t / 1e9:.2f} GB/s of fp16 logits")
 

@@ -13,18 +13,11 @@ import os
 
 import numpy as np
 
+import kernels as K
 from engine.cli import user_errors
 from engine.errors import EngineError
 from engine.reader import Archive, ModelView
-
-
-def _log_softmax64(row: np.ndarray) -> np.ndarray:
-    x = row.astype(np.float64)
-    m = np.max(x)
-    if not np.isfinite(m):
-        raise EngineError("row has no finite logit")
-    z = x - m
-    return z - np.log(np.sum(np.exp(z)))  # float64 reference: one row, no speed needed
+from kernels import reference
 
 
 class Text:
@@ -107,7 +100,10 @@ def topk(a: Archive, m: ModelView, sample: int, step: int, k: int) -> str:
     text = Text(m)
     prompt_ids = m.group["prompt_tokens"][int(s["prompt_index"][sample])]
     gen = s["tokens"][sample, :step]
-    lp = _log_softmax64(m.rows(sample, step))
+    row = m.rows(sample, step).astype(np.float64)
+    if not np.isfinite(row.max()):
+        raise EngineError("row has no finite logit")
+    lp = reference.log_softmax(row)  # float64: one row, printed to 4 decimals
     p = np.exp(lp)
     h = float(-np.sum(p * lp))
     order = np.argsort(-lp, kind="stable")
@@ -138,10 +134,7 @@ def render(a: Archive, m: ModelView, samples) -> str:
     for i in samples:
         n = int(s["length"][i])
         toks = s["tokens"][i, :n]
-        rows = m.rows(i, slice(0, n))  # [step, vocab]
-        x = rows.astype(np.float64)
-        lse = np.log(np.sum(np.exp(x - x.max(1, keepdims=True)), 1)) + x.max(1)
-        probs = np.exp(x[np.arange(n), toks] - lse)
+        probs = np.exp(K.token_stats(m.rows(i, slice(0, n)), toks).logprob)  # [step]
         prompt = m.group["prompt_text"].asstr()[int(s["prompt_index"][i])]
         body = "".join(_colour(float(pr), text.piece(t)) for t, pr in zip(toks, probs))
         out.append(f"--- sample {i} ({m.key}, mean p {probs.mean() if n else 0:.3f})\n{prompt}{body}")

@@ -239,14 +239,15 @@ def _gamma_base_np(p_logits, q_logits):
     return (kp, p, sp, op, lead), base
 
 
-def fit_gamma(p_logits, q_logits, g_max=100.0, tol=1e-3, max_iter=50) -> GammaFit:
+def fit_gamma(p_logits, q_logits, g_max=100.0, tol=1e-3, max_iter=50, base=None) -> GammaFit:
     """Per row, the power gamma that best maps base p onto aligned q:
     gamma = argmin KL(q || softmax(gamma * log_softmax(p))), searched in (0, g_max].
 
     The objective is convex in gamma (its second derivative is a variance); safeguarded Halley
     steps on the tempered moments of log p.  A step smaller than `tol` (relative) is taken
     without a further pass: Halley's error after it is O(tol**3) ~ 1e-9, below float32 noise.
-    Typically 1-3 passes over p after the base pass over p and q."""
+    Typically 1-3 passes over p after the base pass over p and q.  `base` (numpy path): the
+    rows' `kernels.gamma_base(p, q)`, when the caller already has it, skips that pass."""
     _pair_check(p_logits, q_logits)
     if _is_torch(p_logits):
         lead, n, itp = _torch_blocks(p_logits)
@@ -254,7 +255,11 @@ def fit_gamma(p_logits, q_logits, g_max=100.0, tol=1e-3, max_iter=50) -> GammaFi
         out = torch.cat([_torch.fit_gamma(bp, bq, g_max, tol, max_iter)
                          for (_, bp), (_, bq) in zip(itp, itq)]).reshape(*lead, 4)
         return GammaFit(*out.unbind(-1))
-    (kp, p, sp, op, lead), base = _gamma_base_np(p_logits, q_logits)
+    if base is None:
+        (kp, p, sp, op, lead), base = _gamma_base_np(p_logits, q_logits)
+    else:
+        kp, p, sp, op, lead = _numba_rows(p_logits)
+        base = np.ascontiguousarray(base, np.float64).reshape(p.shape[0], 7)
     out = np.empty((p.shape[0], 4), np.float64)
     _numba.fit_gamma_kernel(kp)(p, sp, op, base, float(g_max), float(tol), int(max_iter), out)
     out = out.reshape(*lead, 4)
