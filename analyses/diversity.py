@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from analyses.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.common import mean_std, save_figure, write_csv
 from analyses.embeddings import embed
 from engine.inspect import Text
@@ -96,22 +97,10 @@ def run(cfg, a: Archive, out: Path) -> dict:
 
 def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
     """k-means on the embeddings (k by silhouette), shown on a t-SNE map."""
-    from sklearn.cluster import KMeans
-    from sklearn.manifold import TSNE
-    from sklearn.metrics import silhouette_score
-
-    n = len(emb)
-    if n < 5:
-        return np.zeros(n, int), []
-    best = (-2.0, 2, None)
-    for k in range(2, min(max_k, n - 1) + 1):
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb)
-        if len(set(labels)) > 1:
-            score = silhouette_score(emb, labels, metric="cosine")
-            best = max(best, (score, k, labels), key=lambda b: b[0])
-    labels = best[2] if best[2] is not None else np.zeros(n, int)
-    xy = TSNE(n_components=2, perplexity=max(2.0, min(30.0, (n - 1) / 3)), random_state=seed,
-              init="pca").fit_transform(emb)
+    if len(emb) < 5:
+        return np.zeros(len(emb), int), []
+    labels, k, _ = kmeans_by_silhouette(emb, max_k, seed)
+    xy = tsne_xy(emb, seed)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     for p in np.unique(prompt):
         sel = prompt == p
@@ -119,6 +108,6 @@ def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
                    marker="os^Dv"[int(p) % 5], s=22, label=f"prompt {int(p)}")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title(f"{key}: SBERT t-SNE, colour = k-means cluster (k={best[1]})")
+    ax.set_title(f"{key}: SBERT t-SNE, colour = k-means cluster (k={k})")
     ax.legend(fontsize=7)
     return labels, save_figure(fig, out, "tsne_clusters")

@@ -21,7 +21,7 @@ from engine.cli import user_errors
 from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import load_model
-from engine.prompts import load_prompts, render
+from engine.prompts import check_chat_template, load_prompts, render, uses_chat_template
 from engine.provenance import model_info, root_provenance
 from engine.sampling import check_hooks, generate, sample_seed
 
@@ -132,6 +132,7 @@ def sample_all(writer, lm, prompt_ids, per_prompt: int, cfg, capture=(), seed_of
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    check_chat_template(cfg.chat_template)
     prompts = load_prompts(cfg.prompts)
     out = Path(str(cfg.out)).expanduser().resolve()
     partial = out.with_name(out.name + ".partial")
@@ -139,7 +140,8 @@ def run(cfg: DictConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
     seen = [render(lm.tokenizer, p, cfg.chat_template) for p in prompts]
     capture = list(cfg.capture)
-    info = model_info(lm, [t for t, _ in seen], [i for _, i in seen])
+    info = model_info(lm, [t for t, _ in seen], [i for _, i in seen],
+                      chat_template=uses_chat_template(lm.tokenizer, cfg.chat_template))
     writer = open_or_create(partial, resuming, run_key(cfg, prompts), cfg, prompts, info,
                             lambda: capture_dims(lm, seen[0][1], capture))
     with writer:

@@ -24,11 +24,26 @@ def load_prompts(pcfg) -> list[str]:
     return texts
 
 
-def render(tokenizer, text: str, chat_template: bool) -> tuple[str, list[int]]:
-    """(what the model reads, its token ids) for one prompt."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise EngineError("chat_template=true but this model's tokenizer has no chat template")
+def check_chat_template(setting) -> None:
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise EngineError(f"chat_template must be true, false or auto, got {setting!r}")
+
+
+def uses_chat_template(tokenizer, setting) -> bool:
+    """Whether a model reads prompts through its chat template: `auto` means yes exactly when
+    its tokenizer has one (chat/instruct models), no for base models."""
+    check_chat_template(setting)
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has
+    if setting and not has:
+        raise EngineError("chat_template=true but this model's tokenizer has no chat template")
+    return bool(setting)
+
+
+def render(tokenizer, text: str, chat_template) -> tuple[str, list[int]]:
+    """(what the model reads, its token ids) for one prompt; chat_template: true/false/auto."""
+    if uses_chat_template(tokenizer, chat_template):
         shown = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                               add_generation_prompt=True, tokenize=False)
         ids = tokenizer(shown, add_special_tokens=False)["input_ids"]

@@ -30,7 +30,7 @@ from engine.dump import batches
 from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import load_model
-from engine.prompts import render
+from engine.prompts import check_chat_template, render, uses_chat_template
 from engine.provenance import model_info
 from engine.reader import Archive
 from engine.sampling import Step, forward_logits
@@ -103,17 +103,21 @@ def run(cfg: DictConfig) -> dict:
         gen_prov = a.model().provenance
         codec = cfg.codec or a.model().codec
         prompts, samples = a.prompts, a.samples()
+        chat = cfg.chat_template
+        if chat is None:  # read the prompts the way the generator was told to (true/false/auto)
+            chat = a.run_key.get("chat_template", False)
         per_prompt, T = int(a.f.attrs["samples_per_prompt"]), a.max_new_tokens
     codecs.check_codec(codec, cfg.q16_window)
+    check_chat_template(chat)
     lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
     check_tokenizers(gen_prov, lm.provenance, cfg.allow_tokenizer_mismatch)
-    seen = [render(lm.tokenizer, p, cfg.chat_template) for p in prompts]
+    seen = [render(lm.tokenizer, p, chat) for p in prompts]
     total = len(samples["length"])
     with h5py.File(path, "r+") as f:
         resuming = plan_group(f, lm.key, generator, cfg)
         if not resuming:
             info = model_info(lm, [t for t, _ in seen], [i for _, i in seen], role="scored",
-                              chat_template=bool(cfg.chat_template),
+                              chat_template=uses_chat_template(lm.tokenizer, chat),
                               score_key=json.dumps(score_key(cfg), sort_keys=True))
             archive.add_model_group(f, info, total, T, codec, cfg.q16_window)
             f.flush()

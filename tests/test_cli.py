@@ -36,6 +36,8 @@ def assert_one_line_error(res, needle):
     (["n_samples=0"], "n_samples"),
     (["temperature=0"], "temperature"),
     (["max_new_tokens=-3"], "max_new_tokens"),
+    (["chat_template=maybe"], "chat_template must be true, false or auto"),
+    (["chat_template=true"], "tokenizer has no chat template"),
     (["prompts=file", "prompts.file=/nonexistent/prompts.txt"], "prompt file not found"),
     (["model=gguf", "model.path=/nonexistent/m.gguf"], "GGUF file not found"),
 ])
