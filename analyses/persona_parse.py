@@ -163,6 +163,8 @@ def lead_field(prompt_text: str) -> str | None:
 
 
 def sentences(review: str) -> list[str]:
-    """Split a review into sentences (., ! or ? followed by space, or line breaks)."""
+    """Split a review into sentences (., ! or ? followed by space, or line breaks); sentences of
+    fewer than two words and template placeholders (`<the customer's review>`) are left out."""
     parts = re.split(r"(?<=[.!?])[\"”’')\]]*\s+|\n+", review)
-    return [s.strip(" -*•\"”“") for s in parts if len(re.findall(r"[^\W\d_]+", s)) >= 2]
+    out = [s.strip(" -*•\"”“") for s in parts]
+    return [s for s in out if len(re.findall(r"[^\W\d_]+", s)) >= 2 and not PLACEHOLDER.match(s)]

@@ -18,6 +18,7 @@ Compare models by running it on each model's archive (multirun: archive=base.h5,
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from analyses.persona_parse import FIELDS, lead_field, parse, sentences
 from engine.inspect import Text
 from engine.reader import Archive
 
+log = logging.getLogger(__name__)
 EOS = 1  # /samples/finish_reason enum value (docs/archive-format.md)
 CATEGORIES = {"mbti": 16, "age": 121}
 nan = float("nan")
@@ -98,6 +100,9 @@ def run(cfg, a: Archive, out: Path) -> dict:
     texts, lead, finish = completions(a)
     people = [parse(t, ld) for t, ld in zip(texts, lead)]
     N = len(people)
+    if N and all(s == "missing" for p in people for s in p.status.values()):
+        log.warning("no persona field label in any completion: was %s dumped with "
+                    "prompts=personas?", a.path)
     parse_report = {}
     for f in FIELDS:
         st = Counter(p.status[f] for p in people)

@@ -36,6 +36,7 @@ def test_parser_reads_decorated_forms():
                                   "I highly recommend it."}
     assert sentences(p.values["review"]) == ["I love it!", "As a busy professional, it is a game changer.",
                                              "I highly recommend it."]
+    assert sentences("<the customer's review>\nGreat machine. Ok.") == ["Great machine."]
 
 
 def test_parser_states_and_fallbacks():
@@ -217,3 +218,13 @@ def test_personas_sentence_clusters_and_files(planted, tmp_path):
     assert rows[3]["first_name"] == "" and rows[3]["first_name_status"] == "invalid"
     for stem in ("attributes", "reviews", "sentence_clusters"):
         assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.svg").exists()
+
+
+def test_personas_on_an_archive_without_forms_counts_every_failure(tiny_archive, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        run_analysis(analysis_cfg(tmp_path, "analysis=personas", f"archive={tiny_archive}"))
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n_personas"] == 6 and s["complete_forms"] == 0
+    assert all(v == {"ok": 0, "invalid": 0, "missing": 6, "failure_rate": 1.0} for v in s["parse"].values())
+    assert s["reviews"]["n"] == 0 and s["sentences"]["n"] == 0
+    assert "dumped with prompts=personas" in caplog.text
