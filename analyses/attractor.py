@@ -27,6 +27,7 @@ import kernels as K
 from analyses.common import mean_std, save_figure, write_csv
 from engine.errors import EngineError
 from engine.reader import Archive
+from engine.stream import map_rows
 
 
 def rolling(x: np.ndarray, w: int) -> np.ndarray:
@@ -45,51 +46,60 @@ def recovery_time(p, h, band_p, band_h, w: int) -> float:
     return float(outside[-1] + 1 if outside.size else 0)
 
 
-def trajectory(a: Archive, i: int):
-    """(rows [L, V], sampled-token prob [L], entropy [L]) of sample i."""
-    s = a.samples()
-    L = int(s["length"][i])
-    rows = a.model().rows(i, slice(0, L))
-    tok = s["tokens"][i, :L]
-    return rows, np.exp(K.token_stats(rows, tok).logprob), K.entropy(rows)
+def trajectories(a: Archive, progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sample: (sampled-token probability [L], entropy [L]), streamed chunk by chunk."""
+    def stats(rows, tokens):
+        return {"p": np.exp(K.token_stats(rows, tokens).logprob), "h": K.entropy(rows)}
+
+    r, sample, _ = map_rows(a, stats, with_tokens=True, progress=progress, desc="trajectories")
+    cuts = np.cumsum(np.bincount(sample, minlength=a.n_complete))[:-1]  # rows are sample-major
+    empty = np.empty(0)
+    return list(zip(np.split(r.get("p", empty), cuts), np.split(r.get("h", empty), cuts)))
+
+
+def kl_between(a: Archive, i: int, j: int) -> np.ndarray:
+    """KL(sample i's step-t distribution || sample j's), for the steps both have; only these
+    two samples' rows are read (memory: two trajectories, not the archive)."""
+    s = a.samples()["length"]
+    n = int(min(s[i], s[j]))
+    if n == 0:
+        return np.empty(0)
+    m = a.model()
+    return K.pair_stats(m.rows(i, slice(0, n)), m.rows(j, slice(0, n))).kl_pq
 
 
 def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
-    if "lineage" not in a.f:
+    lin = a.lineage()
+    if lin is None:
         raise EngineError("attractor needs an archive from `python -m engine perturb` (no /lineage)")
-    lin = a.f["lineage"]
-    variant, control = lin["variant"][()], lin["control_prompt"][()]
+    variant, control = np.array(lin["variant"]), lin["control_prompt"]
     M = int(a.f.attrs["samples_per_prompt"])
-    kinds = {0: "control", 1: "edit", 2: "fork"}
-    traj = {i: trajectory(a, i) for i in range(a.n_complete)}
+    traj = trajectories(a, cfg.progress)
     results, curves, base_curves, table = [], {}, {}, {k: [] for k in ("prompt", "sample", "control_sample", "step", "kl_to_control", "p_sampled", "entropy")}
-    for v in np.flatnonzero(variant != 0):
+    for v in np.flatnonzero(variant != "control"):
         cp = int(control[v])
         ctrl = [traj[cp * M + j] for j in range(M)]
-        band_p = np.percentile(np.concatenate([rolling(t[1], c.window) for t in ctrl]), list(c.band))
-        band_h = np.percentile(np.concatenate([rolling(t[2], c.window) for t in ctrl]), list(c.band))
+        band_p = np.percentile(np.concatenate([rolling(t[0], c.window) for t in ctrl]), list(c.band))
+        band_h = np.percentile(np.concatenate([rolling(t[1], c.window) for t in ctrl]), list(c.band))
         kl_by_t, base_by_t, rec = {}, {}, []
         for j in range(M):
-            pv, cc = traj[int(v) * M + j], ctrl[j]
-            n = min(len(pv[1]), len(cc[1]))
-            kl = K.pair_stats(pv[0][:n], cc[0][:n]).kl_pq if n else np.empty(0)
-            for t in range(n):
+            pv = traj[int(v) * M + j]
+            kl = kl_between(a, int(v) * M + j, cp * M + j)
+            for t in range(len(kl)):
                 kl_by_t.setdefault(t, []).append(float(kl[t]))
-                for k, val in zip(table, (int(v), int(v) * M + j, cp * M + j, t, kl[t], pv[1][t], pv[2][t])):
+                for k, val in zip(table, (int(v), int(v) * M + j, cp * M + j, t, kl[t], pv[0][t], pv[1][t])):
                     table[k].append(val)
-            other = ctrl[(j + 1) % M]
-            nb = min(len(cc[1]), len(other[1]))
-            if nb and M > 1:
-                for t, val in enumerate(K.pair_stats(cc[0][:nb], other[0][:nb]).kl_pq):
+            if M > 1:
+                for t, val in enumerate(kl_between(a, cp * M + j, cp * M + (j + 1) % M)):
                     base_by_t.setdefault(t, []).append(float(val))
-            rec.append(recovery_time(pv[1], pv[2], band_p, band_h, int(c.window)))
+            rec.append(recovery_time(pv[0], pv[1], band_p, band_h, int(c.window)))
         rec = np.array(rec)
-        name = f"prompt {int(v)} ({kinds[int(variant[v])]}: {lin['edit'].asstr()[v]})"
+        name = f"prompt {int(v)} ({variant[v]}: {lin['edit'][v]})"
         curves[name] = {t: float(np.mean(x)) for t, x in sorted(kl_by_t.items())}
         base_curves[name] = {t: float(np.mean(x)) for t, x in sorted(base_by_t.items())}
-        results.append({"prompt": int(v), "control_prompt": cp, "variant": kinds[int(variant[v])],
-                        "edit": lin["edit"].asstr()[v], "parent_sample": int(lin["parent_sample"][v]),
+        results.append({"prompt": int(v), "control_prompt": cp, "variant": str(variant[v]),
+                        "edit": lin["edit"][v], "parent_sample": int(lin["parent_sample"][v]),
                         "recovery_time": {**mean_std(rec[np.isfinite(rec)]),
                                           "median": float(np.median(rec[np.isfinite(rec)])) if np.isfinite(rec).any() else float("nan"),
                                           "recovered": int(np.isfinite(rec).sum()), "censored": int((~np.isfinite(rec)).sum()),
@@ -136,9 +146,9 @@ def heatmap(a, traj, variant, M, out: Path) -> list[str]:
     rows, labels = [], []
     for pidx in range(len(variant)):
         for j in range(M):
-            p = traj[pidx * M + j][1]
+            p = traj[pidx * M + j][0]
             rows.append(np.pad(p, (0, T - len(p)), constant_values=np.nan))
-            labels.append(f"{'ctrl' if variant[pidx] == 0 else 'pert'} p{pidx} #{j}")
+            labels.append(f"{'ctrl' if variant[pidx] == 'control' else 'pert'} p{pidx} #{j}")
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * T), max(3, 0.18 * len(rows))))
     im = ax.imshow(np.array(rows), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=5)
@@ -155,12 +165,12 @@ def render_html(a, traj, variant, M, limit, out: Path) -> str:
     parts = ["<html><meta charset='utf-8'><body style='font-family:monospace'>",
              "<p>Probability of each sampled token: red = low, green = high.</p>"]
     for pidx in range(len(variant)):
-        kind = "control" if variant[pidx] == 0 else "perturbed"
+        kind = "control" if variant[pidx] == "control" else "perturbed"
         parts.append(f"<h3>prompt {pidx} ({kind})</h3><pre>{html.escape(prompts[pidx])}</pre>")
         for j in range(min(M, limit)):
             i = pidx * M + j
             spans = []
-            for t, pr in zip(s["tokens"][i, : int(s["length"][i])], traj[i][1]):
+            for t, pr in zip(s["tokens"][i, : int(s["length"][i])], traj[i][0]):
                 r, g = int(255 * (1 - pr)), int(200 * pr + 55 * (1 - pr))
                 spans.append(f"<span style='background:rgb({r},{g},60)' title='p={pr:.3f}'>{html.escape(vocab[t])}</span>")
             parts.append(f"<p>#{j}: {''.join(spans)}</p>")

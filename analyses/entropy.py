@@ -21,9 +21,12 @@ from engine.stream import map_rows
 
 
 def per_step(a: Archive, key: str, topk: int, progress: bool):
-    full, sample, step = map_rows(a, K.entropy, key, progress=progress, desc=f"entropy {key}")
-    top, _, _ = map_rows(a, lambda x: K.entropy(x, base=2, topk=topk), key, progress=False)
-    return full["value"], top["value"], sample, step
+    """Full entropy (nats) and top-k entropy (bits) of every stored row: one read of the archive."""
+    def both(x):
+        return {"full": K.entropy(x), "top": K.entropy(x, base=2, topk=topk)}
+
+    r, sample, step = map_rows(a, both, key, progress=progress, desc=f"entropy {key}")
+    return r["full"], r["top"], sample, step
 
 
 def per_completion(values, sample, n):

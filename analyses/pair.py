@@ -46,14 +46,14 @@ def pick_models(a: Archive, c) -> tuple[str, str]:
 
 
 def rows_report(p, q, tokens):
-    base = K.gamma_base(p, q)  # one pass over p and q, shared by the per-step and pooled fits
+    """Everything per row from three kernels: pair_stats (divergences, token shift rank,
+    token log-probs), gamma_base (one pass over p and q, shared by the per-step and pooled
+    fits; its log S_p - E_p[d] is p's entropy) and fit_gamma's Halley passes."""
+    base = K.gamma_base(p, q)
     s = K.pair_stats(p, q, tokens)
     g = K.fit_gamma(p, q, base=base)
-    shift_rank = K.token_stats(p, np.argmax(K.log_softmax(q), -1)).rank
     return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
-            "gamma_base": base, "shift_rank": shift_rank, "base_entropy": K.entropy(p),
-            "lp_base": K.token_stats(p, tokens).logprob,
-            "lp_aligned": K.token_stats(q, tokens).logprob}
+            "gamma_base": base, "base_entropy": base[:, 2] - base[:, 3]}
 
 
 def run(cfg, a: Archive, out: Path) -> dict:
@@ -75,7 +75,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
         "same_top_p": {"mean": float(agree.mean()),
                        "stderr": float(np.sqrt(agree.mean() * (1 - agree.mean()) / n))},
         "delta_p_sampled": {"mean": float(r["dp"].mean()), "rms": float(np.sqrt(np.mean(r["dp"] ** 2)))},
-        "token_shift": shift_classes(r["shift_rank"]),
+        "token_shift": shift_classes(r["q_top_rank_in_p"]),
     }
     summary["gamma"] = gamma_report(a, r, sample, base, aligned, c)
     summary["gamma"]["caveat"] = CAVEAT
@@ -83,7 +83,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     write_csv(out, "per_step.csv", {"sample": sample, "step": step, "kl_base_aligned": kl,
                                    "kl_aligned_base": r["kl_qp"], "js": r["js"], "tv": r["tv"],
                                    "argmax_agree": agree, "delta_p": r["dp"], "gamma": r["gamma"],
-                                   "base_rank_of_aligned_top": r["shift_rank"],
+                                   "base_rank_of_aligned_top": r["q_top_rank_in_p"].astype(int),
                                    "base_entropy": r["base_entropy"]})
     summary["figures"] = figures(r, step, summary, out, base, aligned)
     return summary
@@ -112,7 +112,7 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
 
     pooled = K.pooled_from_moments(r["gamma_base"], moments_at, groups=sample,
                                    n_boot=int(c.n_boot), seed=int(c.seed))
-    seq = sequence_gamma(a, r["lp_base"], r["lp_aligned"], sample)
+    seq = sequence_gamma(a, r["logp_token"], r["logq_token"], sample)
     return {"per_step": {"median": float(np.median(g[ok])) if ok.any() else float("nan"),
                          "mean": float(g[ok].mean()) if ok.any() else float("nan"),
                          "iqr": [float(np.percentile(g[ok], 25)), float(np.percentile(g[ok], 75))] if ok.any() else [],

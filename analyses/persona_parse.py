@@ -43,6 +43,7 @@ LINE = re.compile(r"^\s*(?:[-*•>]+\s*|\d{1,2}[.)]\s*)?[*_#\s]*(?P<label>[A-Za-
 PLACEHOLDER = re.compile(r"^[<\[{(].*[>\]})]$|^(?:n/?a|none|unknown|\.+|_+|-+|\?+)$", re.I)
 MBTI = re.compile(r"\b([EI][NS][TF][JP])(?:-[AT])?\b", re.I)
 NAME = re.compile(r"^[^\W\d_][^\W\d_ .'’-]*(?:[ .'’-]+[^\W\d_]+)*\.?$")  # letters, . ' - and spaces
+LETTER = re.compile(r"[^\W\d_]")  # any Unicode letter
 AGE = re.compile(r"(?<!\d)(\d{1,3})(?!\d)")
 GENDER = {"f": "female", "w": "female", "woman": "female", "girl": "female", "female": "female",
           "m": "male", "man": "male", "boy": "male", "male": "male"}
@@ -52,7 +53,6 @@ GENDER = {"f": "female", "w": "female", "woman": "female", "girl": "female", "fe
 class Persona:
     values: dict = field(default_factory=dict)   # field -> normalised value (ok fields only)
     status: dict = field(default_factory=dict)   # field -> "ok" | "invalid" | "missing"
-    raw: dict = field(default_factory=dict)      # field -> the text after its label
 
     @property
     def complete(self) -> bool:
@@ -76,7 +76,7 @@ def clean(value: str) -> str:
 
 def short(value: str, max_words: int) -> str | None:
     v = clean(value)
-    if not v or PLACEHOLDER.match(v) or not re.search(r"[^\W\d_]", v) or len(v.split()) > max_words:
+    if not v or PLACEHOLDER.match(v) or not LETTER.search(v) or len(v.split()) > max_words:
         return None
     return v
 
@@ -95,7 +95,7 @@ def normalise(name: str, value: str):
     if name == "review":  # keeps its line breaks and final punctuation
         v = "\n".join(" ".join(line.replace("**", " ").split()) for line in value.strip().split("\n"))
         v = v.strip(" *_`\"“”\n")
-        return v if re.search(r"[^\W\d_]", v) and not PLACEHOLDER.match(v) else None
+        return v if LETTER.search(v) and not PLACEHOLDER.match(v) else None
     if name in ("first_name", "last_name"):
         v = short(value, 3)
         return v if v and NAME.match(v) else None
@@ -134,9 +134,7 @@ def parse(text: str, lead: str | None = None) -> Persona:
         if name not in found:
             p.status[name] = "missing"
             continue
-        raw = "\n".join(found[name]) if name == "review" else found[name][0]
-        p.raw[name] = raw
-        v = normalise(name, raw)
+        v = normalise(name, "\n".join(found[name]) if name == "review" else found[name][0])
         p.status[name] = "invalid" if v is None else "ok"
         if v is not None:
             p.values[name] = v

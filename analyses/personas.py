@@ -28,11 +28,12 @@ import numpy as np
 from analyses.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.common import mean_std, save_figure, write_csv
 from analyses.persona_parse import FIELDS, lead_field, parse, sentences
+from engine.archive import FINISH_REASONS
 from engine.inspect import Text
 from engine.reader import Archive
 
 log = logging.getLogger(__name__)
-EOS = 1  # /samples/finish_reason enum value (docs/archive-format.md)
+EOS = FINISH_REASONS["eos"]  # /samples/finish_reason of a sample that ended on EOS
 CATEGORIES = {"mbti": 16, "age": 121}
 nan = float("nan")
 ATTRIBUTES = FIELDS[:-1]  # every field but the review
@@ -51,23 +52,16 @@ def completions(a: Archive) -> tuple[list[str], list[str | None], np.ndarray]:
     return texts, lead, s["finish_reason"]
 
 
-def distribution(values) -> tuple[list, dict]:
+def diversity_stats(name: str, values) -> dict:
     """Counts (most common first) and diversity statistics of one attribute's parsed values."""
     counts = Counter(values).most_common()
     c = np.array([k for _, k in counts], np.float64)
-    n = int(c.sum())
+    n, d = int(c.sum()), len(counts)
     H = abs(float((c / n * np.log(c / n)).sum())) if n else nan  # abs: no -0.0 for one value
-    return counts, {"n": n, "distinct": len(counts), "entropy_nats": H}
-
-
-def diversity_stats(name: str, values) -> dict:
-    counts, st = distribution(values)
-    n, d, H = st["n"], st["distinct"], st["entropy_nats"]
     cap = min(n, CATEGORIES.get(name, n))
-    st["normalized_entropy"] = H / np.log(cap) if cap > 1 else float("nan")
-    st["evenness"] = H / np.log(d) if d > 1 else float("nan")
-    st["counts"] = [[v, k] for v, k in counts]
-    return st
+    return {"n": n, "distinct": d, "entropy_nats": H,
+            "normalized_entropy": H / np.log(cap) if cap > 1 else nan,
+            "evenness": H / np.log(d) if d > 1 else nan, "counts": [[v, k] for v, k in counts]}
 
 
 def spread(x) -> dict:

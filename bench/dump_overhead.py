@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from bench.common import best_of
 from engine import dump as dump_mod
 from engine import score as score_mod
-from engine.dump import CONF
+from engine.dump import CONF, batches
 from engine.models import load_model
 from engine.prompts import render
 from engine.sampling import generate, sample_seed
@@ -40,12 +40,6 @@ def compose_cfg(out: Path, args, extra=()):
             f"model={args.model}", f"n_samples={args.n_samples}", f"batch_size={args.batch_size}",
             f"max_new_tokens={args.max_new_tokens}", f"codec={args.codec}", "progress=false",
             f"paths.output_dir={out.parent}", f"out={out}", "overwrite=true", *extra])
-
-
-def batches(args, n_prompts):
-    for p in range(n_prompts):
-        for s0 in range(p * args.n_samples, (p + 1) * args.n_samples, args.batch_size):
-            yield p, list(range(s0, min(s0 + args.batch_size, (p + 1) * args.n_samples)))
 
 
 def peak_rss_child(args, n_samples: int, tmp: Path) -> float:
@@ -77,7 +71,6 @@ def parse(argv=None):
 
 def main():
     args = parse()
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         cfg = compose_cfg(tmp / "bench.h5", args)
@@ -89,9 +82,9 @@ def main():
         total_tokens = len(prompts) * args.n_samples * args.max_new_tokens
 
         def run_hf():
-            for p, idx in batches(args, len(prompts)):
-                torch.manual_seed(sample_seed(0, idx[0]))
-                ids = torch.tensor([seen[p]] * len(idx))
+            for p, s0, s1 in batches(len(prompts), args.n_samples, args.batch_size, 0):
+                torch.manual_seed(sample_seed(0, s0))
+                ids = torch.tensor([seen[p]] * (s1 - s0))
                 with torch.inference_mode():
                     out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                       top_k=0, top_p=1.0, temperature=1.0,
@@ -101,8 +94,8 @@ def main():
                 assert out.shape[1] == len(seen[p]) + args.max_new_tokens
 
         def run_loop():
-            for p, idx in batches(args, len(prompts)):
-                for step in generate(lm.bridge, seen[p], [sample_seed(0, i) for i in idx],
+            for p, s0, s1 in batches(len(prompts), args.n_samples, args.batch_size, 0):
+                for step in generate(lm.bridge, seen[p], [sample_seed(0, i) for i in range(s0, s1)],
                                      args.max_new_tokens):
                     pass
 

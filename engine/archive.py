@@ -27,7 +27,8 @@ from engine.sampling import Step
 
 FORMAT = "logit-archive"
 FORMAT_VERSION = 1
-FINISH = h5py.enum_dtype({"length": 0, "eos": 1}, basetype="u1")
+FINISH_REASONS = {"length": 0, "eos": 1}
+FINISH = h5py.enum_dtype(FINISH_REASONS, basetype="u1")
 STR = h5py.string_dtype("utf-8")
 VLEN_I32 = h5py.vlen_dtype(np.int32)
 CHUNK_TARGET_BYTES = 2 << 20  # aim for 2 MiB chunks: inside the spec's 1-4 MiB band

@@ -138,10 +138,10 @@ def run(cfg: DictConfig) -> dict:
     partial = out.with_name(out.name + ".partial")
     resuming = plan_output(out, partial, cfg.resume, cfg.overwrite)
     lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
-    seen = [render(lm.tokenizer, p, cfg.chat_template) for p in prompts]
+    chat = uses_chat_template(lm.tokenizer, cfg.chat_template)  # `auto` resolved once
+    seen = [render(lm.tokenizer, p, chat) for p in prompts]
     capture = list(cfg.capture)
-    info = model_info(lm, [t for t, _ in seen], [i for _, i in seen],
-                      chat_template=uses_chat_template(lm.tokenizer, cfg.chat_template))
+    info = model_info(lm, [t for t, _ in seen], [i for _, i in seen], chat_template=chat)
     writer = open_or_create(partial, resuming, run_key(cfg, prompts), cfg, prompts, info,
                             lambda: capture_dims(lm, seen[0][1], capture))
     with writer:

@@ -75,14 +75,12 @@ def summary(a: Archive) -> str:
         if p.get("role") == "scored":
             state = "complete" if m.complete else f"PARTIAL {m.n_complete}/{a.n_samples}"
             lines.append(f"    scored (teacher-forced), {state}, chat_template={p.get('chat_template')}")
-    if "lineage" in a.f:
-        lin = a.f["lineage"]
-        kinds = {v: k for k, v in lin["variant"].dtype.metadata["enum"].items()} \
-            if lin["variant"].dtype.metadata else {}
-        lines.append(f"lineage  from {lin.attrs.get('source_archive')}")
-        for i, (par, var, cut, ed) in enumerate(zip(lin["parent_sample"][()], lin["variant"][()],
-                                                    lin["cut"][()], lin["edit"].asstr()[()])):
-            lines.append(f"  prompt [{i}] parent {par} {kinds.get(int(var), var)} cut {cut}: {ed}")
+    lin = a.lineage()
+    if lin is not None:
+        lines.append(f"lineage  from {lin['source_archive']}")
+        for i, (par, var, cut, ed) in enumerate(zip(lin["parent_sample"], lin["variant"],
+                                                    lin["cut"], lin["edit"])):
+            lines.append(f"  prompt [{i}] parent {par} {var} cut {cut}: {ed}")
     return "\n".join(lines)
 
 

@@ -34,7 +34,8 @@ from engine.reader import Archive
 from engine.sampling import sample_seed
 
 log = logging.getLogger(__name__)
-VARIANT = h5py.enum_dtype({"control": 0, "edit": 1, "fork": 2}, basetype="u1")
+KINDS = {"control": 0, "edit": 1, "fork": 2}
+VARIANT = h5py.enum_dtype(KINDS, basetype="u1")
 
 
 def cut_position(tokenizer, tokens, after: str | None, at: int | None) -> int:
@@ -132,8 +133,8 @@ def write_lineage(f: h5py.File, vs: list[dict], source: Path, src_attrs: dict) -
     g.attrs["source_created"] = str(src_attrs.get("created", ""))
     g.attrs["source_generator"] = str(src_attrs.get("generator", ""))
     g.create_dataset("parent_sample", data=np.array([v["parent"] for v in vs], np.int32))
-    g.create_dataset("variant", data=np.array([{"control": 0, "edit": 1, "fork": 2}[v["variant"]]
-                                               for v in vs], np.uint8), dtype=VARIANT)
+    g.create_dataset("variant", data=np.array([KINDS[v["variant"]] for v in vs], np.uint8),
+                     dtype=VARIANT)
     g.create_dataset("cut", data=np.array([v["cut"] for v in vs], np.int32))
     g.create_dataset("edit", data=np.array([v["edit"] for v in vs], dtype=object),
                      dtype=archive.STR)

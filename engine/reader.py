@@ -156,6 +156,18 @@ class Archive:
                 "length": s["length"][:n], "finish_reason": s["finish_reason"][:n],
                 "seed": s["seed"][:n]}
 
+    def lineage(self) -> dict | None:
+        """/lineage of a perturbation archive (see the spec), one entry per prompt, variant
+        names decoded from the dataset's own enum; None for other archives."""
+        if "lineage" not in self.f:
+            return None
+        g = self.f["lineage"]
+        names = {v: k for k, v in h5py.check_enum_dtype(g["variant"].dtype).items()}
+        return {"parent_sample": g["parent_sample"][()], "cut": g["cut"][()],
+                "variant": [names[int(v)] for v in g["variant"][()]],
+                "edit": list(g["edit"].asstr()[()]), "control_prompt": g["control_prompt"][()],
+                "source_archive": str(g.attrs.get("source_archive", ""))}
+
     def model(self, key: str | None = None) -> ModelView:
         key = self.generator if key is None else key
         if key not in self.models:

@@ -1,10 +1,11 @@
 """`python -m engine score archive=PATH model=NAME`: pair every stored step with a second
 model's distribution on the identical context.
 
-The scoring model reads each prompt its own way (raw text, or its chat template with
-chat_template=true; what it read is stored in its group) followed by exactly the completion
-token ids in the archive, in one teacher-forced forward per batch; its logits at the positions
-that predicted each stored token go into /models/<key>, row for row with the generator's.
+The scoring model reads each prompt its own way (raw text or its chat template; by default as
+the archive's dump was told: true/false/auto; what it read is stored in its group) followed
+by exactly the completion token ids in the archive, in one teacher-forced forward per batch;
+its logits at the positions that predicted each stored token go into /models/<key>, row for
+row with the generator's.
 Tokenizers must agree (same vocabulary hash and logit width) unless allow_tokenizer_mismatch.
 
 Writes go into the archive in place: the group is created at full size with every chunk
@@ -111,13 +112,14 @@ def run(cfg: DictConfig) -> dict:
     check_chat_template(chat)
     lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
     check_tokenizers(gen_prov, lm.provenance, cfg.allow_tokenizer_mismatch)
+    chat = uses_chat_template(lm.tokenizer, chat)  # `auto` resolved once
     seen = [render(lm.tokenizer, p, chat) for p in prompts]
     total = len(samples["length"])
     with h5py.File(path, "r+") as f:
         resuming = plan_group(f, lm.key, generator, cfg)
         if not resuming:
             info = model_info(lm, [t for t, _ in seen], [i for _, i in seen], role="scored",
-                              chat_template=uses_chat_template(lm.tokenizer, chat),
+                              chat_template=chat,
                               score_key=json.dumps(score_key(cfg), sort_keys=True))
             archive.add_model_group(f, info, total, T, codec, cfg.q16_window)
             f.flush()

@@ -48,9 +48,10 @@ def map_rows(archive: Archive, fn: Callable, key: str | None = None, samples=Non
 
     Returns (results: dict field -> [rows], sample [rows], step [rows])."""
     m = archive.model(key)
-    tokens = archive.samples()["tokens"] if with_tokens else None
+    s = archive.samples()
+    tokens = s["tokens"] if with_tokens else None
     results, index = [], []
-    n_rows = int(archive.samples()["length"].sum()) if samples is None else None
+    n_rows = int(s["length"].sum()) if samples is None else None
     with tqdm(total=n_rows, unit="row", disable=not progress, desc=desc or m.key,
               dynamic_ncols=True) as bar:
         for block in archive.iter_rows(key, samples):

@@ -58,10 +58,20 @@ DECODERS = {"f32": _dec_f32, "f64": _dec_f64, "f16": _dec_f16, "bf16": _dec_bf16
             "q16": _dec_q16}
 
 
+@njit(inline="always")
+def _code_q16(row, j, sc, off):
+    return F32(row[j])  # q16 codes order entries exactly (scale > 0); the decode can round
+
+
+# ORDER[kind](row, j, sc, off): a value that orders a row's entries exactly as their logits
+# (argmax and ranks compare these, never decoded-and-shifted values, which fastmath may round)
+ORDER = {**DECODERS, "q16": _code_q16}
+
+
 @functools.lru_cache(maxsize=None)
 def family(kind: str):
     """Kernels for one input codec (compiled lazily, on first call of each)."""
-    dec = DECODERS[kind]
+    dec, order = DECODERS[kind], ORDER[kind]
 
     @njit(inline="always", fastmath=FM)
     def row_max(row, sc, off):
@@ -79,6 +89,33 @@ def family(kind: str):
         for j in range(n, V):
             m = max(m, dec(row, j, sc, off))
         return m
+
+    @njit(inline="always", fastmath=FM)
+    def row_argmax(row, sc, off):
+        """First index of the row's largest entry, by its exact order key; 16 lanes of
+        (max, index) as in row_max, then the smallest index among the lanes' equal maxima."""
+        V = row.shape[0]
+        lanes = np.full(LANES, order(row, 0, sc, off))
+        at = np.zeros(LANES, np.int64)
+        n = V - V % LANES
+        for j in range(0, n, LANES):
+            for k in range(LANES):
+                v = order(row, j + k, sc, off)
+                if v > lanes[k]:
+                    lanes[k] = v
+                    at[k] = j + k
+        best = lanes[0]
+        a = at[0]
+        for k in range(1, LANES):
+            if lanes[k] > best or (lanes[k] == best and at[k] < a):
+                best = lanes[k]
+                a = at[k]
+        for j in range(n, V):
+            v = order(row, j, sc, off)
+            if v > best:
+                best = v
+                a = j
+        return a
 
     @njit(inline="always", fastmath=FM)
     def row_d(row, j, sc, off, m):
@@ -233,8 +270,8 @@ def family(kind: str):
 
     return {"logsumexp": logsumexp, "log_softmax": log_softmax, "entropy": entropy,
             "entropy_topk": entropy_topk, "token_stats": token_stats,
-            "tempered_moments": tempered_moments, "row_max": row_max, "row_d": row_d,
-            "moments": moments}
+            "tempered_moments": tempered_moments, "row_max": row_max, "row_argmax": row_argmax,
+            "row_d": row_d, "moments": moments}
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,40 +279,41 @@ def pair_family(kind_p: str, kind_q: str):
     """Kernels over two aligned row sets p (e.g. base) and q (e.g. aligned)."""
     fp, fq = family(kind_p), family(kind_q)
     max_p, d_p, max_q, d_q = fp["row_max"], fp["row_d"], fq["row_max"], fq["row_d"]
-    dec_p, dec_q = DECODERS[kind_p], DECODERS[kind_q]
+    argmax_p, argmax_q = fp["row_argmax"], fq["row_argmax"]
+    dec_p, dec_q, order_p = DECODERS[kind_p], DECODERS[kind_q], ORDER[kind_p]
 
     @njit(parallel=True, fastmath=FM)
     def pair_stats(p, sp, op, q, sq, oq, tokens, out):
-        """out[r] = (KL(p||q), KL(q||p), JS, TV, argmax agree, q[tok] - p[tok])."""
+        """out[r] = (KL(p||q), KL(q||p), JS, TV, argmax agree, q[tok] - p[tok], log p[tok],
+        log q[tok], rank under p of q's argmax)."""
         for r in prange(p.shape[0]):
             rp, scp, ofp, rq, scq, ofq = p[r], sp[r], op[r], q[r], sq[r], oq[r]
             V = rp.shape[0]
-            mp = max_p(rp, scp, ofp)
-            mq = max_q(rq, scq, ofq)
+            ap = argmax_p(rp, scp, ofp)
+            aq = argmax_q(rq, scq, ofq)
+            mp = dec_p(rp, ap, scp, ofp)
+            mq = dec_q(rq, aq, scq, ofq)
             ep = np.empty(V, np.float32)
             eq = np.empty(V, np.float32)
             Sp = 0.0
             Sq = 0.0
-            ap = V
-            aq = V
-            for j in range(V):  # pass 1: exps (kept), sums, first argmax of each
-                dp = d_p(rp, j, scp, ofp, mp)
-                dq = d_q(rq, j, scq, ofq, mq)
-                ep[j] = exp_nonpos(dp)
-                eq[j] = exp_nonpos(dq)
+            for j in range(V):  # pass 1: exps (kept) and sums
+                ep[j] = exp_nonpos(d_p(rp, j, scp, ofp, mp))
+                eq[j] = exp_nonpos(d_q(rq, j, scq, ofq, mq))
                 Sp += ep[j]
                 Sq += eq[j]
-                ap = min(ap, j if dp == 0 else V)
-                aq = min(aq, j if dq == 0 else V)
             lsp = F32(np.log(Sp))
             lsq = F32(np.log(Sq))
             ip = F32(1.0 / Sp)
             iq = F32(1.0 / Sq)
+            p_at_top_q = order_p(rp, aq, scp, ofp)  # p's entry at q's most probable token
             kl_pq = 0.0
             kl_qp = 0.0
             js = 0.0
             tv = 0.0
+            above = 0
             for j in range(V):  # pass 2: divergences from normalised probabilities
+                above += 1 if order_p(rp, j, scp, ofp) > p_at_top_q else 0
                 lp = d_p(rp, j, scp, ofp, mp) - lsp
                 lq = d_q(rq, j, scq, ofq, mq) - lsq
                 pj = ep[j] * ip
@@ -293,6 +331,9 @@ def pair_family(kind_p: str, kind_q: str):
             out[r, 3] = 0.5 * tv
             out[r, 4] = 1.0 if ap == aq else 0.0
             out[r, 5] = (eq[t] * iq - ep[t] * ip) if t >= 0 else np.nan
+            out[r, 6] = (d_p(rp, t, scp, ofp, mp) - np.log(Sp)) if t >= 0 else np.nan
+            out[r, 7] = (d_q(rq, t, scq, ofq, mq) - np.log(Sq)) if t >= 0 else np.nan
+            out[r, 8] = above + 1
 
     @njit(parallel=True, fastmath=FM)
     def gamma_base(p, sp, op, q, sq, oq, out):

@@ -82,13 +82,16 @@ def pair_stats(p, q, tokens):
     js = 0.5 * (torch.where(P > 0, P * (lp - lm), zero).sum(-1, dtype=torch.float64)
                 + torch.where(Q > 0, Q * (lq - lm), zero).sum(-1, dtype=torch.float64))
     tv = 0.5 * (P - Q).abs().sum(-1, dtype=torch.float64)
-    agree = (lp.argmax(-1) == lq.argmax(-1)).to(P.dtype)
+    top_q = lq.argmax(-1, keepdim=True)
+    agree = (lp.argmax(-1, keepdim=True) == top_q)[:, 0].to(P.dtype)
+    rank = ((p > p.gather(-1, top_q)).sum(-1) + 1).to(P.dtype)  # p's rank of q's top token
     if tokens is None:
-        dp = torch.full_like(tv, math.nan)
+        dp = lpt = lqt = torch.full_like(tv, math.nan)
     else:
         t = tokens.clamp(min=0)[:, None]
         dp = (Q.gather(-1, t) - P.gather(-1, t))[:, 0]
-    return torch.stack([kl_pq, kl_qp, js, tv, agree, dp], -1)
+        lpt, lqt = lp.gather(-1, t)[:, 0], lq.gather(-1, t)[:, 0]
+    return torch.stack([kl_pq, kl_qp, js, tv, agree, dp, lpt, lqt, rank], -1)
 
 
 def tempered_moments(x, gammas):

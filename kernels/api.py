@@ -53,6 +53,10 @@ class PairStats(NamedTuple):
     tv: object  # total variation distance
     argmax_agree: object  # 1.0 where argmax p == argmax q
     dp: object  # q(token) - p(token); NaN without tokens
+    logp_token: object  # log p(token), nats; NaN without tokens
+    logq_token: object  # log q(token), nats; NaN without tokens
+    q_top_rank_in_p: object  # rank under p (1 = argmax) of q's most probable token: with p the
+    # base and q the aligned model, the token-shift class of Lin et al. 2023 (URIAL)
 
 
 class GammaFit(NamedTuple):
@@ -100,7 +104,7 @@ def _numba_rows(x):
 
 
 def _torch_blocks(x):
-    """Yield (slice, decoded block [b, vocab]) and return the lead shape via .lead."""
+    """(lead shape, rows, iterator of (slice, decoded block [b, vocab]))."""
     if isinstance(x, Encoded):
         data, codec = x.data, x.codec
         rows_data = data.reshape(-1, data.shape[-1])
@@ -119,11 +123,11 @@ def _torch_blocks(x):
     return lead, rows_data.shape[0], gen()
 
 
-def _torch_map(x, fn, width=None):
+def _torch_map(x, fn):
+    """fn(block, slice) -> [b] per block of rows, reshaped to the lead shape."""
     lead, n, it = _torch_blocks(x)
     parts = [fn(block, sl) for sl, block in it]
-    out = torch.cat(parts) if parts else torch.empty(0)
-    return out.reshape(*lead, *(() if width is None else (width,)))
+    return (torch.cat(parts) if parts else torch.empty(0)).reshape(lead)
 
 
 def _pair_check(p, q):
@@ -210,8 +214,9 @@ def token_stats(logits, tokens) -> TokenStats:
 
 
 def pair_stats(p_logits, q_logits, tokens=None) -> PairStats:
-    """Per row: KL(p||q), KL(q||p), JS, TV, argmax agreement and, with tokens, Δp = q - p of
-    the token; p and q are two models' logits on identical contexts."""
+    """Per row: KL(p||q), KL(q||p), JS, TV, argmax agreement, the rank under p of q's top token
+    and, with tokens, Δp = q - p of the token and both log-probabilities of it; p and q are two
+    models' logits on identical contexts.  Two passes over each row, whatever is asked."""
     _pair_check(p_logits, q_logits)
     if _is_torch(p_logits):
         lp_, n, itp = _torch_blocks(p_logits)
@@ -219,15 +224,15 @@ def pair_stats(p_logits, q_logits, tokens=None) -> PairStats:
         t = None if tokens is None else torch.as_tensor(tokens).reshape(-1).long()
         parts = [_torch.pair_stats(bp, bq, None if t is None else t[sl].to(bp.device))
                  for (sl, bp), (_, bq) in zip(itp, itq)]
-        out = torch.cat(parts).reshape(*lp_, 6)
+        out = torch.cat(parts).reshape(*lp_, len(PairStats._fields))
         return PairStats(*out.unbind(-1))
     kp, dp_, spp, opp, lead = _numba_rows(p_logits)
     kq, dq_, sqq, oqq, _ = _numba_rows(q_logits)
     t = (np.full(dp_.shape[0], -1, np.int64) if tokens is None
          else _tokens_np(tokens, dp_.shape[0], dp_.shape[-1]))
-    out = np.empty((dp_.shape[0], 6), np.float64)
+    out = np.empty((dp_.shape[0], len(PairStats._fields)), np.float64)
     _numba.pair_family(kp, kq)["pair_stats"](dp_, spp, opp, dq_, sqq, oqq, t, out)
-    out = out.reshape(*lead, 6)
+    out = out.reshape(*lead, len(PairStats._fields))
     return PairStats(*np.moveaxis(out, -1, 0))
 
 

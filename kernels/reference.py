@@ -59,8 +59,13 @@ def pair_stats(p, q, tokens=None):
     tv = 0.5 * np.sum(np.abs(P - Q), -1)
     agree = (np.argmax(lp, -1) == np.argmax(lq, -1)).astype(np.float64)
     rows = np.arange(lp.shape[0])
-    dp = (Q[rows, tokens] - P[rows, tokens]) if tokens is not None else np.full(len(rows), np.nan)
-    return kl_pq, kl_qp, js, tv, agree, dp
+    nan = np.full(len(rows), np.nan)
+    dp = (Q[rows, tokens] - P[rows, tokens]) if tokens is not None else nan
+    lpt = lp[rows, tokens] if tokens is not None else nan
+    lqt = lq[rows, tokens] if tokens is not None else nan
+    x = np.asarray(p, np.float64)
+    rank = 1 + np.sum(x > x[rows, np.argmax(lq, -1)][:, None], axis=-1)
+    return kl_pq, kl_qp, js, tv, agree, dp, lpt, lqt, rank
 
 
 def kl_to_tempered(p, q, gamma):

@@ -21,10 +21,15 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("LOGIT_ENGINE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
-def compose_dump(tmp: Path, cache: Path, overrides=()):
+def compose_cfg(name: str, tmp: Path, cache: Path, overrides=()):
+    """conf/<name>.yaml composed through Hydra, writing under tmp, models cached in cache."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("dump", overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
-                                          "progress=false", *overrides])
+        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
+                                        "progress=false", *overrides])
+
+
+def compose_dump(tmp: Path, cache: Path, overrides=()):
+    return compose_cfg("dump", tmp, cache, overrides)
 
 
 @pytest.fixture

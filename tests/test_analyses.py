@@ -18,7 +18,7 @@ from engine.config import CONF
 from engine.errors import EngineError
 from engine.reader import Archive
 from kernels import reference as R
-from tests.conftest import ROOT, compose_dump
+from tests.conftest import ROOT, compose_cfg, compose_dump
 
 
 def analysis_cfg(tmp, *overrides):
@@ -32,11 +32,8 @@ def paired(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("paired")
     path = dump_mod.run(compose_dump(tmp, cache_dir, ["model=tiny-random", "n_samples=4",
                                                       "max_new_tokens=12", "codec=fp32"]))["archive"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("score", overrides=[f"archive={path}", "model=tempered", "model.base=tiny-random",
-                                          "model.gamma=1.7", f"paths.cache_dir={cache_dir}",
-                                          f"paths.output_dir={tmp}", "progress=false"])
-    score_mod.run(cfg)
+    score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={path}", "model=tempered",
+                                                        "model.base=tiny-random", "model.gamma=1.7"]))
     return path
 
 
@@ -81,7 +78,7 @@ def test_pair_report_matches_independent_computation(paired, tmp_path):
         p, q = np.concatenate(decoded(a, "tiny-random")), np.concatenate(decoded(a, "tiny-random-tempered-1.7"))
         smp = a.samples()
         toks = np.concatenate([smp["tokens"][i, : int(smp["length"][i])] for i in range(a.n_complete)])
-        kl, kl_qp, js, tv, agree, dp = R.pair_stats(p, q, toks)
+        kl, kl_qp, js, tv, agree, dp = R.pair_stats(p, q, toks)[:6]
         assert s["n_rows"] == len(p) == 96
         assert s["kl_base_aligned"]["mean"] == pytest.approx(kl.mean(), rel=1e-5)
         assert s["kl_base_aligned"]["stderr"] == pytest.approx(kl.std(ddof=1) / np.sqrt(96), rel=1e-4)
@@ -151,12 +148,9 @@ def test_recovery_time_on_planted_series():
 def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
     from engine import perturb as perturb_mod
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        pcfg = compose("perturb", overrides=[f"source={paired}", "model=tiny-random", "parents=[0]",
-                                             "cut_after=null", "cut_at=3", "edit.replace=[' was',' was not']",
-                                             "n_samples=3", "max_new_tokens=6", f"out={tmp_path}/p.h5",
-                                             f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}",
-                                             "progress=false"])
+    pcfg = compose_cfg("perturb", tmp_path, cache_dir, [
+        f"source={paired}", "model=tiny-random", "parents=[0]", "cut_after=null", "cut_at=3",
+        "edit.replace=[' was',' was not']", "n_samples=3", "max_new_tokens=6", f"out={tmp_path}/p.h5"])
     path = perturb_mod.run(pcfg)["archive"]
     out = tmp_path / "att"
     run_analysis(analysis_cfg(out, "analysis=attractor", f"archive={path}", "analysis.window=2"))

@@ -208,3 +208,20 @@ def test_bad_tokens_and_shapes_raise():
         K.pair_stats(x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="topk"):
         K.entropy(x, topk=0)
+
+
+@pytest.mark.parametrize("codec", NUMBA_CODECS + TORCH_CODECS)
+def test_pair_stats_rank_and_token_logprobs_on_unrelated_rows(codec):
+    """q independent of p: q's top token sits anywhere in p's order (URIAL's shifted case)."""
+    p64 = RNG.standard_normal((8, 3000)) * 3
+    q64 = RNG.standard_normal((8, 3000)) * 3
+    p, sp = encode(p64, codec)
+    q, sq = encode(q64, codec)
+    tokens = RNG.integers(0, 3000, 8)
+    got = K.pair_stats(p, q, tokens)
+    want = R.pair_stats(sp, sq, tokens)
+    assert np.array_equal(as_np(got.q_top_rank_in_p), want[8]) and want[8].max() > 3
+    assert np.array_equal(as_np(got.argmax_agree), want[4])
+    close(got.logp_token, want[6], 3e-5, rtol=2e-6, what=codec)
+    close(got.logq_token, want[7], 3e-5, rtol=2e-6, what=codec)
+    assert np.isnan(as_np(K.pair_stats(p, q).logp_token)).all()

@@ -5,23 +5,16 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 import kernels as K
 from engine import archive as archive_mod
 from engine import dump as dump_mod
 from engine import perturb as perturb_mod
 from engine import score as score_mod
-from engine.config import CONF
 from engine.errors import EngineError
 from engine.reader import Archive
 from engine.stream import map_pairs
-
-
-def compose_cfg(name, tmp, cache, overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
-                                        "progress=false", *overrides])
+from tests.conftest import compose_cfg
 
 
 @pytest.fixture

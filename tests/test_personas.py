@@ -18,7 +18,7 @@ from engine import score as score_mod
 from engine.errors import EngineError
 from engine.prompts import render
 from engine.reader import Archive
-from tests.conftest import compose_dump
+from tests.conftest import compose_cfg, compose_dump
 from tests.test_analyses import analysis_cfg
 
 CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
@@ -94,8 +94,6 @@ def test_persona_prompts_use_auto_and_score_inherits_it(tmp_path, cache_dir, mon
                                              "n_samples=2", "max_new_tokens=3", "codec=fp32"])
     assert cfg.chat_template == "auto"
     src = dump_mod.run(cfg)["archive"]
-    from tests.test_pairs import compose_cfg
-
     score_mod.run(compose_cfg("score", tmp_path, cache_dir, [f"archive={src}", "model=tiny-random",
                                                              "model.key=inherits"]))
     score_mod.run(compose_cfg("score", tmp_path, cache_dir, [f"archive={src}", "model=tiny-random",
