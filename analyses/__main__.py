@@ -12,7 +12,7 @@ from analyses.common import write_json
 from engine.cli import check_group_choices, user_errors
 from engine.config import CONF, options
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.archive import Archive
 
 
 def run(cfg: DictConfig) -> dict:

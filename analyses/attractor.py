@@ -26,7 +26,7 @@ import numpy as np
 import kernels as K
 from analyses.common import mean_std, save_figure, write_csv
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.archive import Archive
 from engine.stream import map_rows
 
 
@@ -74,7 +74,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     if lin is None:
         raise EngineError("attractor needs an archive from `python -m engine perturb` (no /lineage)")
     variant, control = np.array(lin["variant"]), lin["control_prompt"]
-    M = int(a.f.attrs["samples_per_prompt"])
+    M = a.samples_per_prompt
     traj = trajectories(a, cfg.progress)
     results, curves, base_curves, table = [], {}, {}, {k: [] for k in ("prompt", "sample", "control_sample", "step", "kl_to_control", "p_sampled", "entropy")}
     for v in np.flatnonzero(variant != "control"):
@@ -161,7 +161,7 @@ def heatmap(a, traj, variant, M, out: Path) -> list[str]:
 def render_html(a, traj, variant, M, limit, out: Path) -> str:
     s = a.samples()
     vocab = a.model().vocab()
-    prompts = a.model().group["prompt_text"].asstr()[()]
+    prompts = a.model().prompt_text
     parts = ["<html><meta charset='utf-8'><body style='font-family:monospace'>",
              "<p>Probability of each sampled token: red = low, green = high.</p>"]
     for pidx in range(len(variant)):

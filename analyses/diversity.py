@@ -22,8 +22,7 @@ import numpy as np
 from analyses.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.common import mean_std, save_figure, write_csv
 from analyses.embeddings import embed
-from engine.inspect import Text
-from engine.reader import Archive
+from engine.archive import Archive
 
 
 def ngrams(seq, n: int) -> list[tuple]:
@@ -74,7 +73,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
     s = a.samples()
     m = a.model()
-    text = Text(m)
+    text = m.text
     seqs = [s["tokens"][i, : int(s["length"][i])] for i in range(a.n_complete)]
     texts = [text(q) for q in seqs]
     emb = embed(texts)

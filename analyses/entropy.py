@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 import kernels as K
 from analyses.common import mean_std, save_figure, write_csv
-from engine.reader import Archive
+from engine.archive import Archive
 from engine.stream import map_rows
 
 

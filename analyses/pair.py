@@ -22,9 +22,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
+from kernels import columns as GB
 from analyses.common import save_figure, write_csv
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.archive import Archive
 from engine.stream import map_pairs, map_rows
 
 CAVEAT = ("gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma over whole "
@@ -53,7 +54,7 @@ def rows_report(p, q, tokens):
     s = K.pair_stats(p, q, tokens)
     g = K.fit_gamma(p, q, base=base)
     return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
-            "gamma_base": base, "base_entropy": base[:, 2] - base[:, 3]}
+            "gamma_base": base, "base_entropy": base[:, GB.LOG_S] - base[:, GB.M1]}
 
 
 def run(cfg, a: Archive, out: Path) -> dict:

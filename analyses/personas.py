@@ -28,9 +28,8 @@ import numpy as np
 from analyses.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.common import mean_std, save_figure, write_csv
 from analyses.persona_parse import FIELDS, lead_field, parse, sentences
-from engine.archive import FINISH_REASONS
-from engine.inspect import Text
-from engine.reader import Archive
+from engine.archive.format import FINISH_REASONS
+from engine.archive import Archive
 
 log = logging.getLogger(__name__)
 EOS = FINISH_REASONS["eos"]  # /samples/finish_reason of a sample that ended on EOS
@@ -42,8 +41,8 @@ ATTRIBUTES = FIELDS[:-1]  # every field but the review
 def completions(a: Archive) -> tuple[list[str], list[str | None], np.ndarray]:
     """(completion texts without EOS, the field each one starts in, finish reasons)."""
     s, m = a.samples(), a.model()
-    text = Text(m)
-    leads = [lead_field(t) for t in m.group["prompt_text"].asstr()[:]]
+    text = m.text
+    leads = [lead_field(t) for t in m.prompt_text]
     texts, lead = [], []
     for i in range(a.n_complete):
         n = int(s["length"][i]) - int(s["finish_reason"][i] == EOS)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import codecs
-from engine.reader import Archive
+from engine.archive import codecs
+from engine.encode import encode, to_numpy
+from engine.archive import Archive
 from kernels import reference as R
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +46,8 @@ def main():
     print(f"{'codec':<6}{'bytes/row':>11}{'max |err|':>12}{'documented':>12}{'mean KL':>11}"
           f"{'max KL':>11}{'max |dH|':>11}")
     for codec in ("fp32", "fp16", "bf16", "q16"):
-        data, scale, offset = codecs.encode(codec, torch.from_numpy(x).float())
-        dec = codecs.decode(codec, codecs.to_numpy(codec, data),
+        data, scale, offset = encode(codec, torch.from_numpy(x).float())
+        dec = codecs.decode(codec, to_numpy(codec, data),
                             None if scale is None else scale.numpy(),
                             None if offset is None else offset.numpy()).astype(np.float64)
         truth = lp if codec == "q16" else x.astype(np.float32).astype(np.float64)

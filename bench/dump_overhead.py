@@ -28,7 +28,8 @@ from hydra import compose, initialize_config_dir
 from bench.common import best_of
 from engine import dump as dump_mod
 from engine import score as score_mod
-from engine.dump import CONF, batches
+from engine.config import CONF
+from engine.run import batches
 from engine.models import load_model
 from engine.prompts import render
 from engine.sampling import generate, sample_seed
@@ -99,22 +100,17 @@ def main():
                                      args.max_new_tokens):
                     pass
 
-        dump_mod_load, score_mod_load = dump_mod.load_model, score_mod.load_model
-        dump_mod.load_model = lambda *a, **k: lm
-        score_mod.load_model = lambda *a, **k: dataclasses.replace(lm, key="rescored")
-        try:
-            run_dump = lambda: dump_mod.run(cfg)  # noqa: E731
-            run_hf(); run_loop()  # warm-up (allocator, first-call costs)
-            t_hf = best_of(run_hf, args.repeats, warmup=False)
-            t_loop = best_of(run_loop, args.repeats, warmup=False)
-            t_dump = best_of(run_dump, args.repeats, warmup=False)
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                scfg = compose("score", overrides=[f"archive={tmp / 'bench.h5'}", "progress=false",
-                                                   f"model={args.model}", "model.key=rescored",
-                                                   f"batch_size={args.batch_size}", "overwrite=true"])
-            t_score = best_of(lambda: score_mod.run(scfg), args.repeats, warmup=False)
-        finally:
-            dump_mod.load_model, score_mod.load_model = dump_mod_load, score_mod_load
+        run_dump = lambda: dump_mod.run(cfg, model=lm)  # noqa: E731
+        run_hf(); run_loop()  # warm-up (allocator, first-call costs)
+        t_hf = best_of(run_hf, args.repeats, warmup=False)
+        t_loop = best_of(run_loop, args.repeats, warmup=False)
+        t_dump = best_of(run_dump, args.repeats, warmup=False)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            scfg = compose("score", overrides=[f"archive={tmp / 'bench.h5'}", "progress=false",
+                                               f"model={args.model}", "model.key=rescored",
+                                               f"batch_size={args.batch_size}", "overwrite=true"])
+        rescorer = dataclasses.replace(lm, key="rescored")
+        t_score = best_of(lambda: score_mod.run(scfg, model=rescorer), args.repeats, warmup=False)
         size = (tmp / "bench.h5").stat().st_size
         sizes = [int(s) for s in args.rss_sizes.split(",")]
         rss = {n: peak_rss_child(args, n, tmp) for n in sizes}

@@ -30,7 +30,7 @@ from scipy.optimize import minimize_scalar
 
 import kernels as K
 from bench.common import best_of
-from engine.reader import Archive
+from engine.archive import Archive
 from engine.stream import map_rows
 
 ROOT = Path(__file__).resolve().parent.parent

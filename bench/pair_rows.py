@@ -21,7 +21,7 @@ import numpy as np
 import kernels as K
 from analyses.pair import rows_report
 from bench.common import best_of
-from engine.reader import Archive
+from engine.archive import Archive
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,9 +1,11 @@
 """Logit engine: sample from a hooked model and stream every step's full next-token logits
 into a crash-safe, self-describing HDF5 archive (see docs/archive-format.md).
 
-Data flow: model source (`engine.models`) -> sampling loop with a logits hook
-(`engine.sampling`) -> archive writer (`engine.archive`) -> archive -> reader
-(`engine.reader`) -> kernels (`kernels`) -> analyses (`analyses`).
+Data flow, one way: model source (`engine.models`) -> sampling loop with a logits hook
+(`engine.sampling`) -> run orchestration (`engine.run`; verbs `dump`, `score`, `perturb`)
+-> archive package (`engine.archive`: format, writer, reader; no torch) -> streaming
+(`engine.stream`) -> kernels (`kernels`) -> analyses (`analyses`).  The layers are enforced
+by the import-linter contracts in `.importlinter`.
 """
 
 from engine.errors import EngineError

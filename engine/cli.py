@@ -25,15 +25,36 @@ def user_errors():
 
 def check_group_choices(args: list[str], groups: tuple[str, ...]) -> None:
     """Exit with one line when a `group=option` override names no conf/<group>/<option>.yaml
-    (Hydra would print a multi-line report)."""
+    (Hydra would print a multi-line report).  Overrides are read with Hydra's own parser, so
+    sweeps (`a,b`, `choice(a,b)`, `glob(*)`) are checked option by option; syntax errors are
+    left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
     from engine.config import options
 
+    parser = OverridesParser.create()
     for arg in args:
-        name, eq, value = arg.partition("=")
+        name, eq, _ = arg.partition("=")
         group = name.lstrip("+~")
-        if eq and group in groups:
-            bad = [v for v in value.split(",") if v not in options(group)]  # multirun: a,b
-            if bad:
-                print(f"error: unknown {group} {bad[0]!r}; available: {', '.join(options(group))}",
-                      file=sys.stderr)
-                sys.exit(2)
+        if not eq or group not in groups:
+            continue
+        try:
+            ov = parser.parse_override(arg)
+        except Exception:  # Hydra reports its own syntax errors
+            continue
+        available, value = options(group), ov.value()
+        if isinstance(value, Glob):
+            if not value.filter(available):
+                _die(f"no {group} matches {arg.partition('=')[2]}; available: {', '.join(available)}")
+            continue
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() \
+            else [ov.get_value_element_as_str()]
+        bad = [v for v in values if v not in available]
+        if bad:
+            _die(f"unknown {group} {bad[0]!r}; available: {', '.join(available)}")
+
+
+def _die(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)

@@ -1,5 +1,9 @@
 """Where the Hydra config groups live, and loading one model config by name (for sources that
-refer to another model, such as `tempered`)."""
+refer to another model, such as `tempered`).
+
+The configs ship inside the package (`engine/conf/`, package data), so a non-editable
+install finds them; the repository's top-level `conf` is a link to the same folder.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from omegaconf import OmegaConf
 
 from engine.errors import EngineError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"  # config groups live at the repo root
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def options(group: str) -> list[str]:

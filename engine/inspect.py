@@ -1,14 +1,12 @@
 """`python -m engine inspect ARCHIVE [--sample I --step T --topk K] [--render]`.
 
-Reads archives with plain h5py; never loads a model.  Token text comes from the archive's own
-tokenizer record (tokenizer.json through the `tokenizers` library when present, else the
-per-id display strings).
+Reads archives through `engine.archive` (no torch); never loads a model.  Token text comes
+from the archive's own tokenizer record (`ModelView.text`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -16,43 +14,18 @@ import numpy as np
 import kernels as K
 from engine.cli import user_errors
 from engine.errors import EngineError
-from engine.reader import Archive, ModelView
+from engine.archive import Archive, ModelView
 from kernels import reference
 
 
-class Text:
-    """Token ids -> text for one model of an archive."""
-
-    def __init__(self, m: ModelView):
-        self.vocab = m.vocab()
-        self.tok = None
-        spec = m.group["tokenizer_json"].asstr()[()]
-        if spec:
-            try:
-                from tokenizers import Tokenizer
-
-                self.tok = Tokenizer.from_str(spec)
-            except Exception:  # optional nicety; display strings are the fallback
-                self.tok = None
-
-    def __call__(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.tok is not None:
-            return self.tok.decode(ids, skip_special_tokens=False)
-        return "".join(self.vocab[i] for i in ids)
-
-    def piece(self, i: int) -> str:
-        return self.vocab[int(i)]
-
-
 def summary(a: Archive) -> str:
-    size = os.path.getsize(a.path)
+    size = a.size_bytes
     s = a.samples()
     lines = [f"archive  {a.path}  ({size / 2**20:.1f} MiB on disk)",
              f"format   logit-archive v{a.format_version}, "
              + ("complete" if a.complete else f"INCOMPLETE: {a.n_complete} of {a.n_samples} samples"),
-             f"created  {a.f.attrs.get('created', '?')}  git {a.f.attrs.get('git_commit', '') or '?'}",
-             f"packages {', '.join(f'{k} {v}' for k, v in json.loads(a.f.attrs.get('packages', '{}')).items() if v)}",
+             f"created  {a.created or '?'}  git {a.git_commit or '?'}",
+             f"packages {', '.join(f'{k} {v}' for k, v in a.packages.items() if v)}",
              f"prompts  {len(a.prompts)}"]
     for i, p in enumerate(a.prompts):
         lines.append(f"  [{i}] {p!r}  ({int(np.sum(s['prompt_index'] == i))} samples)")
@@ -63,18 +36,18 @@ def summary(a: Archive) -> str:
     lines.append(f"models   {len(a.models)} (generator: {a.generator})")
     for key, m in a.models.items():
         p = m.provenance
-        nbytes = m.logits.id.get_storage_size()
+        nbytes = m.storage_bytes
         lines.append(f"  {key}: source={p.get('source')} name={p.get('name')} "
                      f"dtype={p.get('dtype')} vocab={m.vocab_size} codec={m.codec} "
                      f"chunks={m.logits.chunks} logits {nbytes / 2**20:.1f} MiB")
         lines.append(f"    revision={p.get('revision') or '-'} "
                      f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
                      f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")
-        if "activations" in m.group:
-            lines.append(f"    activations: {', '.join(m.group['activations'])}")
-        if p.get("role") == "scored":
+        if m.activations:
+            lines.append(f"    activations: {', '.join(m.activations)}")
+        if m.role == "scored":
             state = "complete" if m.complete else f"PARTIAL {m.n_complete}/{a.n_samples}"
-            lines.append(f"    scored (teacher-forced), {state}, chat_template={p.get('chat_template')}")
+            lines.append(f"    scored (teacher-forced), {state}, chat_template={m.chat_template}")
     lin = a.lineage()
     if lin is not None:
         lines.append(f"lineage  from {lin['source_archive']}")
@@ -95,8 +68,8 @@ def topk(a: Archive, m: ModelView, sample: int, step: int, k: int) -> str:
     length = int(s["length"][sample])
     if not 0 <= step < length:
         raise EngineError(f"--step {step} out of range: sample {sample} has {length} steps")
-    text = Text(m)
-    prompt_ids = m.group["prompt_tokens"][int(s["prompt_index"][sample])]
+    text = m.text
+    prompt_ids = m.prompt_tokens(int(s["prompt_index"][sample]))
     gen = s["tokens"][sample, :step]
     row = m.rows(sample, step).astype(np.float64)
     if not np.isfinite(row.max()):
@@ -127,13 +100,13 @@ def _colour(p: float, piece: str) -> str:
 
 def render(a: Archive, m: ModelView, samples) -> str:
     s = a.samples()
-    text = Text(m)
+    text = m.text
     out = ["probability of each sampled token: red = low, green = high"]
     for i in samples:
         n = int(s["length"][i])
         toks = s["tokens"][i, :n]
         probs = np.exp(K.token_stats(m.rows(i, slice(0, n)), toks).logprob)  # [step]
-        prompt = m.group["prompt_text"].asstr()[int(s["prompt_index"][i])]
+        prompt = m.prompt_text[int(s["prompt_index"][i])]
         body = "".join(_colour(float(pr), text.piece(t)) for t, pr in zip(toks, probs))
         out.append(f"--- sample {i} ({m.key}, mean p {probs.mean() if n else 0:.3f})\n{prompt}{body}")
     return "\n".join(out)

@@ -15,27 +15,24 @@ sample, variant (control/edit/fork), cut, the edit, and the index of the matched
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import h5py
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from engine import archive
+from engine import run as R
 from engine.cli import user_errors
 from engine.config import CONF
-from engine.dump import open_or_create, plan_output, sample_all, validate as validate_sampling
 from engine.errors import EngineError
-from engine.models import load_model
-from engine.provenance import model_info
-from engine.reader import Archive
+from engine.models import LoadedModel
 from engine.sampling import sample_seed
 
 log = logging.getLogger(__name__)
-KINDS = {"control": 0, "edit": 1, "fork": 2}
-VARIANT = h5py.enum_dtype(KINDS, basetype="u1")
+KEYS = ("source", "parents", "cut_after", "cut_at", "edit", "fork", "n_samples",
+        "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "codec",
+        "q16_window")
 
 
 def cut_position(tokenizer, tokens, after: str | None, at: int | None) -> int:
@@ -69,7 +66,7 @@ def apply_edit(text: str, edit, deleted: int) -> tuple[str, str]:
     return text, "; ".join(done)
 
 
-def choose_parents(src: Archive, tok, cfg) -> list[int]:
+def choose_parents(src: archive.Archive, tok, cfg) -> list[int]:
     """`parents` as given, or for parents=first the first completion of prompt 0 in which
     `cut_after` occurs (so "clip after the first sentence" always has a sentence to clip)."""
     if cfg.parents != "first":
@@ -81,7 +78,7 @@ def choose_parents(src: Archive, tok, cfg) -> list[int]:
     raise EngineError(f"no completion of prompt 0 contains cut_after={cfg.cut_after!r}")
 
 
-def variants(src: Archive, lm, cfg) -> list[dict]:
+def variants(src: archive.Archive, lm, cfg) -> list[dict]:
     """Control and perturbed prefix (full token ids: prompt + kept completion) per parent."""
     s, m = src.samples(), src.model()
     tok = lm.tokenizer
@@ -90,7 +87,7 @@ def variants(src: Archive, lm, cfg) -> list[dict]:
         if not 0 <= int(parent) < src.n_complete:
             raise EngineError(f"parent sample {parent} out of range (0..{src.n_complete - 1})")
         parent = int(parent)
-        prompt_ids = [int(i) for i in m.group["prompt_tokens"][int(s["prompt_index"][parent])]]
+        prompt_ids = m.prompt_tokens(int(s["prompt_index"][parent]))
         comp = [int(i) for i in s["tokens"][parent, : int(s["length"][parent])]]
         if cfg.fork is not None:
             t, r = int(cfg.fork.step), int(cfg.fork.rank)
@@ -118,50 +115,21 @@ def variants(src: Archive, lm, cfg) -> list[dict]:
     return out
 
 
-def run_key(cfg: DictConfig) -> dict:
-    keys = ("source", "parents", "cut_after", "cut_at", "edit", "fork", "n_samples",
-            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "codec",
-            "q16_window")
-    out = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
-    out["model"] = OmegaConf.to_container(cfg.model, resolve=True)
-    return out
-
-
-def write_lineage(f: h5py.File, vs: list[dict], source: Path, src_attrs: dict) -> None:
-    g = f.create_group("lineage")
-    g.attrs["source_archive"] = str(source)
-    g.attrs["source_created"] = str(src_attrs.get("created", ""))
-    g.attrs["source_generator"] = str(src_attrs.get("generator", ""))
-    g.create_dataset("parent_sample", data=np.array([v["parent"] for v in vs], np.int32))
-    g.create_dataset("variant", data=np.array([KINDS[v["variant"]] for v in vs], np.uint8),
-                     dtype=VARIANT)
-    g.create_dataset("cut", data=np.array([v["cut"] for v in vs], np.int32))
-    g.create_dataset("edit", data=np.array([v["edit"] for v in vs], dtype=object),
-                     dtype=archive.STR)
-    # prompts come in (control, variant) pairs: each one's matched control is the even index
-    g.create_dataset("control_prompt", data=(np.arange(len(vs)) // 2 * 2).astype(np.int32))
-
-
-def run(cfg: DictConfig) -> dict:
-    validate_sampling(cfg)
+def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
+    R.validate_sampling(cfg)
     if cfg.parents != "first" and not len(cfg.parents):
         raise EngineError("parents is empty: name source samples, or parents=first")
-    out = Path(str(cfg.out)).expanduser().resolve()
-    partial = out.with_name(out.name + ".partial")
-    resuming = plan_output(out, partial, cfg.resume, cfg.overwrite)
-    with Archive(cfg.source) as src:
-        gen = src.model().provenance
-        src_attrs = dict(src.f.attrs)
-        lm = load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
-        if lm.provenance["vocab_hash"] != gen.get("vocab_hash"):
-            raise EngineError(f"model {lm.key!r} does not share the source generator's tokenizer "
-                              f"({gen.get('tokenizer_name')}); token ids would not align")
+    o = R.plan_output(cfg)
+    with archive.Archive(cfg.source) as src:
+        lm = R.load(cfg, model)
+        R.check_tokenizer(src.model().provenance, lm)
         vs = variants(src, lm, cfg)
+        source = {"created": src.created, "generator": src.generator}
     texts = [v["text"] for v in vs]
-    info = model_info(lm, texts, [v["prompt_ids"] for v in vs])
-    writer = open_or_create(partial, resuming, run_key(cfg), cfg, texts, info)
-    if not resuming:
-        write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), src_attrs)
+    rendered = R.Rendered(chat_template=False, text=texts, ids=[v["prompt_ids"] for v in vs])
+    writer = R.open_or_create(o, R.run_key(cfg, KEYS), cfg, texts, R.model_info(lm, rendered))
+    if not o.resuming:
+        archive.write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), source)
         writer.f.flush()
     M = cfg.n_samples
 
@@ -170,11 +138,11 @@ def run(cfg: DictConfig) -> dict:
         return sample_seed(cfg.seed, pair * M + j)
 
     with writer:
-        sample_all(writer, lm, [v["prompt_ids"] for v in vs], M, cfg, seed_of=seed_of)
-    os.replace(partial, out)
-    log.info("wrote %s: %d variants x %d continuations", out, len(vs), M)
-    return {"archive": str(out), "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")}
-                                              for v in vs], "samples": len(vs) * M}
+        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of)
+    R.finalize(o)
+    log.info("wrote %s: %d variants x %d continuations", o.out, len(vs), M)
+    return {"archive": str(o.out), "samples": len(vs) * M,
+            "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")} for v in vs]}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="perturb")

@@ -1,5 +1,5 @@
 """Root-level provenance: package versions, the engine's git commit, what the archive stores
-about its tokenizers."""
+about its tokenizers (the run layer turns it into `engine.archive.ModelInfo`)."""
 
 from __future__ import annotations
 
@@ -43,13 +43,3 @@ def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
     strings += [""] * (vocab_size - len(strings))  # ids the tokenizer never emits
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return strings, (backend.to_str() if backend is not None else "")
-
-
-def model_info(lm, prompt_text, prompt_tokens, **extra):
-    """What an archive records about a loaded model that read these prompts."""
-    from engine.archive import ModelInfo
-
-    strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
-    return ModelInfo(key=lm.key, provenance={**lm.provenance, **extra}, vocab_size=lm.vocab_size,
-                     prompt_text=list(prompt_text), prompt_tokens=list(prompt_tokens),
-                     vocab_strings=strings, tokenizer_json=tok_json)

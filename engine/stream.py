@@ -3,8 +3,12 @@
 Reads whole (1, k, vocab) chunks (`Archive.iter_rows`), hands each block to the kernel in its
 stored encoding (float16/float32 arrays, or `kernels.Encoded` for bf16/q16, so nothing is
 upcast before the kernel), and concatenates the per-row results.  Memory: one chunk and the
-kernel's per-row outputs.  Paired kernels (`map_pairs`) read the same chunk of two model
-groups of one archive, which share samples, steps and positions by construction.
+kernel's per-row outputs.  Paired kernels (`map_pairs`) read the same step range of two model
+groups of one archive, which share samples, steps and positions by construction; the ranges
+follow the first model's chunks, and the second model's reads go through the chunk cache, so
+two groups stored with different codecs (different steps per chunk) pair row for row.
+
+Layer: between the archive package and the kernels; its consumers are analyses and benches.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.errors import EngineError
-from engine.reader import Archive, Block
+from engine.archive import Archive, Block
 from kernels import Encoded
 
 
@@ -70,12 +74,13 @@ def map_pairs(archive: Archive, fn: Callable, p_key: str, q_key: str, samples=No
     if mp.logits.shape != mq.logits.shape:
         raise EngineError(f"models {p_key!r} and {q_key!r} have different logit shapes "
                           f"{mp.logits.shape} vs {mq.logits.shape}")
+    k = mp.chunk_steps  # common step ranges: q may store another number of steps per chunk
     tokens = archive.samples()["tokens"]
     if samples is None:  # rows both models have (a scored group may still be partial)
         samples = range(min(archive.n_complete, mp.n_complete, mq.n_complete))
     results, index = [], []
     with tqdm(disable=not progress, unit="row", desc=f"{p_key} vs {q_key}") as bar:
-        for bp, bq in zip(archive.iter_rows(p_key, samples), archive.iter_rows(q_key, samples)):
+        for bp, bq in zip(archive.iter_rows(p_key, samples, k), archive.iter_rows(q_key, samples, k)):
             tok = tokens[bp.sample, bp.steps]
             results.append(fn(kernel_input(bp, mp.codec), kernel_input(bq, mq.codec), tok))
             index.append((bp.sample, bp.steps))

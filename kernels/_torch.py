@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from kernels import columns as C
+
 BLOCK_BYTES = 64 << 20
 EXP_FLOOR = -87.0  # exp below this is < 2**-125: zero for every sum here
 
@@ -109,7 +111,7 @@ def tempered_moments(x, gammas):
 
 
 def gamma_base(p, q):
-    """Same seven columns as numba's gamma_base."""
+    """Same seven columns as numba's gamma_base (`kernels.columns`)."""
     mp = p.max(-1, keepdim=True).values
     dp = p - mp
     lq = log_softmax(q)
@@ -123,8 +125,8 @@ def gamma_base(p, q):
 def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
     """Vectorised form of the numba kernel's safeguarded Halley iteration; [rows, 4]."""
     base = gamma_base(p, q).double()
-    q_dp, q_lq = base[:, 0], base[:, 1]
-    ls, m1, m2, m3 = base[:, 2], base[:, 3], base[:, 4], base[:, 5]
+    q_dp, q_lq = base[:, C.Q_DP], base[:, C.Q_LOGQ]
+    ls, m1, m2, m3 = base[:, C.LOG_S], base[:, C.M1], base[:, C.M2], base[:, C.M3]
     kl1 = q_lq - q_dp + ls
     g = torch.ones_like(q_dp)
     lo, hi = torch.zeros_like(g), torch.full_like(g, g_max)

@@ -17,10 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-import torch
+import sys
 
-from kernels import _numba, _torch
+import numpy as np
+
+from kernels import _numba
+
+# torch is imported only when a torch tensor is passed (then it is already in sys.modules):
+# reading archives and running the numba kernels never pays for importing torch.
 
 CODECS = ("fp16", "fp32", "bf16", "q16")
 
@@ -68,7 +72,16 @@ class GammaFit(NamedTuple):
 
 # ---- input normalisation -------------------------------------------------------------------
 def _is_torch(x) -> bool:
-    return isinstance(x.data if isinstance(x, Encoded) else x, torch.Tensor)
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x.data if isinstance(x, Encoded) else x, torch.Tensor)
+
+
+def _backend():
+    """(torch, kernels._torch), imported on first use."""
+    import torch
+
+    from kernels import _torch
+    return torch, _torch
 
 
 def _numba_rows(x):
@@ -105,6 +118,7 @@ def _numba_rows(x):
 
 def _torch_blocks(x):
     """(lead shape, rows, iterator of (slice, decoded block [b, vocab]))."""
+    _, _torch = _backend()
     if isinstance(x, Encoded):
         data, codec = x.data, x.codec
         rows_data = data.reshape(-1, data.shape[-1])
@@ -125,6 +139,7 @@ def _torch_blocks(x):
 
 def _torch_map(x, fn):
     """fn(block, slice) -> [b] per block of rows, reshaped to the lead shape."""
+    torch, _ = _backend()
     lead, n, it = _torch_blocks(x)
     parts = [fn(block, sl) for sl, block in it]
     return (torch.cat(parts) if parts else torch.empty(0)).reshape(lead)
@@ -150,6 +165,7 @@ def _tokens_np(tokens, rows, vocab):
 def logsumexp(logits):
     """Row-wise log-sum-exp, float64 [...]."""
     if _is_torch(logits):
+        torch, _torch = _backend()
         return _torch_map(logits, lambda b, sl: _torch.logsumexp(b))
     kind, data, sc, of, lead = _numba_rows(logits)
     out = np.empty(data.shape[0], np.float64)
@@ -160,6 +176,7 @@ def logsumexp(logits):
 def log_softmax(logits):
     """Row-wise log-probabilities, float32 [..., vocab] (a new full-size array: the output)."""
     if _is_torch(logits):
+        torch, _torch = _backend()
         lead, n, it = _torch_blocks(logits)
         parts = [_torch.log_softmax(b) for _, b in it]
         return torch.cat(parts).reshape(*lead, -1)
@@ -179,6 +196,7 @@ def entropy(logits, base="e", topk=None, renormalize=True):
     if topk is not None and not (isinstance(topk, (int, np.integer)) and topk >= 1):
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
     if _is_torch(logits):
+        torch, _torch = _backend()
         h = _torch_map(logits, lambda b, sl: _torch.entropy(b, min(topk, b.shape[-1]) if topk else None, renormalize))
     else:
         kind, data, sc, of, lead = _numba_rows(logits)
@@ -195,12 +213,13 @@ def entropy(logits, base="e", topk=None, renormalize=True):
 def branching_factor(logits, topk=None):
     """exp(H): the effective number of next-token choices (Yang & Holtzman 2025)."""
     h = entropy(logits, topk=topk)
-    return torch.exp(h) if isinstance(h, torch.Tensor) else np.exp(h)
+    return h.exp() if _is_torch(h) else np.exp(h)
 
 
 def token_stats(logits, tokens) -> TokenStats:
     """log-probability (nats) and rank (1 = argmax) of `tokens` [...] in each row."""
     if _is_torch(logits):
+        torch, _torch = _backend()
         lead, n, it = _torch_blocks(logits)
         t = torch.as_tensor(tokens).reshape(-1).long()
         lps, ranks = zip(*[_torch.token_stats(b, t[sl].to(b.device)) for sl, b in it]) if n else ([], [])
@@ -219,6 +238,7 @@ def pair_stats(p_logits, q_logits, tokens=None) -> PairStats:
     models' logits on identical contexts.  Two passes over each row, whatever is asked."""
     _pair_check(p_logits, q_logits)
     if _is_torch(p_logits):
+        torch, _torch = _backend()
         lp_, n, itp = _torch_blocks(p_logits)
         _, _, itq = _torch_blocks(q_logits)
         t = None if tokens is None else torch.as_tensor(tokens).reshape(-1).long()
@@ -255,6 +275,7 @@ def fit_gamma(p_logits, q_logits, g_max=100.0, tol=1e-3, max_iter=50, base=None)
     rows' `kernels.gamma_base(p, q)`, when the caller already has it, skips that pass."""
     _pair_check(p_logits, q_logits)
     if _is_torch(p_logits):
+        torch, _torch = _backend()
         lead, n, itp = _torch_blocks(p_logits)
         _, _, itq = _torch_blocks(q_logits)
         out = torch.cat([_torch.fit_gamma(bp, bq, g_max, tol, max_iter)
@@ -275,6 +296,7 @@ def tempered_moments(logits, gammas):
     """[..., G, 4]: (log S, E[d], E[d^2], E[d^3]) of d = x - max(x) under p^g for each g.
     `gammas` is [G] (same for all rows) or [..., G]."""
     if _is_torch(logits):
+        torch, _torch = _backend()
         lead, n, it = _torch_blocks(logits)
         g = torch.as_tensor(gammas)
         g = g.reshape(1, -1).expand(n, -1) if g.ndim == 1 else g.reshape(n, -1)
@@ -292,8 +314,11 @@ def tempered_entropy(logits, gammas):
     """Entropy (nats) of softmax(g * log p) for each g in `gammas`: [..., G].  g = 1/T is an
     inverse temperature; g > 1 sharpens, as alignment is predicted to."""
     m = tempered_moments(logits, gammas)
-    g = torch.as_tensor(gammas, dtype=m.dtype, device=m.device) if isinstance(m, torch.Tensor) \
-        else np.asarray(gammas, np.float64)
+    if _is_torch(m):
+        torch, _ = _backend()
+        g = torch.as_tensor(gammas, dtype=m.dtype, device=m.device)
+    else:
+        g = np.asarray(gammas, np.float64)
     return m[..., 0] - g * m[..., 1]  # H = log S(g) - g E_g[d]
 
 

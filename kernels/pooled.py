@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kernels import columns as C
 from kernels.api import _gamma_base_np, data_view, tempered_moments
 
 
@@ -52,7 +53,8 @@ def fit_gamma_pooled(p_logits, q_logits, weights=None, groups=None, n_boot=2000,
 
 def gamma_base(p_logits, q_logits) -> np.ndarray:
     """Per row [rows, 7]: (E_q[d_p], E_q[log q], log S_p, E_p[d], E_p[d^2], E_p[d^3], max p)
-    with d_p = log-its of p minus their max: what a pooled fit needs from q, in one pass."""
+    with d_p = logits of p minus their max (columns named in `kernels.columns`): what a pooled
+    fit needs from q, in one pass."""
     return _gamma_base_np(p_logits, q_logits)[1]
 
 
@@ -66,12 +68,12 @@ def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None,
     only makes Newton wander inside the noise, at one pass over the data per step."""
     n = base.shape[0]
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64).reshape(n)
-    keep = np.isfinite(base[:, 0]) & (w > 0)
+    keep = np.isfinite(base[:, C.Q_DP]) & (w > 0)
     if not keep.any():
         raise ValueError("no row has a finite KL(q || p^gamma): q puts mass where p has none")
-    q_dp, q_lq = base[:, 0], base[:, 1]
+    q_dp, q_lq = base[:, C.Q_DP], base[:, C.Q_LOGQ]
     g, lo, hi = 1.0, 0.0, g_max
-    m = base[:, 2:6]
+    m = base[:, C.MOMENTS]  # [rows, 4]: log S, E[d], E[d^2], E[d^3] at the current gamma
     for _ in range(max_iter):
         f1 = np.sum((w * (m[:, 1] - q_dp))[keep])
         f2 = np.sum((w * (m[:, 2] - m[:, 1] ** 2))[keep])
@@ -85,7 +87,7 @@ def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None,
         g = nxt
         m = np.asarray(moments_at(g))
     kl_rows = q_lq - g * q_dp + m[:, 0]
-    kl1_rows = q_lq - q_dp + base[:, 2]
+    kl1_rows = q_lq - q_dp + base[:, C.LOG_S]
     score = np.where(keep, w * (m[:, 1] - q_dp), 0.0)
     curv = np.where(keep, w * (m[:, 2] - m[:, 1] ** 2), 0.0)
     grp = np.arange(n) if groups is None else np.unique(np.asarray(groups).reshape(n),

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from engine.dump import CONF, run
+from engine.config import CONF
+from engine.dump import run
 
 ROOT = Path(__file__).resolve().parent.parent
 

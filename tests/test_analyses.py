@@ -16,7 +16,7 @@ from engine import dump as dump_mod
 from engine import score as score_mod
 from engine.config import CONF
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.archive import Archive
 from kernels import reference as R
 from tests.conftest import ROOT, compose_cfg, compose_dump
 
@@ -223,5 +223,17 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
             assert s["per_input"][text]["ead"]["3"] == pytest.approx(e3)
             assert s["per_input"][text]["n_texts"] == 4
     assert s["cross_input"]["n_texts"] == 2
-    assert 0 <= s["per_input_mean"]["sentbert_diversity"] <= 2
+    # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
+    # vectors: recompute it independently for every input, and the mean over inputs
+    from analyses.embeddings import embed
+    with Archive(paired) as a:
+        smp, text = a.samples(), a.model().text
+        per = []
+        for p, ptext in enumerate(a.prompts):
+            idx = np.flatnonzero(smp["prompt_index"] == p)
+            e = embed([text(smp["tokens"][i, : int(smp["length"][i])]) for i in idx]).astype(np.float64)
+            cos = [float(e[i] @ e[j]) for i in range(len(idx)) for j in range(i + 1, len(idx))]
+            per.append(1 - np.mean(cos))
+            assert s["per_input"][ptext]["sentbert_diversity"] == pytest.approx(per[-1], abs=1e-5)
+    assert s["per_input_mean"]["sentbert_diversity"] == pytest.approx(np.mean(per), abs=1e-5)
     assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()

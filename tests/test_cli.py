@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine import dump as dump_mod
-from engine.reader import Archive
+from engine.archive import Archive
 from tests.conftest import ROOT, engine_cli
 
 

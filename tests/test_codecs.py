@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import codecs
+from engine.archive import codecs
+from engine.encode import encode, to_numpy
 from kernels import reference as R
 
 RNG = np.random.default_rng(7)
@@ -22,8 +23,8 @@ def rows(v=4096):
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16"])
 def test_float_codecs_within_bound(codec):
     x = rows()
-    data, _, _ = codecs.encode(codec, torch.from_numpy(x).float())
-    y = codecs.decode(codec, codecs.to_numpy(codec, data)).astype(np.float64)
+    data, _, _ = encode(codec, torch.from_numpy(x).float())
+    y = codecs.decode(codec, to_numpy(codec, data)).astype(np.float64)
     x32 = x.astype(np.float32).astype(np.float64)  # the model's own output precision
     fin = np.isfinite(x32)
     assert np.array_equal(np.isneginf(y), np.isneginf(x32)), "-inf must survive"
@@ -37,16 +38,16 @@ def test_float_codecs_within_bound(codec):
 
 def test_fp16_saturates_instead_of_overflowing():
     x = torch.tensor([[1e6, -1e6, 0.0, -np.inf]])
-    data, _, _ = codecs.encode("fp16", x)
-    y = codecs.decode("fp16", codecs.to_numpy("fp16", data))
+    data, _, _ = encode("fp16", x)
+    y = codecs.decode("fp16", to_numpy("fp16", data))
     assert y.tolist()[0][:3] == [65504.0, -65504.0, 0.0] and np.isneginf(y[0, 3])
 
 
 @pytest.mark.parametrize("window", [24.0, 30.0])
 def test_q16_logprob_error_within_half_step(window):
     x = rows(49152)
-    data, scale, offset = codecs.encode("q16", torch.from_numpy(x).float(), window)
-    y = codecs.decode("q16", codecs.to_numpy("q16", data), scale.numpy(), offset.numpy())
+    data, scale, offset = encode("q16", torch.from_numpy(x).float(), window)
+    y = codecs.decode("q16", to_numpy("q16", data), scale.numpy(), offset.numpy())
     lp = R.log_softmax(x.astype(np.float32).astype(np.float64))
     lo = offset.numpy().astype(np.float64)[:, None]
     inside = lp >= lo

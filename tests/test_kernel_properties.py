@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -79,9 +79,24 @@ def test_noisy_planted_gamma_is_inside_bootstrap_interval(gamma):
     assert fit.ci_high - fit.ci_low < 0.05 * gamma
     assert not (fit.ci_low <= gamma * 1.1 <= fit.ci_high)
     assert fit.kl < fit.kl_at_1 or gamma == 1.0
-    # grouping rows into completions widens the interval, never narrows it below the rows'
-    grouped = K.fit_gamma_pooled(p, q, groups=np.repeat(np.arange(40), 10), n_boot=1000)
-    assert grouped.gamma == pytest.approx(fit.gamma)
+
+
+def test_grouped_bootstrap_widens_the_interval_for_correlated_rows():
+    """Rows of one completion share their deviation from gamma (planted: each group of 10 rows
+    has its own power gamma + delta_g).  Resampling rows treats 400 rows as independent and is
+    too narrow; resampling groups must give a clearly wider interval that covers gamma, with
+    the same point estimate."""
+    rng = np.random.default_rng(7)
+    gamma, n_groups, per = 1.5, 40, 10
+    p = (rng.standard_normal((n_groups * per, 2000)) * 2).astype(np.float32)
+    g_row = np.repeat(gamma + rng.normal(0, 0.05, n_groups), per)[:, None]
+    q = (g_row * R.log_softmax(p.astype(np.float64))).astype(np.float32)
+    rows = K.fit_gamma_pooled(p, q, n_boot=1000, seed=1)
+    grouped = K.fit_gamma_pooled(p, q, groups=np.repeat(np.arange(n_groups), per), n_boot=1000,
+                                 seed=1)
+    assert grouped.gamma == pytest.approx(rows.gamma)
+    assert grouped.ci_high - grouped.ci_low > 2 * (rows.ci_high - rows.ci_low), (rows, grouped)
+    assert grouped.ci_low <= gamma <= grouped.ci_high, grouped
 
 
 def test_pooled_gamma_matches_brute_force_minimum():
@@ -103,13 +118,13 @@ def test_pooled_gamma_matches_brute_force_minimum():
 def test_gamma_for_entropy_inverts_tempered_entropy(x, g):
     x = np.where(np.isfinite(x), x, -np.inf).astype(np.float32)
     spread = np.nanstd(np.where(np.isfinite(x), x, np.nan), -1) > 0.5
-    if not spread.any():
-        return
+    assume(spread.any())  # rows with (almost) equal logits have no entropy to invert
     x = x[spread]
     target = K.tempered_entropy(x, [g])[:, 0]
     got = K.gamma_for_entropy(x, target)
-    back = K.tempered_entropy(x, [float(v) for v in got[:1]])[:1, 0] if np.isfinite(got[0]) else target[:1]
-    np.testing.assert_allclose(back, target[:1], atol=1e-5)
+    assert np.all(np.isfinite(got)), got  # every target comes from a finite power: invertible
+    back = np.array([K.tempered_entropy(x[i:i + 1], [float(got[i])])[0, 0] for i in range(len(x))])
+    np.testing.assert_allclose(back, target, atol=1e-5)
     h = K.tempered_entropy(x, [0.5, 1.0, 2.0, 4.0])
     assert np.all(np.diff(h, axis=-1) <= 1e-6)  # entropy falls as the power rises
 

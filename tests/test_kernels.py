@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import kernels as K
-from engine import codecs
+from engine.archive import codecs
+from engine.encode import encode as encode_codec, to_numpy
 from kernels import reference as R
 
 RNG = np.random.default_rng(0)
@@ -42,15 +43,15 @@ def encode(x64: np.ndarray, codec: str):
         stored = np.clip(x64, -60000, 60000).astype(dt)
         return (torch.from_numpy(stored) if codec.startswith("t_") else stored), stored.astype(np.float64)
     base = codec.removeprefix("t_")
-    data, scale, offset = codecs.encode(base, t.float())
+    data, scale, offset = encode_codec(base, t.float())
     sc = None if scale is None else scale.numpy()
     of = None if offset is None else offset.numpy()
-    seen = codecs.decode(base, codecs.to_numpy(base, data), sc, of).astype(np.float64)
+    seen = codecs.decode(base, to_numpy(base, data), sc, of).astype(np.float64)
     if codec.startswith("t_"):
         if base == "bf16":
             return data.view(torch.bfloat16), seen
         return K.Encoded(data, "q16", scale, offset), seen
-    return K.Encoded(codecs.to_numpy(base, data), base, sc, of), seen
+    return K.Encoded(to_numpy(base, data), base, sc, of), seen
 
 
 def as_np(a):

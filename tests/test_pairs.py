@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 import kernels as K
-from engine import archive as archive_mod
+from engine.archive import writer as archive_mod
 from engine import dump as dump_mod
 from engine import perturb as perturb_mod
 from engine import score as score_mod
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.models import load_model
+from engine.archive import Archive
 from engine.stream import map_pairs
 from tests.conftest import compose_cfg
 
@@ -79,20 +80,18 @@ def test_score_refuses_the_generator_key_and_existing_groups(source, tmp_path, c
         assert np.array_equal(f["models/tiny-random-tempered-1.7/logits"][()], before)
 
 
-def test_score_refuses_mismatched_tokenizers(source, tmp_path, cache_dir, monkeypatch):
-    real = score_mod.load_model
-
-    def other_vocab(*a, **k):
-        lm = real(*a, **k)
+def test_score_refuses_mismatched_tokenizers(source, tmp_path, cache_dir):
+    def other_vocab(*overrides):
+        cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={source}", *TEMPERED, *overrides])
+        lm = load_model(cfg.model, "cpu", cache_dir)
         lm.provenance = {**lm.provenance, "vocab_hash": "0" * 64, "tokenizer_name": "other"}
-        return lm
+        return score_mod.run(cfg, model=lm)
 
-    monkeypatch.setattr(score_mod, "load_model", other_vocab)
     with pytest.raises(EngineError, match="tokenizer mismatch"):
-        score(tmp_path, cache_dir, source, *TEMPERED)
+        other_vocab()
     with h5py.File(source, "r") as f:
         assert list(f["models"]) == ["tiny-random"], "nothing may be written on refusal"
-    score(tmp_path, cache_dir, source, *TEMPERED, "allow_tokenizer_mismatch=true")
+    other_vocab("allow_tokenizer_mismatch=true")
     with Archive(source) as a:
         assert a.model("tiny-random-tempered-1.7").complete
 

@@ -17,7 +17,7 @@ from engine import models
 from engine import score as score_mod
 from engine.errors import EngineError
 from engine.prompts import render
-from engine.reader import Archive
+from engine.archive import Archive
 from tests.conftest import compose_cfg, compose_dump
 from tests.test_analyses import analysis_cfg
 
@@ -102,8 +102,8 @@ def test_persona_prompts_use_auto_and_score_inherits_it(tmp_path, cache_dir, mon
         shown = [a.model(k).group["prompt_text"].asstr()[0] for k in ("tiny-random", "inherits", "raw")]
         assert shown[0].startswith("<|user|>Create one customer persona") and shown[0] == shown[1]
         assert shown[2].startswith("<s>Create one customer persona") and shown[2].endswith("First name:")
-        assert a.model().provenance["chat_template"] is True
-        assert a.model("raw").provenance["chat_template"] is False
+        assert a.model().chat_template is True and a.model("inherits").chat_template is True
+        assert a.model("raw").chat_template is False
 
 
 # Planted completions of a tiny-random personas archive: its prompt ends on "First name:", its

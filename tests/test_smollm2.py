@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from engine import dump as dump_mod
 from engine import models
 from engine.errors import EngineError
-from engine.reader import Archive
+from engine.archive import Archive
 from tests.conftest import compose_dump
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import pytest
 
 import kernels as K
 from engine import dump as dump_mod
-from engine.reader import Archive
+from engine.archive import Archive
 from engine.stream import map_rows
 from kernels import reference as R
 
@@ -47,3 +47,43 @@ def test_map_rows_reads_whole_chunks(tiny_archive, monkeypatch):
         monkeypatch.setattr(Archive, "iter_rows", spy)
         map_rows(a, K.entropy, progress=False)
     assert all(t0 % k == 0 and n <= k for t0, n in seen)
+
+
+def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, tmp_path,
+                                                                       cache_dir, monkeypatch):
+    """A model scored with codec=fp32 on an fp16 archive stores half as many steps per chunk
+    (at V = 49152: 10 against 16).  Planted here with a small chunk target (fp16: 6 steps,
+    fp32: 3 steps per chunk); map_pairs must pair the same (sample, step) rows, and the pair
+    analysis must run."""
+    import json
+
+    from analyses.__main__ import run as run_analysis
+    from engine import score as score_mod
+    from engine.archive import format as F
+    from engine.stream import map_pairs
+    from tests.conftest import compose_cfg
+
+    monkeypatch.setattr(F, "CHUNK_TARGET_BYTES", 258 * 4 * 3)
+    res = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=14", "codec=fp16",
+                                f"out={tmp_path}/mixed.h5"))
+    score_mod.run(compose_cfg("score", tmp_path, cache_dir, [
+        f"archive={res['archive']}", "model=tempered", "model.base=tiny-random",
+        "model.gamma=1.3", "codec=fp32"]))
+    key = "tiny-random-tempered-1.3"
+    with Archive(res["archive"]) as a:
+        assert a.model().chunk_steps == 5 and a.model(key).chunk_steps == 3  # 14 steps evened out
+        out, sample, step = map_pairs(a, lambda p, q, t: K.pair_stats(p, q, t), "tiny-random", key,
+                                      progress=False)
+        s = a.samples()
+        assert len(sample) == int(s["length"].sum())
+        for i in range(a.n_samples):
+            n = int(s["length"][i])
+            p, q = a.model().rows(i, slice(0, n)), a.model(key).rows(i, slice(0, n))
+            sel = sample == i
+            assert step[sel].tolist() == list(range(n))
+            np.testing.assert_allclose(out["kl_pq"][sel], R.pair_stats(p.astype(np.float64), q.astype(np.float64))[0],
+                                       atol=1e-5)
+    cfg = compose_cfg("analyses", tmp_path / "pair", cache_dir, ["analysis=pair", f"archive={res['archive']}"])
+    summary = run_analysis(cfg)
+    assert json.loads((tmp_path / "pair" / "summary.json").read_text())["aligned"] == key
+    assert summary["aligned"] == key

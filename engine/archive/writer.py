@@ -1,37 +1,31 @@
-"""Archive writer: the HDF5 layout of docs/archive-format.md (format_version 1).
+"""Archive writer: the layout of docs/archive-format.md (names from `engine.archive.format`).
 
-Crash safety.  The archive is written as `<out>.partial` and renamed atomically when complete.
-Every dataset is created at its final size with early allocation, so the chunk index is
-complete before the first sample is generated; afterwards the writer only writes raw data into
-already-allocated chunks and rewrites one fixed-size attribute (`n_complete`) in place after
-each batch has been written and flushed.  A process killed at any point (SIGKILL included)
-therefore leaves a file whose metadata is the one from creation and whose first `n_complete`
-samples are whole; `resume` continues from there.  (Durability against power loss is the
-operating system's page cache's business; there is no fsync.)
+Input is neutral: every producer (sampling, teacher-forced scoring, perturbation) hands the
+writer `Rows` (host numpy arrays, already encoded), one per generated step of a batch.
+
+Crash safety.  The archive is written as `<out>.partial` and renamed atomically when complete
+(by the run layer).  Every dataset is created at its final size with early allocation, so the
+chunk index is complete before the first sample is generated; afterwards the writer only
+writes raw data into already-allocated chunks and rewrites one fixed-size attribute
+(`n_complete`) in place after each batch has been written and flushed.  A process killed at
+any point (SIGKILL included) therefore leaves a file whose metadata is the one from creation
+and whose first `n_complete` samples are whole; `resume` continues from there.  (Durability
+against power loss is the operating system's page cache's business; there is no fsync.)
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
 
-from engine import codecs
+from engine.archive import format as F
 from engine.errors import EngineError
-from engine.sampling import Step
-
-FORMAT = "logit-archive"
-FORMAT_VERSION = 1
-FINISH_REASONS = {"length": 0, "eos": 1}
-FINISH = h5py.enum_dtype(FINISH_REASONS, basetype="u1")
-STR = h5py.string_dtype("utf-8")
-VLEN_I32 = h5py.vlen_dtype(np.int32)
-CHUNK_TARGET_BYTES = 2 << 20  # aim for 2 MiB chunks: inside the spec's 1-4 MiB band
 
 
 @dataclass
@@ -44,15 +38,21 @@ class ModelInfo:
     prompt_tokens: Sequence[Sequence[int]]
     vocab_strings: Sequence[str]  # display string of every token id, length vocab_size
     tokenizer_json: str  # the fast tokenizer's tokenizer.json ("" if none)
+    chat_template: bool = False  # whether the model read the prompts through its template
+    role: str = "generator"  # or "scored"
+    score_key: str | None = None  # scored groups: JSON of the scoring settings
 
 
-def chunk_steps(vocab: int, itemsize: int, max_steps: int) -> int:
-    """Steps per chunk: at most CHUNK_TARGET_BYTES per (1, k, vocab) chunk, and k spread so
-    the chunks cover max_steps evenly (64 steps in 16+16+16+16, not 21+21+21+21 with 20 steps
-    of the last chunk allocated for nothing)."""
-    k0 = max(1, min(max_steps, CHUNK_TARGET_BYTES // max(1, vocab * itemsize)))
-    n = -(-max(1, max_steps) // k0)  # chunks along the step axis
-    return int(-(-max(1, max_steps) // n))
+@dataclass
+class Rows:
+    """One step `t` of a batch, encoded and on the host: what every producer hands the writer."""
+    t: int
+    data: np.ndarray  # [batch, vocab] in the codec's storage dtype
+    tokens: np.ndarray  # [batch] token of this step (sampled, or the stored one when scoring)
+    alive: np.ndarray  # [batch] bool: the sample had not ended before this step
+    scale: np.ndarray | None = None  # [batch] q16 only
+    offset: np.ndarray | None = None  # [batch] q16 only
+    acts: dict = field(default_factory=dict)  # hook -> [batch, d] float32
 
 
 def _early(f, name, shape, dtype, chunks=None, **kw):
@@ -70,7 +70,7 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
     f = h5py.File(path, "w")
     try:
         a = f.attrs
-        a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
+        a["format"], a["format_version"] = F.FORMAT, F.FORMAT_VERSION
         a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["config_yaml"], a["run_key"] = config_yaml, json.dumps(run_key, sort_keys=True)
         for k, v in provenance_root.items():
@@ -78,15 +78,15 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
         a["generator"], a["n_samples"], a["n_prompts"] = model.key, total, n_prompts
         a["samples_per_prompt"], a["max_new_tokens"] = n_samples, steps
         a["n_complete"], a["complete"] = np.int64(0), np.int8(0)
-        f.create_dataset("prompts/text", data=np.array(list(prompts), dtype=object), dtype=STR)
-        s = f.create_group("samples")
+        f.create_dataset(F.PROMPTS, data=np.array(list(prompts), dtype=object), dtype=F.STR)
+        s = f.create_group(F.SAMPLES)
         s.create_dataset("prompt_index", data=np.repeat(np.arange(n_prompts, dtype=np.int32),
                                                         n_samples))
         tok_chunks = (1, max(1, steps))
         _early(s, "tokens", (total, steps), np.int32, chunks=tok_chunks if steps else None,
-               fillvalue=-1)
+               fillvalue=F.TOKEN_PAD)
         _early(s, "length", (total,), np.int32)
-        _early(s, "finish_reason", (total,), FINISH)
+        _early(s, "finish_reason", (total,), F.FINISH)
         _early(s, "seed", (total,), np.uint64)
         add_model_group(f, model, total, steps, codec, window, capture_dims)
         f.flush()
@@ -99,34 +99,54 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
 
 def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims=None):
     """Create /models/<key> at full size (every chunk allocated).  Its own `n_complete` and
-    `complete` attributes record how many samples have rows (scored models fill them after
-    the generator)."""
-    g = f.create_group(f"models/{model.key}")
+    `complete` attributes record how many samples have rows."""
+    if model.role not in F.ROLES:
+        raise ValueError(f"role must be one of {F.ROLES}, got {model.role!r}")
+    g = f.create_group(f"{F.MODELS}/{model.key}")
     for k, v in model.provenance.items():
         g.attrs[k] = v
     g.attrs["n_complete"], g.attrs["complete"] = np.int64(0), np.int8(0)
+    g.attrs["role"], g.attrs["chat_template"] = model.role, bool(model.chat_template)
+    if model.score_key is not None:
+        g.attrs[F.SCORE_KEY] = model.score_key
     g.create_dataset("prompt_text", data=np.array(list(model.prompt_text), dtype=object),
-                     dtype=STR)
-    pt = g.create_dataset("prompt_tokens", (len(model.prompt_tokens),), dtype=VLEN_I32)
+                     dtype=F.STR)
+    pt = g.create_dataset("prompt_tokens", (len(model.prompt_tokens),), dtype=F.VLEN_I32)
     for i, ids in enumerate(model.prompt_tokens):
         pt[i] = np.asarray(ids, dtype=np.int32)
-    g.create_dataset("vocab", data=np.array(list(model.vocab_strings), dtype=object), dtype=STR)
-    g.create_dataset("tokenizer_json", data=model.tokenizer_json, dtype=STR)
-    vocab, store = model.vocab_size, np.dtype(codecs.STORAGE_DTYPE[codec])
-    k = chunk_steps(vocab, store.itemsize, steps)
+    g.create_dataset("vocab", data=np.array(list(model.vocab_strings), dtype=object), dtype=F.STR)
+    g.create_dataset("tokenizer_json", data=model.tokenizer_json, dtype=F.STR)
+    vocab, store = model.vocab_size, np.dtype(F.STORAGE_DTYPE[codec])
+    k = F.chunk_steps(vocab, store.itemsize, steps)
     shape = (total, steps, vocab)  # [sample, step, vocab]
     lg = _early(g, "logits", shape, store, chunks=(1, k, vocab) if steps else None,
                 fill_time="never")
-    lg.attrs["codec"] = codec
-    lg.attrs["dtype"] = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16",
-                         "q16": "uint16"}[codec]
+    lg.attrs["codec"], lg.attrs["dtype"] = codec, F.DTYPE_ATTR[codec]
     if codec == "q16":
         lg.attrs["window"] = float(window)
-        for name in ("logits_scale", "logits_offset"):
+        for name in (F.LOGITS_SCALE, F.LOGITS_OFFSET):
             _early(g, name, (total, steps), np.float32, chunks=(1, max(1, steps)))
     for hook, d in (capture_dims or {}).items():
-        _early(g, f"activations/{hook}", (total, steps, d), np.float32,
+        _early(g, f"{F.ACTIVATIONS}/{hook}", (total, steps, d), np.float32,
                chunks=(1, max(1, steps), d), fill_time="never")
+    return g
+
+
+def write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_attrs: dict) -> None:
+    """/lineage of a perturbation archive: records have parent, variant, cut, edit; prompts
+    come in (control, variant) pairs, so each one's matched control is the even index."""
+    g = f.create_group(F.LINEAGE)
+    g.attrs["source_archive"] = str(source)
+    g.attrs["source_created"] = str(source_attrs.get("created", ""))
+    g.attrs["source_generator"] = str(source_attrs.get("generator", ""))
+    g.create_dataset("parent_sample", data=np.array([r["parent"] for r in records], np.int32))
+    g.create_dataset("variant", data=np.array([F.VARIANTS[r["variant"]] for r in records],
+                                              np.uint8), dtype=F.VARIANT)
+    g.create_dataset("cut", data=np.array([r["cut"] for r in records], np.int32))
+    g.create_dataset("edit", data=np.array([r["edit"] for r in records], dtype=object),
+                     dtype=F.STR)
+    g.create_dataset("control_prompt",
+                     data=(np.arange(len(records)) // 2 * 2).astype(np.int32))
 
 
 def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
@@ -136,9 +156,14 @@ def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
     except OSError as exc:
         raise EngineError(f"cannot resume: {path} is not a readable HDF5 file ({exc})") from exc
     stored = f.attrs.get("run_key")
-    if f.attrs.get("format") != FORMAT or stored is None:
+    if f.attrs.get("format") != F.FORMAT or stored is None:
         f.close()
         raise EngineError(f"cannot resume: {path} is not a partial logit archive")
+    if int(f.attrs.get("format_version", 0)) != F.FORMAT_VERSION:
+        f.close()
+        raise EngineError(f"cannot resume {path}: it was written as format_version "
+                          f"{int(f.attrs.get('format_version', 0))} by an older engine; "
+                          f"use overwrite=true to start over")
     if json.loads(stored) != json.loads(json.dumps(run_key, sort_keys=True)):
         old, new = json.loads(stored), run_key
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -148,24 +173,57 @@ def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
     return ArchiveWriter(f, str(f.attrs["generator"]))
 
 
+def open_scored_group(path: Path, model: ModelInfo, *, codec: str, window: float,
+                      resume: bool, overwrite: bool) -> tuple["ModelWriter", bool]:
+    """(writer for /models/<key>, resuming) in an existing complete archive: continue a partial
+    group whose score_key matches (resume), replace one (overwrite), or create it."""
+    f = h5py.File(path, "r+")
+    try:
+        key, total, steps = model.key, f[F.SAMPLES]["length"].shape[0], f[F.SAMPLES]["tokens"].shape[1]
+        g = f.get(f"{F.MODELS}/{key}")
+        resuming = False
+        if g is not None:
+            if overwrite:
+                del f[f"{F.MODELS}/{key}"]
+            elif bool(g.attrs.get("complete", 0)):
+                raise EngineError(f"the archive already has model {key!r}; pass overwrite=true "
+                                  f"to replace it")
+            elif not resume:
+                raise EngineError(f"model {key!r} was partly scored ({int(g.attrs['n_complete'])}"
+                                  f" samples): pass resume=true to continue or overwrite=true "
+                                  f"to restart")
+            elif json.loads(g.attrs.get(F.SCORE_KEY, "{}")) != json.loads(model.score_key or "{}"):
+                raise EngineError(f"cannot resume scoring {key!r}: it was started with different "
+                                  f"settings; use overwrite=true")
+            else:
+                resuming = True
+        if not resuming:
+            add_model_group(f, model, total, steps, codec, window)
+            f.flush()
+        return ModelWriter(f[f"{F.MODELS}/{key}"], owns_file=True), resuming
+    except BaseException:
+        f.close()
+        raise
+
+
 class ModelWriter:
     """Writes the rows of one model group: logits (encoded), q16 scales, activations."""
 
-    def __init__(self, group: h5py.Group):
+    def __init__(self, group: h5py.Group, owns_file: bool = False):
         self.g = group
+        self.owns_file = owns_file
         self.logits = group["logits"]  # [sample, step, vocab]
         self.codec = str(self.logits.attrs["codec"])
-        self.window = float(self.logits.attrs.get("window", codecs.MIN_Q16_WINDOW))
         self.steps = int(self.logits.shape[1])
-        grp = group.get("activations")
+        grp = group.get(F.ACTIVATIONS)
         self.acts = {} if grp is None else {n: grp[n] for n in _walk_datasets(grp)}
 
     @property
     def n_complete(self) -> int:
         return int(self.g.attrs["n_complete"])
 
-    def write(self, s0: int, n: int, steps: Iterable[Step]) -> tuple[np.ndarray, np.ndarray]:
-        """Consume one batch's steps for samples s0..s0+n, writing whole chunks as they fill.
+    def write(self, s0: int, n: int, steps: Iterable[Rows]) -> tuple[np.ndarray, np.ndarray]:
+        """Consume one batch's rows for samples s0..s0+n, writing whole chunks as they fill.
         Returns (tokens [n, T] with -1 padding, length [n])."""
         T, V = self.steps, self.logits.shape[-1]
         k = self.logits.chunks[1] if self.logits.chunks else 1
@@ -173,21 +231,20 @@ class ModelWriter:
         buf = np.zeros((n, k, V), dtype=self.logits.dtype)  # [sample, step, vocab]: one chunk row each
         sbuf = np.zeros((2, n, T), dtype=np.float32) if q16 else None  # scale, offset
         acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32) for name, ds in self.acts.items()}
-        tokens = np.full((n, T), -1, dtype=np.int32)
+        tokens = np.full((n, T), F.TOKEN_PAD, dtype=np.int32)
         length = np.zeros(n, dtype=np.int32)
         t0 = 0
-        for step in steps:
-            data, scale, offset = codecs.encode(self.codec, step.logits, self.window)
-            alive = step.alive.cpu().numpy()
-            j = step.t - t0
-            buf[:, j] = codecs.to_numpy(self.codec, data)
+        for row in steps:
+            alive = np.asarray(row.alive, dtype=bool)
+            j = row.t - t0
+            buf[:, j] = row.data
             buf[~alive, j] = 0  # rows past a sample's end are zero (spec: padding)
             if q16:
-                sbuf[0, :, step.t] = scale.cpu().numpy() * alive
-                sbuf[1, :, step.t] = offset.cpu().numpy() * alive
-            for name, a in step.acts.items():
-                acts[name][:, step.t] = a.float().cpu().numpy() * alive[:, None]
-            tokens[alive, step.t] = step.tokens.cpu().numpy()[alive]
+                sbuf[0, :, row.t] = row.scale * alive
+                sbuf[1, :, row.t] = row.offset * alive
+            for name, a in row.acts.items():
+                acts[name][:, row.t] = a * alive[:, None]
+            tokens[alive, row.t] = np.asarray(row.tokens)[alive]
             length += alive
             if j == k - 1:
                 self.logits[s0:s0 + n, t0:t0 + k] = buf
@@ -196,8 +253,8 @@ class ModelWriter:
         if t0 < int(length.max(initial=0)):
             self.logits[s0:s0 + n, t0:min(t0 + k, T)] = buf[:, :min(k, T - t0)]
         if q16:
-            self.g["logits_scale"][s0:s0 + n] = sbuf[0]
-            self.g["logits_offset"][s0:s0 + n] = sbuf[1]
+            self.g[F.LOGITS_SCALE][s0:s0 + n] = sbuf[0]
+            self.g[F.LOGITS_OFFSET][s0:s0 + n] = sbuf[1]
         for name, ds in self.acts.items():
             ds[s0:s0 + n] = acts[name]
         return tokens, length
@@ -212,6 +269,16 @@ class ModelWriter:
         self.g.attrs.modify("complete", np.int8(1))
         self.g.file.flush()
 
+    def close(self) -> None:
+        if self.owns_file and self.g.file.id.valid:
+            self.g.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 class ArchiveWriter:
     """Streams batches of generated samples into a created or reopened archive: the
@@ -219,22 +286,23 @@ class ArchiveWriter:
 
     def __init__(self, f: h5py.File, model_key: str):
         self.f = f
-        self.rows = ModelWriter(f[f"models/{model_key}"])
+        self.rows = ModelWriter(f[f"{F.MODELS}/{model_key}"])
 
     @property
     def n_complete(self) -> int:
         return int(self.f.attrs["n_complete"])
 
-    def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Step],
+    def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Rows],
                     eos_ids: Sequence[int]) -> None:
         n, T = len(seeds), self.rows.steps
         tokens, length = self.rows.write(s0, n, steps)
         last = tokens[np.arange(n), np.maximum(length - 1, 0)] if T else np.full(n, -1)
         ended = (length > 0) & np.isin(last, np.asarray(eos_ids, dtype=np.int32))
-        samples = self.f["samples"]
+        samples = self.f[F.SAMPLES]
         samples["tokens"][s0:s0 + n] = tokens
         samples["length"][s0:s0 + n] = length
-        samples["finish_reason"][s0:s0 + n] = ended.astype(np.uint8)
+        samples["finish_reason"][s0:s0 + n] = np.where(ended, F.FINISH_REASONS["eos"],
+                                                       F.FINISH_REASONS["length"]).astype(np.uint8)
         samples["seed"][s0:s0 + n] = np.asarray(seeds, dtype=np.uint64)
         self.rows.commit(s0 + n)
         self.f.flush()  # data and the group's record first ...

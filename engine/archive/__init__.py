@@ -1,0 +1,17 @@
+"""The archive package: the HDF5 layout of docs/archive-format.md, with no torch.
+
+  format   every name, constant and enum of the spec, in the spec's order
+  codecs   numpy decoding of the logit codecs (encoding is the run layer's: engine.encode)
+  writer   creating archives and model groups, streaming `Rows` into them, lineage
+  reader   `Archive` / `ModelView`: validation, named accessors, chunk-aligned streaming
+  text     token ids -> text from the tokenizer record an archive keeps
+"""
+
+from engine.archive.reader import Archive, Block, ModelView
+from engine.archive.text import Text
+from engine.archive.writer import (ArchiveWriter, ModelInfo, ModelWriter, Rows, add_model_group,
+                                   create, open_for_resume, open_scored_group, write_lineage)
+
+__all__ = ["Archive", "ArchiveWriter", "Block", "ModelInfo", "ModelView", "ModelWriter", "Rows",
+           "Text", "add_model_group", "create", "open_for_resume", "open_scored_group",
+           "write_lineage"]

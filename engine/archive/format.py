@@ -1,0 +1,76 @@
+"""Every name, constant and enum of docs/archive-format.md, in the spec's order.
+
+The writer and the reader take the layout from here and nowhere else; a change to the layout
+is a change to this file, to the spec, and (where old files read differently) a new
+`FORMAT_VERSION` with a fixture of the old one under tests/data/.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+# ---- Root attributes ------------------------------------------------------------------------
+FORMAT = "logit-archive"
+FORMAT_VERSION = 2
+#: versions this reader understands (1: generator group without n_complete/complete/role/
+#: chat_template, which a version-1 reader derives from the root and run_key)
+READABLE_VERSIONS = (1, 2)
+ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
+              "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
+              "max_new_tokens", "n_complete", "complete")
+
+# ---- Datasets -------------------------------------------------------------------------------
+PROMPTS = "prompts/text"  # [P] str
+SAMPLES = "samples"
+SAMPLE_FIELDS = ("prompt_index", "tokens", "length", "finish_reason", "seed")
+REQUIRED = (PROMPTS, *(f"{SAMPLES}/{n}" for n in SAMPLE_FIELDS))
+MODELS = "models"
+#: datasets every /models/<key> group MUST have
+MODEL_REQUIRED = ("logits", "prompt_tokens", "prompt_text", "vocab", "tokenizer_json")
+LOGITS_SCALE, LOGITS_OFFSET = "logits_scale", "logits_offset"  # q16 only, [S, T] float32
+ACTIVATIONS = "activations"  # optional group: activations/<hook> [S, T, d] float32
+
+FINISH_REASONS = {"length": 0, "eos": 1}  # /samples/finish_reason
+TOKEN_PAD = -1  # /samples/tokens at steps >= length
+
+# ---- Model group attributes -----------------------------------------------------------------
+#: progress and role; every group of a version-2 file has them
+GROUP_STATE = ("n_complete", "complete", "role", "chat_template")
+ROLES = ("generator", "scored")
+SCORE_KEY = "score_key"  # scored groups: JSON of the scoring settings (resume must match)
+#: provenance attributes a writer records (see "Provenance attributes of /models/<key>")
+PROVENANCE = ("source", "name", "revision", "weights_sha256", "path", "tokenizer_name",
+              "vocab_hash", "tokenizer_size", "vocab_size", "dtype")
+
+# ---- Perturbation lineage (optional /lineage) -----------------------------------------------
+LINEAGE = "lineage"
+VARIANTS = {"control": 0, "edit": 1, "fork": 2}
+LINEAGE_FIELDS = ("parent_sample", "variant", "cut", "edit", "control_prompt")
+LINEAGE_ATTRS = ("source_archive", "source_created", "source_generator")
+
+# ---- Codecs ---------------------------------------------------------------------------------
+CODECS = ("fp16", "fp32", "bf16", "q16")
+STORAGE_DTYPE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16, "q16": np.uint16}
+DTYPE_ATTR = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16", "q16": "uint16"}
+FP16_MAX = 65504.0
+Q16_MAX_CODE = 65535
+MIN_Q16_WINDOW = 24.0
+
+# ---- Chunking -------------------------------------------------------------------------------
+CHUNK_TARGET_BYTES = 2 << 20  # aim for 2 MiB (1, k, V) chunks: inside the spec's 1-4 MiB band
+
+# ---- HDF5 types -----------------------------------------------------------------------------
+STR = h5py.string_dtype("utf-8")
+VLEN_I32 = h5py.vlen_dtype(np.int32)
+FINISH = h5py.enum_dtype(FINISH_REASONS, basetype="u1")
+VARIANT = h5py.enum_dtype(VARIANTS, basetype="u1")
+
+
+def chunk_steps(vocab: int, itemsize: int, max_steps: int) -> int:
+    """Steps per (1, k, vocab) chunk: at most CHUNK_TARGET_BYTES, and k spread so the chunks
+    cover max_steps evenly (64 steps in 16+16+16+16, not 21+21+21+21 with 20 steps of the last
+    chunk allocated for nothing)."""
+    k0 = max(1, min(max_steps, CHUNK_TARGET_BYTES // max(1, vocab * itemsize)))
+    n = -(-max(1, max_steps) // k0)  # chunks along the step axis
+    return int(-(-max(1, max_steps) // n))

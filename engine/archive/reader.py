@@ -1,0 +1,269 @@
+"""Read-only access to archives (docs/archive-format.md), with validation and chunk-aligned
+streaming of logit rows in bounded memory.  No torch.
+
+`Archive` checks the schema once on open and turns every way a file can be unusable (missing,
+not HDF5, truncated, foreign schema, newer format_version) into one EngineError line.  Every
+fact a caller needs is a named accessor here (callers never index the h5py objects), and
+version-1 files read through the same accessors (what version 2 records explicitly is
+derived from the root attributes and `run_key`).  `iter_rows` reads whole (1, k, vocab)
+chunks through a chunk cache sized to hold them, and yields them with their (sample, step)
+coordinates for kernels to reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from engine.archive import codecs
+from engine.archive import format as F
+from engine.archive.text import Text
+from engine.errors import EngineError
+
+
+@dataclass
+class Block:
+    """Stored rows of one chunk-aligned read: rows[i] is (sample, steps[i])."""
+    sample: int
+    steps: np.ndarray  # [rows] step index of each row (all < the sample's length)
+    raw: np.ndarray  # [rows, vocab] as stored (float16/float32/uint16)
+    scale: np.ndarray | None  # [rows] q16 only
+    offset: np.ndarray | None  # [rows] q16 only
+
+
+class ModelView:
+    """One /models/<key> group."""
+
+    def __init__(self, group: h5py.Group, archive: "Archive"):
+        self.group = group
+        self.key = group.name.rsplit("/", 1)[-1]
+        for name in F.MODEL_REQUIRED:
+            if name not in group:
+                raise EngineError(f"archive model group {self.key!r} lacks {name!r} "
+                                  f"(truncated or foreign archive)")
+        self.logits = group["logits"]  # [sample, step, vocab]
+        self.codec = str(self.logits.attrs.get("codec", ""))
+        if self.codec not in F.CODECS:
+            raise EngineError(f"model {self.key!r} has unknown codec {self.codec!r}")
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in group.attrs.items()}
+        self.provenance = {k: v for k, v in attrs.items()
+                           if k not in F.GROUP_STATE and k != F.SCORE_KEY}
+        root = archive.f.attrs
+        # version 1: the generator group has no state of its own; the root's is its own
+        self.n_complete = int(attrs.get("n_complete", root.get("n_complete", 0)))
+        self.complete = bool(attrs.get("complete", root.get("complete", 0)))
+        self.role = str(attrs.get("role", "generator" if self.key == archive.generator
+                                  else "scored"))
+        chat = attrs.get("chat_template", archive.run_key.get("chat_template", False))
+        self.chat_template = bool(chat) if isinstance(chat, (bool, np.bool_, int)) else None
+        self.score_key = json.loads(attrs[F.SCORE_KEY]) if F.SCORE_KEY in attrs else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.logits.shape[-1])
+
+    @property
+    def window(self) -> float | None:
+        return float(self.logits.attrs["window"]) if self.codec == "q16" else None
+
+    @property
+    def chunk_steps(self) -> int:
+        return int(self.logits.chunks[1]) if self.logits.chunks else max(1, self.logits.shape[1])
+
+    @property
+    def storage_bytes(self) -> int:
+        return int(self.logits.id.get_storage_size())
+
+    @functools.cached_property
+    def activations(self) -> list[str]:
+        grp = self.group.get(F.ACTIVATIONS)
+        return [] if grp is None else list(grp)
+
+    def vocab(self) -> np.ndarray:
+        return self.group["vocab"].asstr()[()]
+
+    @functools.cached_property
+    def prompt_text(self) -> list[str]:
+        """What this model read for each prompt (its chat template applied where it used one)."""
+        return list(self.group["prompt_text"].asstr()[()])
+
+    def prompt_tokens(self, prompt: int) -> list[int]:
+        return [int(i) for i in self.group["prompt_tokens"][int(prompt)]]
+
+    @functools.cached_property
+    def text(self) -> Text:
+        """Token ids -> text with this model's tokenizer record."""
+        return Text(self.vocab(), self.group["tokenizer_json"].asstr()[()])
+
+    def decode(self, raw, scale=None, offset=None) -> np.ndarray:
+        return codecs.decode(self.codec, raw, scale, offset)
+
+    def rows(self, sample: int, steps=slice(None)) -> np.ndarray:
+        """Decoded float32 rows [step, vocab] of one sample (logits, or log-probs for q16)."""
+        raw = self.logits[sample, steps]
+        if self.codec == "q16":
+            return self.decode(raw, self.group[F.LOGITS_SCALE][sample, steps],
+                               self.group[F.LOGITS_OFFSET][sample, steps])
+        return self.decode(raw)
+
+    def block(self, sample: int, t0: int, t1: int) -> Block:
+        """Rows t0..t1 of one sample as stored (no decoding)."""
+        q16 = self.codec == "q16"
+        return Block(sample=int(sample), steps=np.arange(t0, t1),
+                     raw=self.logits[sample, t0:t1],
+                     scale=self.group[F.LOGITS_SCALE][sample, t0:t1] if q16 else None,
+                     offset=self.group[F.LOGITS_OFFSET][sample, t0:t1] if q16 else None)
+
+
+class Archive:
+    def __init__(self, path: str | Path, *, allow_partial: bool = False,
+                 rdcc_nbytes: int = 16 << 20):
+        self.path = Path(path)
+        self._samples: dict | None = None
+        if not self.path.exists():
+            raise EngineError(f"archive not found: {path}")
+        if self.path.is_dir():
+            raise EngineError(f"{path} is a directory, not an archive")
+        try:
+            self.f = h5py.File(self.path, "r", rdcc_nbytes=rdcc_nbytes, rdcc_nslots=10007)
+        except OSError as exc:
+            reason = "truncated" if "truncated" in str(exc).lower() else "not an HDF5 file"
+            raise EngineError(f"cannot read {path}: {reason} or damaged") from exc
+        try:
+            self._validate(allow_partial)
+        except Exception:
+            self.f.close()
+            raise
+
+    def _validate(self, allow_partial: bool) -> None:
+        a = self.f.attrs
+        if a.get("format") != F.FORMAT:
+            raise EngineError(f"{self.path} is an HDF5 file but not a logit archive "
+                              f"(no format={F.FORMAT!r} attribute)")
+        version = int(a.get("format_version", -1))
+        if version > F.FORMAT_VERSION:
+            raise EngineError(f"{self.path} has format_version {version}; this engine reads "
+                              f"up to {F.FORMAT_VERSION}: upgrade the engine")
+        if version not in F.READABLE_VERSIONS:
+            raise EngineError(f"{self.path} has an invalid format_version {version}")
+        missing = [n for n in F.REQUIRED if n not in self.f]
+        if missing or F.MODELS not in self.f or not len(self.f[F.MODELS]):
+            raise EngineError(f"{self.path} lacks {missing or [F.MODELS]} "
+                              f"(truncated or foreign archive)")
+        self.models = {k: ModelView(g, self) for k, g in self.f[F.MODELS].items()}
+        if not allow_partial and not self.complete:
+            raise EngineError(f"{self.path} is incomplete ({self.n_complete} of {self.n_samples} "
+                              f"samples); finish it with `dump ... resume=true`")
+
+    # ---- root facts -------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        return int(self.f.attrs["format_version"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.f.attrs.get("complete", 0))
+
+    @property
+    def n_complete(self) -> int:
+        return int(self.f.attrs.get("n_complete", 0))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.f[F.SAMPLES]["length"].shape[0])
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.f[F.SAMPLES]["tokens"].shape[1])
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return int(self.f.attrs["samples_per_prompt"])
+
+    @property
+    def generator(self) -> str:
+        return str(self.f.attrs.get("generator", next(iter(self.f[F.MODELS]))))
+
+    @functools.cached_property
+    def prompts(self) -> list[str]:
+        return list(self.f[F.PROMPTS].asstr()[()])
+
+    @functools.cached_property
+    def run_key(self) -> dict:
+        return json.loads(self.f.attrs.get("run_key", "{}"))
+
+    @property
+    def created(self) -> str:
+        return str(self.f.attrs.get("created", ""))
+
+    @property
+    def git_commit(self) -> str:
+        return str(self.f.attrs.get("git_commit", ""))
+
+    @property
+    def packages(self) -> dict:
+        return json.loads(self.f.attrs.get("packages", "{}"))
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """Per-sample arrays of the complete samples (the first n_complete); read once and
+        shared by every caller (read-only)."""
+        if self._samples is None:
+            n, s = self.n_complete, self.f[F.SAMPLES]
+            self._samples = {name: s[name][:n] for name in F.SAMPLE_FIELDS}
+            for v in self._samples.values():
+                v.flags.writeable = False
+        return self._samples
+
+    def lineage(self) -> dict | None:
+        """/lineage of a perturbation archive (see the spec), one entry per prompt, variant
+        names decoded from the dataset's own enum; None for other archives."""
+        if F.LINEAGE not in self.f:
+            return None
+        g = self.f[F.LINEAGE]
+        names = {v: k for k, v in h5py.check_enum_dtype(g["variant"].dtype).items()}
+        return {"parent_sample": g["parent_sample"][()], "cut": g["cut"][()],
+                "variant": [names[int(v)] for v in g["variant"][()]],
+                "edit": list(g["edit"].asstr()[()]), "control_prompt": g["control_prompt"][()],
+                **{k: str(g.attrs.get(k, "")) for k in F.LINEAGE_ATTRS}}
+
+    def model(self, key: str | None = None) -> ModelView:
+        key = self.generator if key is None else key
+        if key not in self.models:
+            raise EngineError(f"archive has no model {key!r}; it has {', '.join(self.models)}")
+        return self.models[key]
+
+    # ---- streaming ----------------------------------------------------------------------
+    def iter_rows(self, key: str | None = None, samples=None,
+                  steps_per_block: int | None = None) -> Iterator[Block]:
+        """Yield every stored row (step < length) of the chosen complete samples, one block of
+        `steps_per_block` steps (default: the group's chunk, so reads are whole chunks) at a
+        time: memory is one block plus its decoded form."""
+        m = self.model(key)
+        n = min(self.n_complete, m.n_complete)
+        lengths = self.samples()["length"][:n]
+        chosen = range(n) if samples is None else samples
+        k = steps_per_block or m.chunk_steps
+        for s in chosen:
+            length = int(lengths[s])
+            for t0 in range(0, length, k):
+                yield m.block(s, t0, min(t0 + k, length))
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
