@@ -8,6 +8,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := outputs/demo
+REF    := smollm2-135m-instruct
+TWIN   := smollm2-135m-typical-dpo
 
 .PHONY: setup demo test bench clean
 
@@ -22,30 +24,34 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m engine dump model=smollm2-135m-instruct prompts=seeds n_samples=16 \
-		max_new_tokens=64 out=$(DEMO)/smollm2-135m-instruct.h5 overwrite=true \
-		hydra.run.dir=$(DEMO)/logs/dump
-	$(BIN)/python -m engine score archive=$(DEMO)/smollm2-135m-instruct.h5 model=tempered \
-		model.base=smollm2-135m-instruct model.gamma=1.5 hydra.run.dir=$(DEMO)/logs/score
-	$(BIN)/python -m engine perturb source=$(DEMO)/smollm2-135m-instruct.h5 \
-		model=smollm2-135m-instruct parents=first cut_after=. "edit.replace=[' was',' was not']" \
-		n_samples=8 max_new_tokens=48 out=$(DEMO)/perturb.h5 overwrite=true \
-		hydra.run.dir=$(DEMO)/logs/perturb
-	$(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5
-	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5
-	$(BIN)/python -m engine inspect $(DEMO)/perturb.h5 --render --samples 0,1,8,9
-	$(BIN)/python -m analyses -m analysis=entropy,pair,diversity archive=$(DEMO)/smollm2-135m-instruct.h5 \
-		progress=false hydra.sweep.dir=$(DEMO)/analyses
-	$(BIN)/python -m analyses analysis=attractor archive=$(DEMO)/perturb.h5 progress=false \
-		hydra.run.dir=$(DEMO)/analyses/3_attractor
+	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 15 min on 2 cores; then cached)"
+	$(BIN)/python -m engine align hydra.run.dir=$(DEMO)/logs/align
+	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits"
+	for m in $(REF) $(TWIN); do $(BIN)/python -m engine dump model=$$m prompts=seeds n_samples=16 \
+		max_new_tokens=64 out=$(DEMO)/$$m.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$$m || exit 1; done
+	@echo "== 3/6 each model scored on the other's completions (identical tokens)"
+	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(TWIN) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(TWIN)
+	$(BIN)/python -m engine score archive=$(DEMO)/$(TWIN).h5 model=$(REF) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(REF)
+	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
+	for m in $(REF) $(TWIN); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
+		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
+		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; done
+	@echo "== 5/6 analyses: entropy, diversity, pair (both directions), attractor"
+	rm -rf $(DEMO)/analyses
+	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
+		progress=false hydra.sweep.dir=$(DEMO)/analyses/own
+	$(BIN)/python -m analyses -m analysis=pair analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair
+	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
+		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
+	@echo "== 6/6 the report"
+	$(BIN)/python -m analyses analysis=report "analysis.runs=[$(DEMO)/analyses]" hydra.run.dir=$(DEMO)
 	@echo
-	@echo "demo archive (SmolLM2-135M-Instruct + its synthetic tempered twin, gamma 1.5):"
-	@echo "  $(CURDIR)/$(DEMO)/smollm2-135m-instruct.h5"
-	@echo "perturbation archive (\"was\" -> \"was not\", with matched controls):"
-	@echo "  $(CURDIR)/$(DEMO)/perturb.h5"
-	@echo "analyses (summary.json, per_step.csv, PNG and SVG figures):"
-	@ls -d $(CURDIR)/$(DEMO)/analyses/*/
-	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/smollm2-135m-instruct.h5 --sample 0 --step 3"
+	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples):"
+	@ls $(CURDIR)/$(DEMO)/*.h5
+	@echo "analyses (summary.json, CSV tables, PNG and SVG figures): $(CURDIR)/$(DEMO)/analyses/"
+	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
+	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -23,10 +23,14 @@ def run(cfg: DictConfig) -> dict:
     out = Path(str(cfg.paths.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"analyses.{name}")
-    with Archive(cfg.archive) as a:
-        summary = module.run(cfg, a, out)
-        summary.update(analysis=name, archive=str(a.path), generator=a.generator,
-                       config=OmegaConf.to_container(cfg.analysis, resolve=True))
+    if not getattr(module, "NEEDS_ARCHIVE", True):  # e.g. report: reads other runs' summaries
+        summary = module.run(cfg, None, out)
+        summary.update(analysis=name, config=OmegaConf.to_container(cfg.analysis, resolve=True))
+    else:
+        with Archive(cfg.archive) as a:
+            summary = module.run(cfg, a, out)
+            summary.update(analysis=name, archive=str(a.path), generator=a.generator,
+                           config=OmegaConf.to_container(cfg.analysis, resolve=True))
     summary["summary"] = str(write_json(out, "summary.json", summary))
     return summary
 
@@ -36,6 +40,8 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         result = run(cfg)
     print(f"{result['analysis']}: {result['summary']}")
+    if result.get("report"):
+        print(f"  report {result['report']}")
     for f in result.get("figures", []):
         if f.endswith(".png"):
             print(f"  figure {f}")

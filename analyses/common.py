@@ -14,17 +14,28 @@ import numpy as np  # noqa: E402
 
 
 def write_json(out: Path, name: str, data: dict) -> Path:
+    """Strict JSON: NaN and ±inf (an undefined statistic, e.g. the std of one value) are
+    written as null, which every JSON parser reads (bare NaN is not JSON)."""
     path = out / name
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_plain))
+    path.write_text(json.dumps(strict(data), indent=2, sort_keys=True, allow_nan=False))
     return path
 
 
-def _plain(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
+def strict(x):
+    """`x` with numpy scalars and arrays as plain Python and non-finite floats as None."""
+    if isinstance(x, dict):
+        return {str(k): strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict(v) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(type(x))
+        return strict(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
 
 
 def write_csv(out: Path, name: str, columns: dict[str, np.ndarray]) -> Path:

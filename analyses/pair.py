@@ -69,6 +69,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     pct = {str(q): float(np.percentile(kl, q)) for q in c.percentiles}
     summary = {
         "base": base, "aligned": aligned, "n_rows": int(n),
+        "base_provenance": provenance_of(a, base), "aligned_provenance": provenance_of(a, aligned),
         "kl_base_aligned": {"mean": float(kl.mean()), "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
                             "min": float(kl.min()), "max": float(kl.max()), "percentiles": pct},
         "kl_aligned_base": {"mean": float(r["kl_qp"].mean())},
@@ -88,6 +89,13 @@ def run(cfg, a: Archive, out: Path) -> dict:
                                    "base_entropy": r["base_entropy"]})
     summary["figures"] = figures(r, step, summary, out, base, aligned)
     return summary
+
+
+def provenance_of(a: Archive, key: str) -> dict:
+    """What the report needs to know of a model: where it came from, and for an aligned twin
+    its alignment record (JSON with alpha, beta, predicted_gamma) or a tempered twin's gamma."""
+    p = a.model(key).provenance
+    return {k: p[k] for k in ("source", "name", "revision", "alignment", "gamma") if k in p}
 
 
 def shift_classes(rank) -> dict:
@@ -122,7 +130,9 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
                        "kl_at_gamma": pooled.kl, "kl_at_1": pooled.kl_at_1,
                        "kl_explained": 1 - pooled.kl / pooled.kl_at_1 if pooled.kl_at_1 > 0 else float("nan")},
             "per_step_kl_explained": float(1 - klg.sum() / kl1.sum()) if kl1.sum() > 0 else float("nan"),
-            "sequence_level": seq}
+            "sequence_level": seq,
+            "sequence_level_pooled": sequence_gamma_pooled(a, r["logp_token"], r["logq_token"],
+                                                           sample, int(c.n_boot), int(c.seed))}
 
 
 def sequence_gamma(a: Archive, lp_base, lp_aligned, sample) -> dict:
@@ -138,6 +148,34 @@ def sequence_gamma(a: Archive, lp_base, lp_aligned, sample) -> dict:
             slope, intercept = np.polyfit(lb[sel], la[sel], 1)
             out[text] = {"gamma": float(slope), "intercept": float(intercept), "n": int(sel.sum())}
     return out
+
+
+def sequence_gamma_pooled(a: Archive, lp_base, lp_aligned, sample, n_boot: int, seed: int) -> dict:
+    """One sequence-level gamma over all prompts: the within-prompt OLS slope of
+    log pi_aligned(y) on log pi_base(y) (prompt fixed effects: both centred per prompt, since
+    the theory's log-normaliser depends on the prompt), with a 95% percentile interval from
+    resampling prompts.  Prompts with fewer than 2 completions carry no slope."""
+    s = a.samples()
+    n = a.n_complete
+    lb = np.bincount(sample, lp_base, minlength=n)
+    la = np.bincount(sample, lp_aligned, minlength=n)
+    prompt = s["prompt_index"][:n]
+    sxx, sxy = [], []
+    for p in np.unique(prompt):
+        sel = prompt == p
+        if sel.sum() >= 2:
+            xc, yc = lb[sel] - lb[sel].mean(), la[sel] - la[sel].mean()
+            sxx.append(float(xc @ xc))
+            sxy.append(float(xc @ yc))
+    sxx, sxy = np.array(sxx), np.array(sxy)
+    if not sxx.size or sxx.sum() <= 0:
+        return {"gamma": float("nan"), "ci95": [float("nan"), float("nan")], "n_prompts": int(sxx.size)}
+    rng = np.random.default_rng(seed)
+    boot = [sxy[i].sum() / sxx[i].sum() for i in
+            (rng.integers(0, sxx.size, sxx.size) for _ in range(n_boot)) if sxx[i].sum() > 0]
+    return {"gamma": float(sxy.sum() / sxx.sum()),
+            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "n_prompts": int(sxx.size), "n_completions": int(n)}
 
 
 def figures(r, step, summary, out: Path, base: str, aligned: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""`python -m engine <verb> [args]`: dump, score, perturb (Hydra) and inspect (plain arguments).
+"""`python -m engine <verb> [args]`: dump, score, perturb, align (Hydra) and inspect (plain
+arguments).
 
 The verb is popped before Hydra reads sys.argv.  Config-group choices (`model=`, `prompts=`)
 are checked here so that a typo gets one line instead of Hydra's multi-line report.
@@ -14,8 +15,10 @@ USAGE = """usage: python -m engine <verb> [args]
   dump     sample completions, store every step's full logits (Hydra: key=value overrides)
   score    teacher-force a second model over an archive's completions, store its logits
   perturb  cut, edit and resample completions (attractor states), with matched controls
+  align    DPO-train a twin of a model on typicality-biased labels of its own completions
   inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
-HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb"}
+HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb",
+               "align": "engine.align"}
 GROUPS = ("model", "prompts")
 
 

@@ -101,14 +101,20 @@ def _colour(p: float, piece: str) -> str:
 def render(a: Archive, m: ModelView, samples) -> str:
     s = a.samples()
     text = m.text
+    lin = a.lineage()
     out = ["probability of each sampled token: red = low, green = high"]
     for i in samples:
         n = int(s["length"][i])
         toks = s["tokens"][i, :n]
         probs = np.exp(K.token_stats(m.rows(i, slice(0, n)), toks).logprob)  # [step]
-        prompt = m.prompt_text[int(s["prompt_index"][i])]
+        p = int(s["prompt_index"][i])
         body = "".join(_colour(float(pr), text.piece(t)) for t, pr in zip(toks, probs))
-        out.append(f"--- sample {i} ({m.key}, mean p {probs.mean() if n else 0:.3f})\n{prompt}{body}")
+        where = ""
+        if lin is not None:  # perturbation archive: say which prefix this continuation read
+            where = (f", {lin['variant'][p]} of parent {int(lin['parent_sample'][p])}"
+                     f" (cut {int(lin['cut'][p])}): {lin['edit'][p]}")
+        out.append(f"--- sample {i} ({m.key}, prompt {p}{where}, mean p "
+                   f"{probs.mean() if n else 0:.3f})\n{m.prompt_text[p]}{body}")
     return "\n".join(out)
 
 

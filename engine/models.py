@@ -10,6 +10,8 @@ Sources (`model.source` in conf/model/*.yaml):
               models, so the state dict is written with safetensors directly).
   tiny-random a tiny Llama built from a config with a fixed seed and a byte-level tokenizer
               built in code: no files, no network; for tests.
+  aligned     a model preference-trained by `python -m engine align` (a HuggingFace directory
+              in `<cache_dir>/aligned/`, found by `model.name` and `model.build`).
   tempered    SYNTHETIC: another configured model (`model.base`) with its logits multiplied
               by `model.gamma` at the unembedding hook, i.e. pi ∝ pi_base**gamma at every
               token.  The ground-truth control for gamma fits, not a real aligned model.
@@ -35,7 +37,7 @@ from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered")
+SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered", "aligned")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -189,18 +191,14 @@ def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: i
     return model.to(dtype).eval(), tok
 
 
-def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
-               ) -> LoadedModel:
-    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge."""
-    from transformer_lens.model_bridge import TransformerBridge
-
+def load_hf_source(mcfg, cache_dir: str | Path = "~/.cache/logit-engine"):
+    """(transformers model in eval mode on the CPU, its tokenizer, provenance) of a configured
+    model, before any bridge: what `load_model` wraps, and what `engine.align` trains."""
     source = mcfg.source
-    if source not in SOURCES:
-        raise EngineError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
-    if source == "tempered":
-        return load_tempered(mcfg, device, cache_dir)
+    if source not in SOURCES or source == "tempered":
+        raise EngineError(f"model source {source!r} has no plain HuggingFace model; choose one of "
+                          f"{', '.join(s for s in SOURCES if s != 'tempered')}")
     dtype = _dtype(mcfg.dtype)
-    dev = resolve_device(device)
     cache = Path(os.path.expanduser(str(cache_dir)))
     prov = {"source": source, "name": str(mcfg.name), "dtype": mcfg.dtype, "revision": ""}
     if source == "tiny-random":
@@ -219,6 +217,15 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
         model, tok = _load_hf(str(path.parent), None, dtype, gguf_file=path.name)
         prov["weights_sha256"] = sha256_file(path)
         prov["path"] = str(path)
+    elif source == "aligned":
+        from engine.align_store import find_build
+
+        build = find_build(cache, str(mcfg.name), mcfg.build, str(mcfg.build_command))
+        model, tok = _load_hf(str(build.path), None, dtype)
+        prov["weights_sha256"] = build.weights_sha256
+        prov["revision"] = build.build_id
+        prov["path"] = str(build.path)
+        prov["alignment"] = build.summary  # JSON: alpha, beta, K, hashes, steps, final loss
     else:  # hf: hub name or local directory
         local = Path(os.path.expanduser(str(mcfg.name)))
         if str(mcfg.name).startswith((".", "/", "~")) and not local.is_dir():
@@ -227,6 +234,20 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
                               mcfg.revision, dtype)
         prov["revision"] = str(getattr(model.config, "_commit_hash", None) or mcfg.revision or "")
         prov["weights_sha256"] = "" if prov["revision"] else sha256_state_dict(model)
+    return model, tok, prov
+
+
+def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
+               ) -> LoadedModel:
+    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if mcfg.source not in SOURCES:
+        raise EngineError(f"unknown model source {mcfg.source!r}; choose one of {', '.join(SOURCES)}")
+    if mcfg.source == "tempered":
+        return load_tempered(mcfg, device, cache_dir)
+    dev = resolve_device(device)
+    model, tok, prov = load_hf_source(mcfg, cache_dir)
     model = model.to(dev)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

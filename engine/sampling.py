@@ -44,8 +44,11 @@ def check_hooks(bridge, names: Sequence[str]) -> None:
     known = bridge.hook_dict
     bad = [n for n in names if n not in known]
     if bad:
-        examples = ", ".join(n for n in known if n.startswith("blocks.0."))[:200]
-        raise EngineError(f"unknown hook point(s) {bad}; examples: {examples}, ...")
+        block0 = [n for n in known if n.startswith("blocks.0.")]
+        # the residual stream first (what people capture most), then the rest of block 0
+        first = [n for n in block0 if "resid" in n] + [n for n in block0 if "resid" not in n]
+        raise EngineError(f"unknown hook point(s) {bad}; block 0 has: {', '.join(first[:8])}, "
+                          f"... ({len(known)} hook points in all)")
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -105,7 +108,9 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
     ids = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)  # [batch, pos]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     with torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
-        _, cache = bridge(ids, return_type="logits_and_cache")
+        # use_cache=True whatever the model's config says: a trainer may have saved it as
+        # False (TRL does), and the KV cache is what carries the context between steps
+        _, cache = bridge(ids, return_type="logits_and_cache", use_cache=True)
         for t in range(max_new_tokens):
             logits = tap[LOGITS_HOOK]  # [batch, vocab]
             tokens = draw(warp(logits, temperature, top_k, top_p), gens)  # [batch]

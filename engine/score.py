@@ -84,6 +84,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     check_chat_template(chat)
     lm = R.load(cfg, model)
     R.check_tokenizer(gen_prov, lm, cfg.allow_tokenizer_mismatch)
+    top = int(samples["tokens"].max(initial=-1))
+    if top >= lm.vocab_size:  # only possible with allow_tokenizer_mismatch: refuse, write nothing
+        raise EngineError(f"the archive's completions use token id {top}, outside {lm.key}'s "
+                          f"vocabulary of {lm.vocab_size}: it cannot score them")
     seen = R.read_prompts(lm, prompts, chat)
     info = R.model_info(lm, seen, role="scored",
                         score_key=json.dumps(score_key(cfg), sort_keys=True))

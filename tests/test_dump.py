@@ -201,3 +201,19 @@ def test_draw_matches_the_sampling_distribution():
     counts = torch.bincount(draw(x, gens), minlength=5).double() / 4000
     assert counts[1] == 0 and counts[4] == 0
     assert torch.allclose(counts, p.double(), atol=0.03), counts
+
+
+def test_generation_keeps_its_context_when_the_config_disables_the_cache(dump_cfg, tmp_path):
+    """A model saved by a trainer can carry use_cache=False (TRL's DPO does); the sampling loop
+    must still decode with its KV cache, i.e. every step sees the whole context."""
+    cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "codec=fp32", f"out={tmp_path}/nc.h5")
+    lm = load_model(cfg.model, "cpu")
+    lm.bridge.original_model.config.use_cache = False
+    res = dump_mod.run(cfg, model=lm)
+    with Archive(res["archive"]) as a:
+        s, m = a.samples(), a.model()
+        for i in range(a.n_samples):
+            n = int(s["length"][i])
+            ref = hf_teacher_forced(m.prompt_tokens(int(s["prompt_index"][i])), s["tokens"][i, :n])
+            got = m.rows(i, slice(0, n)).astype(np.float64)
+            assert np.abs(got - ref).max() < 2e-5, f"sample {i}: max_diff={np.abs(got - ref).max()}"

@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.archive import codecs
 from engine.archive import format as F
+from engine.archive.handle import FileHandle
 from engine.archive.text import Text
 from engine.errors import EngineError
 
@@ -121,7 +122,7 @@ class ModelView:
                      offset=self.group[F.LOGITS_OFFSET][sample, t0:t1] if q16 else None)
 
 
-class Archive:
+class Archive(FileHandle):
     def __init__(self, path: str | Path, *, allow_partial: bool = False,
                  rdcc_nbytes: int = 16 << 20):
         self.path = Path(path)
@@ -257,13 +258,3 @@ class Archive:
             length = int(lengths[s])
             for t0 in range(0, length, k):
                 yield m.block(s, t0, min(t0 + k, length))
-
-    def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

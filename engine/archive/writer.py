@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from engine.archive import format as F
+from engine.archive.handle import FileHandle
 from engine.errors import EngineError
 
 
@@ -206,12 +207,12 @@ def open_scored_group(path: Path, model: ModelInfo, *, codec: str, window: float
         raise
 
 
-class ModelWriter:
+class ModelWriter(FileHandle):
     """Writes the rows of one model group: logits (encoded), q16 scales, activations."""
 
     def __init__(self, group: h5py.Group, owns_file: bool = False):
         self.g = group
-        self.owns_file = owns_file
+        self.f = group.file if owns_file else None  # closed with the writer only if it owns it
         self.logits = group["logits"]  # [sample, step, vocab]
         self.codec = str(self.logits.attrs["codec"])
         self.steps = int(self.logits.shape[1])
@@ -269,18 +270,8 @@ class ModelWriter:
         self.g.attrs.modify("complete", np.int8(1))
         self.g.file.flush()
 
-    def close(self) -> None:
-        if self.owns_file and self.g.file.id.valid:
-            self.g.file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class ArchiveWriter:
+class ArchiveWriter(FileHandle):
     """Streams batches of generated samples into a created or reopened archive: the
     generator's rows (ModelWriter) plus the per-sample records, then the root commit."""
 
@@ -313,16 +304,6 @@ class ArchiveWriter:
         self.rows.finish()
         self.f.attrs.modify("complete", np.int8(1))
         self.f.flush()
-
-    def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _walk_datasets(grp) -> list[str]:

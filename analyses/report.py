@@ -1,0 +1,245 @@
+"""One-page base-vs-aligned report from the summaries of other analysis runs (no archive).
+
+`python -m analyses analysis=report analysis.runs=[DIR, ...]` reads every `summary.json` under
+the given directories (a Hydra multirun sweep directory, or several), picks the base and the
+aligned model (`analysis.base` / `analysis.aligned`, default: from the `pair` summaries), and
+writes `report.md`, `report.html` and `report.json` into its run directory.
+
+Every number in the report is looked up in a summary by its key path, and report.json lists
+each one with the file and path it came from, so a reader (or a test) can check it; every
+figure is either a figure an analysis wrote (referenced by path) or drawn here from summary
+numbers only (`attractor_curves`, `gamma_vs_predicted`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from analyses.common import save_figure, write_json
+from engine.errors import EngineError
+
+NEEDS_ARCHIVE = False
+
+
+class Sources:
+    """Every summary found, by analysis name, and a record of every number cited."""
+
+    def __init__(self, dirs):
+        self.runs: list[tuple[Path, dict]] = []
+        for d in dirs:
+            d = Path(str(d)).expanduser()
+            if not d.is_dir():
+                raise EngineError(f"report: {d} is not a directory of analysis runs")
+            for f in sorted(d.rglob("summary.json")):
+                s = json.loads(f.read_text())
+                if s.get("analysis") and s.get("analysis") != "report":
+                    self.runs.append((f.resolve(), s))
+        if not self.runs:
+            raise EngineError(f"report: no summary.json under {', '.join(map(str, dirs))}")
+        self.cited: list[dict] = []
+
+    def of(self, analysis: str, **match):
+        return [(f, s) for f, s in self.runs if s["analysis"] == analysis
+                and all(s.get(k) == v for k, v in match.items())]
+
+    def cite(self, found, *path):
+        """The value at `path` of a (file, summary) pair, recorded; None where absent."""
+        if not found:
+            return None
+        f, s = found
+        v = s
+        for k in path:
+            if not isinstance(v, dict) or str(k) not in v:
+                return None
+            v = v[str(k)]
+        self.cited.append({"file": str(f), "path": [str(k) for k in path], "value": v})
+        return v
+
+
+def fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def pm(mean, sd, n=None, digits=3) -> str:
+    out = f"{fmt(mean, digits)} ± {fmt(sd, digits)}"
+    return out + (f" (n={n})" if n is not None else "")
+
+
+def ci(g, lo_hi, digits=3) -> str:
+    if g is None:
+        return "–"
+    return f"{fmt(g, digits)} [{fmt(lo_hi[0], digits)}, {fmt(lo_hi[1], digits)}]" if lo_hi else fmt(g, digits)
+
+
+def pick_models(src: Sources, c) -> tuple[str, str]:
+    pairs = src.of("pair")
+    base = c.base or (pairs[0][1]["base"] if pairs else None)
+    aligned = c.aligned or (pairs[0][1]["aligned"] if pairs else None)
+    if not base or not aligned:
+        raise EngineError("report: name analysis.base and analysis.aligned (no pair summary found)")
+    return base, aligned
+
+
+def own(src: Sources, analysis: str, model: str):
+    """The summary of `analysis` over the archive that `model` generated."""
+    found = src.of(analysis, generator=model)
+    return found[0] if found else None
+
+
+def pair_on(src: Sources, generator: str, base: str, aligned: str):
+    found = src.of("pair", generator=generator, base=base, aligned=aligned)
+    return found[0] if found else None
+
+
+def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
+    """(metric, base cell, aligned cell): each model on its own completions."""
+    rows = []
+    for label, key, digits in (("top-5 entropy, bits (mean ± std over completions)", "top5_entropy_bits", 3),
+                               ("full entropy, nats (mean ± std over completions)", "entropy_nats", 3)):
+        cells = []
+        for m in (base, aligned):
+            e = own(src, "entropy", m)
+            n = src.cite(e, "models", m, key, "n_completions")
+            cells.append(pm(src.cite(e, "models", m, key, "mean"), src.cite(e, "models", m, key, "std"), n, digits))
+        rows.append((label, *cells))
+    for label, path in (("SBERT diversity, per input (1 − mean pairwise cosine)", ("per_input_mean", "sentbert_diversity")),
+                        ("TF-IDF cosine similarity, per input (mean)", ("per_input_mean", "tfidf_cosine_mean")),
+                        ("EAD, per input (mean over n = 1…5, tokens)", ("per_input_mean", "ead_mean"))):
+        rows.append((label, *(fmt(src.cite(own(src, "diversity", m), *path)) for m in (base, aligned))))
+    for label, path, fn in (
+            ("KL(base ‖ aligned), nats per step (mean ± stderr)", ("kl_base_aligned",),
+             lambda p, s: pm(src.cite(p, *s, "mean"), src.cite(p, *s, "stderr"), digits=4)),
+            ("pooled per-step γ [95% CI]", ("gamma", "pooled"),
+             lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95"))),
+            ("sequence-level γ, within-prompt slope [95% CI]", ("gamma", "sequence_level_pooled"),
+             lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95")))):
+        rows.append((f"{label}, on the completions of each model",
+                     *(fn(pair_on(src, m, base, aligned), path) for m in (base, aligned))))
+    pred, alignment = None, None
+    for m in (base, aligned):
+        p = pair_on(src, m, base, aligned)
+        alignment = src.cite(p, "aligned_provenance", "alignment") if p else None
+        if alignment:
+            pred = json.loads(alignment).get("predicted_gamma") or _predicted(json.loads(alignment))
+            break
+    rows.append(("predicted γ = 1 + α/β (sequence level; from the aligned model's provenance)",
+                 "1 (reference)", fmt(pred, 3) if pred else "– (not an aligned twin)"))
+    if alignment:
+        al = json.loads(alignment)
+        rows.append(("how the aligned model was trained (its provenance)", "–",
+                     f"DPO, α = {fmt(al.get('alpha'), 2)}, β = {fmt(al.get('beta'), 2)}, "
+                     f"{al.get('n_pairs')} pairs, {al.get('steps')} steps; loss "
+                     f"{fmt(al.get('final_loss'), 3)}, reward accuracy {fmt(al.get('reward_accuracy'), 3)} "
+                     f"(means over the last epoch)"))
+    cells = []
+    for m in (base, aligned):
+        a = own(src, "attractor", m)
+        rec = src.cite(a, "variants") if a else None
+        cells.append("; ".join(f"median {fmt(v['recovery_time']['median'], 1)} steps, "
+                               f"{v['recovery_time']['recovered']} recovered / {v['recovery_time']['censored']} censored"
+                               for v in rec) if rec else "–")
+    rows.append(("attractor: recovery time after the edit (per variant)", *cells))
+    return rows
+
+
+def _predicted(al: dict):
+    return 1 + al["alpha"] / al["beta"] if al.get("alpha") is not None and al.get("beta") else None
+
+
+def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    drawn = False
+    for m, colour in ((base, "tab:blue"), (aligned, "tab:red")):
+        a = own(src, "attractor", m)
+        curves = src.cite(a, "kl_by_step_since_edit") if a else None
+        floors = src.cite(a, "kl_control_vs_control_by_step") if a else None
+        for name, cv in (curves or {}).items():
+            t = sorted(cv, key=int)
+            ax.plot([int(k) for k in t], [cv[k] for k in t], c=colour, marker=".", label=f"{m}: perturbed vs control")
+            fl = (floors or {}).get(name, {})
+            if fl:
+                tf = sorted(fl, key=int)
+                ax.plot([int(k) for k in tf], [fl[k] for k in tf], c=colour, ls=":", label=f"{m}: control vs control")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return []
+    ax.set_xlabel("steps since the edit")
+    ax.set_ylabel("mean KL (nats), step t of each continuation")
+    ax.set_title("Trajectory divergence after the edit (different contexts after step 0)", fontsize=9)
+    ax.legend(fontsize=6)
+    return save_figure(fig, out, "attractor_curves")
+
+
+def figures_of(src: Sources, analysis: str, model: str, stems: tuple[str, ...]) -> list[str]:
+    f = own(src, analysis, model)
+    figs = src.cite(f, "figures") if f else None
+    return [p for p in (figs or []) if p.endswith(".png") and Path(p).stem in stems]
+
+
+def run(cfg, a, out: Path) -> dict:
+    c = cfg.analysis
+    src = Sources(list(c.runs))
+    base, aligned = pick_models(src, c)
+    rows = headline(src, base, aligned)
+    figs = {"entropy (each model's own completions; both models scored on them)": [],
+            "diversity: t-SNE of sentence embeddings with k-means clusters": [],
+            "pair: per-step γ and KL": [], "attractor": []}
+    for m in (base, aligned):
+        figs["entropy (each model's own completions; both models scored on them)"] += figures_of(
+            src, "entropy", m, ("top5_entropy_boxplot", "per_token_top5_probabilities", "entropy_vs_gamma"))
+        figs["diversity: t-SNE of sentence embeddings with k-means clusters"] += figures_of(src, "diversity", m, ("tsne_clusters",))
+        p = pair_on(src, m, base, aligned)
+        if p:
+            figs["pair: per-step γ and KL"] += [x for x in src.cite(p, "figures") if x.endswith(".png")]
+    drawn = attractor_curves(src, base, aligned, out)
+    figs["attractor"] += [p for p in drawn if p.endswith(".png")]
+    for m in (base, aligned):
+        figs["attractor"] += figures_of(src, "attractor", m, ("probability_heatmap",))
+    md, page = render(base, aligned, rows, figs, out)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(page, encoding="utf-8")
+    write_json(out, "report.json", {"base": base, "aligned": aligned, "rows": rows, "cited": src.cited,
+                                    "images": [p for ps in figs.values() for p in ps]})
+    return {"base": base, "aligned": aligned, "report": str(out / "report.html"),
+            "report_md": str(out / "report.md"), "n_sources": len(src.runs),
+            "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows}, "figures": drawn}
+
+
+def render(base, aligned, rows, figs, out: Path) -> tuple[str, str]:
+    rel = (lambda p: os.path.relpath(p, out))
+    md = [f"# {aligned} vs {base}", "",
+          "Each model generated its own completions and was scored on the other's (same tokens); "
+          "every number below comes from a summary.json listed in report.json.", "",
+          f"| metric | {base} (base) | {aligned} (aligned) |", "|---|---|---|"]
+    md += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+    for title, paths in figs.items():
+        if paths:
+            md += ["", f"## {title}", ""] + [f"![{Path(p).stem}]({rel(p)})" for p in paths]
+    esc = html.escape
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>base vs aligned</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+            "th{background:#f3f3f3}img{max-width:49%;margin:2px;border:1px solid #eee}img.wide{max-width:99%}"
+            "</style></head><body>",
+            f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
+            "<p>Each model generated its own completions and was scored on the other's (same tokens). "
+            "Every number comes from a summary.json listed in report.json.</p>",
+            f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>"]
+    page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]
+    page.append("</table>")
+    for title, paths in figs.items():
+        if paths:
+            page.append(f"<h2>{esc(title)}</h2>")
+            page += [f"<img src='{esc(rel(p))}' alt='{esc(Path(p).stem)}'"
+                     f"{' class=wide' if Path(p).stem.startswith('per_token') else ''}>" for p in paths]
+    page.append("</body></html>")
+    return "\n".join(md) + "\n", "\n".join(page)

@@ -1,0 +1,169 @@
+"""engine align: the Bradley-Terry label rule, the build on tiny-random (cache, provenance,
+reload through a model config), and the measured sharpening of a strong-alpha twin against
+its alpha = 0 control on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernels as K
+from engine import align as align_mod
+from engine import dump as dump_mod
+from engine import score as score_mod
+from engine.archive import Archive
+from engine.errors import EngineError
+from engine.models import load_model
+from tests.conftest import compose_cfg
+
+TINY = ["model=tiny-random", "n_samples=2", "max_new_tokens=8", "min_tokens=4", "train.epochs=1",
+        "train.batch_pairs=8", "progress=false"]
+
+
+def test_label_rule_matches_a_hand_computation():
+    """Two prompts x 2 completions, lengths (10, 6) and (3, 9): pair 0 is cut to 6 tokens,
+    pair 1 (common length 3) is dropped by min_tokens=4.  Draw order: noise of every
+    sample, then one u per pair (dropped pairs included)."""
+    logp = np.full((4, 10), np.nan)
+    logp[0] = -0.1 * np.arange(1, 11)
+    logp[1, :6] = -0.5
+    logp[2, :3] = -1.0
+    logp[3, :9] = -0.2
+    length = np.array([10, 6, 3, 9])
+    alpha, noise, seed = 0.8, 0.3, 11
+    out = align_mod.bradley_terry_labels(logp, length, 2, 4, alpha, noise, seed)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(4)
+    u = rng.random(2)
+    s0 = -0.1 * (1 + 2 + 3 + 4 + 5 + 6)  # sample 0 over its first 6 tokens only
+    s1 = -0.5 * 6
+    r0, r1 = alpha * s0 + noise * z[0], alpha * s1 + noise * z[1]
+    p0 = 1 / (1 + math.exp(-(r0 - r1)))
+    assert len(out) == 1
+    lb = out[0]
+    assert (lb["a"], lb["b"], lb["length"], lb["prompt"]) == (0, 1, 6, 0)
+    assert lb["logp_a"] == pytest.approx(s0) and lb["logp_b"] == pytest.approx(s1)
+    assert lb["p_a"] == pytest.approx(p0) and lb["u"] == pytest.approx(u[0])
+    assert lb["chosen"] == (0 if u[0] < p0 else 1) and {lb["chosen"], lb["rejected"]} == {0, 1}
+
+
+def test_alpha_zero_is_a_coin_flip_and_large_alpha_follows_the_likelihood():
+    rng = np.random.default_rng(0)
+    logp = rng.normal(-2, 1, (400, 12))
+    length = np.full(400, 12)
+    coin = align_mod.bradley_terry_labels(logp, length, 4, 4, 0.0, 0.0, 1)
+    assert len(coin) == 200 and all(lb["p_a"] == 0.5 for lb in coin)
+    wins = np.mean([lb["chosen"] == lb["a"] for lb in coin])
+    assert abs(wins - 0.5) < 3 * 0.5 / math.sqrt(200)  # binomial noise
+    sure = align_mod.bradley_terry_labels(logp, length, 4, 4, 50.0, 0.0, 1)
+    for lb in sure:
+        higher = lb["a"] if lb["logp_a"] > lb["logp_b"] else lb["b"]
+        assert lb["chosen"] == higher
+
+
+def align(tmp_path, cache_dir, *overrides):
+    cfg = compose_cfg("align", tmp_path, cache_dir, [*TINY, *overrides])
+    return align_mod.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One tiny build, in its own cache (module scope: reused by several tests)."""
+    cache = tmp_path_factory.mktemp("align-cache")
+    tmp = tmp_path_factory.mktemp("align")
+    return align(tmp, cache, "name=tiny-typ", "alpha=5"), cache, tmp
+
+
+def test_build_writes_a_model_directory_with_provenance(built):
+    res, cache, _ = built
+    path = Path(res["path"])
+    assert path.parent == cache / "aligned" and path.name.startswith("tiny-typ-")
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    assert (path / "tokenizer.json").is_file()
+    # the candidates archive is shared by builds that differ only in labels or training
+    assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 1
+    prov = json.loads((path / "provenance.json").read_text())
+    for k in ("build_id", "reference", "alpha", "beta", "k", "prompts_sha256", "labels_sha256",
+              "steps", "seed", "trl", "final_loss", "reward_accuracy", "weights_sha256"):
+        assert k in prov, k
+    assert prov["alpha"] == 5 and prov["predicted_gamma"] == pytest.approx(1 + 5 / 0.57)
+    assert prov["n_pairs"] > 150 and prov["steps"] == math.ceil(prov["n_pairs"] / 8)
+    assert prov["label_agrees_with_likelihood"] > 0.9  # alpha = 5 follows the likelihood
+    # TRL's reference log-probs (float32 HF forward) equal ours from the stored q16 logits
+    assert prov["ref_logp_max_abs_diff"] < 5e-3
+    assert json.loads((path / "config.json").read_text())["use_cache"] is True  # TRL had it off
+    labels = json.loads((path / "labels.json").read_text())
+    assert len(labels) == prov["n_pairs"]
+    assert (cache / "aligned" / "tiny-typ.latest").read_text().strip() == prov["build_id"]
+
+
+def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
+    res, cache, tmp = built
+    again = align(tmp, cache, "name=tiny-typ", "alpha=5")
+    assert again["cached"] and again["path"] == res["path"]
+    other = align(tmp, cache, "name=tiny-typ", "alpha=5", "label_seed=1")
+    assert not other["cached"] and other["path"] != res["path"]
+    assert other["candidates_seconds"] < 1.0  # new labels, the same candidates: not sampled again
+    assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 1
+    # the newest build is the one a model config without `build` loads; an id picks one
+    assert (cache / "aligned" / "tiny-typ.latest").read_text().strip() == other["build_id"]
+
+
+def test_model_config_loads_the_build_and_names_the_command_when_missing(built, tmp_path):
+    res, cache, _ = built
+    cfg = compose_cfg("dump", tmp_path, cache, ["model=aligned", "model.name=tiny-typ",
+                                                f"model.build={res['build_id']}"])
+    lm = load_model(cfg.model, "cpu", cache)
+    assert lm.provenance["source"] == "aligned" and lm.provenance["revision"] == res["build_id"]
+    assert json.loads(lm.provenance["alignment"])["alpha"] == 5
+    ref = load_model(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model, "cpu", cache)
+    assert lm.provenance["vocab_hash"] == ref.provenance["vocab_hash"]
+    import torch
+    ids = torch.tensor([[0, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        diff = (lm.bridge(ids) - ref.bridge(ids)).abs().max().item()
+    assert diff > 1e-4, "training changed nothing"
+    missing = compose_cfg("dump", tmp_path, cache, ["model=smollm2-135m-random-dpo"])
+    with pytest.raises(EngineError, match="alpha=0 name=smollm2-135m-random-dpo"):
+        load_model(missing.model, "cpu", cache)
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):
+    for bad, msg in (("n_samples=3", "even"), ("beta=0", "beta"), ("alpha=-1", "alpha"),
+                     ("min_tokens=99", "min_tokens")):
+        with pytest.raises(EngineError, match=msg):
+            align(tmp_path, cache_dir, "name=bad", bad)
+    assert not (cache_dir / "aligned").exists() or not list((cache_dir / "aligned").glob("*bad*"))
+
+
+def pooled_gamma(archive: str, base: str, twin: str):
+    with Archive(archive) as a:
+        s = a.samples()
+        p = np.concatenate([a.model(base).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)])
+        q = np.concatenate([a.model(twin).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)])
+        groups = np.concatenate([np.full(int(n), i) for i, n in enumerate(s["length"])])
+    return K.fit_gamma_pooled(p, q, groups=groups, n_boot=500, seed=0)
+
+
+def test_typicality_twin_sharpens_more_than_its_coin_flip_control(tmp_path, cache_dir):
+    """Strong alpha on tiny-random: on held-out prompts the twin's pooled per-step gamma
+    (bootstrap over completions) lies above the alpha = 0 control's interval."""
+    train = ["train.epochs=2", "train.learning_rate=3e-5", "beta=0.5", "train.batch_pairs=16"]
+    typ = align(tmp_path, cache_dir, "name=tiny-sharp", "alpha=5", *train)
+    rnd = align(tmp_path, cache_dir, "name=tiny-coin", "alpha=0", *train)
+    assert typ["label_agrees_with_likelihood"] > 0.9
+    assert 0.35 < rnd["label_agrees_with_likelihood"] < 0.65
+    held = dump_mod.run(compose_cfg("dump", tmp_path, cache_dir, [
+        "model=tiny-random", "prompts=open_ended_heldout", "n_samples=2", "max_new_tokens=8",
+        "codec=fp32", f"out={tmp_path}/held.h5"]))["archive"]
+    for name, r in (("tiny-sharp", typ), ("tiny-coin", rnd)):
+        score_mod.run(compose_cfg("score", tmp_path, cache_dir, [
+            f"archive={held}", "model=aligned", f"model.name={name}", f"model.build={r['build_id']}"]))
+    g_typ = pooled_gamma(held, "tiny-random", "tiny-sharp")
+    g_rnd = pooled_gamma(held, "tiny-random", "tiny-coin")
+    assert g_typ.ci_low > g_rnd.ci_high, (g_typ, g_rnd)
+    assert g_typ.gamma > 1
