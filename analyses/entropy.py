@@ -109,7 +109,8 @@ def token_figures(a: Archive, c, out: Path) -> list[str]:
     top = np.sort(np.exp(K.log_softmax(rows)), 1)[:, ::-1][:, : c.topk]
     top = top / top.sum(1, keepdims=True)
     h = K.entropy(rows, base=2, topk=int(c.topk))
-    labels = [vocab[t] for t in s["tokens"][i, :n]]
+    # control characters have no glyph in the figure's font: show them escaped (\x04)
+    labels = [vocab[t] if vocab[t].isprintable() else repr(vocab[t])[1:-1] for t in s["tokens"][i, :n]]
     figs = []
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * n), 3.5))
     ax.bar(range(n), h, color="tab:blue")

@@ -14,6 +14,7 @@ sequence-level power).  This script measures it with the engine, nothing planted
    under --out.  The alpha = 0 twin is the control: same data and training, coin-flip labels.
 
     python -m bench.theory_check --twins smollm2-135m-random-dpo,smollm2-135m-typical-dpo
+    (a twin is a model config, or the name of any `engine align name=NAME` build)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from analyses.__main__ import run as run_analysis  # noqa: E402
 from analyses.common import write_json  # noqa: E402
 from engine import dump, score  # noqa: E402
-from engine.config import CONF  # noqa: E402
+from engine.config import CONF, options  # noqa: E402
 from engine.models import load_model  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def main() -> None:
     times = {"dump": time.perf_counter() - t0}
     for twin in twins:
         t = time.perf_counter()
-        scfg = cfg_of("score", out, f"archive={archive}", f"model={twin}", "overwrite=true", *common)
+        model = [f"model={twin}"] if twin in options("model") else ["model=aligned", f"model.name={twin}"]
+        scfg = cfg_of("score", out, f"archive={archive}", *model, "overwrite=true", *common)
         score.run(scfg, model=load_model(scfg.model, scfg.device, scfg.paths.cache_dir))
         times[f"score {twin}"] = time.perf_counter() - t
     ent = run_analysis(cfg_of("analyses", out / "entropy", "analysis=entropy", f"archive={archive}", *common))
@@ -137,7 +139,7 @@ def figure(rows: dict, out: Path) -> str:
     az.set_xlim(-0.6, len(names) - 0.4)
     az.set_ylabel("measured γ − 1 (95% CI)")
     az.set_title("zoom: sharpening against the α = 0 control", fontsize=10)
-    az.legend(fontsize=7)
+    az.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "gamma_vs_predicted.png", dpi=150, bbox_inches="tight")
     fig.savefig(out / "gamma_vs_predicted.svg", bbox_inches="tight")
