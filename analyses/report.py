@@ -193,18 +193,26 @@ def run(cfg, a, out: Path) -> dict:
     figs = {"entropy (each model's own completions; both models scored on them)": [],
             "diversity: t-SNE of sentence embeddings with k-means clusters": [],
             "pair: per-step γ and KL": [], "attractor": []}
+    caption = {}  # figure -> whose completions it shows
+
+    def add(section, paths, m):
+        figs[section] += paths
+        caption.update({p: f"on {m}'s own completions" for p in paths})
+
     for m in (base, aligned):
-        figs["entropy (each model's own completions; both models scored on them)"] += figures_of(
-            src, "entropy", m, ("top5_entropy_boxplot", "per_token_top5_probabilities", "entropy_vs_gamma"))
-        figs["diversity: t-SNE of sentence embeddings with k-means clusters"] += figures_of(src, "diversity", m, ("tsne_clusters",))
+        add("entropy (each model's own completions; both models scored on them)", figures_of(
+            src, "entropy", m, ("top5_entropy_boxplot", "per_token_top5_probabilities", "entropy_vs_gamma")), m)
+        add("diversity: t-SNE of sentence embeddings with k-means clusters",
+            figures_of(src, "diversity", m, ("tsne_clusters",)), m)
         p = pair_on(src, m, base, aligned)
         if p:
-            figs["pair: per-step γ and KL"] += [x for x in src.cite(p, "figures") if x.endswith(".png")]
+            add("pair: per-step γ and KL", [x for x in src.cite(p, "figures") if x.endswith(".png")], m)
     drawn = attractor_curves(src, base, aligned, out)
     figs["attractor"] += [p for p in drawn if p.endswith(".png")]
+    caption.update({p: "both models, from the attractor summaries" for p in drawn})
     for m in (base, aligned):
-        figs["attractor"] += figures_of(src, "attractor", m, ("probability_heatmap",))
-    md, page = render(base, aligned, rows, figs, out)
+        add("attractor", figures_of(src, "attractor", m, ("probability_heatmap",)), m)
+    md, page = render(base, aligned, rows, figs, caption, out)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     write_json(out, "report.json", {"base": base, "aligned": aligned, "rows": rows, "cited": src.cited,
@@ -214,7 +222,7 @@ def run(cfg, a, out: Path) -> dict:
             "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows}, "figures": drawn}
 
 
-def render(base, aligned, rows, figs, out: Path) -> tuple[str, str]:
+def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
     rel = (lambda p: os.path.relpath(p, out))
     md = [f"# {aligned} vs {base}", "",
           "Each model generated its own completions and was scored on the other's (same tokens); "
@@ -223,12 +231,14 @@ def render(base, aligned, rows, figs, out: Path) -> tuple[str, str]:
     md += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
     for title, paths in figs.items():
         if paths:
-            md += ["", f"## {title}", ""] + [f"![{Path(p).stem}]({rel(p)})" for p in paths]
+            md += ["", f"## {title}", ""] + [f"![{Path(p).stem}, {caption.get(p, '')}]({rel(p)})"
+                                               for p in paths]
     esc = html.escape
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>base vs aligned</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-            "th{background:#f3f3f3}img{max-width:49%;margin:2px;border:1px solid #eee}img.wide{max-width:99%}"
+            "th{background:#f3f3f3}figure{display:inline-block;width:49%;margin:0;vertical-align:top}"
+            "figure.wide{width:99%}img{width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}"
             "</style></head><body>",
             f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
             "<p>Each model generated its own completions and was scored on the other's (same tokens). "
@@ -239,7 +249,9 @@ def render(base, aligned, rows, figs, out: Path) -> tuple[str, str]:
     for title, paths in figs.items():
         if paths:
             page.append(f"<h2>{esc(title)}</h2>")
-            page += [f"<img src='{esc(rel(p))}' alt='{esc(Path(p).stem)}'"
-                     f"{' class=wide' if Path(p).stem.startswith('per_token') else ''}>" for p in paths]
+            page += [f"<figure{' class=wide' if Path(p).stem.startswith('per_token') else ''}>"
+                     f"<img src='{esc(rel(p))}' alt='{esc(Path(p).stem)}'>"
+                     f"<figcaption>{esc(Path(p).stem)}, {esc(caption.get(p, ''))}</figcaption></figure>"
+                     for p in paths]
     page.append("</body></html>")
     return "\n".join(md) + "\n", "\n".join(page)
