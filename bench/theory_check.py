@@ -134,8 +134,8 @@ def figure(rows: dict, out: Path) -> str:
     ax.legend(fontsize=7)
     az.axhline(0, c="grey", lw=1)
     az.set_xticks(range(len(names)),
-                  [f"{n}\nα={rows[n]['alpha']:g}, predicted γ−1 = {rows[n]['predicted_gamma'] - 1:.2f}"
-                   for n in names], fontsize=7)
+                  [f"α = {rows[n]['alpha']:g}\npredicted γ−1 = {rows[n]['predicted_gamma'] - 1:.2f}"
+                   for n in names], fontsize=8)
     az.set_xlim(-0.6, len(names) - 0.4)
     az.set_ylabel("measured γ − 1 (95% CI)")
     az.set_title("zoom: sharpening against the α = 0 control", fontsize=10)
