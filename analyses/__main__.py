@@ -25,12 +25,11 @@ def run(cfg: DictConfig) -> dict:
     module = importlib.import_module(f"analyses.{name}")
     if not getattr(module, "NEEDS_ARCHIVE", True):  # e.g. report: reads other runs' summaries
         summary = module.run(cfg, None, out)
-        summary.update(analysis=name, config=OmegaConf.to_container(cfg.analysis, resolve=True))
     else:
         with Archive(cfg.archive) as a:
             summary = module.run(cfg, a, out)
-            summary.update(analysis=name, archive=str(a.path), generator=a.generator,
-                           config=OmegaConf.to_container(cfg.analysis, resolve=True))
+            summary.update(archive=str(a.path), generator=a.generator)
+    summary.update(analysis=name, config=OmegaConf.to_container(cfg.analysis, resolve=True))
     summary["summary"] = str(write_json(out, "summary.json", summary))
     return summary
 

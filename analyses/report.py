@@ -128,7 +128,8 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
         p = pair_on(src, m, base, aligned)
         alignment = src.cite(p, "aligned_provenance", "alignment") if p else None
         if alignment:
-            pred = json.loads(alignment).get("predicted_gamma") or _predicted(json.loads(alignment))
+            al = json.loads(alignment)
+            pred = 1 + al["alpha"] / al["beta"]
             break
     rows.append(("predicted γ = 1 + α/β (sequence level; from the aligned model's provenance)",
                  "1 (reference)", fmt(pred, 3) if pred else "– (not an aligned twin)"))
@@ -148,10 +149,6 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
                                for v in rec) if rec else "–")
     rows.append(("attractor: recovery time after the edit (per variant)", *cells))
     return rows
-
-
-def _predicted(al: dict):
-    return 1 + al["alpha"] / al["beta"] if al.get("alpha") is not None and al.get("beta") else None
 
 
 def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[str]:

@@ -34,7 +34,6 @@ from analyses.__main__ import run as run_analysis  # noqa: E402
 from analyses.common import write_json  # noqa: E402
 from engine import dump, score  # noqa: E402
 from engine.config import CONF, options  # noqa: E402
-from engine.models import load_model  # noqa: E402
 
 
 def cfg_of(name: str, out: Path, *overrides):
@@ -71,7 +70,7 @@ def main() -> None:
         t = time.perf_counter()
         model = [f"model={twin}"] if twin in options("model") else ["model=aligned", f"model.name={twin}"]
         scfg = cfg_of("score", out, f"archive={archive}", *model, "overwrite=true", *common)
-        score.run(scfg, model=load_model(scfg.model, scfg.device, scfg.paths.cache_dir))
+        score.run(scfg)
         times[f"score {twin}"] = time.perf_counter() - t
     ent = run_analysis(cfg_of("analyses", out / "entropy", "analysis=entropy", f"archive={archive}", *common))
     rows = {}

@@ -77,13 +77,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def settings_id(cfg: DictConfig, prompts: list[str], keys) -> str:
-    """sha256 of the reference model's config, the prompts and the settings `keys`."""
-    spec = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in keys}
-    spec["model"] = OmegaConf.to_container(cfg.model, resolve=True)
-    spec["prompts"] = prompts
-    if "train" in keys:
-        spec["trl"] = _version("trl")
+    """sha256 of the run key (the reference model's config and the settings `keys`) and the
+    prompts; a build also hashes the TRL version."""
+    extra = {"trl": _version("trl")} if "train" in keys else {}
+    spec = R.run_key(cfg, keys, prompts=prompts, **extra)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -216,8 +213,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     if done is not None and not cfg.overwrite:
         record_latest(cache, str(cfg.name), bid)
         log.info("%s is built already: %s", cfg.name, final)
-        return {"name": str(cfg.name), "path": str(final), "build_id": bid, "cached": True,
-                **json.loads((final / PROVENANCE).read_text())}
+        return {"name": str(cfg.name), "path": str(final), "cached": True, **done.provenance}
     work = final.with_name(f".build-{final.name}")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -23,12 +23,28 @@ from engine.errors import EngineError
 PROVENANCE = "provenance.json"
 
 
+#: provenance.json fields an archive records about an aligned model (`alignment` attribute)
+SUMMARY_KEYS = ("reference", "alpha", "beta", "noise", "k", "max_new_tokens", "n_pairs", "steps",
+                "prompts_sha256", "labels_sha256", "final_loss", "reward_accuracy", "trl")
+
+
 @dataclass
 class Build:
     path: Path
-    build_id: str
-    weights_sha256: str
-    summary: str  # JSON of the provenance fields an archive records about the model
+    provenance: dict  # the build's provenance.json
+
+    @property
+    def build_id(self) -> str:
+        return self.provenance["build_id"]
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.provenance["weights_sha256"]
+
+    @property
+    def summary(self) -> str:
+        """JSON of the SUMMARY_KEYS fields."""
+        return json.dumps({k: self.provenance.get(k) for k in SUMMARY_KEYS}, sort_keys=True)
 
 
 def build_dir(cache: Path, name: str, build_id: str) -> Path:
@@ -40,11 +56,7 @@ def read_build(path: Path) -> Build | None:
     prov_path = path / PROVENANCE
     if not prov_path.is_file():
         return None
-    prov = json.loads(prov_path.read_text())
-    keep = ("reference", "alpha", "beta", "noise", "k", "max_new_tokens", "n_pairs", "steps",
-            "prompts_sha256", "labels_sha256", "final_loss", "reward_accuracy", "trl")
-    return Build(path, prov["build_id"], prov["weights_sha256"],
-                 json.dumps({k: prov.get(k) for k in keep}, sort_keys=True))
+    return Build(path, json.loads(prov_path.read_text()))
 
 
 def record_latest(cache: Path, name: str, build_id: str) -> None:

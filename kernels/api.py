@@ -165,7 +165,7 @@ def _tokens_np(tokens, rows, vocab):
 def logsumexp(logits):
     """Row-wise log-sum-exp, float64 [...]."""
     if _is_torch(logits):
-        torch, _torch = _backend()
+        _, _torch = _backend()
         return _torch_map(logits, lambda b, sl: _torch.logsumexp(b))
     kind, data, sc, of, lead = _numba_rows(logits)
     out = np.empty(data.shape[0], np.float64)
@@ -196,7 +196,7 @@ def entropy(logits, base="e", topk=None, renormalize=True):
     if topk is not None and not (isinstance(topk, (int, np.integer)) and topk >= 1):
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
     if _is_torch(logits):
-        torch, _torch = _backend()
+        _, _torch = _backend()
         h = _torch_map(logits, lambda b, sl: _torch.entropy(b, min(topk, b.shape[-1]) if topk else None, renormalize))
     else:
         kind, data, sc, of, lead = _numba_rows(logits)
