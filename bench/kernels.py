@@ -109,7 +109,8 @@ def main():
         s = min(R, args.slow_rows or R)
         t16, ts16 = torch.from_numpy(x), torch.from_numpy(x[:s])
         res = {}
-        for th in [int(v) for v in args.threads.split(",")]:
+        threads = [int(v) for v in args.threads.split(",")]
+        for th in threads:
             numba.set_num_threads(th)
             torch.set_num_threads(th)
             res[f"numba entropy ({th} thr)"] = (best_of(lambda: K.entropy(x)), R, V, 2)
@@ -118,7 +119,7 @@ def main():
             res[f"torch log_softmax pipeline ({th} thr)"] = (
                 best_of(lambda: torch_pipeline_entropy(t16)), R, V, 2)
             res[f"torch Categorical ({th} thr)"] = (best_of(lambda: categorical_entropy(ts16)), s, V, 2)
-        table(f"entropy, {name}: {R} rows", res, "torch Categorical (1 thr)")
+        table(f"entropy, {name}: {R} rows", res, f"torch Categorical ({threads[0]} thr)")
 
     x = datasets["smollm2 real (V=49152)"]
     R, V = x.shape
