@@ -221,9 +221,10 @@ def moments(row, sc, off, m, g):
         b2 = F32(0.0)
         b3 = F32(0.0)
         for j in range(blk.shape[0]):
-            d = max(F32(dec(blk, j, sc, off) - m), EXP_FLOOR)
-            e = exp_nonpos(gg * d)  # 0 wherever d hit the floor (g d <= floor too, g >= 1)
-            e = e if d > EXP_FLOOR else F32(0.0)  # ... and for g < 1
+            d = F32(dec(blk, j, sc, off) - m)  # -inf where the token is masked
+            z = gg * d  # the floor applies to g d, not d: for g < 1, d far below it counts
+            e = exp_nonpos(max(z, EXP_FLOOR)) if z > EXP_FLOOR else F32(0.0)
+            d = d if e > 0 else F32(0.0)  # keeps 0 * -inf out of the sums
             ed = e * d
             b += e
             b1 += ed
@@ -417,11 +418,12 @@ def gamma_base(p, sp, op, q, sq, oq, out):
                 dq = max(F32(dec_q(bq, j, scq, ofq) - mq), EXP_FLOOR)
                 ep = exp_nonpos(dp)
                 eq = exp_nonpos(dq)
-                epd = ep * max(dp, EXP_FLOOR)
+                df = max(dp, EXP_FLOOR)  # ep = 0 below the floor: finite, so 0 * df = 0
+                epd = ep * df
                 a0 += ep
                 a1 += epd
-                a2 += epd * dp
-                a3 += epd * dp * dp
+                a2 += epd * df
+                a3 += epd * df * df
                 c0 += eq
                 c1 += eq * dp if eq > 0 else F32(0.0)  # q > 0 where p = 0: -inf, KL = inf
                 c2 += eq * dq

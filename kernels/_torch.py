@@ -147,7 +147,9 @@ def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
         step = torch.where(den > 0, 2 * f1 * f2 / den, f1 / f2)
         nxt = g - step
         inside = (nxt >= lo) & (nxt <= hi)
-        conv = active & inside & (step.abs() <= tol * torch.clamp(g, min=1.0))
+        narrow = hi - lo <= tol * torch.clamp(g, min=1.0)  # steps are rounding noise
+        conv = active & ((inside & (step.abs() <= tol * torch.clamp(g, min=1.0))) | narrow)
+        nxt = torch.minimum(torch.maximum(nxt, lo), hi)
         dg = nxt - g  # converged rows take the last step; KL by third-order Taylor
         kl = torch.where(conv, kl + f1 * dg + 0.5 * f2 * dg**2 + f3 * dg**3 / 6, kl)
         g = torch.where(conv, nxt, g)

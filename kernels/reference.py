@@ -25,7 +25,7 @@ def log_softmax(x):
 
 def _plogp(lp):
     p = np.exp(lp)
-    return np.where(p > 0, p * lp, 0.0)
+    return p * np.where(p > 0, lp, 0.0)  # 0 log 0 = 0, without forming 0 * -inf
 
 
 def entropy(x, base="e", topk=None, renormalize=True):
