@@ -90,7 +90,7 @@ def pair_stats(p, q, tokens):
     if tokens is None:
         dp = lpt = lqt = torch.full_like(tv, math.nan)
     else:
-        t = tokens.clamp(min=0)[:, None]
+        t = tokens[:, None]  # checked by the caller: in [0, vocab)
         dp = (Q.gather(-1, t) - P.gather(-1, t))[:, 0]
         lpt, lqt = lp.gather(-1, t)[:, 0], lq.gather(-1, t)[:, 0]
     return torch.stack([kl_pq, kl_qp, js, tv, agree, dp, lpt, lqt, rank], -1)

@@ -137,6 +137,14 @@ def _torch_blocks(x):
     return lead, rows_data.shape[0], gen()
 
 
+def _data(x):
+    return x.data if isinstance(x, Encoded) else x
+
+
+def _torch_device(x):
+    return _data(x).device
+
+
 def _torch_map(x, fn):
     """fn(block, slice) -> [b] per block of rows, reshaped to the lead shape."""
     torch, _ = _backend()
@@ -146,19 +154,35 @@ def _torch_map(x, fn):
 
 
 def _pair_check(p, q):
-    sp = (p.data if isinstance(p, Encoded) else p).shape
-    sq = (q.data if isinstance(q, Encoded) else q).shape
+    sp, sq = _data(p).shape, _data(q).shape
     if tuple(sp) != tuple(sq):
         raise ValueError(f"p and q must have the same shape, got {tuple(sp)} and {tuple(sq)}")
 
 
-def _tokens_np(tokens, rows, vocab):
-    t = np.asarray(tokens).reshape(-1).astype(np.int64)
+def _tokens(tokens, rows, vocab, device=None):
+    """The one token-id rule of both backends: integers, one per row, each in [0, vocab).
+    numpy int64 for numba, or (with `device`) a long tensor there; checked before any kernel
+    indexes with them (an out-of-range gather is a device-side assert on CUDA)."""
+    if _is_torch(tokens):
+        torch, _ = _backend()
+        t = tokens.reshape(-1)
+        ints = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        lo_hi = torch.aminmax(t.long()) if ints and t.numel() else None
+        lo, hi = (int(v) for v in torch.stack(lo_hi).tolist()) if lo_hi else (0, 0)
+    else:
+        t = np.asarray(tokens).reshape(-1)
+        ints = np.issubdtype(t.dtype, np.integer)
+        lo, hi = (int(t.min()), int(t.max())) if ints and t.size else (0, 0)
+    if not ints:
+        raise ValueError(f"token ids must be integers, got {t.dtype}")
     if t.shape[0] != rows:
         raise ValueError(f"need one token per row: {rows} rows, {t.shape[0]} tokens")
-    if t.size and (t.min() < 0 or t.max() >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}), got [{t.min()}, {t.max()}]")
-    return t
+    if t.shape[0] and (lo < 0 or hi >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got [{lo}, {hi}]")
+    if device is None:
+        return np.asarray(t.cpu() if _is_torch(t) else t).astype(np.int64)
+    torch, _ = _backend()
+    return torch.as_tensor(t).long().to(device)
 
 
 # ---- public functions ----------------------------------------------------------------------
@@ -221,11 +245,11 @@ def token_stats(logits, tokens) -> TokenStats:
     if _is_torch(logits):
         torch, _torch = _backend()
         lead, n, it = _torch_blocks(logits)
-        t = torch.as_tensor(tokens).reshape(-1).long()
+        t = _tokens(tokens, n, _data(logits).shape[-1], _torch_device(logits))
         lps, ranks = zip(*[_torch.token_stats(b, t[sl].to(b.device)) for sl, b in it]) if n else ([], [])
         return TokenStats(torch.cat(lps).reshape(lead), torch.cat(ranks).reshape(lead))
     kind, data, sc, of, lead = _numba_rows(logits)
-    t = _tokens_np(tokens, data.shape[0], data.shape[-1])
+    t = _tokens(tokens, data.shape[0], data.shape[-1])
     lp = np.empty(data.shape[0], np.float64)
     rank = np.empty(data.shape[0], np.int64)
     _numba.family(kind)["token_stats"](data, sc, of, t, lp, rank)
@@ -241,7 +265,8 @@ def pair_stats(p_logits, q_logits, tokens=None) -> PairStats:
         torch, _torch = _backend()
         lp_, n, itp = _torch_blocks(p_logits)
         _, _, itq = _torch_blocks(q_logits)
-        t = None if tokens is None else torch.as_tensor(tokens).reshape(-1).long()
+        V = _data(p_logits).shape[-1]
+        t = None if tokens is None else _tokens(tokens, n, V, _torch_device(p_logits))
         parts = [_torch.pair_stats(bp, bq, None if t is None else t[sl].to(bp.device))
                  for (sl, bp), (_, bq) in zip(itp, itq)]
         out = torch.cat(parts).reshape(*lp_, len(PairStats._fields))
@@ -249,7 +274,7 @@ def pair_stats(p_logits, q_logits, tokens=None) -> PairStats:
     kp, dp_, spp, opp, lead = _numba_rows(p_logits)
     kq, dq_, sqq, oqq, _ = _numba_rows(q_logits)
     t = (np.full(dp_.shape[0], -1, np.int64) if tokens is None
-         else _tokens_np(tokens, dp_.shape[0], dp_.shape[-1]))
+         else _tokens(tokens, dp_.shape[0], dp_.shape[-1]))
     out = np.empty((dp_.shape[0], len(PairStats._fields)), np.float64)
     _numba.pair_family(kp, kq)["pair_stats"](dp_, spp, opp, dq_, sqq, oqq, t, out)
     out = out.reshape(*lead, len(PairStats._fields))

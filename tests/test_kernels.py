@@ -199,6 +199,22 @@ def test_bad_input_raises_value_error(bad, msg):
         K.entropy(bad)
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("bad, msg", [([0, 5], r"in \[0, 5\), got \[0, 5\]"),
+                                      ([-1, 2], r"in \[0, 5\), got \[-1, 2\]"),
+                                      ([0.0, 1.0], "must be integers"),
+                                      ([0], "one token per row")])
+def test_token_ids_one_rule_for_both_backends(backend, bad, msg):
+    """The torch path gathered unchecked ids (a device-side assert on CUDA) and pair_stats
+    clamped -1 to token 0; both backends now raise the same ValueError."""
+    x = RNG.standard_normal((2, 5)).astype(np.float32)
+    x, tok = (torch.from_numpy(x), torch.tensor(bad)) if backend == "torch" else (x, np.array(bad))
+    with pytest.raises(ValueError, match=msg):
+        K.token_stats(x, tok)
+    with pytest.raises(ValueError, match=msg):
+        K.pair_stats(x, x, tok)
+
+
 def test_bad_tokens_and_shapes_raise():
     x = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match="token ids"):
