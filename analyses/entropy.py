@@ -15,7 +15,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 import kernels as K
-from analyses.common import mean_std, save_figure, write_csv
+from analyses.common import finite_rows, mean_std, save_figure, write_csv
 from engine.archive import Archive
 from engine.stream import map_rows
 
@@ -26,7 +26,8 @@ def per_step(a: Archive, key: str, topk: int, progress: bool):
         return {"full": K.entropy(x), "top": K.entropy(x, base=2, topk=topk)}
 
     r, sample, step = map_rows(a, both, key, progress=progress, desc=f"entropy {key}")
-    return r["full"], r["top"], sample, step
+    r, sample, step, skipped = finite_rows(r, sample, step, "full")
+    return r["full"], r["top"], sample, step, skipped
 
 
 def per_completion(values, sample, n):
@@ -43,7 +44,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     summary, figures, curves, comp_top = {"models": {}}, [], {}, {}
     rows_table = {k: [] for k in ("model", "sample", "prompt", "step", "entropy_nats", "top5_entropy_bits")}
     for key in a.models:
-        full, top, sample, step = per_step(a, key, c.topk, cfg.progress)
+        full, top, sample, step, skipped = per_step(a, key, c.topk, cfg.progress)
         top_c, done = per_completion(top, sample, n)
         full_c, _ = per_completion(full, sample, n)
         comp_top[key] = top_c
@@ -56,7 +57,8 @@ def run(cfg, a: Archive, out: Path) -> dict:
             "top5_entropy_bits": {**mean_std(top_c), "n_completions": int(len(top_c))},
             "entropy_nats": mean_std(full_c),
             "branching_factor": mean_std(np.exp(full)),
-            "n_steps": int(len(full)), "per_prompt": per_prompt}
+            "n_steps": int(len(full)), "skipped_nonfinite_rows": skipped,
+            "per_prompt": per_prompt}
         rows_table["model"] += [key] * len(full)
         rows_table["sample"] += sample.tolist()
         rows_table["prompt"] += s["prompt_index"][sample].tolist()

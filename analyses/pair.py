@@ -23,7 +23,7 @@ import numpy as np
 
 import kernels as K
 from kernels import columns as GB
-from analyses.common import save_figure, write_csv
+from analyses.common import finite_rows, save_figure, write_csv
 from engine.errors import EngineError
 from engine.archive import Archive
 from engine.stream import map_pairs, map_rows
@@ -61,6 +61,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
     base, aligned = pick_models(a, c)
     r, sample, step = map_pairs(a, rows_report, base, aligned, progress=cfg.progress)
+    r, sample, step, skipped = finite_rows(r, sample, step, "kl_pq")
     n = len(sample)
     if n == 0:
         raise EngineError("no stored rows to compare")
@@ -68,7 +69,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     agree = r["argmax_agree"]
     pct = {str(q): float(np.percentile(kl, q)) for q in c.percentiles}
     summary = {
-        "base": base, "aligned": aligned, "n_rows": int(n),
+        "base": base, "aligned": aligned, "n_rows": int(n), "skipped_nonfinite_rows": skipped,
         "base_provenance": provenance_of(a, base), "aligned_provenance": provenance_of(a, aligned),
         "kl_base_aligned": {"mean": float(kl.mean()), "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
                             "min": float(kl.min()), "max": float(kl.max()), "percentiles": pct},

@@ -15,6 +15,7 @@ import kernels as K
 from engine.cli import user_errors
 from engine.errors import EngineError
 from engine.archive import Archive, ModelView
+from engine.archive.format import FINISH_REASONS
 from kernels import reference
 
 
@@ -31,8 +32,10 @@ def summary(a: Archive) -> str:
         lines.append(f"  [{i}] {p!r}  ({int(np.sum(s['prompt_index'] == i))} samples)")
     n = len(s["length"])
     mean_len = float(s["length"].mean()) if n else 0.0
+    reasons = {k: int(np.sum(s["finish_reason"] == v)) for k, v in FINISH_REASONS.items()}
+    bad = f"  ended on non-finite logits {reasons['nonfinite']}" if reasons["nonfinite"] else ""
     lines.append(f"samples  {n}  steps <= {a.max_new_tokens}  mean length {mean_len:.1f}  "
-                 f"ended by EOS {int(s['finish_reason'].sum())}")
+                 f"ended by EOS {reasons['eos']}{bad}")
     lines.append(f"models   {len(a.models)} (generator: {a.generator})")
     for key, m in a.models.items():
         p = m.provenance

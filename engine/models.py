@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered", "aligned")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_DTYPE = "float32"  # dequantized GGUF caches hold float32 (exact); loads cast from there
 
 
 @dataclass
@@ -92,22 +93,34 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
-def _dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """model.dtype: float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise EngineError(f"unknown model dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise EngineError(f"unknown model dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | None = None):
-    """transformers model + tokenizer; any failure becomes one EngineError line."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | None = None,
+             device_map=None):
+    """transformers model + tokenizer; any failure becomes one EngineError line.  With
+    `device_map` (a device, or "auto" to spread layers over the visible GPUs) the weights are
+    loaded straight onto the GPU(s) by accelerate, never whole in host memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"revision": revision} if revision else {}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **kwargs,
+                                                     **placement)
     except Exception as exc:  # hub errors, missing files, unsupported architectures
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"cannot load model {name_or_dir!r}: {first}") from exc
@@ -124,16 +137,18 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def _cache_gguf_as_hf(gguf: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
-    """Dequantize a GGUF once into a plain HF directory; later loads take well under 5 s."""
-    digest = sha256_file(gguf)
-    target = cache_dir / f"{gguf.stem}-{digest[:16]}"
+def _cache_gguf_as_hf(gguf: Path, cache_dir: Path, digest: str | None = None) -> Path:
+    """Dequantize a GGUF once into a plain HF directory of float32 weights (every GGUF
+    dequantizes exactly to float32; loads cast to the model's dtype from there), keyed by the
+    file's hash and that dtype; later loads take well under 5 s."""
+    digest = digest or sha256_file(gguf)
+    target = cache_dir / f"{gguf.stem}-{digest[:16]}-{CACHE_DTYPE}"
     if (target / "model.safetensors").is_file():
         return target
     from safetensors.torch import save_file
 
     log.info("dequantizing %s once into %s", gguf.name, target)
-    model, tok = _load_hf(str(gguf.parent), None, dtype, gguf_file=gguf.name)
+    model, tok = _load_hf(str(gguf.parent), None, DTYPES[CACHE_DTYPE], gguf_file=gguf.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
     try:
@@ -145,7 +160,8 @@ def _cache_gguf_as_hf(gguf: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
             del model.config.quantization_config  # the cache holds plain float weights
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
+                                                     "dtype": CACHE_DTYPE}))
         os.replace(tmp, target)  # atomic: a concurrent or killed load never sees half a cache
     except FileExistsError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,37 +207,39 @@ def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: i
     return model.to(dtype).eval(), tok
 
 
-def load_hf_source(mcfg, cache_dir: str | Path = "~/.cache/logit-engine"):
-    """(transformers model in eval mode on the CPU, its tokenizer, provenance) of a configured
-    model, before any bridge: what `load_model` wraps, and what `engine.align` trains."""
+def load_hf_source(mcfg, cache_dir: str | Path = "~/.cache/logit-engine",
+                   device: torch.device | None = None, device_map=None):
+    """(transformers model in eval mode, its tokenizer, provenance) of a configured model,
+    before any bridge: what `load_model` wraps, and what `engine.align` trains.  The weights
+    are loaded on the CPU, or straight onto `device` (CUDA) or over `device_map`."""
     source = mcfg.source
     if source not in SOURCES or source == "tempered":
         raise EngineError(f"model source {source!r} has no plain HuggingFace model; choose one of "
                           f"{', '.join(s for s in SOURCES if s != 'tempered')}")
-    dtype = _dtype(mcfg.dtype)
+    dtype = resolve_dtype(str(mcfg.dtype), device)
+    if device_map is None and device is not None and device.type == "cuda":
+        device_map = {"": str(device)}  # every weight straight to that GPU
     cache = Path(os.path.expanduser(str(cache_dir)))
-    prov = {"source": source, "name": str(mcfg.name), "dtype": mcfg.dtype, "revision": ""}
+    prov = {"source": source, "name": str(mcfg.name), "revision": ""}
     if source == "tiny-random":
         model, tok = tiny_random_model(int(mcfg.seed), dtype)
         prov["weights_sha256"] = sha256_state_dict(model)
         prov["revision"] = f"seed={int(mcfg.seed)}"
-    elif source == "smollm2":
-        gguf = _smollm2_gguf()
-        model, tok = _load_hf(str(_cache_gguf_as_hf(gguf, dtype, cache)), None, dtype)
-        prov["weights_sha256"] = sha256_file(gguf)
-        prov["path"] = str(gguf)
-    elif source == "gguf":
-        path = Path(os.path.expanduser(str(mcfg.path or "")))
+    elif source in ("smollm2", "gguf"):
+        path = _smollm2_gguf() if source == "smollm2" else \
+            Path(os.path.expanduser(str(mcfg.path or "")))
         if not path.is_file():
             raise EngineError(f"GGUF file not found: {mcfg.path}")
-        model, tok = _load_hf(str(path.parent), None, dtype, gguf_file=path.name)
-        prov["weights_sha256"] = sha256_file(path)
+        digest = sha256_file(path)
+        model, tok = _load_hf(str(_cache_gguf_as_hf(path, cache, digest)), None, dtype,
+                              device_map=device_map)
+        prov["weights_sha256"] = digest
         prov["path"] = str(path)
     elif source == "aligned":
         from engine.align_store import find_build
 
         build = find_build(cache, str(mcfg.name), mcfg.build, str(mcfg.build_command))
-        model, tok = _load_hf(str(build.path), None, dtype)
+        model, tok = _load_hf(str(build.path), None, dtype, device_map=device_map)
         prov["weights_sha256"] = build.weights_sha256
         prov["revision"] = build.build_id
         prov["path"] = str(build.path)
@@ -231,47 +249,87 @@ def load_hf_source(mcfg, cache_dir: str | Path = "~/.cache/logit-engine"):
         if str(mcfg.name).startswith((".", "/", "~")) and not local.is_dir():
             raise EngineError(f"model directory not found: {mcfg.name}")
         model, tok = _load_hf(str(local) if local.is_dir() else str(mcfg.name),
-                              mcfg.revision, dtype)
+                              mcfg.revision, dtype, device_map=device_map)
         prov["revision"] = str(getattr(model.config, "_commit_hash", None) or mcfg.revision or "")
         prov["weights_sha256"] = "" if prov["revision"] else sha256_state_dict(model)
+    prov["dtype"] = dtype_name(next(model.parameters()).dtype)  # what the weights really are
     return model, tok, prov
 
 
-def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
-               ) -> LoadedModel:
-    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge."""
-    from transformer_lens.model_bridge import TransformerBridge
+def device_provenance(dev: torch.device, deterministic: bool = False) -> dict:
+    """Where and how the logits were computed (they can differ in their last bits across
+    devices, dtypes, batch sizes and cuBLAS settings; README "GPUs")."""
+    out = {"device": dev.type, "torch": str(torch.__version__),
+           "matmul_precision": torch.get_float32_matmul_precision(),
+           "deterministic": bool(deterministic)}
+    if dev.type == "cuda":
+        i = dev.index if dev.index is not None else torch.cuda.current_device()
+        out.update(device_name=torch.cuda.get_device_name(i), cuda=str(torch.version.cuda),
+                   cudnn=str(torch.backends.cudnn.version()),
+                   allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                   bf16_reduced_reduction=bool(
+                       torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+                   fp16_reduced_reduction=bool(
+                       torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction))
+        try:
+            out["driver"] = str(torch.cuda.get_device_properties(i).driver_version)
+        except AttributeError:  # older torch: no driver field
+            pass
+    else:
+        import platform
 
+        out["device_name"] = platform.processor() or platform.machine()
+    return out
+
+
+def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
+               device_map=None, deterministic: bool = False) -> LoadedModel:
+    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge.
+    `device_map="auto"` spreads a model too large for one GPU over all visible ones."""
     if mcfg.source not in SOURCES:
         raise EngineError(f"unknown model source {mcfg.source!r}; choose one of {', '.join(SOURCES)}")
     if mcfg.source == "tempered":
-        return load_tempered(mcfg, device, cache_dir)
+        return load_tempered(mcfg, device, cache_dir, device_map, deterministic)
     dev = resolve_device(device)
-    model, tok, prov = load_hf_source(mcfg, cache_dir)
-    model = model.to(dev)
+    if device_map is not None and dev.type != "cuda":
+        raise EngineError(f"device_map={device_map} needs CUDA (device={device})")
+    model, tok, prov = load_hf_source(mcfg, cache_dir, dev, device_map)
+    return wrap(model, tok, str(mcfg.name), str(mcfg.key), dev, prov, deterministic)
+
+
+def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
+         deterministic: bool = False) -> LoadedModel:
+    """A loaded transformers model (on `dev`, or placed by device_map) as a `LoadedModel`."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(dev)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     try:
-        bridge = TransformerBridge.boot_transformers(str(mcfg.name), hf_model=model,
-                                                     tokenizer=tok, device=str(dev))
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=model, tokenizer=tok, dtype=next(model.parameters()).dtype,
+            device=None if getattr(model, "hf_device_map", None) else str(dev))
     except Exception as exc:
-        raise EngineError(f"TransformerBridge cannot wrap {mcfg.name!r}: {exc}") from exc
+        raise EngineError(f"TransformerBridge cannot wrap {name!r}: {exc}") from exc
     bridge.eval()
     # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
     # which would prepend e.g. SmolLM2's <|im_start|> to raw prompts the model never saw so
     tok_name = prov.get("path") or str(getattr(tok, "name_or_path", ""))  # GGUF: the file, not our cache
     prov.update(tokenizer_name=tok_name, vocab_hash=vocab_hash(tok),
-                vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok))
+                vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok),
+                **device_provenance(dev, deterministic))
     if tok.eos_token_id is not None:
         eos_ids.add(tok.eos_token_id)
-    return LoadedModel(key=str(mcfg.key), bridge=bridge, tokenizer=tok, device=dev,
+    return LoadedModel(key=key, bridge=bridge, tokenizer=tok, device=dev,
                        eos_ids=tuple(sorted(int(i) for i in eos_ids)), provenance=prov)
 
 
-def load_tempered(mcfg, device, cache_dir) -> LoadedModel:
+def load_tempered(mcfg, device, cache_dir, device_map=None, deterministic=False) -> LoadedModel:
     """`model.base` with every step's logits multiplied by `model.gamma` (a permanent hook on
     the unembedding output, registered before any capture hook, so captures see the tempered
-    logits): softmax(gamma * logits) ∝ softmax(logits)**gamma."""
+    logits): softmax(gamma * logits) ∝ softmax(logits)**gamma, computed in float32 whatever
+    the model's dtype (a bf16 product would round the tempered logits to 8 bits)."""
     from engine.config import model_config
     from engine.sampling import LOGITS_HOOK
 
@@ -281,8 +339,9 @@ def load_tempered(mcfg, device, cache_dir) -> LoadedModel:
     base_cfg = model_config(str(mcfg.base))
     if base_cfg.source == "tempered":
         raise EngineError("model.base of a tempered model cannot itself be tempered")
-    lm = load_model(base_cfg, device, cache_dir)
-    lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits * gamma, is_permanent=True)
+    lm = load_model(base_cfg, device, cache_dir, device_map, deterministic)
+    lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits.float() * gamma,
+                       is_permanent=True)
     base_prov = lm.provenance
     lm.provenance = {**base_prov, "source": "tempered", "gamma": gamma,
                      "base_model": str(base_cfg.key), "base_source": base_prov["source"],

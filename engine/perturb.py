@@ -127,7 +127,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         source = {"created": src.created, "generator": src.generator}
     texts = [v["text"] for v in vs]
     rendered = R.Rendered(chat_template=False, text=texts, ids=[v["prompt_ids"] for v in vs])
-    writer = R.open_or_create(o, R.run_key(cfg, KEYS), cfg, texts, R.model_info(lm, rendered))
+    writer = R.open_or_create(o, R.run_key(cfg, KEYS, device=R.device_type(cfg)), cfg, texts, R.model_info(lm, rendered))
     if not o.resuming:
         archive.write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), source)
         writer.f.flush()

@@ -16,25 +16,35 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from engine import archive
 from engine.archive import codecs
-from engine.encode import encode_rows
 from engine.errors import EngineError
-from engine.models import LoadedModel, load_model
+from engine.models import LoadedModel, load_model, resolve_device
 from engine.prompts import render, uses_chat_template
+from engine.overlap import Overlap, to_host
 from engine.provenance import root_provenance, tokenizer_record
-from engine.sampling import Step, generate, sample_seed
+from engine.sampling import NonFiniteLogits, generate, sample_seed
 
 
 # ---- settings --------------------------------------------------------------------------------
+#: batch_size=auto by device: CPU throughput is flat past ~8 rows; on a GPU 32 rows keep a
+#: 7B model's forward compute-bound while [32, vocab] float32 rows stay ~20 MB per step
+AUTO_BATCH = {"cpu": 8, "cuda": 32}
+
+
 def check_batch_size(cfg: DictConfig) -> None:
+    """batch_size: a positive integer, or auto (resolved here, by device, into cfg)."""
+    if cfg.batch_size == "auto":
+        with open_dict(cfg):
+            cfg.batch_size = AUTO_BATCH.get(resolve_device(cfg.device).type, 8)
     if not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
-        raise EngineError(f"batch_size must be a positive integer, got {cfg.batch_size}")
+        raise EngineError(f"batch_size must be a positive integer or auto, got {cfg.batch_size}")
 
 
 def validate_sampling(cfg: DictConfig) -> None:
@@ -60,6 +70,12 @@ def run_key(cfg: DictConfig, keys: Iterable[str], **extra) -> dict:
            for k in keys}
     out["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     return {**out, **extra}
+
+
+def device_type(cfg: DictConfig) -> str:
+    """cpu or cuda: part of a sampled archive's run key, since logits (not the draws: see
+    `engine.sampling`) differ in their last bits between devices."""
+    return resolve_device(cfg.device).type
 
 
 # ---- output planning ---------------------------------------------------------------------------
@@ -110,7 +126,20 @@ def finalize(o: Output) -> int:
 # ---- models and prompts ------------------------------------------------------------------------
 def load(cfg: DictConfig, model: LoadedModel | None = None) -> LoadedModel:
     """The configured model, or `model` when the caller already loaded one (tests, benches)."""
-    return model if model is not None else load_model(cfg.model, cfg.device, cfg.paths.cache_dir)
+    if model is not None:
+        return model
+    deterministic = bool(cfg.get("deterministic", False))
+    if deterministic:
+        make_deterministic()
+    return load_model(cfg.model, cfg.device, cfg.paths.cache_dir, cfg.get("device_map"),
+                      deterministic)
+
+
+def make_deterministic() -> None:
+    """Bit-reproducible GPU runs (same device, driver, batch size): deterministic torch
+    algorithms and a fixed cuBLAS workspace (must be set before CUDA's first use)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 @dataclass
@@ -163,6 +192,17 @@ def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int):
                 yield p, s0, s1
 
 
+def out_of_memory(rows: int, device) -> str:
+    """One line for a batch that does not fit, naming a batch size that would."""
+    free = ""
+    if torch.cuda.is_available():
+        f, total = torch.cuda.mem_get_info()
+        free = f" ({f / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+    return (f"a batch of {rows} rows does not fit in GPU memory{free} on device={device}; "
+            f"use batch_size={max(1, rows // 2)} (with overwrite=true: the batch size is part "
+            f"of the run key)")
+
+
 def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, start: int, desc: str,
          write: Callable[[int, int, int], None]) -> None:
     """Call write(prompt, s0, s1) for every remaining batch (each call writes and commits one
@@ -170,30 +210,40 @@ def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, start: int, desc: str
     with tqdm(total=n_prompts * per_prompt, initial=start, unit="sample", desc=desc,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         for p, s0, s1 in batches(n_prompts, per_prompt, cfg.batch_size, start):
-            write(p, s0, s1)
+            try:
+                write(p, s0, s1)
+            except torch.cuda.OutOfMemoryError:
+                raise EngineError(out_of_memory(s1 - s0, cfg.device)) from None
             bar.update(s1 - s0)
-
-
-def encoded(steps: Iterable[Step], codec: str, window: float) -> Iterator[archive.Rows]:
-    """Torch steps -> the writer's host-side `Rows` (encoded on the device, then copied)."""
-    for st in steps:
-        data, scale, offset = encode_rows(codec, st.logits, window)
-        yield archive.Rows(t=st.t, data=data, tokens=st.tokens.cpu().numpy(),
-                           alive=st.alive.cpu().numpy(), scale=scale, offset=offset,
-                           acts={k: a.float().cpu().numpy() for k, a in st.acts.items()})
 
 
 def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_prompt: int,
                cfg: DictConfig, capture=(), seed_of=None) -> None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
-    `seed_of(index)` overrides the per-sample seed (perturb shares seeds across variants)."""
+    `seed_of(index)` overrides the per-sample seed (perturb shares seeds across variants).
+    Rows are written on a background thread while the next steps compute (`engine.overlap`;
+    write_thread=false writes inline)."""
     seed_of = seed_of or (lambda i: sample_seed(cfg.seed, i))
+    pipe = Overlap(threaded=bool(cfg.get("write_thread", True)))
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
         steps = generate(lm.bridge, prompt_ids[p], seeds, cfg.max_new_tokens, cfg.temperature,
-                         cfg.top_k, cfg.top_p, lm.eos_ids, list(capture))
-        writer.write_batch(s0, seeds, encoded(steps, cfg.codec, cfg.q16_window), lm.eos_ids)
+                         cfg.top_k, cfg.top_p, lm.eos_ids, list(capture),
+                         cfg.get("on_nonfinite", "fail"))
+        consume = (lambda rows: writer.write_batch(s0, seeds, rows, lm.eos_ids))
+        try:
+            pipe.batch(consume, (to_host(st, cfg.codec, cfg.q16_window) for st in steps))
+        except NonFiniteLogits as exc:
+            raise EngineError(f"non-finite logits (NaN, +inf or no finite entry) from model "
+                              f"{lm.key} at sample {s0 + exc.rows[0]}, step {exc.step}; "
+                              f"on_nonfinite=record ends such samples there and keeps the "
+                              f"rest") from None
 
-    fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write)
+    try:
+        fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write)
+    except BaseException:
+        pipe.close(abort=True)  # complete batches are still committed; the one in flight is not
+        raise
+    pipe.close()
     writer.finish()

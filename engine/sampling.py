@@ -7,9 +7,22 @@ hook points (e.g. `blocks.5.hook_resid_post`) are captured the same way.  One st
 are handed to the caller (who moves them off the accelerator) before the next forward, so
 memory does not grow with the number of steps or samples.
 
-Every sample has its own seed (`sample_seed(seed, index)`) and its own torch.Generator, so a
-sample's tokens do not depend on which batch it was in, and an interrupted run resumes with
-the same samples it would have produced.
+The prompt is read once per batch (batch 1, full-vocabulary logits only at its last position:
+`logits_to_keep=1`) and its KV cache repeated across the batch's rows.
+
+Reproducibility: every sample has its own seed (`sample_seed(seed, index)`) and its own CPU
+`torch.Generator`; each step draws one float64 uniform per row on the CPU (one [batch] vector,
+one copy to the device), so a sample's tokens depend on its logits alone: not on the batch it
+was in, and not on the device (CUDA's Philox and the CPU's MT19937 would give other numbers
+from the same seed).  The logits themselves can differ in their last bits across devices,
+dtypes and batch sizes (README, "GPUs").
+
+Non-finite logits (NaN, +inf, or a row without any finite entry; -inf entries alone are masked
+tokens) are never sampled: `on_nonfinite="fail"` raises `NonFiniteLogits`, `"record"` ends
+the row before that step and flags it in `Step.nonfinite`.
+
+Host syncs: one per step (the tokens and non-finite flags, copied together), which decides
+when every row has ended.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import torch
 from engine.errors import EngineError
 
 LOGITS_HOOK = "unembed.hook_out"
+ON_NONFINITE = ("fail", "record")
 
 
 @dataclass
@@ -30,8 +44,18 @@ class Step:
     t: int  # step index: these logits predict generated token t
     logits: torch.Tensor  # [batch, vocab] raw next-token logits, on the model's device
     acts: dict  # hook name -> [batch, d] activation at the last position
-    tokens: torch.Tensor  # [batch] token sampled at this step
-    alive: torch.Tensor  # [batch] bool: the sample had not ended before this step
+    tokens: np.ndarray  # [batch] int64 token of this step (host)
+    alive: np.ndarray  # [batch] bool: the sample had not ended before this step (host)
+    nonfinite: np.ndarray | None = None  # [batch] bool: the row ends here, logits non-finite
+
+
+class NonFiniteLogits(EngineError):
+    """A row's logits held NaN or +inf, or no finite entry, at step `step`."""
+
+    def __init__(self, rows: list[int], step: int):
+        super().__init__(f"non-finite logits (NaN, +inf or no finite entry) in batch rows "
+                         f"{rows} at step {step}")
+        self.rows, self.step = rows, step
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -68,34 +92,50 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return x
 
 
-def draw(x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of logits `x` [batch, vocab] by inverse-CDF sampling, each row with
-    its own generator: u ~ U[0, 1) per row, token = first index whose cumulative probability
-    exceeds u (right=True never picks a zero-probability token).  The CDF is float64 so its
-    rounding (~1e-16 per step) is far below any token's probability."""
-    u = torch.stack([torch.rand((), generator=g, device=x.device, dtype=torch.float64)
-                     for g in gens])  # [batch]
+def uniforms(gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """One U[0, 1) float64 per row from each row's own CPU generator: [batch] on the CPU."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+
+
+def draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits `x` [batch, vocab] by inverse-CDF sampling with the row's
+    uniform `u` [batch] (from `uniforms`, any device): token = first index whose cumulative
+    probability exceeds u (right=True never picks a zero-probability token).  The CDF is
+    float64 so its rounding (~1e-16 per step) is far below any token's probability."""
+    if x.device.type == "cuda" and u.device.type == "cpu":
+        u = u.pin_memory()
+    u = u.to(x.device, non_blocking=True)
     cdf = torch.softmax(x, dim=-1).double().cumsum(dim=-1)  # [batch, vocab]
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     return idx.clamp(max=x.shape[-1] - 1)
 
 
+def input_device(bridge) -> torch.device:
+    """Where token ids go in (the embedding's device; with device_map the logits may come out
+    on another GPU)."""
+    return next(bridge.parameters()).device
+
+
 def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_ids: Sequence[int] = (), capture: Sequence[str] = ()) -> Iterator[Step]:
+             eos_ids: Sequence[int] = (), capture: Sequence[str] = (),
+             on_nonfinite: str = "fail") -> Iterator[Step]:
     """Sample len(seeds) continuations of one prompt, yielding one `Step` per generated step.
 
     All rows share the prompt, so no padding or attention mask is needed and every row's
     numerics equal an unbatched forward.  Rows that emitted an EOS keep being fed (their
     outputs are marked dead in `Step.alive`); the loop stops when all rows have ended.
     """
-    device = next(bridge.parameters()).device
+    if on_nonfinite not in ON_NONFINITE:
+        raise EngineError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got "
+                          f"{on_nonfinite!r}")
     n = len(seeds)
     if n == 0 or max_new_tokens == 0:
         return
     check_hooks(bridge, capture)
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    device = input_device(bridge)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: device-independent
+    eos = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
     tap: dict[str, torch.Tensor] = {}
 
     def keep_last(name):  # keyed by the requested name: aliases report their canonical one
@@ -105,32 +145,45 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
         return hook
 
     hooks = [(name, keep_last(name)) for name in (LOGITS_HOOK, *capture)]
-    ids = torch.tensor([list(prompt_ids)] * n, dtype=torch.long, device=device)  # [batch, pos]
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # [1, pos]
+    finished = np.zeros(n, dtype=bool)
     with torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
         # use_cache=True whatever the model's config says: a trainer may have saved it as
         # False (TRL does), and the KV cache is what carries the context between steps
-        _, cache = bridge(ids, return_type="logits_and_cache", use_cache=True)
+        _, cache = bridge(ids, return_type="logits_and_cache", use_cache=True,
+                          logits_to_keep=1)
+        if n > 1:
+            cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per row
+        rows = {k: v.expand(n, *v.shape[1:]) for k, v in tap.items()}  # [batch, ...] views
         for t in range(max_new_tokens):
-            logits = tap[LOGITS_HOOK]  # [batch, vocab]
-            tokens = draw(warp(logits, temperature, top_k, top_p), gens)  # [batch]
-            yield Step(t, logits, {k: tap[k] for k in capture}, tokens, ~finished)
-            finished = finished | torch.isin(tokens, eos)
-            if bool(finished.all()) or t + 1 == max_new_tokens:
+            logits = rows[LOGITS_HOOK]  # [batch, vocab]
+            tokens = draw(warp(logits, temperature, top_k, top_p), uniforms(gens))  # [batch]
+            bad = ~torch.isfinite(logits.amax(dim=-1))  # NaN, +inf, or nothing finite
+            host = torch.stack([tokens, bad.long()]).cpu().numpy()  # the step's one sync
+            tok, bad_h = host[0], host[1].astype(bool)
+            new_bad = bad_h & ~finished
+            if new_bad.any() and on_nonfinite == "fail":
+                raise NonFiniteLogits(np.flatnonzero(new_bad).tolist(), t)
+            yield Step(t, logits, {k: rows[k] for k in capture}, tok, ~finished & ~bad_h,
+                       new_bad)
+            finished |= np.isin(tok, eos) | bad_h
+            if finished.all() or t + 1 == max_new_tokens:
                 break
-            _, cache = bridge(tokens[:, None], return_type="logits_and_cache",
+            _, cache = bridge(tokens[:, None].to(device), return_type="logits_and_cache",
                               past_key_values=cache)
+            rows = tap
 
 
-def forward_logits(bridge, ids: torch.Tensor) -> torch.Tensor:
+def forward_logits(bridge, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
     """Teacher-forced logits [batch, pos, vocab] of token ids [batch, pos], read at the same
-    hook point as `generate` (so permanent hooks such as tempering apply identically)."""
+    hook point as `generate` (so permanent hooks such as tempering apply identically); with
+    keep=k only the last k positions are unembedded: [batch, k, vocab]."""
     tap: dict[str, torch.Tensor] = {}
 
-    def keep(tensor, hook):
+    def hook(tensor, hook):
         tap["logits"] = tensor.detach()
         return tensor
 
-    with torch.inference_mode(), bridge.hooks(fwd_hooks=[(LOGITS_HOOK, keep)]):
-        bridge(ids, return_type=None)
+    with torch.inference_mode(), bridge.hooks(fwd_hooks=[(LOGITS_HOOK, hook)]):
+        bridge(ids, return_type=None, logits_to_keep=keep)
     return tap["logits"]

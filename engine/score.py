@@ -30,7 +30,8 @@ from engine.config import CONF
 from engine.errors import EngineError
 from engine.models import LoadedModel
 from engine.prompts import check_chat_template
-from engine.sampling import Step, forward_logits
+from engine.overlap import encoded
+from engine.sampling import NonFiniteLogits, Step, forward_logits, input_device
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def score_key(cfg: DictConfig) -> dict:
 
 def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndarray, device):
     """Steps [t] of a batch from one forward over prompt + completion: row t is the
-    distribution at the position that predicted stored token t."""
+    distribution at the position that predicted stored token t.  Full-vocabulary logits are
+    computed only there (the last L + 1 positions), not over the prompt."""
     n, P = len(tokens), len(prompt_ids)
     L = int(length.max(initial=0))
     if L == 0:
@@ -51,11 +53,13 @@ def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndar
     comp = np.where(tokens[:, :L] >= 0, tokens[:, :L], 0)  # right padding never reaches
     ids = torch.tensor(np.concatenate([np.tile(prompt_ids, (n, 1)), comp], 1),  # earlier rows
                        dtype=torch.long, device=device)  # [batch, pos]
-    logits = forward_logits(bridge, ids)  # [batch, pos, vocab]
-    lengths = torch.tensor(length, device=device)  # a copy: `length` is the reader's read-only cache
+    logits = forward_logits(bridge, ids, keep=L + 1)  # [batch, L + 1, vocab] from pos P - 1
     for t in range(L):
-        yield Step(t, logits[:, P - 1 + t], {}, torch.as_tensor(comp[:, t], device=device),
-                   t < lengths)
+        alive = t < length
+        bad = alive & ~torch.isfinite(logits[:, t].amax(dim=-1)).cpu().numpy()
+        if bad.any():
+            raise NonFiniteLogits(np.flatnonzero(bad).tolist(), t)
+        yield Step(t, logits[:, t], {}, comp[:, t].astype(np.int64), alive)
 
 
 def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
@@ -99,8 +103,13 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 
         def write(p, s0, s1):
             steps = teacher_forced_steps(lm.bridge, seen.ids[p], samples["tokens"][s0:s1],
-                                         samples["length"][s0:s1], lm.device)
-            _, length = w.write(s0, s1 - s0, R.encoded(steps, codec, cfg.q16_window))
+                                         samples["length"][s0:s1], input_device(lm.bridge))
+            try:
+                _, length, _ = w.write(s0, s1 - s0, encoded(steps, codec, cfg.q16_window))
+            except NonFiniteLogits as exc:
+                raise EngineError(f"non-finite logits (NaN, +inf or no finite entry) from "
+                                  f"model {lm.key} at sample {s0 + exc.rows[0]}, step "
+                                  f"{exc.step}; nothing of this batch was committed") from None
             if not np.array_equal(length, samples["length"][s0:s1]):
                 raise RuntimeError("scored rows do not match the stored lengths")  # a bug
             w.commit(s1)

@@ -2,9 +2,11 @@
 
 Rows are processed in blocks so the float32 working copy stays bounded (`BLOCK_BYTES`);
 inside a block everything is whole-tensor torch.  Element-wise work is float32 (float64 for
-float64 input); every reduction over the vocabulary accumulates in float64
-(`sum(dtype=float64)`: a float32 sum over 152k entries drifts by 1e-5 relative).  Masked
-entries (-inf) are kept out of sums with `where`, as in numba.
+float64 input); every reduction over the vocabulary is `sum64`: float32 sums of SUM_BLOCK
+entries, folded in float64, as the numba kernels do (a float32 sum over 152k entries drifts by
+1e-5 relative; `sum(dtype=float64)` would be exact enough but materialises a float64 copy of
+the whole [rows, vocab] block, 77.8 MB for 64 x 151936).  Masked entries (-inf) are kept out
+of sums with `where`, as in numba.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from kernels import columns as C
 
 BLOCK_BYTES = 64 << 20
+SUM_BLOCK = 2048  # entries summed in float32 before folding into a float64 total
 EXP_FLOOR = -87.0  # exp below this is < 2**-125: zero for every sum here
 
 
@@ -35,6 +38,18 @@ def blocks(n_rows: int, vocab: int):
         yield slice(r0, min(r0 + step, n_rows))
 
 
+def sum64(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """float64 sum over the last axis [..., vocab] without a float64 copy of `x`."""
+    if x.dtype == torch.float64:
+        return x.sum(-1, keepdim=keepdim)
+    V = x.shape[-1]
+    n = V - V % SUM_BLOCK
+    total = x[..., :n].unflatten(-1, (n // SUM_BLOCK, SUM_BLOCK)).sum(-1).double().sum(-1)
+    if n < V:
+        total = total + x[..., n:].sum(-1).double()
+    return total.unsqueeze(-1) if keepdim else total
+
+
 def _plogp(lp):
     return torch.where(lp > -torch.inf, lp.exp() * lp, torch.zeros_like(lp))
 
@@ -44,7 +59,7 @@ def logsumexp(x, keepdim=False):
     log_softmax sum in float32 on the CPU: 2e-5 off at a 152k vocabulary.)"""
     m = x.max(-1, keepdim=True).values
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows: log 0 = -inf
-    s = torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64)
+    s = sum64(torch.exp(x - m), keepdim=True)
     out = m.double() + torch.log(s)
     return out if keepdim else out[..., 0]
 
@@ -59,34 +74,34 @@ def entropy(x, topk=None, renormalize=True):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         d = (x - m).clamp_(min=EXP_FLOOR)  # finite, so e * d is 0 where e underflows
         e = torch.exp(d)
-        s = e.sum(-1).double()  # torch's float32 sums are cascaded: ~1e-7 relative at 152k
-        return torch.log(s) - (e * d).sum(-1).double() / s
+        s = sum64(e)
+        return torch.log(s) - sum64(e * d) / s
     top = torch.topk(x, topk, dim=-1).values
     if renormalize:
-        return -_plogp(log_softmax(top)).sum(-1, dtype=torch.float64)
-    return -_plogp(top - logsumexp(x, keepdim=True).to(x.dtype)).sum(-1, dtype=torch.float64)
+        return -sum64(_plogp(log_softmax(top)))
+    return -sum64(_plogp(top - logsumexp(x, keepdim=True).to(x.dtype)))
 
 
 def token_stats(x, tokens):
     lp = log_softmax(x)
     chosen = x.gather(-1, tokens[:, None])
-    return lp.gather(-1, tokens[:, None])[:, 0], (x > chosen).sum(-1) + 1
+    return lp.gather(-1, tokens[:, None])[:, 0], (x > chosen).sum(-1, dtype=torch.int32).long() + 1
 
 
 def pair_stats(p, q, tokens):
     lp, lq = log_softmax(p), log_softmax(q)
     P, Q = lp.exp(), lq.exp()
     zero = torch.zeros_like(P)
-    kl_pq = torch.where(P > 0, P * (lp - lq), zero).sum(-1, dtype=torch.float64)
-    kl_qp = torch.where(Q > 0, Q * (lq - lp), zero).sum(-1, dtype=torch.float64)
+    kl_pq = sum64(torch.where(P > 0, P * (lp - lq), zero))
+    kl_qp = sum64(torch.where(Q > 0, Q * (lq - lp), zero))
     M = 0.5 * (P + Q)
     lm = torch.log(torch.where(M > 0, M, torch.ones_like(M)))
-    js = 0.5 * (torch.where(P > 0, P * (lp - lm), zero).sum(-1, dtype=torch.float64)
-                + torch.where(Q > 0, Q * (lq - lm), zero).sum(-1, dtype=torch.float64))
-    tv = 0.5 * (P - Q).abs().sum(-1, dtype=torch.float64)
+    js = 0.5 * (sum64(torch.where(P > 0, P * (lp - lm), zero))
+                + sum64(torch.where(Q > 0, Q * (lq - lm), zero)))
+    tv = 0.5 * sum64((P - Q).abs())
     top_q = lq.argmax(-1, keepdim=True)
     agree = (lp.argmax(-1, keepdim=True) == top_q)[:, 0].to(P.dtype)
-    rank = ((p > p.gather(-1, top_q)).sum(-1) + 1).to(P.dtype)  # p's rank of q's top token
+    rank = ((p > p.gather(-1, top_q)).sum(-1, dtype=torch.int32) + 1).to(P.dtype)  # p's rank of q's top token
     if tokens is None:
         dp = lpt = lqt = torch.full_like(tv, math.nan)
     else:
@@ -105,8 +120,8 @@ def tempered_moments(x, gammas):
         ls = logsumexp(z, keepdim=True).to(z.dtype)
         w = torch.exp(z - ls)
         dd = torch.where(w > 0, d, torch.zeros_like(d))
-        out.append(torch.stack([ls[:, 0], (w * dd).sum(-1, dtype=torch.float64), (w * dd**2).sum(-1, dtype=torch.float64),
-                                (w * dd**3).sum(-1, dtype=torch.float64)], -1))
+        wd = w * dd
+        out.append(torch.stack([ls[:, 0], sum64(wd), sum64(wd * dd), sum64(wd * dd * dd)], -1))
     return torch.stack(out, 1)
 
 
@@ -116,7 +131,7 @@ def gamma_base(p, q):
     dp = p - mp
     lq = log_softmax(q)
     Q = lq.exp()
-    q_dp = torch.where(Q > 0, Q * dp, torch.zeros_like(Q)).sum(-1, dtype=torch.float64)
+    q_dp = sum64(torch.where(Q > 0, Q * dp, torch.zeros_like(Q)))
     q_lq = -entropy(q)
     m = tempered_moments(p, torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device))[:, 0]
     return torch.cat([q_dp[:, None], q_lq[:, None], m, mp], -1)
@@ -159,11 +174,9 @@ def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
         nxt = torch.where((nxt > lo) & (nxt < hi), nxt, 0.5 * (lo + hi))
         g = torch.where(active, nxt, g)
         its += active.double()
-        m = tempered_moments(p, g[:, None].to(p.dtype))[:, 0].double()
-        ls = torch.where(active, m[:, 0], ls)
-        m1 = torch.where(active, m[:, 1], m1)
-        m2 = torch.where(active, m[:, 2], m2)
-        m3 = torch.where(active, m[:, 3], m3)
+        idx = active.nonzero()[:, 0]  # one pass over the rows still iterating, not all
+        m = tempered_moments(p[idx], g[idx, None].to(p.dtype))[:, 0].double()
+        ls[idx], m1[idx], m2[idx], m3[idx] = m.unbind(-1)
     nan, inf = torch.full_like(g, math.nan), torch.full_like(g, math.inf)
     g = torch.where(bad, nan, g)
     kl = torch.where(torch.isfinite(q_dp), kl, inf)

@@ -14,6 +14,9 @@ from engine.config import CONF
 from engine.dump import run
 
 ROOT = Path(__file__).resolve().parent.parent
+#: where tests run models: the GPU when there is one (a GPU machine's `make test` exercises it),
+#: else the CPU; LOGIT_ENGINE_TEST_DEVICE=cpu|cuda:N overrides
+DEVICE = os.environ.get("LOGIT_ENGINE_TEST_DEVICE", "auto")
 
 
 @pytest.fixture(scope="session")

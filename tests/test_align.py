@@ -18,7 +18,7 @@ from engine import score as score_mod
 from engine.archive import Archive
 from engine.errors import EngineError
 from engine.models import load_model
-from tests.conftest import compose_cfg
+from tests.conftest import DEVICE, compose_cfg
 
 TINY = ["model=tiny-random", "n_samples=2", "max_new_tokens=8", "min_tokens=4", "train.epochs=1",
         "train.batch_pairs=8", "progress=false"]
@@ -117,10 +117,10 @@ def test_model_config_loads_the_build_and_names_the_command_when_missing(built, 
     res, cache, _ = built
     cfg = compose_cfg("dump", tmp_path, cache, ["model=aligned", "model.name=tiny-typ",
                                                 f"model.build={res['build_id']}"])
-    lm = load_model(cfg.model, "cpu", cache)
+    lm = load_model(cfg.model, DEVICE, cache)
     assert lm.provenance["source"] == "aligned" and lm.provenance["revision"] == res["build_id"]
     assert json.loads(lm.provenance["alignment"])["alpha"] == 5
-    ref = load_model(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model, "cpu", cache)
+    ref = load_model(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model, DEVICE, cache)
     assert lm.provenance["vocab_hash"] == ref.provenance["vocab_hash"]
     import torch
     ids = torch.tensor([[0, 72, 101, 108, 108, 111]])
@@ -129,7 +129,7 @@ def test_model_config_loads_the_build_and_names_the_command_when_missing(built, 
     assert diff > 1e-4, "training changed nothing"
     missing = compose_cfg("dump", tmp_path, cache, ["model=smollm2-135m-random-dpo"])
     with pytest.raises(EngineError, match="alpha=0 name=smollm2-135m-random-dpo"):
-        load_model(missing.model, "cpu", cache)
+        load_model(missing.model, DEVICE, cache)
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):

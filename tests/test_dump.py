@@ -13,6 +13,7 @@ from engine import run as run_mod
 from engine.errors import EngineError
 from engine.models import load_model, tiny_random_model
 from engine.archive import Archive
+from tests.conftest import DEVICE
 
 
 def hf_teacher_forced(prompt_ids, tokens, seed=0):
@@ -81,7 +82,7 @@ def test_eos_ends_samples_and_rows_are_padded(dump_cfg, tmp_path):
     """Treat the tiny model's most frequent tokens as EOS so samples end early."""
     cfg = dump_cfg("n_samples=4", "batch_size=4", "max_new_tokens=30", "codec=fp16",
                    f"out={tmp_path}/eos.h5")
-    lm = load_model(cfg.model, "cpu")
+    lm = load_model(cfg.model, DEVICE)
     lm.eos_ids = tuple(range(2, 258, 3))  # a third of the vocabulary ends a sample
     res = dump_mod.run(cfg, model=lm)
     with Archive(res["archive"]) as a:
@@ -193,12 +194,12 @@ def test_zero_new_tokens_gives_empty_but_valid_archive(dump_cfg, tmp_path):
 def test_draw_matches_the_sampling_distribution():
     """Inverse-CDF draws follow softmax(x): chi-square-style check on a planted distribution,
     and zero-probability tokens are never drawn."""
-    from engine.sampling import draw
+    from engine.sampling import draw, uniforms
 
     p = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
     x = torch.log(p).expand(4000, -1)
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    counts = torch.bincount(draw(x, gens), minlength=5).double() / 4000
+    counts = torch.bincount(draw(x, uniforms(gens)), minlength=5).double() / 4000
     assert counts[1] == 0 and counts[4] == 0
     assert torch.allclose(counts, p.double(), atol=0.03), counts
 
@@ -207,7 +208,7 @@ def test_generation_keeps_its_context_when_the_config_disables_the_cache(dump_cf
     """A model saved by a trainer can carry use_cache=False (TRL's DPO does); the sampling loop
     must still decode with its KV cache, i.e. every step sees the whole context."""
     cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "codec=fp32", f"out={tmp_path}/nc.h5")
-    lm = load_model(cfg.model, "cpu")
+    lm = load_model(cfg.model, DEVICE)
     lm.bridge.original_model.config.use_cache = False
     res = dump_mod.run(cfg, model=lm)
     with Archive(res["archive"]) as a:

@@ -5,6 +5,8 @@ steps):
   v1-60faf68.h5          format_version 1 as first written (generator group only)
   v1-eccb3f7.h5          format_version 1 as last written: a scored q16 group (tempered 1.5)
   v1-eccb3f7-perturb.h5  format_version 1 perturbation archive with /lineage
+  v2-12937d2.h5          format_version 2 as last written: generator + scored q16 group
+                         (tempered 1.5); no `nonfinite` finish reason, no device provenance
 Version 1 generator groups carry no n_complete/complete/role/chat_template of their own; the
 reader derives them from the root attributes and run_key.
 """
@@ -34,7 +36,8 @@ def test_there_is_a_fixture_for_every_earlier_version():
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_old_archive_reads_through_current_reader(path, capsys):
     with Archive(path) as a, h5py.File(path, "r") as f:
-        assert a.format_version == 1 and a.complete and a.n_complete == a.n_samples
+        assert a.format_version == int(path.name[1]) and a.complete
+        assert a.n_complete == a.n_samples
         gen = a.model()
         assert gen.role == "generator" and gen.n_complete == a.n_samples and gen.complete
         assert gen.chat_template is False  # dumped with the raw prompts
@@ -66,12 +69,12 @@ def test_old_archive_reads_through_current_reader(path, capsys):
             assert lin is None
         assert json.loads(f.attrs["run_key"]) == a.run_key
     assert inspect_main([str(path)]) == 0
-    assert "logit-archive v1" in capsys.readouterr().out
+    assert f"logit-archive v{path.name[1]}" in capsys.readouterr().out
 
 
 def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_archive):
     with h5py.File(tiny_archive, "r") as f:
-        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 2
+        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 3
         g = f["models"][f.attrs["generator"]]
         for k in F.GROUP_STATE:
             assert k in g.attrs, k

@@ -288,3 +288,22 @@ def test_gamma_for_entropy_on_wide_rows(gamma):
     target = R.tempered_entropy(x64, [gamma])[:, 0]
     close(K.gamma_for_entropy(x64.astype(np.float32), target), np.full(2, gamma), 1e-4,
           rtol=1e-4, what=f"gamma={gamma}")
+
+
+def test_torch_kernels_make_no_float64_copy_of_the_rows():
+    """Sums over the vocabulary accumulate in float64 per block of float32 partial sums:
+    no op may allocate a float64 [rows, vocab] tensor (8 bytes x rows x vocab) or larger."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.from_numpy(RNG.standard_normal((16, 49152)).astype(np.float32) * 3)
+    q = 1.3 * x + 0.1 * torch.randn_like(x)
+    tok = torch.from_numpy(RNG.integers(0, x.shape[1], x.shape[0]))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        K.entropy(x)
+        K.logsumexp(x)
+        K.token_stats(x, tok)
+        K.pair_stats(x, q, tok)
+        K.fit_gamma(x, q)
+        K.tempered_entropy(x, [0.5, 2.0])
+    big = {e.name for e in prof.events() if e.cpu_memory_usage >= 8 * x.numel()}
+    assert not big, big

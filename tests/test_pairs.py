@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from engine.models import load_model
 from engine.archive import Archive
 from engine.stream import map_pairs
-from tests.conftest import compose_cfg
+from tests.conftest import DEVICE, compose_cfg
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_score_refuses_the_generator_key_and_existing_groups(source, tmp_path, c
 def test_score_refuses_mismatched_tokenizers(source, tmp_path, cache_dir):
     def other_vocab(*overrides):
         cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={source}", *TEMPERED, *overrides])
-        lm = load_model(cfg.model, "cpu", cache_dir)
+        lm = load_model(cfg.model, DEVICE, cache_dir)
         lm.provenance = {**lm.provenance, "vocab_hash": "0" * 64, "tokenizer_name": "other"}
         return score_mod.run(cfg, model=lm)
 

@@ -14,7 +14,7 @@ from engine import dump as dump_mod
 from engine import models
 from engine.errors import EngineError
 from engine.archive import Archive
-from tests.conftest import compose_dump
+from tests.conftest import DEVICE, compose_dump
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +31,16 @@ def test_second_load_reads_the_cache_not_the_gguf(smol_archive, cache_dir, monke
     seen = []
     real = models._load_hf
 
-    def spy(name_or_dir, revision, dtype, gguf_file=None):
+    def spy(name_or_dir, revision, dtype, gguf_file=None, device_map=None):
         seen.append(gguf_file)
-        return real(name_or_dir, revision, dtype, gguf_file)
+        return real(name_or_dir, revision, dtype, gguf_file, device_map)
 
     monkeypatch.setattr(models, "_load_hf", spy)
     mcfg = OmegaConf.load(Path(dump_mod.CONF) / "model" / "smollm2-135m-instruct.yaml")
-    lm = models.load_model(mcfg, "cpu", cache_dir)
+    lm = models.load_model(mcfg, DEVICE, cache_dir)
     assert seen == [None], "the cached safetensors directory must be used"
     assert lm.vocab_size == 49152 and lm.provenance["weights_sha256"]
-    assert list(Path(cache_dir).glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    assert list(Path(cache_dir).glob("SmolLM2-135M-Instruct.Q4_1-*-float32/model.safetensors"))
 
 
 def test_smollm2_logits_equal_hf_forward(smol_archive, cache_dir):

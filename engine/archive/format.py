@@ -12,10 +12,11 @@ import numpy as np
 
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: versions this reader understands (1: generator group without n_complete/complete/role/
-#: chat_template, which a version-1 reader derives from the root and run_key)
-READABLE_VERSIONS = (1, 2)
+#: chat_template, which a version-1 reader derives from the root and run_key; 2: no
+#: `nonfinite` finish reason, no device provenance)
+READABLE_VERSIONS = (1, 2, 3)
 ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
               "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
               "max_new_tokens", "n_complete", "complete")
@@ -31,7 +32,9 @@ MODEL_REQUIRED = ("logits", "prompt_tokens", "prompt_text", "vocab", "tokenizer_
 LOGITS_SCALE, LOGITS_OFFSET = "logits_scale", "logits_offset"  # q16 only, [S, T] float32
 ACTIVATIONS = "activations"  # optional group: activations/<hook> [S, T, d] float32
 
-FINISH_REASONS = {"length": 0, "eos": 1}  # /samples/finish_reason
+#: /samples/finish_reason; nonfinite (version 3): the logits at step `length` were NaN/+inf or
+#: had no finite entry, and the sample stopped there (on_nonfinite=record); that row is absent
+FINISH_REASONS = {"length": 0, "eos": 1, "nonfinite": 2}
 TOKEN_PAD = -1  # /samples/tokens at steps >= length
 
 # ---- Model group attributes -----------------------------------------------------------------
@@ -41,7 +44,10 @@ ROLES = ("generator", "scored")
 SCORE_KEY = "score_key"  # scored groups: JSON of the scoring settings (resume must match)
 #: provenance attributes a writer records (see "Provenance attributes of /models/<key>")
 PROVENANCE = ("source", "name", "revision", "weights_sha256", "path", "tokenizer_name",
-              "vocab_hash", "tokenizer_size", "vocab_size", "dtype")
+              "vocab_hash", "tokenizer_size", "vocab_size", "dtype",
+              # version 3: where the logits were computed (CUDA adds cuda, cudnn, driver,
+              # allow_tf32, bf16_reduced_reduction, fp16_reduced_reduction)
+              "device", "device_name", "torch", "matmul_precision", "deterministic")
 
 # ---- Perturbation lineage (optional /lineage) -----------------------------------------------
 LINEAGE = "lineage"

@@ -54,6 +54,7 @@ class Rows:
     scale: np.ndarray | None = None  # [batch] q16 only
     offset: np.ndarray | None = None  # [batch] q16 only
     acts: dict = field(default_factory=dict)  # hook -> [batch, d] float32
+    nonfinite: np.ndarray | None = None  # [batch] bool: the sample ends here, logits non-finite
 
 
 def _early(f, name, shape, dtype, chunks=None, **kw):
@@ -225,7 +226,7 @@ class ModelWriter(FileHandle):
 
     def write(self, s0: int, n: int, steps: Iterable[Rows]) -> tuple[np.ndarray, np.ndarray]:
         """Consume one batch's rows for samples s0..s0+n, writing whole chunks as they fill.
-        Returns (tokens [n, T] with -1 padding, length [n])."""
+        Returns (tokens [n, T] with -1 padding, length [n], ended on non-finite logits [n])."""
         T, V = self.steps, self.logits.shape[-1]
         k = self.logits.chunks[1] if self.logits.chunks else 1
         q16 = self.codec == "q16"
@@ -234,8 +235,11 @@ class ModelWriter(FileHandle):
         acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32) for name, ds in self.acts.items()}
         tokens = np.full((n, T), F.TOKEN_PAD, dtype=np.int32)
         length = np.zeros(n, dtype=np.int32)
+        nonfinite = np.zeros(n, dtype=bool)
         t0 = 0
         for row in steps:
+            if row.nonfinite is not None:
+                nonfinite |= row.nonfinite
             alive = np.asarray(row.alive, dtype=bool)
             j = row.t - t0
             buf[:, j] = row.data
@@ -258,7 +262,7 @@ class ModelWriter(FileHandle):
             self.g[F.LOGITS_OFFSET][s0:s0 + n] = sbuf[1]
         for name, ds in self.acts.items():
             ds[s0:s0 + n] = acts[name]
-        return tokens, length
+        return tokens, length, nonfinite
 
     def commit(self, n_complete: int) -> None:
         """Flush rows, then record them (in place, fixed size: see module docstring)."""
@@ -286,14 +290,15 @@ class ArchiveWriter(FileHandle):
     def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Rows],
                     eos_ids: Sequence[int]) -> None:
         n, T = len(seeds), self.rows.steps
-        tokens, length = self.rows.write(s0, n, steps)
+        tokens, length, nonfinite = self.rows.write(s0, n, steps)
         last = tokens[np.arange(n), np.maximum(length - 1, 0)] if T else np.full(n, -1)
         ended = (length > 0) & np.isin(last, np.asarray(eos_ids, dtype=np.int32))
         samples = self.f[F.SAMPLES]
         samples["tokens"][s0:s0 + n] = tokens
         samples["length"][s0:s0 + n] = length
-        samples["finish_reason"][s0:s0 + n] = np.where(ended, F.FINISH_REASONS["eos"],
-                                                       F.FINISH_REASONS["length"]).astype(np.uint8)
+        reason = np.where(ended, F.FINISH_REASONS["eos"], F.FINISH_REASONS["length"])
+        reason = np.where(nonfinite, F.FINISH_REASONS["nonfinite"], reason)
+        samples["finish_reason"][s0:s0 + n] = reason.astype(np.uint8)
         samples["seed"][s0:s0 + n] = np.asarray(seeds, dtype=np.uint64)
         self.rows.commit(s0 + n)
         self.f.flush()  # data and the group's record first ...
