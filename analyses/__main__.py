@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from analyses.common import write_json
-from engine.cli import check_group_choices, user_errors
+from analyses.common import register_resolvers, write_json
+from engine.cli import check_group_choices, check_launcher, user_errors
 from engine.config import CONF, options
 from engine.errors import EngineError
 from engine.archive import Archive
+
+
+register_resolvers()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -34,20 +38,30 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+def files_written(out: Path, since: float) -> list[str]:
+    """The files this run wrote into its directory (Hydra's own log aside), sorted."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.is_file() and p.suffix != ".log" and p.stat().st_mtime >= since)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="analyses")
 def main(cfg: DictConfig) -> None:
+    start = time.time() - 1  # file times can round down
     with user_errors():
         result = run(cfg)
-    print(f"{result['analysis']}: {result['summary']}")
+    out = Path(result["summary"]).parent
+    print(f"{result['analysis']}: {out}" + (f"  ({result['archive']})" if result.get("archive") else ""))
+    lines = getattr(importlib.import_module(f"analyses.{result['analysis']}"), "terminal_lines", None)
+    for line in (lines(result) if lines else []):  # the run's headline numbers
+        print(f"  {line}")
     if result.get("report"):
         print(f"  report {result['report']}")
-    for f in result.get("figures", []):
-        if f.endswith(".png"):
-            print(f"  figure {f}")
+    print("  files: " + ", ".join(files_written(out, start)))
 
 
 if __name__ == "__main__":
     import sys
 
     check_group_choices(sys.argv[1:], ("analysis",))
+    check_launcher(sys.argv[1:])
     main()

@@ -178,3 +178,15 @@ def render_html(a, traj, variant, M, limit, out: Path) -> str:
     path = out / "rendering.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return str(path)
+
+
+def terminal_lines(s: dict) -> list[str]:
+    """The numbers printed at the end of a run."""
+    out = []
+    for v in s.get("variants", []):
+        rt = v.get("recovery_time", {})
+        out.append(f"prompt {v.get('prompt')} ({v.get('edit')}): KL at the first step "
+                   f"{v.get('kl_first_step', float('nan')):.3f} nats, recovered "
+                   f"{rt.get('recovered')}/{(rt.get('recovered') or 0) + (rt.get('censored') or 0)}, "
+                   f"median recovery {rt.get('median')} steps")
+    return out

@@ -72,3 +72,29 @@ def finite_rows(r: dict, sample: np.ndarray, step: np.ndarray, field: str):
     keep = ~np.isnan(np.asarray(r[field], dtype=np.float64))
     return ({k: np.asarray(v)[keep] for k, v in r.items()}, sample[keep], step[keep],
             int((~keep).sum()))
+
+
+def sweep_dirname(overrides: str) -> str:
+    """A multirun job's folder name from its overrides (`hydra.job.override_dirname`), with
+    archive paths shortened to their file stem and `analysis.` dropped from option keys:
+    `aligned=twin,analysis=pair,archive=demo`."""
+    parts = []
+    for item in overrides.split(","):
+        key, eq, value = item.partition("=")
+        if eq and ("/" in value or value.endswith(".h5")):
+            value = Path(value).stem
+        key = key.removeprefix("analysis.") if key != "analysis" else key
+        parts.append(f"{key}{eq}{value}".replace("/", "_"))
+    return ",".join(parts) or "job"
+
+
+def register_resolvers() -> None:
+    """`${sweep_dirname:...}` for conf/analyses.yaml (registered once per process; every
+    process that runs a job imports this module with the task function)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sweep_dirname"):
+        OmegaConf.register_new_resolver("sweep_dirname", sweep_dirname)
+
+
+register_resolvers()

@@ -110,3 +110,13 @@ def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
     ax.set_title(f"{key}: SBERT t-SNE, colour = k-means cluster (k={k})")
     ax.legend(fontsize=7)
     return labels, save_figure(fig, out, "tsne_clusters")
+
+
+def terminal_lines(s: dict) -> list[str]:
+    """The numbers printed at the end of a run."""
+    c = s.get("cross_input", {})
+    keys = [k for k in ("ead_mean", "sentbert_diversity", "tfidf_cosine") if k in c]
+    val = (lambda x: x.get("mean", x) if isinstance(x, dict) else x)
+    return [f"{s.get('model')}: " + ", ".join(
+        f"{k} {val(c[k]):.3f}" if isinstance(val(c[k]), (int, float)) else f"{k} {val(c[k])}"
+        for k in keys)] if keys else []

@@ -142,3 +142,10 @@ def curve_figure(curves: dict, gammas, out: Path) -> list[str]:
     ax.set_title("Entropy against tempering")
     ax.legend(fontsize=7)
     return save_figure(fig, out, "entropy_vs_gamma")
+
+
+def terminal_lines(s: dict) -> list[str]:
+    """The numbers printed at the end of a run."""
+    return [f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
+            f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
+            f"completions)" for k, m in s["models"].items()]

@@ -16,6 +16,8 @@ identical contexts (every stored step of a scored archive).
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -33,8 +35,12 @@ CAVEAT = ("gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma 
           "tempering exponent, which differs because of the lookahead normaliser. Both are "
           "reported; compare like with like.")
 
+log = logging.getLogger(__name__)
 
-def pick_models(a: Archive, c) -> tuple[str, str]:
+
+def pick_models(a: Archive, c) -> tuple[str, str, str]:
+    """(base, aligned, how they were chosen): the configured groups, else the generator and
+    the first other group, said so (and logged) when the archive holds more than two."""
     base = c.base or a.generator
     others = [k for k in a.models if k != base]
     aligned = c.aligned or (others[0] if others else None)
@@ -43,7 +49,12 @@ def pick_models(a: Archive, c) -> tuple[str, str]:
                           f"{base!r} is stored")
     for k in (base, aligned):
         a.model(k)  # one clear error for an unknown group
-    return base, aligned
+    how = "configured" if c.aligned else "the only other group"
+    if not c.aligned and len(others) > 1:
+        how = (f"the first of {len(others)} other groups ({', '.join(others)}); choose with "
+               f"analysis.aligned=NAME")
+        log.warning("pair: comparing %s with %s, %s", base, aligned, how)
+    return base, aligned, how
 
 
 def rows_report(p, q, tokens):
@@ -59,7 +70,7 @@ def rows_report(p, q, tokens):
 
 def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
-    base, aligned = pick_models(a, c)
+    base, aligned, chosen = pick_models(a, c)
     r, sample, step = map_pairs(a, rows_report, base, aligned, progress=cfg.progress)
     r, sample, step, skipped = finite_rows(r, sample, step, "kl_pq")
     n = len(sample)
@@ -69,7 +80,8 @@ def run(cfg, a: Archive, out: Path) -> dict:
     agree = r["argmax_agree"]
     pct = {str(q): float(np.percentile(kl, q)) for q in c.percentiles}
     summary = {
-        "base": base, "aligned": aligned, "n_rows": int(n), "skipped_nonfinite_rows": skipped,
+        "base": base, "aligned": aligned, "aligned_chosen": chosen,
+        "n_rows": int(n), "skipped_nonfinite_rows": skipped,
         "base_provenance": provenance_of(a, base), "aligned_provenance": provenance_of(a, aligned),
         "kl_base_aligned": {"mean": float(kl.mean()), "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
                             "min": float(kl.min()), "max": float(kl.max()), "percentiles": pct},
@@ -209,3 +221,13 @@ def figures(r, step, summary, out: Path, base: str, aligned: str) -> list[str]:
     fig.suptitle("γ against position and base entropy")
     figs += save_figure(fig, out, "gamma_by_position_and_entropy")
     return figs
+
+
+def terminal_lines(s: dict) -> list[str]:
+    """The numbers printed at the end of a run."""
+    g = s["gamma"]["pooled"]
+    return [f"{s['base']} vs {s['aligned']} ({s['aligned_chosen']}), {s['n_rows']} steps",
+            f"KL(base || aligned) {s['kl_base_aligned']['mean']:.4f} ± "
+            f"{s['kl_base_aligned']['stderr']:.4f} nats/step; same top token "
+            f"{100 * s['same_top_p']['mean']:.1f}%",
+            f"pooled gamma {g['gamma']:.4f} [{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}]"]

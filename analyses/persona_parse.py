@@ -153,10 +153,19 @@ def implied_lead(lines: list[str]) -> str | None:
     return FIELDS[k - 1] if k > 0 else None
 
 
+SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>|</?s>|\[/?INST\]")  # chat-template markers
+ROLE = re.compile(r"^\s*(?:system|user|assistant|model)\s*:?\s*$", re.I)
+
+
 def lead_field(prompt_text: str) -> str | None:
-    """The field whose label the prompt (as the model read it) ends on, if any."""
-    last = prompt_text.rstrip(" \t").rsplit("\n", 1)[-1]
-    hit = label_line(last)
+    """The field whose label the prompt ends on, if any.  A chat template wraps the form
+    (`First name:<|im_end|>\n<|im_start|>assistant\n`): its markers and role lines are not
+    part of the form, so the last line of the user's text decides."""
+    lines = [SPECIAL.sub("", line) for line in prompt_text.split("\n")]
+    lines = [line for line in lines if line.strip() and not ROLE.match(line)]
+    if not lines:
+        return None
+    hit = label_line(lines[-1].rstrip(" \t"))
     return hit[0] if hit and not clean(hit[1]) else None
 
 

@@ -38,6 +38,14 @@ nan = float("nan")
 ATTRIBUTES = FIELDS[:-1]  # every field but the review
 
 
+def persona_prompts() -> list[str]:
+    from omegaconf import OmegaConf
+
+    from engine.config import CONF
+
+    return list(OmegaConf.load(CONF / "prompts" / "personas.yaml").texts)
+
+
 def completions(a: Archive) -> tuple[list[str], list[str | None], np.ndarray]:
     """(completion texts without EOS, the field each one starts in, finish reasons)."""
     s, m = a.samples(), a.model()
@@ -93,9 +101,11 @@ def run(cfg, a: Archive, out: Path) -> dict:
     texts, lead, finish = completions(a)
     people = [parse(t, ld) for t, ld in zip(texts, lead)]
     N = len(people)
-    if N and all(s == "missing" for p in people for s in p.status.values()):
-        log.warning("no persona field label in any completion: was %s dumped with "
-                    "prompts=personas?", a.path)
+    if list(a.prompts) != persona_prompts():
+        log.warning("%s was not dumped with prompts=personas: the persona form is parsed anyway",
+                    a.path)
+    elif N and all(s == "missing" for p in people for s in p.status.values()):
+        log.warning("no completion of %s filled in any field of the persona form", a.path)
     parse_report = {}
     for f in FIELDS:
         st = Counter(p.status[f] for p in people)

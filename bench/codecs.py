@@ -11,19 +11,16 @@ q16, compared with the true log-probs), and the distributional damage KL(p_true 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import real_archive
 from engine.archive import codecs
 from engine.encode import encode, to_numpy
 from engine.archive import Archive
 from kernels import reference as R
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main():
@@ -31,11 +28,8 @@ def main():
     ap.add_argument("--archive", type=Path)
     ap.add_argument("--rows", type=int, default=512)
     args = ap.parse_args()
-    path = args.archive or ROOT / "outputs" / "bench" / "smollm2-fp32.h5"
-    if not path.exists():
-        subprocess.run([sys.executable, "-m", "engine", "dump", "n_samples=4", "codec=fp32",
-                        "max_new_tokens=64", f"out={path}", f"hydra.run.dir={path.parent}/logs"],
-                       cwd=ROOT, check=True)
+    path = args.archive or real_archive("smollm2-fp32.h5", "n_samples=4", "codec=fp32",
+                                        "max_new_tokens=64")
     with Archive(path) as a:
         if a.model().codec != "fp32":
             raise SystemExit("need an fp32 archive as the truth")

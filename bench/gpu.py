@@ -25,13 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import best_of
 from bench.dump_overhead import compose_cfg
 from engine import dump as dump_mod
-from engine import run as R
 from engine.models import LoadedModel, load_model, resolve_device, tiny_random_tokenizer, wrap
 from engine.prompts import render
 

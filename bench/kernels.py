@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,11 +28,9 @@ import torch
 from scipy.optimize import minimize_scalar
 
 import kernels as K
-from bench.common import best_of
+from bench.common import ROOT, best_of, real_archive
 from engine.archive import Archive
 from engine.stream import map_rows
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def numpy_entropy(x16):
@@ -63,11 +60,7 @@ def scipy_gamma(p, q):
 
 def real_rows(path: Path | None, n: int) -> np.ndarray:
     if path is None:
-        path = ROOT / "outputs" / "bench" / "smollm2.h5"
-        if not path.exists():
-            subprocess.run([sys.executable, "-m", "engine", "dump", "n_samples=8",
-                            "max_new_tokens=64", f"out={path}", f"hydra.run.dir={path.parent}/logs"],
-                           cwd=ROOT, check=True)
+        path = real_archive("smollm2.h5", "n_samples=8", "max_new_tokens=64")
     with Archive(path) as a:
         rows, got = [], 0
         for b in a.iter_rows():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli import check_group_choices
+from engine.cli import check_group_choices, check_launcher
 
 USAGE = """usage: python -m engine <verb> [args]
   dump     sample completions, store every step's full logits (Hydra: key=value overrides)
@@ -32,6 +32,7 @@ def main() -> None:
 
         sys.exit(inspect_main(sys.argv[1:]))
     check_group_choices(sys.argv[1:], GROUPS)
+    check_launcher(sys.argv[1:])
     import importlib
 
     importlib.import_module(HYDRA_VERBS[verb]).main()

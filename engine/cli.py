@@ -10,8 +10,17 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.errors import EngineError
 
 
+_ADVICE: list[str] = []  # what to tell the user if interrupted now (set once a file exists)
+
+
+def on_interrupt(advice: str | None) -> None:
+    """What an interrupt from here on should print (None: nothing was written)."""
+    _ADVICE[:] = [advice] if advice else []
+
+
 @contextlib.contextmanager
 def user_errors():
+    on_interrupt(None)
     try:
         yield
     except (EngineError, OmegaConfBaseException) as exc:
@@ -19,7 +28,8 @@ def user_errors():
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted (a dump continues with resume=true)", file=sys.stderr)
+        advice = _ADVICE[0] if _ADVICE else "nothing was written"
+        print(f"error: interrupted; {advice}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -53,6 +63,32 @@ def check_group_choices(args: list[str], groups: tuple[str, ...]) -> None:
         bad = [v for v in values if v not in available]
         if bad:
             _die(f"unknown {group} {bad[0]!r}; available: {', '.join(available)}")
+
+
+#: launcher option (conf/hydra/launcher/ or Hydra's own names) -> (plugin module, PyPI package)
+LAUNCHERS = {"local": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+             "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+             "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+             "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+             "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+             "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+
+
+def check_launcher(args: list[str], find_spec=None) -> None:
+    """One line naming the package when `hydra/launcher=X` needs a plugin that is missing
+    (Hydra would report an unknown config group option)."""
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    for arg in args:
+        if not arg.startswith("hydra/launcher="):
+            continue
+        name = arg.partition("=")[2]
+        module, package = LAUNCHERS.get(name.split("_")[0] if name.startswith("ray") else name,
+                                        (None, None))
+        if module and find_spec(module) is None:
+            _die(f"hydra/launcher={name} needs the package {package} "
+                 f"(.venv/bin/pip install {package})")
 
 
 def _die(msg: str) -> None:

@@ -46,12 +46,13 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.validate_sampling(cfg)
     check_chat_template(cfg.chat_template)
     prompts = load_prompts(cfg.prompts)
-    o = R.plan_output(cfg)
+    key = R.run_key(cfg, KEYS, prompts=prompts, device=R.device_type(cfg))
+    o = R.plan_output(cfg, key)
     lm = R.load(cfg, model)
     seen = R.read_prompts(lm, prompts, cfg.chat_template)
     # one hook point may be given bare: capture=blocks.0.hook_resid_post
     capture = [str(cfg.capture)] if isinstance(cfg.capture, str) else [str(c) for c in cfg.capture]
-    writer = R.open_or_create(o, R.run_key(cfg, KEYS, prompts=prompts, device=R.device_type(cfg)), cfg, prompts,
+    writer = R.open_or_create(o, key, cfg, prompts,
                               R.model_info(lm, seen),
                               lambda: capture_dims(lm, seen.ids[0], capture))
     with writer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 
@@ -93,25 +94,34 @@ def topk(a: Archive, m: ModelView, sample: int, step: int, k: int) -> str:
     return "\n".join(out)
 
 
-def _colour(p: float, piece: str) -> str:
-    """Token on a red (p -> 0) to green (p -> 1) background, as in the paper's figure."""
-    if os.environ.get("NO_COLOR"):
+def use_colour(setting: str = "auto") -> bool:
+    """--color auto: ANSI colours only on a terminal and without NO_COLOR (no-color.org)."""
+    if setting == "auto":
+        return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return setting == "always"
+
+
+def _colour(p: float, piece: str, colour: bool = True) -> str:
+    """Token on a red (p -> 0) to green (p -> 1) background, as in the paper's figure; without
+    colour, the token followed by its probability."""
+    if not colour:
         return f"{piece}⟨{p:.2f}⟩"
     r, g = int(255 * (1 - p)), int(200 * p + 55 * (1 - p))
     return f"\x1b[48;2;{r};{g};60m\x1b[38;2;0;0;0m{piece}\x1b[0m"
 
 
-def render(a: Archive, m: ModelView, samples) -> str:
+def render(a: Archive, m: ModelView, samples, colour: bool = True) -> str:
     s = a.samples()
     text = m.text
     lin = a.lineage()
-    out = ["probability of each sampled token: red = low, green = high"]
+    out = ["probability of each sampled token: red = low, green = high" if colour else
+           "each sampled token followed by its probability ⟨p⟩"]
     for i in samples:
         n = int(s["length"][i])
         toks = s["tokens"][i, :n]
         probs = np.exp(K.token_stats(m.rows(i, slice(0, n)), toks).logprob)  # [step]
         p = int(s["prompt_index"][i])
-        body = "".join(_colour(float(pr), text.piece(t)) for t, pr in zip(toks, probs))
+        body = "".join(_colour(float(pr), text.piece(t), colour) for t, pr in zip(toks, probs))
         where = ""
         if lin is not None:  # perturbation archive: say which prefix this continuation read
             where = (f", {lin['variant'][p]} of parent {int(lin['parent_sample'][p])}"
@@ -132,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
                     help="print completions coloured by each token's probability")
     ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
     ap.add_argument("--samples", help="comma-separated sample indices to render, e.g. 0,8")
+    ap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                    help="ANSI colours for --render (auto: on a terminal, unless NO_COLOR is set)")
     return ap
 
 
@@ -151,11 +163,14 @@ def main(argv: list[str]) -> int:
                     chosen = [args.sample]
                 else:
                     chosen = range(min(args.limit, a.n_complete))
-                print(render(a, m, chosen))
+                print(render(a, m, chosen, use_colour(args.color)))
             elif args.step is not None:
                 if args.sample is None:
                     raise EngineError("--step needs --sample")
                 print(topk(a, m, args.sample, args.step, args.topk))
+            elif args.sample is not None:
+                raise EngineError(f"--sample {args.sample} needs --step T (its top-k next tokens) "
+                                  f"or --render (its completion)")
             else:
                 print(summary(a))
     return 0

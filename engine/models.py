@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from engine.config import model_key
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,49 @@ def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | No
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     placement = {"device_map": device_map} if device_map is not None else {}
+    if not Path(name_or_dir).is_dir():  # a hub name: fail in a second, not after 20 retries
+        kwargs.update(hub_access(name_or_dir, revision))
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **kwargs,
                                                      **placement)
     except Exception as exc:  # hub errors, missing files, unsupported architectures
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if kwargs.get("local_files_only"):
+            raise EngineError(f"model {name_or_dir!r} is not in the local Hugging Face cache "
+                              f"(offline): {HUB_FIXES}") from exc
         raise EngineError(f"cannot load model {name_or_dir!r}: {first}") from exc
     return model.eval(), tok
+
+
+HUB_FIXES = ("give this machine hub access (HF_TOKEN for gated models such as Llama 2), set "
+             "HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass a local directory "
+             "as model.name=/path/to/model")
+
+
+def hub_access(name: str, revision=None, timeout: float = 3.0) -> dict:
+    """Extra from_pretrained kwargs for a hub model: {} when the hub answers, local files only
+    when it does not but the model is in the local cache; otherwise one EngineError naming the
+    fixes (transformers would retry for about a minute and end on an unrelated message)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return {"local_files_only": True}
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return {}
+    except OSError as exc:
+        reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        log.warning("hub unreachable (%s); loading %s from the local cache", reason, name)
+        return {"local_files_only": True}
+    raise EngineError(f"model {name!r} is not local and the hub ({host}:443) is unreachable "
+                      f"({reason}): {HUB_FIXES}")
 
 
 def _smollm2_gguf() -> Path:
@@ -294,7 +330,7 @@ def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/log
     if device_map is not None and dev.type != "cuda":
         raise EngineError(f"device_map={device_map} needs CUDA (device={device})")
     model, tok, prov = load_hf_source(mcfg, cache_dir, dev, device_map)
-    return wrap(model, tok, str(mcfg.name), str(mcfg.key), dev, prov, deterministic)
+    return wrap(model, tok, str(mcfg.name), model_key(mcfg), dev, prov, deterministic)
 
 
 def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
@@ -346,5 +382,5 @@ def load_tempered(mcfg, device, cache_dir, device_map=None, deterministic=False)
     lm.provenance = {**base_prov, "source": "tempered", "gamma": gamma,
                      "base_model": str(base_cfg.key), "base_source": base_prov["source"],
                      "name": f"({base_prov['name']}) ** {gamma:g}  [synthetic tempered twin]"}
-    lm.key = str(mcfg.key)
+    lm.key = model_key(mcfg)
     return lm

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from engine import archive
 from engine import run as R
 from engine.cli import user_errors
-from engine.config import CONF
+from engine.config import CONF, model_for, model_key
 from engine.errors import EngineError
 from engine.models import LoadedModel
 from engine.sampling import sample_seed
@@ -119,15 +119,20 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.validate_sampling(cfg)
     if cfg.parents != "first" and not len(cfg.parents):
         raise EngineError("parents is empty: name source samples, or parents=first")
-    o = R.plan_output(cfg)
+    key = R.run_key(cfg, KEYS, device=R.device_type(cfg))
+    o = R.plan_output(cfg, key)
     with archive.Archive(cfg.source) as src:
+        gen = src.model()
+        if model is None and model_key(cfg.model) != gen.key and not R.overridden("model"):
+            raise EngineError(f"{cfg.source} was sampled by {gen.key}; perturb continues "
+                              f"with the same model: pass {model_for(gen.key, gen.provenance)}")
         lm = R.load(cfg, model)
         R.check_tokenizer(src.model().provenance, lm)
         vs = variants(src, lm, cfg)
         source = {"created": src.created, "generator": src.generator}
     texts = [v["text"] for v in vs]
     rendered = R.Rendered(chat_template=False, text=texts, ids=[v["prompt_ids"] for v in vs])
-    writer = R.open_or_create(o, R.run_key(cfg, KEYS, device=R.device_type(cfg)), cfg, texts, R.model_info(lm, rendered))
+    writer = R.open_or_create(o, key, cfg, texts, R.model_info(lm, rendered), verb="perturb")
     if not o.resuming:
         archive.write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), source)
         writer.f.flush()

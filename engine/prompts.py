@@ -3,9 +3,12 @@ how each model reads them (raw text, or its chat template)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from engine.errors import EngineError
+
+log = logging.getLogger(__name__)
 
 
 def load_prompts(pcfg) -> list[str]:
@@ -18,7 +21,11 @@ def load_prompts(pcfg) -> list[str]:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise EngineError(f"prompt file is not UTF-8 text: {pcfg.file}") from exc
-        texts += [line for line in lines if line.strip()]
+        kept = [line for line in lines if line.strip()]
+        if len(kept) < len(lines):
+            log.warning("prompt file %s: %d blank line(s) skipped, %d prompts read", path,
+                        len(lines) - len(kept), len(kept))
+        texts += kept
     if not texts:
         raise EngineError("no prompts: set prompts.texts or prompts.file")
     return texts

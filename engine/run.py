@@ -13,7 +13,10 @@ partial is continued with resume=true.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from engine import archive
 from engine.archive import codecs
+from engine.cli import on_interrupt
 from engine.errors import EngineError
 from engine.models import LoadedModel, load_model, resolve_device
 from engine.prompts import render, uses_chat_template
@@ -86,17 +90,36 @@ class Output:
     resuming: bool  # continue `partial`
 
 
-def plan_output(cfg: DictConfig) -> Output:
-    """Decide what to do with existing files from cfg.out, cfg.resume, cfg.overwrite."""
+def plan_output(cfg: DictConfig, key: dict | None = None) -> Output:
+    """Decide what to do with existing files from cfg.out, cfg.resume, cfg.overwrite.
+
+    resume=PATH continues that `.partial` (or the partial of that archive).  resume=true
+    continues `<out>.partial`; when `out` is the default (inside this run's fresh Hydra
+    directory) and holds none, the newest partial with the same run key in an earlier run's
+    directory (outputs/<verb>/<time>/) is continued: an interrupted run resumes without
+    copying its path."""
+    resume = cfg.resume
+    if isinstance(resume, str) and resume.lower() not in ("true", "false"):
+        out = Path(resume.removesuffix(".partial")).expanduser().resolve()
+        if not out.with_name(out.name + ".partial").exists():
+            raise EngineError(f"resume={resume}: no {out.name}.partial there to continue")
+        return Output(out, out.with_name(out.name + ".partial"), True)
+    resume = resume is True or str(resume).lower() == "true"
     out = Path(str(cfg.out)).expanduser().resolve()
     partial = out.with_name(out.name + ".partial")
     if out.is_dir():
         raise EngineError(f"out={out} is a directory; give a file path")
     if out.exists() and not cfg.overwrite:
         raise EngineError(f"{out} exists; pass overwrite=true to replace it")
+    if resume and not partial.exists() and key is not None and _default_out(cfg, out):
+        found = find_partial(out, key)
+        if found is None:
+            raise EngineError(f"resume=true: no interrupted run with these settings under "
+                              f"{out.parent.parent} (resume=PATH continues a given .partial)")
+        return Output(found.with_name(found.name.removesuffix(".partial")), found, True)
     resuming = False
     if partial.exists():
-        if cfg.resume:
+        if resume:
             resuming = True
         elif not cfg.overwrite:
             raise EngineError(f"{partial} is left from an interrupted run: pass resume=true to "
@@ -104,13 +127,66 @@ def plan_output(cfg: DictConfig) -> Output:
     return Output(out, partial, resuming)
 
 
+def _default_out(cfg: DictConfig, out: Path) -> bool:
+    try:
+        return out.parent == Path(str(cfg.paths.output_dir)).expanduser().resolve()
+    except Exception:  # no Hydra run directory (plain compose): nothing to search
+        return False
+
+
+def find_partial(out: Path, key: dict) -> Path | None:
+    """Newest `<out.name>.partial` in a sibling run directory whose run key is `key`."""
+    want = json.loads(json.dumps(key))
+    found = sorted(out.parent.parent.glob(f"*/{out.name}.partial"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        try:
+            with archive.Archive(path, allow_partial=True) as a:
+                if a.run_key == want:
+                    return path
+        except EngineError:
+            continue
+    return None
+
+
+def _task_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main (tests calling run())
+        return sys.argv[1:]
+
+
+def overridden(group: str) -> bool:
+    """Whether the command line chose `group=...` (rather than the config's default)."""
+    return any(a.lstrip("+~").split("=", 1)[0] == group for a in _task_overrides())
+
+
+def continue_command(verb: str, *extra: str) -> str:
+    """The command that continues this run: its own overrides, `extra` instead of out/resume/
+    overwrite."""
+    args = [a for a in _task_overrides() if not a.startswith(("out=", "resume=", "overwrite="))]
+    return " ".join(["python -m engine", verb, *map(shlex.quote, [*args, *extra])])
+
+
 def open_or_create(o: Output, key: dict, cfg: DictConfig, prompts: list[str],
-                   info: archive.ModelInfo, dims=lambda: {}) -> archive.ArchiveWriter:
-    """Reopen the partial archive of an interrupted run, or create a fresh one."""
+                   info: archive.ModelInfo, dims=lambda: {}, verb: str = "dump",
+                   ) -> archive.ArchiveWriter:
+    """Reopen the partial archive of an interrupted run, or create a fresh one; from here on
+    an interrupt prints the command that continues it."""
     o.partial.parent.mkdir(parents=True, exist_ok=True)
     if o.resuming:
-        return archive.open_for_resume(o.partial, key)
-    o.partial.unlink(missing_ok=True)
+        w = archive.open_for_resume(o.partial, key)
+    else:
+        o.partial.unlink(missing_ok=True)
+        w = _create(o, key, cfg, prompts, info, dims)
+    on_interrupt(f"{o.partial} keeps the finished batches; continue with: "
+                 f"{continue_command(verb, f'resume={o.partial}')}")
+    return w
+
+
+def _create(o, key, cfg, prompts, info, dims):
     return archive.create(o.partial, run_key=key, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                           provenance_root=root_provenance(), prompts=prompts,
                           n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, model=info,
@@ -120,6 +196,7 @@ def open_or_create(o: Output, key: dict, cfg: DictConfig, prompts: list[str],
 def finalize(o: Output) -> int:
     """Atomic rename: `out` is either the old file or the complete new one.  Returns bytes."""
     os.replace(o.partial, o.out)
+    on_interrupt(None)
     return o.out.stat().st_size
 
 

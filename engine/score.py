@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from engine import archive
 from engine import run as R
 from engine.archive import codecs
-from engine.cli import user_errors
-from engine.config import CONF
+from engine.cli import on_interrupt, user_errors
+from engine.config import CONF, model_key
 from engine.errors import EngineError
 from engine.models import LoadedModel
 from engine.prompts import check_chat_template
@@ -46,7 +46,7 @@ def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndar
     """Steps [t] of a batch from one forward over prompt + completion: row t is the
     distribution at the position that predicted stored token t.  Full-vocabulary logits are
     computed only there (the last L + 1 positions), not over the prompt."""
-    n, P = len(tokens), len(prompt_ids)
+    n = len(tokens)
     L = int(length.max(initial=0))
     if L == 0:
         return
@@ -76,7 +76,7 @@ def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.check_batch_size(cfg)
     with archive.Archive(cfg.archive) as a:  # validates: exists, HDF5, schema, version, complete
-        check_key(a, str(cfg.model.key), cfg)
+        check_key(a, model_key(cfg.model), cfg)
         path, gen = a.path, a.model()
         gen_prov, codec = gen.provenance, cfg.codec or gen.codec
         prompts, samples = a.prompts, a.samples()
@@ -98,6 +98,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     total = len(samples["length"])
     w, resuming = archive.open_scored_group(path, info, codec=codec, window=cfg.q16_window,
                                             resume=cfg.resume, overwrite=cfg.overwrite)
+    on_interrupt(f"group {lm.key} of {path} keeps the finished batches; continue with: "
+                 f"{R.continue_command('score', 'resume=true')}")
     with w:
         done = w.n_complete
 
@@ -116,6 +118,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 
         R.fill(len(prompts), per_prompt, cfg, done, f"score {lm.key}", write)
         w.finish()
+    on_interrupt(None)
     log.info("scored %s into %s (%d samples)", lm.key, path, total)
     return {"archive": str(path), "model": lm.key, "samples": total, "codec": codec,
             "resumed_from": done if resuming else None}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,7 +120,12 @@ def test_multirun_entropy_and_pair_in_a_subprocess(paired, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
-    assert [p.parent.name for p in summaries] == ["0_entropy", "1_pair"]
+    stem = Path(paired).stem  # folders say which archive each job read
+    assert [p.parent.name for p in summaries] == [f"0_analysis=entropy,archive={stem}",
+                                                  f"1_analysis=pair,archive={stem}"]
+    # the terminal shows each job's headline numbers and every file it wrote
+    assert "pooled gamma 1.7" in res.stdout and "top-5 entropy" in res.stdout, res.stdout
+    assert "files: " in res.stdout and "per_step.csv" in res.stdout
     assert json.loads(summaries[1].read_text())["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
 
 

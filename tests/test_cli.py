@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def test_unreachable_hub_model_gets_one_line(tmp_path, cache_dir):
     res = engine_cli(*dump_args(tmp_path, cache_dir, f"out={tmp_path}/a.h5", "model=hf",
                                 "model.name=no-such-org/no-such-model-xyz"),
                      env={"HF_HUB_OFFLINE": "1"})
-    assert_one_line_error(res, "cannot load model 'no-such-org/no-such-model-xyz'")
+    assert_one_line_error(res, "model 'no-such-org/no-such-model-xyz' is not in the local "
+                               "Hugging Face cache (offline)")
 
 
 def test_existing_archive_survives_cli_without_overwrite(tmp_path, cache_dir):
@@ -105,7 +107,10 @@ def test_inspect_summary_topk_and_render(tiny_archive):
     h = -np.sum(p * np.log(p))
     assert f"entropy {h:.4f} nats" in res.stdout
     res = engine_cli("inspect", str(tiny_archive), "--render", "--sample", "0")
+    assert res.returncode == 0 and "\x1b" not in res.stdout and "⟩" in res.stdout  # a pipe
+    res = engine_cli("inspect", str(tiny_archive), "--render", "--sample", "0", "--color", "always")
     assert res.returncode == 0 and "\x1b[48;2;" in res.stdout
+    assert_one_line_error(engine_cli("inspect", str(tiny_archive), "--sample", "1"), "needs --step")
     assert_one_line_error(engine_cli("inspect", str(tiny_archive), "--sample", "99"), "out of range")
 
 
@@ -150,6 +155,70 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, cache_dir, d
         la, lb = a.model().logits[()], b.model().logits[()]
         assert np.array_equal(la, lb)
         assert np.array_equal(la[:done], kept_logits)
+
+
+def _ctrl_c_when(path_glob, cwd, args, at_least=2, timeout=120):
+    """Start `python -m engine args` in cwd, SIGINT it once a partial matching path_glob has
+    at_least committed samples; returns (returncode, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        hits = list(cwd.glob(path_glob))
+        if hits and _n_complete(hits[0]) >= at_least:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_prints_the_exact_command_that_continues(tmp_path, cache_dir, dump_cfg):
+    """Default `out` (inside the run's timestamped Hydra directory): Ctrl-C prints one line
+    with the command to continue; running it, or the first command with resume=true, ends
+    with the archive an uninterrupted run writes."""
+    settings = ["model=tiny-random", f"paths.cache_dir={cache_dir}", "progress=false",
+                "n_samples=16", "batch_size=2", "max_new_tokens=40", "seed=5"]
+    rc, err = _ctrl_c_when("outputs/dump/*/logits.h5.partial", tmp_path, ["dump", *settings])
+    assert rc == 130, err[-2000:]
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "continue with: python -m engine dump " in lines[0], err[-2000:]
+    cmd = shlex.split(lines[0].split("continue with: ", 1)[1])
+    assert cmd[:3] == ["python", "-m", "engine"] and any(a.startswith("resume=/") for a in cmd)
+    # the printed command, run as printed, finishes it
+    res = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = next(tmp_path.glob("outputs/dump/*/logits.h5"))
+    ref = dump_mod.run(dump_cfg(*settings[3:], f"out={tmp_path}/ref.h5"))["archive"]
+    with Archive(done) as a, Archive(ref) as b:
+        assert np.array_equal(a.samples()["tokens"], b.samples()["tokens"])
+        assert np.array_equal(a.model().logits[()], b.model().logits[()])
+    # the plain resume=true of the first command finds the newest partial with its settings
+    done.unlink()
+    rc, err = _ctrl_c_when("outputs/dump/*/logits.h5.partial", tmp_path, ["dump", *settings])
+    assert rc == 130
+    res = subprocess.run([sys.executable, "-m", "engine", "dump", *settings, "resume=true"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    with Archive(next(tmp_path.glob("outputs/dump/*/logits.h5"))) as a, Archive(ref) as b:
+        assert np.array_equal(a.model().logits[()], b.model().logits[()])
+
+
+def test_interrupt_before_anything_is_written_says_so(dump_cfg, tmp_path, monkeypatch, capsys):
+    from engine import run as run_mod
+    from engine.cli import user_errors
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_mod, "load_model", interrupted)
+    with pytest.raises(SystemExit) as e, user_errors():
+        dump_mod.run(dump_cfg("n_samples=1", f"out={tmp_path}/x.h5"))
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "error: interrupted; nothing was written", err
 
 
 @pytest.mark.parametrize("verb, extra, needle", [

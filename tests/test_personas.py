@@ -66,7 +66,9 @@ def test_parser_states_and_fallbacks():
 def test_lead_field_is_the_label_the_prompt_ends_on():
     assert lead_field("Fill in the form.\n\nFirst name:") == "first_name"
     assert lead_field("Fill in the form.\nFirst name: <first name>") is None
-    assert lead_field("<|user|>First name:<|assistant|>\n") is None
+    # a chat template's markers and role lines are not part of the form
+    assert lead_field("<|user|>First name:<|assistant|>\n") == "first_name"
+    assert lead_field("<|user|>First name: Ann<|assistant|>\n") is None
 
 
 def test_chat_template_auto_follows_the_tokenizer():
@@ -226,3 +228,33 @@ def test_personas_on_an_archive_without_forms_counts_every_failure(tiny_archive,
     assert all(v == {"ok": 0, "invalid": 0, "missing": 6, "failure_rate": 1.0} for v in s["parse"].values())
     assert s["reviews"]["n"] == 0 and s["sentences"]["n"] == 0
     assert "dumped with prompts=personas" in caplog.text
+
+
+def test_real_smollm2_persona_answers_start_in_the_first_field():
+    """SmolLM2-135M-Instruct's own answers to the persona prompt, through its chat template
+    (tests/data/smollm2-personas.json): the form ends on `First name:` inside the user turn,
+    so the answer's first line is the first name ("Sid Ironstone Designer"), which was never
+    read when the template's `<|im_start|>assistant` line hid the label."""
+    import json
+    from pathlib import Path
+
+    from analyses.persona_parse import lead_field, parse
+
+    data = json.loads((Path(__file__).parent / "data" / "smollm2-personas.json").read_text())
+    assert data["prompt_text"].rstrip().endswith("<|im_start|>assistant")
+    lead = lead_field(data["prompt_text"])
+    assert lead == "first_name"
+    people = [parse(t, lead) for t in data["completions"]]
+    assert people[0].values["first_name"] == "Sid Ironstone Designer"
+    assert people[0].status["mbti"] == "invalid"  # "MBTI type: BFl Am Kadhel" is no MBTI type
+    assert all(p.status["first_name"] != "missing" for p in people)
+    assert lead_field("Review: <the review>\n\nFirst name:") == "first_name"  # raw text too
+
+
+def test_personas_warns_only_when_the_prompts_are_not_the_persona_set(tiny_archive, tmp_path, caplog):
+    from analyses.__main__ import run as run_analysis
+    from tests.test_analyses import analysis_cfg
+
+    with caplog.at_level("WARNING"):
+        run_analysis(analysis_cfg(tmp_path, "analysis=personas", f"archive={tiny_archive}"))
+    assert "was not dumped with prompts=personas" in caplog.text

@@ -76,3 +76,72 @@ def test_perturbation_renders_name_variant_parent_and_edit(dump_cfg, tmp_path, c
     blocks = text.split("--- sample ")[1:]
     assert blocks[0].startswith("0 (tiny-random, prompt 0, control of parent 1 (cut 2): unperturbed prefix")
     assert blocks[1].startswith("3 (tiny-random, prompt 1, edit of parent 1 (cut 2): insert 'Q'")
+
+
+# ---- hub, launchers, prompt files, model names (issue: the first hour of a new user) ----------
+def test_unreachable_hub_fails_in_seconds_with_the_fixes(monkeypatch, tmp_path):
+    """The network is made unavailable here (no request leaves the test)."""
+    import socket
+    import time
+
+    from engine import models
+    from engine.config import model_config
+
+    def no_network(*a, **kw):
+        raise OSError("[Errno 101] Network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty local cache
+    mcfg = model_config("llama2-7b")
+    t = time.perf_counter()
+    with pytest.raises(EngineError) as e:
+        models.load_hf_source(mcfg, tmp_path)
+    assert time.perf_counter() - t < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "unreachable" in msg and "meta-llama/Llama-2-7b-hf" in msg
+    for fix in ("HF_TOKEN", "HF_HUB_OFFLINE=1", "model.name=/path"):
+        assert fix in msg, msg
+
+
+def test_missing_launcher_plugin_is_named_in_one_line(capsys):
+    from engine.cli import check_launcher
+
+    with pytest.raises(SystemExit) as e:
+        check_launcher(["-m", "hydra/launcher=slurm", "analysis=entropy"], find_spec=lambda m: None)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hydra-submitit-launcher" in err[0], err
+    check_launcher(["hydra/launcher=local"])  # installed by make setup: no exit
+
+
+def test_blank_lines_of_a_prompt_file_are_reported(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from engine.prompts import load_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("first\n\n   \nsecond\n")
+    with caplog.at_level("WARNING"):
+        got = load_prompts(OmegaConf.create({"texts": [], "file": str(path)}))
+    assert got == ["first", "second"]
+    assert "2 blank line(s) skipped, 2 prompts read" in caplog.text
+
+
+def test_generic_model_configs_are_named_after_what_they_load():
+    from omegaconf import OmegaConf
+
+    from engine.config import model_key
+
+    hf = OmegaConf.create({"key": None, "source": "hf", "name": "Qwen/Qwen2.5-0.5B-Instruct"})
+    gguf = OmegaConf.create({"key": None, "source": "gguf", "name": "gguf", "path": "/m/tiny.Q8_0.gguf"})
+    assert model_key(hf) == "Qwen2.5-0.5B-Instruct" and model_key(gguf) == "tiny.Q8_0"
+    assert model_key(OmegaConf.create({"key": "mine", "source": "hf", "name": "a/b"})) == "mine"
+
+
+def test_perturb_names_the_model_that_wrote_the_archive(tiny_archive):
+    from tests.conftest import engine_cli
+
+    res = engine_cli("perturb", f"source={tiny_archive}", "progress=false")
+    err = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 2 and len(err) == 1, res.stderr[-2000:]
+    assert "sampled by tiny-random" in err[0] and "pass model=tiny-random" in err[0], err[0]
