@@ -35,7 +35,9 @@ demo: setup
 	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
 		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
-		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; done
+		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
+	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
+		hydra.run.dir=$(DEMO)/logs/counterpart-$$m || exit 1; done
 	@echo "== 5/6 analyses: entropy, diversity, pair (both directions), attractor"
 	rm -rf $(DEMO)/analyses
 	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \

@@ -5,9 +5,15 @@ pairs, and continuation j of a variant shares its seed with continuation j of it
 - Rendering: every continuation coloured by the probability of each sampled token (red = low,
   green = high), the paper's attractor figure, as HTML (text) and PNG (heatmap, rows =
   trajectories, columns = steps since the edit).
-- KL(perturbed_j,t || control_j,t) between the next-token distributions of matched
-  trajectories at step t since the edit, and as a noise floor the same KL between two control
-  trajectories (j, j+1) of the same prefix.
+- The edit's influence on identical continuation tokens (`analyses.influence`), when the
+  archive has a `<generator>@counterpart` group (`python -m engine score archive=P
+  counterpart=true`): I(t) = KL(p(. | edited prefix, y<t) || p(. | control prefix, y<t)),
+  its codec noise floor, settle step, area, half-life and Δ log p.  This is the attractor
+  measurement.
+- Trajectory divergence, labelled as such: KL(perturbed_j,t || control_j,t) between matched
+  trajectories at step t, whose contexts differ once their sampled tokens do (after the first
+  few steps it measures sampling divergence, not the edit), with the same KL between two
+  control trajectories (j, j+1) as its floor.
 - Recovery time of a perturbed trajectory: the first step t after which the rolling means
   (window w) of its sampled-token probability and of its entropy both stay inside the
   controls' [5th, 95th] percentile band of the same rolling means.  Trajectories that never
@@ -25,6 +31,7 @@ import numpy as np
 
 import kernels as K
 from analyses.common import mean_std, save_figure, write_csv
+from analyses.influence import influence
 from engine.errors import EngineError
 from engine.archive import Archive
 from engine.stream import map_rows
@@ -108,11 +115,17 @@ def run(cfg, a: Archive, out: Path) -> dict:
                         "kl_first_step": curves[name].get(0, float("nan")),
                         "kl_control_baseline_mean": float(np.mean([x for xs in base_by_t.values() for x in xs])) if base_by_t else float("nan")})
     write_csv(out, "per_step.csv", table)
-    figures = kl_figure(curves, base_curves, out) + recovery_figure(results, out)
+    infl = influence(a, lin, float(c.threshold_floors), int(c.n_boot), int(c.seed))
+    figures = (influence_figure(infl, out) if infl else []) + kl_figure(curves, base_curves, out)
+    figures += recovery_figure(results, out)
     figures += heatmap(a, traj, variant, M, out) + [render_html(a, traj, variant, M, int(c.render_limit), out)]
     return {"model": a.generator, "window": int(c.window), "band_percentiles": list(c.band),
-            "variants": results, "kl_by_step_since_edit": curves,
-            "kl_control_vs_control_by_step": base_curves, "figures": figures}
+            "influence": infl,
+            "influence_note": None if infl else (
+                "no counterpart group: `python -m engine score archive=... counterpart=true` "
+                "stores what the influence curves need"),
+            "variants": results, "trajectory_divergence_by_step": curves,
+            "trajectory_divergence_control_vs_control_by_step": base_curves, "figures": figures}
 
 
 def kl_figure(curves, base_curves, out: Path) -> list[str]:
@@ -124,9 +137,29 @@ def kl_figure(curves, base_curves, out: Path) -> list[str]:
             ax.plot(list(bc), list(bc.values()), ls=":", c=line.get_color(), label="control vs control")
     ax.set_xlabel("steps since the edit")
     ax.set_ylabel("mean KL(perturbed ‖ matched control) (nats)")
-    ax.set_title("Return to the unperturbed distribution")
+    ax.set_title("Trajectory divergence (different contexts after the first tokens;\n"
+                 "not the edit's influence: see influence.png)", fontsize=9)
     ax.legend(fontsize=6)
-    return save_figure(fig, out, "kl_since_edit")
+    return save_figure(fig, out, "trajectory_divergence")
+
+
+def influence_figure(infl: dict, out: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, v in infl["variants"].items():
+        y = np.maximum(np.array(v["kl_by_step"]), 1e-16)
+        band = np.maximum(np.array(v["kl_band95_by_step"]), 1e-16)
+        t = np.arange(len(y))
+        line, = ax.plot(t, y, marker=".", label=f"{name[:60]} (half-life {v['half_life_steps']:.3g})")
+        ax.fill_between(t, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
+    ax.axhline(infl["noise_floor"], c="grey", ls=":", label="codec noise floor")
+    ax.axhline(infl["threshold"], c="k", ls="--", lw=0.8, label="settle threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("steps since the edit (same continuation tokens under both prefixes)")
+    ax.set_ylabel("I(t) = KL(edited ‖ control) (nats)")
+    ax.set_title("The edit's influence on identical continuations (mean, 95% bootstrap band)",
+                 fontsize=9)
+    ax.legend(fontsize=6)
+    return save_figure(fig, out, "influence")
 
 
 def recovery_figure(results, out: Path) -> list[str]:

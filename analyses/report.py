@@ -148,16 +148,38 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
                                f"{v['recovery_time']['recovered']} recovered / {v['recovery_time']['censored']} censored"
                                for v in rec) if rec else "–")
     rows.append(("attractor: recovery time after the edit (per variant)", *cells))
+    cells = []
+    for m in (base, aligned):
+        a = own(src, "attractor", m)
+        infl = src.cite(a, "influence") if a else None
+        cells.append("; ".join(f"half-life {fmt(v['half_life_steps'], 2)} steps, settles at "
+                               f"{fmt(v['settle_step_mean_curve'], 0)} ({100 * v['settle_step']['censored_share']:.0f}% "
+                               f"of continuations censored)"
+                               for v in infl["variants"].values()) if infl else "–")
+    rows.append(("attractor: the edit's influence on identical continuations", *cells))
     return rows
 
 
 def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[str]:
+    """Both models in one plot: the edit's influence I(t) on identical continuations when the
+    attractor runs have it (counterpart groups), else the trajectory divergence."""
+    runs = {m: own(src, "attractor", m) for m in (base, aligned)}
+    infl = {m: src.cite(a, "influence") for m, a in runs.items() if a and a[1].get("influence")}
     fig, ax = plt.subplots(figsize=(6, 3.8))
     drawn = False
     for m, colour in ((base, "tab:blue"), (aligned, "tab:red")):
-        a = own(src, "attractor", m)
-        curves = src.cite(a, "kl_by_step_since_edit") if a else None
-        floors = src.cite(a, "kl_control_vs_control_by_step") if a else None
+        a = runs[m]
+        if infl:
+            for name, v in (infl.get(m) or {}).get("variants", {}).items():
+                y = np.maximum(np.array(v["kl_by_step"]), 1e-16)
+                ax.plot(np.arange(len(y)), y, c=colour, marker=".",
+                        label=f"{m}: half-life {fmt(v['half_life_steps'], 2)} steps")
+                ax.axhline(infl[m]["noise_floor"], c=colour, ls=":", lw=0.8)
+                drawn = True
+            continue
+        curves = (src.cite(a, "trajectory_divergence_by_step") or src.cite(a, "kl_by_step_since_edit")) if a else None
+        floors = (src.cite(a, "trajectory_divergence_control_vs_control_by_step")
+                  or src.cite(a, "kl_control_vs_control_by_step")) if a else None
         for name, cv in (curves or {}).items():
             t = sorted(cv, key=int)
             ax.plot([int(k) for k in t], [cv[k] for k in t], c=colour, marker=".", label=f"{m}: perturbed vs control")
@@ -170,8 +192,14 @@ def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[s
         plt.close(fig)
         return []
     ax.set_xlabel("steps since the edit")
-    ax.set_ylabel("mean KL (nats), step t of each continuation")
-    ax.set_title("Trajectory divergence after the edit (different contexts after step 0)", fontsize=9)
+    if infl:
+        ax.set_yscale("log")
+        ax.set_ylabel("I(t) = KL(edited ‖ control), same tokens (nats)")
+        ax.set_title("The edit's influence on identical continuations (dotted: codec noise floor)",
+                     fontsize=9)
+    else:
+        ax.set_ylabel("mean KL (nats), step t of each continuation")
+        ax.set_title("Trajectory divergence after the edit (different contexts after step 0)", fontsize=9)
     ax.legend(fontsize=6)
     return save_figure(fig, out, "attractor_curves")
 

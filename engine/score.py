@@ -1,6 +1,11 @@
 """`python -m engine score archive=PATH model=NAME`: pair every stored step with a second
 model's distribution on the identical context.
 
+`counterpart=true` on a perturbation archive instead teacher-forces the generator over every
+continuation after the *other* prefix of its (control, variant) pair, into the group
+`<generator>@counterpart`: the edit's influence on identical continuation tokens
+(`analysis=attractor`).
+
 The scoring model reads each prompt its own way (raw text or its chat template; by default as
 the archive's dump was told: true/false/auto; what it read is stored in its group) followed
 by exactly the completion token ids in the archive, in one teacher-forced forward per batch;
@@ -14,6 +19,7 @@ batch, so a killed run resumes with resume=true and the generator's data is neve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -26,7 +32,8 @@ from engine import archive
 from engine import run as R
 from engine.archive import codecs
 from engine.cli import on_interrupt, user_errors
-from engine.config import CONF, model_key
+from engine.archive import format as F
+from engine.config import CONF, model_for, model_key
 from engine.errors import EngineError
 from engine.models import LoadedModel
 from engine.prompts import check_chat_template
@@ -37,9 +44,28 @@ log = logging.getLogger(__name__)
 
 
 def score_key(cfg: DictConfig) -> dict:
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "chat_template": cfg.chat_template, "codec": cfg.codec,
-            "allow_tokenizer_mismatch": cfg.allow_tokenizer_mismatch}
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+           "chat_template": cfg.chat_template, "codec": cfg.codec,
+           "allow_tokenizer_mismatch": cfg.allow_tokenizer_mismatch}
+    if cfg.get("counterpart"):
+        key["counterpart"] = True
+    return key
+
+
+def counterpart_prompts(a: archive.Archive, key: str) -> R.Rendered:
+    """counterpart=true: each prompt of a perturbation archive is read as its lineage partner
+    (control <-> variant: prompt p reads prompt p XOR 1), token for token as the generator
+    read it, so every continuation is teacher-forced after the other prefix of its pair."""
+    if a.lineage() is None:
+        raise EngineError("counterpart=true needs an archive from `python -m engine perturb` "
+                          "(this one has no /lineage)")
+    gen = a.model()
+    if key != gen.key:
+        raise EngineError(f"counterpart=true teacher-forces the generator itself: pass "
+                          f"{model_for(gen.key, gen.provenance)}")
+    n = len(a.prompts)
+    return R.Rendered(False, [gen.prompt_text[p ^ 1] for p in range(n)],
+                      [gen.prompt_tokens(p ^ 1) for p in range(n)])
 
 
 def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndarray, device):
@@ -76,7 +102,11 @@ def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.check_batch_size(cfg)
     with archive.Archive(cfg.archive) as a:  # validates: exists, HDF5, schema, version, complete
-        check_key(a, model_key(cfg.model), cfg)
+        group = model_key(cfg.model)
+        partner = counterpart_prompts(a, group) if cfg.get("counterpart") else None
+        if partner is not None:
+            group += F.COUNTERPART_SUFFIX
+        check_key(a, group, cfg)
         path, gen = a.path, a.model()
         gen_prov, codec = gen.provenance, cfg.codec or gen.codec
         prompts, samples = a.prompts, a.samples()
@@ -92,7 +122,9 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     if top >= lm.vocab_size:  # only possible with allow_tokenizer_mismatch: refuse, write nothing
         raise EngineError(f"the archive's completions use token id {top}, outside {lm.key}'s "
                           f"vocabulary of {lm.vocab_size}: it cannot score them")
-    seen = R.read_prompts(lm, prompts, chat)
+    if partner is not None:
+        lm = dataclasses.replace(lm, key=group)
+    seen = partner or R.read_prompts(lm, prompts, chat)
     info = R.model_info(lm, seen, role="scored",
                         score_key=json.dumps(score_key(cfg), sort_keys=True))
     total = len(samples["length"])

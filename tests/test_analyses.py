@@ -171,15 +171,16 @@ def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
                           a.model().rows(0, slice(0, n)).astype(np.float64))[0]
         base = R.pair_stats(a.model().rows(0, slice(0, n)).astype(np.float64),
                             a.model().rows(1, slice(0, n)).astype(np.float64))[0]
-    curve = list(s["kl_by_step_since_edit"].values())[0]
+    curve = list(s["trajectory_divergence_by_step"].values())[0]
     assert np.isfinite(curve["0"]) and curve["0"] > 0  # the edit changes the first distribution
-    assert list(s["kl_control_vs_control_by_step"].values())[0]["0"] == pytest.approx(0, abs=1e-6)
+    assert list(s["trajectory_divergence_control_vs_control_by_step"].values())[0]["0"] == pytest.approx(0, abs=1e-6)
+    assert s["influence"] is None and "counterpart=true" in s["influence_note"]
     rows = (out / "per_step.csv").read_text().splitlines()
     first = [r for r in rows[1:] if r.startswith("1,3,0,")]  # prompt 1, sample 3, control 0
     assert [float(r.split(",")[4]) for r in first] == pytest.approx(kl.tolist(), abs=1e-5)
     assert base[0] == pytest.approx(0, abs=1e-9)
     assert "background:rgb(" in (out / "rendering.html").read_text()
-    for stem in ("kl_since_edit", "recovery_time", "probability_heatmap"):
+    for stem in ("trajectory_divergence", "recovery_time", "probability_heatmap"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.svg").exists()
 
 

@@ -42,6 +42,10 @@ TOKEN_PAD = -1  # /samples/tokens at steps >= length
 GROUP_STATE = ("n_complete", "complete", "role", "chat_template")
 ROLES = ("generator", "scored")
 SCORE_KEY = "score_key"  # scored groups: JSON of the scoring settings (resume must match)
+#: perturbation archives: `<generator>@counterpart` holds every sample's tokens teacher-forced
+#: by the generator after its pair partner's prompt (prompt p reads prompt p XOR 1); its
+#: score_key has "counterpart": true
+COUNTERPART_SUFFIX = "@counterpart"
 #: provenance attributes a writer records (see "Provenance attributes of /models/<key>")
 PROVENANCE = ("source", "name", "revision", "weights_sha256", "path", "tokenizer_name",
               "vocab_hash", "tokenizer_size", "vocab_size", "dtype",
