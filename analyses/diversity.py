@@ -1,12 +1,20 @@
 """Diversity of the generated completions (Exp 2 of Mohammadi 2024; Kirk et al. 2024).
 
-Texts are the generator's completions decoded with the archive's own tokenizer; n-grams are
-over token ids (V = the model's vocabulary size).
+Texts are the generator's completions decoded with the archive's own tokenizer.  Two n-gram
+definitions, named for what they are (they differ by ~0.03 on the demo's completions, more
+than many effects one would compare):
+- `*_tokens`: n-grams over the model's token ids, V = the model's vocabulary size;
+- `*_words_kirk`: Kirk et al.'s released code (facebookresearch/rlfh-gen-div,
+  diversity/utils.py `lines_to_ngrams`, diversity_metrics.py): whitespace words after deleting
+  "." and newlines, V = 50257, averaged over n = 1..5, and 0.0 where there is no n-gram;
+  these are the numbers comparable with that paper.
 - distinct-n = unique n-grams / total n-grams;
 - EAD (expectation-adjusted distinct, Liu et al. 2022, as in Kirk et al.) =
-  unique / (V (1 - ((V - 1) / V)**C)), C = total n-grams, averaged over n = 1..max_n;
-- TF-IDF cosine similarity: mean ± std over pairs of completions (higher = less diverse);
-- Sentence-BERT (all-MiniLM-L6-v2) diversity = 1 - mean pairwise cosine;
+  unique / (V (1 - ((V - 1) / V)**C)), C = total n-grams;
+- TF-IDF cosine similarity: mean ± std over pairs i < j of completions (Mohammadi 2024's
+  definition; higher = less diverse);
+- Sentence-BERT diversity = 1 - mean cosine over pairs i < j (Kirk et al.'s reduction of a
+  similarity to a diversity), with all-MiniLM-L6-v2 embeddings;
 - t-SNE map of the embeddings coloured by k-means cluster, k chosen by silhouette.
 Per-input: over the completions of each prompt, averaged over prompts; cross-input: over the
 first completion of each prompt.  Compare models by running it on each model's archive.
@@ -38,6 +46,28 @@ def distinct_and_ead(seqs, n: int, V: int) -> tuple[float, float]:
     return unique / C, unique / expected
 
 
+KIRK_V = 50257  # Kirk et al.'s vocabulary size for word-level EAD (GPT-2's, whatever the model)
+
+
+def kirk_words(text: str) -> list[str]:
+    """Kirk et al.'s words: '.' and newlines deleted (not replaced), split on single spaces."""
+    return [w for w in text.replace(".", "").replace("\n", "").split(" ") if w != ""]
+
+
+def kirk_word_metrics(texts, n_max: int = 5) -> tuple[float, float]:
+    """(distinct, EAD) over whitespace words, averaged over n = 1..n_max, as Kirk et al.'s
+    AveragedDistinctNgrams and AveragedExpectationAdjustedDistinctNgrams (0.0 for no n-gram)."""
+    words = [kirk_words(t) for t in texts]
+    dist, ead = [], []
+    for n in range(1, n_max + 1):
+        grams = [g for w in words for g in ngrams(w, n)]
+        C, unique = len(grams), len(set(grams))
+        dist.append(unique / C if C else 0.0)
+        denom = KIRK_V * (1 - ((KIRK_V - 1) / KIRK_V) ** C)
+        ead.append(unique / denom if denom else 0.0)
+    return float(np.mean(dist)), float(np.mean(ead))
+
+
 def pairwise_cos(vecs) -> np.ndarray:
     """Cosine similarities of all unordered pairs of rows."""
     v = np.asarray(vecs, np.float64)
@@ -62,9 +92,11 @@ def metrics(texts, seqs, emb, V, max_n) -> dict:
     dist = {n: distinct_and_ead(seqs, n, V) for n in range(1, max_n + 1)}
     tf = pairwise_cos(tfidf(texts)) if len(texts) > 1 else np.array([])
     sb = pairwise_cos(emb) if len(texts) > 1 else np.array([])
-    return {"distinct_n": {str(n): d for n, (d, _) in dist.items()},
-            "ead": {str(n): e for n, (_, e) in dist.items()},
-            "ead_mean": float(np.nanmean([e for _, e in dist.values()])),
+    d_words, ead_words = kirk_word_metrics(texts)
+    return {"distinct_tokens": {str(n): d for n, (d, _) in dist.items()},
+            "ead_tokens": {str(n): e for n, (_, e) in dist.items()},
+            "ead_tokens_mean": float(np.nanmean([e for _, e in dist.values()])),
+            "distinct_words_kirk": d_words, "ead_words_kirk": ead_words,
             "tfidf_cosine": mean_std(tf), "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
             "n_texts": len(texts)}
 
@@ -85,7 +117,8 @@ def run(cfg, a: Archive, out: Path) -> dict:
         per_input[ptext] = metrics([texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, c.max_n)
     first = [int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()]
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
-    avg = {k: float(np.nanmean([v[k] for v in per_input.values()])) for k in ("ead_mean", "sentbert_diversity")}
+    avg = {k: float(np.nanmean([v[k] for v in per_input.values()]))
+           for k in ("ead_tokens_mean", "ead_words_kirk", "distinct_words_kirk", "sentbert_diversity")}
     avg["tfidf_cosine_mean"] = float(np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()]))
     clusters, figs = tsne_clusters(emb, prompt, int(c.max_k), int(c.seed), out, m.key)
     write_csv(out, "completions.csv", {"sample": np.arange(a.n_complete), "prompt": prompt,
@@ -115,7 +148,7 @@ def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
 def terminal_lines(s: dict) -> list[str]:
     """The numbers printed at the end of a run."""
     c = s.get("cross_input", {})
-    keys = [k for k in ("ead_mean", "sentbert_diversity", "tfidf_cosine") if k in c]
+    keys = [k for k in ("ead_tokens_mean", "ead_words_kirk", "sentbert_diversity", "tfidf_cosine") if k in c]
     val = (lambda x: x.get("mean", x) if isinstance(x, dict) else x)
     return [f"{s.get('model')}: " + ", ".join(
         f"{k} {val(c[k]):.3f}" if isinstance(val(c[k]), (int, float)) else f"{k} {val(c[k])}"

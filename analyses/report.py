@@ -112,7 +112,8 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
         rows.append((label, *cells))
     for label, path in (("SBERT diversity, per input (1 − mean pairwise cosine)", ("per_input_mean", "sentbert_diversity")),
                         ("TF-IDF cosine similarity, per input (mean)", ("per_input_mean", "tfidf_cosine_mean")),
-                        ("EAD, per input (mean over n = 1…5, tokens)", ("per_input_mean", "ead_mean"))):
+                        ("EAD, per input (mean over n = 1…5, tokens)", ("per_input_mean", "ead_tokens_mean")),
+                        ("EAD, per input (Kirk et al.'s words, V = 50257)", ("per_input_mean", "ead_words_kirk"))):
         rows.append((label, *(fmt(src.cite(own(src, "diversity", m), *path)) for m in (base, aligned))))
     for label, path, fn in (
             ("KL(base ‖ aligned), nats per step (mean ± stderr)", ("kl_base_aligned",),

@@ -226,8 +226,8 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
         for p, text in enumerate(a.prompts):
             seqs = [smp["tokens"][i, : int(smp["length"][i])] for i in np.flatnonzero(smp["prompt_index"] == p)]
             d3, e3 = distinct_and_ead([list(q) for q in seqs], 3, 258)
-            assert s["per_input"][text]["distinct_n"]["3"] == pytest.approx(d3)
-            assert s["per_input"][text]["ead"]["3"] == pytest.approx(e3)
+            assert s["per_input"][text]["distinct_tokens"]["3"] == pytest.approx(d3)
+            assert s["per_input"][text]["ead_tokens"]["3"] == pytest.approx(e3)
             assert s["per_input"][text]["n_texts"] == 4
     assert s["cross_input"]["n_texts"] == 2
     # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
@@ -273,3 +273,19 @@ def test_pooled_sequence_level_gamma_recovers_a_planted_power():
     naive = np.polyfit(lp_seq, lq_seq, 1)[0]
     assert abs(naive - 1.7) > 0.2
     assert got["n_prompts"] == n_prompts
+
+
+def test_kirk_word_level_metrics_follow_the_released_code():
+    """Hand-computed on Kirk et al.'s own test strings (diversity_metrics.py __main__)."""
+    from analyses.diversity import KIRK_V, kirk_word_metrics, kirk_words
+
+    texts = ["i am going", "i am going", "lets go i i"]
+    assert kirk_words("a.b  c\nd") == ["ab", "cd"]  # '.' and newlines deleted, not split on
+    # n=1: 10 words, unique {i, am, going, lets, go} = 5; n=2: 6 bigrams, unique 4
+    # ((i,am),(am,going),(lets,go),(go,i),(i,i)) -> 5; n=3: 4 trigrams, unique 3; n>=4: 1, 1
+    grams = {1: (5, 10), 2: (5, 7), 3: (3, 4), 4: (1, 1), 5: (0, 0)}
+    dist = np.mean([u / c if c else 0.0 for u, c in grams.values()])
+    ead = np.mean([u / (KIRK_V * (1 - ((KIRK_V - 1) / KIRK_V) ** c)) if c else 0.0
+                   for u, c in grams.values()])
+    d, e = kirk_word_metrics(texts)
+    assert d == pytest.approx(dist) and e == pytest.approx(ead)
