@@ -16,10 +16,11 @@ USAGE = """usage: python -m engine <verb> [args]
   score    teacher-force a second model over an archive's completions, store its logits
   perturb  cut, edit and resample completions (attractor states), with matched controls
   align    DPO-train a twin of a model on typicality-biased labels of its own completions
+  answers  exact probability of every candidate answer of an enumerable prompt (full logits)
   inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
 HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb",
-               "align": "engine.align"}
-GROUPS = ("model", "prompts")
+               "align": "engine.align", "answers": "engine.answers"}
+GROUPS = ("model", "prompts", "candidates")
 
 
 def main() -> None:

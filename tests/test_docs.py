@@ -26,7 +26,8 @@ from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
-VERB_CONFIG = {"dump": "dump", "score": "score", "perturb": "perturb", "align": "align"}
+VERB_CONFIG = {"dump": "dump", "score": "score", "perturb": "perturb", "align": "align",
+               "answers": "answers"}
 
 
 def blocks(lang: str):

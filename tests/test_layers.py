@@ -53,8 +53,8 @@ def test_inspect_and_entropy_analysis_never_import_torch(tiny_archive, tmp_path)
 
 
 GROUP_PRIMARY = {"model": "dump", "prompts": "dump", "paths": "dump", "run": "dump",
-                 "sampling": "dump", "analysis": "analyses"}
-PRIMARY = ("dump", "score", "perturb", "align", "analyses")
+                 "sampling": "dump", "analysis": "analyses", "candidates": "answers"}
+PRIMARY = ("dump", "score", "perturb", "align", "answers", "analyses")
 
 
 def test_every_option_of_every_config_group_composes(tmp_path):

@@ -59,6 +59,10 @@ VARIANTS = {"control": 0, "edit": 1, "fork": 2}
 LINEAGE_FIELDS = ("parent_sample", "variant", "cut", "edit", "control_prompt")
 LINEAGE_ATTRS = ("source_archive", "source_created", "source_generator")
 
+# ---- Candidate answers (optional /answers) ---------------------------------------------------
+ANSWERS = "answers"  # candidates [S] str (sample i = candidate i), reference [S] float64
+                     # (weights, NaN: none); attrs terminator ("eos", "null" or the text), source
+
 # ---- Codecs ---------------------------------------------------------------------------------
 CODECS = ("fp16", "fp32", "bf16", "q16")
 STORAGE_DTYPE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16, "q16": np.uint16}

@@ -237,6 +237,18 @@ class Archive(FileHandle):
                 "edit": list(g["edit"].asstr()[()]), "control_prompt": g["control_prompt"][()],
                 **{k: str(g.attrs.get(k, "")) for k in F.LINEAGE_ATTRS}}
 
+    def answers(self) -> dict | None:
+        """/answers of a candidate-answer archive (`python -m engine answers`): candidate
+        texts, reference weights (None when the file gave none), terminator; else None."""
+        if F.ANSWERS not in self.f:
+            return None
+        g = self.f[F.ANSWERS]
+        ref = g["reference"][()]
+        return {"candidates": list(g["candidates"].asstr()[()]),
+                "reference": None if np.isnan(ref).all() else ref,
+                "terminator": str(g.attrs.get("terminator", "")),
+                "source": str(g.attrs.get("source", ""))}
+
     def model(self, key: str | None = None) -> ModelView:
         key = self.generator if key is None else key
         if key not in self.models:

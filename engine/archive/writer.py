@@ -151,6 +151,17 @@ def write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_at
                      data=(np.arange(len(records)) // 2 * 2).astype(np.int32))
 
 
+def write_answers(f: h5py.File, candidates: Sequence[str], reference, terminator,
+                  source: str) -> None:
+    """/answers of a candidate-answer archive: sample i is candidate i."""
+    g = f.create_group(F.ANSWERS)
+    g.create_dataset("candidates", data=np.array(list(candidates), dtype=object), dtype=F.STR)
+    ref = np.full(len(candidates), np.nan) if reference is None else np.asarray(reference, np.float64)
+    g.create_dataset("reference", data=ref)
+    g.attrs["terminator"] = "null" if terminator is None else str(terminator)
+    g.attrs["source"] = source
+
+
 def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
     """Reopen a partial archive; refuse it if it was started with a different run."""
     try:

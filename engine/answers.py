@@ -1,0 +1,136 @@
+"""`python -m engine answers candidates=NAME`: the exact probability of every answer in an
+enumerable set (Verbalized Sampling's "Name a US state"), from the model's own logits.
+
+A candidates file (conf/candidates/*.yaml) holds one prompt, the candidate answers and
+optionally a reference distribution (weights, normalised by the analysis).  Each candidate is
+teacher-forced after the prompt (read through the model's chat template when it has one:
+`chat_template`) as the *whole* answer: its tokens followed by a terminator, by default the
+model's end-of-answer token (`terminator: eos`), so the set is prefix-free ("New" + EOS and
+"New York" + EOS are different answers) and P(candidate) = prod_t p(token_t | prompt, earlier
+tokens) is the probability that the model answers exactly that.  `terminator: null` scores
+the bare tokens (only prefix-free sets, e.g. single tokens); any other string is tokenized and
+appended.
+
+The result is an ordinary logit archive: sample i is candidate i (its tokens and the full
+logits of every step), so `score` adds a second model on the same tokens and `inspect` reads
+it; `/answers` adds the candidate texts and the reference (docs/archive-format.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from engine import archive
+from engine import run as R
+from engine.archive import codecs
+from engine.cli import user_errors
+from engine.config import CONF
+from engine.errors import EngineError
+from engine.models import LoadedModel
+from engine.overlap import encoded
+from engine.prompts import check_chat_template
+from engine.sampling import input_device
+from engine.score import teacher_forced_steps
+
+log = logging.getLogger(__name__)
+KEYS = ("candidates", "chat_template", "codec", "q16_window", "batch_size")
+
+
+def load_candidates(ccfg) -> dict:
+    """The candidates node: prompt, candidate texts, terminator, reference weights (or None)."""
+    cands = [str(c) for c in (ccfg.get("candidates") or [])]
+    if not ccfg.get("prompt") or not cands:
+        raise EngineError("a candidates file needs `prompt` and a non-empty `candidates` list")
+    if len(set(cands)) != len(cands):
+        dup = next(c for c in cands if cands.count(c) > 1)
+        raise EngineError(f"candidate {dup!r} is listed twice")
+    ref = ccfg.get("reference")
+    weights = None
+    if ref:
+        ref = {str(k): float(v) for k, v in OmegaConf.to_container(ref).items()}
+        unknown = sorted(set(ref) - set(cands))
+        if unknown:
+            raise EngineError(f"reference names {unknown[0]!r}, which is not a candidate")
+        weights = np.array([ref.get(c, 0.0) for c in cands])
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise EngineError("reference weights must be >= 0 and not all 0")
+    return {"prompt": str(ccfg.prompt), "candidates": cands, "reference": weights,
+            "terminator": ccfg.get("terminator", "eos")}
+
+
+def candidate_tokens(lm: LoadedModel, cands: list[str], terminator) -> list[list[int]]:
+    """Token ids of each candidate as a whole answer (see the module docstring)."""
+    tok = lm.tokenizer
+    if terminator == "eos":
+        eos = tok.eos_token_id if tok.eos_token_id is not None else (lm.eos_ids or [None])[0]
+        if eos is None:
+            raise EngineError(f"{lm.key} has no EOS token: set terminator to a string or null")
+        end = [int(eos)]
+    elif terminator is None:
+        end = []
+    else:
+        end = tok(str(terminator), add_special_tokens=False)["input_ids"]
+    out = []
+    for c in cands:
+        ids = tok(c, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EngineError(f"candidate {c!r} tokenizes to nothing")
+        out.append([int(i) for i in ids] + end)
+    seqs = [tuple(s) for s in out]
+    for i, s in enumerate(seqs):  # prefix-free, or the probabilities overlap
+        for j, t in enumerate(seqs):
+            if i != j and len(s) < len(t) and t[:len(s)] == s:
+                raise EngineError(f"candidate {cands[i]!r} is a prefix of {cands[j]!r} as tokens: "
+                                  f"use a terminator (terminator: eos)")
+    return out
+
+
+def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
+    R.check_batch_size(cfg)
+    check_chat_template(cfg.chat_template)
+    codecs.check_codec(cfg.codec, cfg.q16_window)
+    c = load_candidates(cfg.candidates)
+    key = R.run_key(cfg, KEYS, device=R.device_type(cfg))
+    o = R.plan_output(cfg, key)
+    lm = R.load(cfg, model)
+    seen = R.read_prompts(lm, [c["prompt"]], cfg.chat_template)
+    seqs = candidate_tokens(lm, c["candidates"], c["terminator"])
+    n, T = len(seqs), max(len(s) for s in seqs)
+    tokens = np.full((n, T), -1, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    length = np.array([len(s) for s in seqs], dtype=np.int64)
+    with open_dict(cfg):  # what the archive records as its shape (not settings of this verb)
+        cfg.n_samples, cfg.max_new_tokens = n, T
+    writer = R.open_or_create(o, key, cfg, [c["prompt"]], R.model_info(lm, seen), verb="answers")
+    with writer:
+        if not o.resuming:
+            archive.write_answers(writer.f, c["candidates"], c["reference"], c["terminator"],
+                                  str(cfg.candidates.get("name", "")))
+        def write(p, s0, s1):
+            steps = teacher_forced_steps(lm.bridge, seen.ids[0], tokens[s0:s1], length[s0:s1],
+                                         input_device(lm.bridge))
+            writer.write_batch(s0, [0] * (s1 - s0), encoded(steps, cfg.codec, cfg.q16_window),
+                               lm.eos_ids)
+
+        R.fill(1, n, cfg, writer.n_complete, f"answers {lm.key}", write)
+        writer.finish()
+    R.finalize(o)
+    log.info("wrote %s: %d candidates scored by %s", o.out, n, lm.key)
+    return {"archive": str(o.out), "model": lm.key, "candidates": n, "max_tokens": T}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="answers")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        result = run(cfg)
+    print(f"archive: {result['archive']}  ({result['candidates']} candidates, {result['model']})")
+
+
+if __name__ == "__main__":
+    main()
+
