@@ -145,3 +145,24 @@ def test_perturb_names_the_model_that_wrote_the_archive(tiny_archive):
     err = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.returncode == 2 and len(err) == 1, res.stderr[-2000:]
     assert "sampled by tiny-random" in err[0] and "pass model=tiny-random" in err[0], err[0]
+
+
+def test_benches_say_where_their_real_rows_archive_lives(tmp_path, monkeypatch, capsys):
+    """bench.codecs and bench.kernels keep a ~100 MB dump under outputs/bench/: they say so,
+    when they write it and when they reuse it."""
+    import bench.common as bc
+
+    calls = []
+
+    def fake_dump(cmd, cwd, check):
+        out = next(a for a in cmd if a.startswith("out="))[4:]
+        open(out, "wb").write(b"x" * 2**20)
+        calls.append(cmd)
+    monkeypatch.setattr(bc, "ROOT", tmp_path)
+    monkeypatch.setattr(bc.subprocess, "run", fake_dump)
+    (tmp_path / "outputs" / "bench").mkdir(parents=True)
+    path = bc.real_archive("r.h5", "n_samples=4")
+    assert path == tmp_path / "outputs" / "bench" / "r.h5" and len(calls) == 1
+    assert f"dumping SmolLM2 into {path}" in capsys.readouterr().out
+    assert bc.real_archive("r.h5", "n_samples=4") == path and len(calls) == 1  # reused
+    assert f"reusing {path} (1 MiB; delete it" in capsys.readouterr().out
