@@ -179,7 +179,7 @@ def test_ctrl_c_prints_the_exact_command_that_continues(tmp_path, cache_dir, dum
     with the command to continue; running it, or the first command with resume=true, ends
     with the archive an uninterrupted run writes."""
     settings = ["model=tiny-random", f"paths.cache_dir={cache_dir}", "progress=false",
-                "n_samples=16", "batch_size=2", "max_new_tokens=40", "seed=5"]
+                "n_samples=32", "batch_size=2", "max_new_tokens=64", "seed=5"]  # ~10 s: time to interrupt
     rc, err = _ctrl_c_when("outputs/dump/*/logits.h5.partial", tmp_path, ["dump", *settings])
     assert rc == 130, err[-2000:]
     lines = [x for x in err.splitlines() if x.startswith("error:")]
