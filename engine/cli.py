@@ -7,15 +7,7 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from engine.errors import EngineError
-
-
-_ADVICE: list[str] = []  # what to tell the user if interrupted now (set once a file exists)
-
-
-def on_interrupt(advice: str | None) -> None:
-    """What an interrupt from here on should print (None: nothing was written)."""
-    _ADVICE[:] = [advice] if advice else []
+from engine.errors import EngineError, interrupt_advice, on_interrupt
 
 
 @contextlib.contextmanager
@@ -28,7 +20,7 @@ def user_errors():
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        advice = _ADVICE[0] if _ADVICE else "nothing was written"
+        advice = interrupt_advice() or "nothing was written"
         print(f"error: interrupted; {advice}", file=sys.stderr)
         sys.exit(130)
 

@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from engine import archive
 from engine.archive import codecs
-from engine.cli import on_interrupt
-from engine.errors import EngineError
+from engine.errors import EngineError, on_interrupt
 from engine.models import LoadedModel, load_model, resolve_device
 from engine.prompts import render, uses_chat_template
 from engine.overlap import Overlap, to_host

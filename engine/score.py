@@ -31,10 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from engine import archive
 from engine import run as R
 from engine.archive import codecs
-from engine.cli import on_interrupt, user_errors
+from engine.cli import user_errors
 from engine.archive import format as F
 from engine.config import CONF, model_for, model_key
-from engine.errors import EngineError
+from engine.errors import EngineError, on_interrupt
 from engine.models import LoadedModel
 from engine.prompts import check_chat_template
 from engine.overlap import encoded
