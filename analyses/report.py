@@ -141,24 +141,33 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
                      f"{al.get('n_pairs')} pairs, {al.get('steps')} steps; loss "
                      f"{fmt(al.get('final_loss'), 3)}, reward accuracy {fmt(al.get('reward_accuracy'), 3)} "
                      f"(means over the last epoch)"))
-    cells = []
-    for m in (base, aligned):
-        a = own(src, "attractor", m)
-        rec = src.cite(a, "variants") if a else None
-        cells.append("; ".join(f"median {fmt(v['recovery_time']['median'], 1)} steps, "
-                               f"{v['recovery_time']['recovered']} recovered / {v['recovery_time']['censored']} censored"
-                               for v in rec) if rec else "–")
-    rows.append(("attractor: recovery time after the edit (per variant)", *cells))
-    cells = []
-    for m in (base, aligned):
-        a = own(src, "attractor", m)
-        infl = src.cite(a, "influence") if a else None
-        cells.append("; ".join(f"half-life {fmt(v['half_life_steps'], 2)} steps, settles at "
-                               f"{fmt(v['settle_step_mean_curve'], 0)} ({100 * v['settle_step']['censored_share']:.0f}% "
-                               f"of continuations censored)"
-                               for v in infl["variants"].values()) if infl else "–")
+
+    def recovery(v):
+        rt = v["recovery_time"]
+        return f"median {fmt(rt['median'], 1)} steps, {rt['recovered']} recovered / {rt['censored']} censored"
+
+    def influence(v):
+        return (f"half-life {fmt(v['half_life_steps'], 2)} steps, settles at "
+                f"{fmt(v['settle_step_mean_curve'], 0)} ({100 * v['settle_step']['censored_share']:.0f}% "
+                f"of continuations censored)")
+
+    rows.append(("attractor: recovery time after the edit (per variant)",
+                 *attractor_cells(src, (base, aligned), "variants", recovery)))
+    cells = attractor_cells(src, (base, aligned), "influence", influence)
     rows.append(("attractor: the edit's influence on identical continuations", *cells))
     return rows
+
+
+def attractor_cells(src: Sources, models, key: str, describe) -> list[str]:
+    """One table cell per model: `describe` of every variant under its attractor summary's
+    `key` ("variants": a list; "influence": a dict whose "variants" are keyed by name)."""
+    cells = []
+    for m in models:
+        a = own(src, "attractor", m)
+        found = src.cite(a, key) if a else None
+        items = found["variants"].values() if isinstance(found, dict) else (found or [])
+        cells.append("; ".join(describe(v) for v in items) or "–")
+    return cells
 
 
 def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[str]:

@@ -50,10 +50,3 @@ def to_numpy(codec: str, data: torch.Tensor) -> np.ndarray:
     """Device tensor from `encode` -> host numpy array in the storage dtype."""
     arr = data.detach().cpu().numpy()
     return arr.view(np.uint16) if codec in ("bf16", "q16") else arr
-
-
-def encode_rows(codec: str, logits: torch.Tensor, window: float):
-    """(data, scale, offset) as host numpy: what `engine.archive.Rows` holds."""
-    data, scale, offset = encode(codec, logits, window)
-    host = (lambda x: None if x is None else x.cpu().numpy())
-    return to_numpy(codec, data), host(scale), host(offset)

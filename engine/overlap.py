@@ -8,7 +8,7 @@ and host memory stays flat whatever the run's length.  On the CPU the tensors ar
 the host and the thread still overlaps HDF5 writes with compute where the GIL allows.
 
 `threaded=False` runs the same code inline: archives are identical either way
-(tests/test_overlap.py).
+(tests/test_gpu_ready.py).
 
 Interrupts: on KeyboardInterrupt the main thread calls `close(abort=True)`; batches whose
 rows were all queued are still written and committed, the batch in flight is dropped before

@@ -80,9 +80,10 @@ def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndar
     ids = torch.tensor(np.concatenate([np.tile(prompt_ids, (n, 1)), comp], 1),  # earlier rows
                        dtype=torch.long, device=device)  # [batch, pos]
     logits = forward_logits(bridge, ids, keep=L + 1)  # [batch, L + 1, vocab] from pos P - 1
+    finite = torch.isfinite(logits.amax(dim=-1)).cpu().numpy()  # [batch, L + 1]: one sync
     for t in range(L):
         alive = t < length
-        bad = alive & ~torch.isfinite(logits[:, t].amax(dim=-1)).cpu().numpy()
+        bad = alive & ~finite[:, t]
         if bad.any():
             raise NonFiniteLogits(np.flatnonzero(bad).tolist(), t)
         yield Step(t, logits[:, t], {}, comp[:, t].astype(np.int64), alive)
