@@ -1,5 +1,5 @@
-"""`python -m engine <verb> [args]`: dump, score, perturb, align (Hydra) and inspect (plain
-arguments).
+"""`python -m engine <verb> [args]`: dump, score, perturb, align, answers (Hydra) and inspect,
+merge (plain arguments).
 
 The verb is popped before Hydra reads sys.argv.  Config-group choices (`model=`, `prompts=`)
 are checked here so that a typo gets one line instead of Hydra's multi-line report.
@@ -7,6 +7,7 @@ are checked here so that a typo gets one line instead of Hydra's multi-line repo
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from engine.cli import check_group_choices, check_launcher
@@ -17,6 +18,7 @@ USAGE = """usage: python -m engine <verb> [args]
   perturb  cut, edit and resample completions (attractor states), with matched controls
   align    DPO-train a twin of a model on typicality-biased labels of its own completions
   answers  exact probability of every candidate answer of an enumerable prompt (full logits)
+  merge    join the shards of a sharded dump (dump shard=i num_shards=n) into one archive
   inspect  summarise an archive, show top-k next tokens, render completions (no model)"""
 HYDRA_VERBS = {"dump": "engine.dump", "score": "engine.score", "perturb": "engine.perturb",
                "align": "engine.align", "answers": "engine.answers"}
@@ -24,18 +26,14 @@ GROUPS = ("model", "prompts", "candidates")
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("inspect", *HYDRA_VERBS):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("inspect", "merge", *HYDRA_VERBS):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     verb = sys.argv.pop(1)
-    if verb == "inspect":
-        from engine.inspect import main as inspect_main
-
-        sys.exit(inspect_main(sys.argv[1:]))
+    if verb in ("inspect", "merge"):
+        sys.exit(importlib.import_module(f"engine.{verb}").main(sys.argv[1:]))
     check_group_choices(sys.argv[1:], GROUPS)
     check_launcher(sys.argv[1:])
-    import importlib
-
     importlib.import_module(HYDRA_VERBS[verb]).main()
 
 

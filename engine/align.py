@@ -50,8 +50,9 @@ from engine.archive import Archive
 from engine.cli import user_errors
 from engine.config import CONF
 from engine.errors import EngineError
-from engine.models import LoadedModel, load_hf_source, sha256_file
+from engine.models import LoadedModel, load_hf_source
 from engine.prompts import load_prompts
+from engine.provenance import sha256_file
 from engine.stream import map_rows
 
 log = logging.getLogger(__name__)

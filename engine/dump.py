@@ -46,7 +46,11 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.validate_sampling(cfg)
     check_chat_template(cfg.chat_template)
     prompts = load_prompts(cfg.prompts)
+    shard = R.plan_shard(cfg, len(prompts))
+    R.shard_device(cfg, shard)
     key = R.run_key(cfg, KEYS, prompts=prompts, device=R.device_type(cfg))
+    if shard is not None:  # the shard's own key; `merge` drops it again
+        key["shard"] = [shard.index, shard.count]
     o = R.plan_output(cfg, key)
     lm = R.load(cfg, model)
     seen = R.read_prompts(lm, prompts, cfg.chat_template)
@@ -54,18 +58,20 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     capture = [str(cfg.capture)] if isinstance(cfg.capture, str) else [str(c) for c in cfg.capture]
     writer = R.open_or_create(o, key, cfg, prompts,
                               R.model_info(lm, seen),
-                              lambda: capture_dims(lm, seen.ids[0], capture))
+                              lambda: capture_dims(lm, seen.ids[0], capture), shard=shard)
+    lo, hi = writer.span(len(prompts) * cfg.n_samples)
     with writer:
         done = writer.n_complete
         if o.resuming:
-            log.info("resuming %s at sample %d of %d", o.partial, done, len(prompts) * cfg.n_samples)
+            log.info("resuming %s at sample %d of %d", o.partial, done, hi - lo)
         R.sample_all(writer, lm, seen.ids, cfg.n_samples, cfg, capture)
     size = R.finalize(o)
-    total = len(prompts) * cfg.n_samples
-    log.info("wrote %s (%d samples, %.1f MiB)", o.out, total, size / 2**20)
-    return {"archive": str(o.out), "model": lm.key, "samples": total, "prompts": len(prompts),
+    where = "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
+    log.info("wrote %s (%d samples%s, %.1f MiB)", o.out, hi - lo, where, size / 2**20)
+    return {"archive": str(o.out), "model": lm.key, "samples": hi - lo, "prompts": len(prompts),
             "max_new_tokens": cfg.max_new_tokens, "vocab": lm.vocab_size, "codec": cfg.codec,
-            "bytes": size, "resumed_from": done if o.resuming else None}
+            "bytes": size, "resumed_from": done if o.resuming else None,
+            "shard": None if shard is None else [shard.index, shard.count, lo, hi]}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="dump")

@@ -29,6 +29,14 @@ def summary(a: Archive) -> str:
              f"created  {a.created or '?'}  git {a.git_commit or '?'}",
              f"packages {', '.join(f'{k} {v}' for k, v in a.packages.items() if v)}",
              f"prompts  {len(a.prompts)}"]
+    if a.shard:
+        d = a.shard
+        lines.insert(2, f"shard    {d['index']} of {d['count']}: samples {d['start']}..{d['stop'] - 1} "
+                        f"of {d['total']} (join the shards with `python -m engine merge`)")
+    how = "rows read from" if a.model().logits.is_virtual else "copied from"
+    lines[2:2] = [f"merged   shard {r['index']}: samples {r['start']}..{r['stop'] - 1} {how} "
+                  f"{r['path']} (host {r['host'] or '?'}, sha256 {r['sha256'][:16]})"
+                  for r in a.merged_from]
     for i, p in enumerate(a.prompts):
         lines.append(f"  [{i}] {p!r}  ({int(np.sum(s['prompt_index'] == i))} samples)")
     n = len(s["length"])
@@ -43,7 +51,7 @@ def summary(a: Archive) -> str:
         nbytes = m.storage_bytes
         lines.append(f"  {key}: source={p.get('source')} name={p.get('name')} "
                      f"dtype={p.get('dtype')} vocab={m.vocab_size} codec={m.codec} "
-                     f"chunks={m.logits.chunks} logits {nbytes / 2**20:.1f} MiB")
+                     f"chunks=(1, {m.chunk_steps}, {m.vocab_size}) logits {nbytes / 2**20:.1f} MiB")
         lines.append(f"    revision={p.get('revision') or '-'} "
                      f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
                      f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")

@@ -35,6 +35,7 @@ import torch
 
 from engine.config import model_key
 from engine.errors import EngineError
+from engine.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {device!r} requested but CUDA is not available")
     return dev
-
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_state_dict(model: torch.nn.Module) -> str:

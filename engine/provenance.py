@@ -3,7 +3,9 @@ about its tokenizers (the run layer turns it into `engine.archive.ModelInfo`).""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +34,8 @@ def git_commit() -> str:
 
 
 def root_provenance() -> dict[str, str]:
-    return {"packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit()}
+    return {"packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit(),
+            "host": socket.gethostname()}
 
 
 def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
@@ -43,3 +46,14 @@ def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
     strings += [""] * (vocab_size - len(strings))  # ids the tokenizer never emits
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return strings, (backend.to_str() if backend is not None else "")
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 22, progress=None) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks; `progress(nbytes)` after each block."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return h.hexdigest()

@@ -81,6 +81,14 @@ def device_type(cfg: DictConfig) -> str:
     return resolve_device(cfg.device).type
 
 
+def shard_device(cfg: DictConfig, shard: archive.Shard | None) -> None:
+    """device=auto in a sharded dump that sees several GPUs (one machine, no scheduler
+    isolating them) takes GPU shard % count; under SLURM or submitit each job sees one GPU."""
+    if shard is not None and cfg.device == "auto" and torch.cuda.device_count() > 1:
+        with open_dict(cfg):
+            cfg.device = f"cuda:{shard.index % torch.cuda.device_count()}"
+
+
 # ---- output planning ---------------------------------------------------------------------------
 @dataclass
 class Output:
@@ -113,8 +121,8 @@ def plan_output(cfg: DictConfig, key: dict | None = None) -> Output:
     if resume and not partial.exists() and key is not None and _default_out(cfg, out):
         found = find_partial(out, key)
         if found is None:
-            raise EngineError(f"resume=true: no interrupted run with these settings under "
-                              f"{out.parent.parent} (resume=PATH continues a given .partial)")
+            raise EngineError(f"resume=true: no interrupted run with these settings beside "
+                              f"this one (resume=PATH continues a given .partial)")
         return Output(found.with_name(found.name.removesuffix(".partial")), found, True)
     resuming = False
     if partial.exists():
@@ -133,11 +141,29 @@ def _default_out(cfg: DictConfig, out: Path) -> bool:
         return False
 
 
+def _earlier_runs(out: Path) -> list[Path]:
+    """Where earlier runs of this verb left `<out.name>.partial`: every run directory beside
+    this run's (outputs/<verb>/*/) and every job directory of every multirun beside this
+    multirun's (outputs/<verb>-multirun/*/*/), wherever hydra.run.dir / hydra.sweep.dir
+    point; without Hydra, the siblings of out's directory."""
+    name = f"{out.name}.partial"
+    roots = [(out.parent.parent, f"*/{name}")]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        roots = [(Path(str(hc.run.dir)).resolve().parent, f"*/{name}"),
+                 (Path(str(hc.sweep.dir)).resolve().parent, f"*/*/{name}")]
+    except ValueError:  # not under @hydra.main (tests calling run())
+        pass
+    return sorted({p.resolve() for root, pat in roots for p in root.glob(pat)})
+
+
 def find_partial(out: Path, key: dict) -> Path | None:
-    """Newest `<out.name>.partial` in a sibling run directory whose run key is `key`."""
+    """Newest partial left by an earlier run (see `_earlier_runs`) whose run key is `key` (a
+    shard's key holds its index, so each shard finds its own)."""
     want = json.loads(json.dumps(key))
-    found = sorted(out.parent.parent.glob(f"*/{out.name}.partial"),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted(_earlier_runs(out), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in found:
         try:
             with archive.Archive(path, allow_partial=True) as a:
@@ -171,25 +197,27 @@ def continue_command(verb: str, *extra: str) -> str:
 
 def open_or_create(o: Output, key: dict, cfg: DictConfig, prompts: list[str],
                    info: archive.ModelInfo, dims=lambda: {}, verb: str = "dump",
-                   ) -> archive.ArchiveWriter:
-    """Reopen the partial archive of an interrupted run, or create a fresh one; from here on
-    an interrupt prints the command that continues it."""
+                   shard: archive.Shard | None = None) -> archive.ArchiveWriter:
+    """Reopen the partial archive of an interrupted run, or create a fresh one (of `shard`'s
+    samples only, when given); from here on an interrupt prints the command that continues
+    it."""
     o.partial.parent.mkdir(parents=True, exist_ok=True)
     if o.resuming:
         w = archive.open_for_resume(o.partial, key)
     else:
         o.partial.unlink(missing_ok=True)
-        w = _create(o, key, cfg, prompts, info, dims)
+        w = _create(o, key, cfg, prompts, info, dims, shard)
     on_interrupt(f"{o.partial} keeps the finished batches; continue with: "
                  f"{continue_command(verb, f'resume={o.partial}')}")
     return w
 
 
-def _create(o, key, cfg, prompts, info, dims):
+def _create(o, key, cfg, prompts, info, dims, shard=None):
     return archive.create(o.partial, run_key=key, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                           provenance_root=root_provenance(), prompts=prompts,
                           n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens, model=info,
-                          codec=cfg.codec, window=cfg.q16_window, capture_dims=dims())
+                          codec=cfg.codec, window=cfg.q16_window, capture_dims=dims(),
+                          shard=shard)
 
 
 def finalize(o: Output) -> int:
@@ -256,16 +284,39 @@ def check_tokenizer(archive_prov: dict, lm: LoadedModel, allow: bool = False) ->
 
 
 # ---- the batch loop ----------------------------------------------------------------------------
-def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int):
-    """(prompt, first sample, end sample) for every batch from sample `start` on; batches never
-    straddle prompts, so every row of a batch reads the same prompt."""
+def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int,
+            stop: int | None = None):
+    """(prompt, first sample, end sample) of every batch covering samples start..stop-1
+    (global indices); batches never straddle prompts, so every row of a batch reads the same
+    prompt, and they lie on one grid (each prompt's first sample + k * batch_size) whatever
+    start is: a shard or a resumed run decodes exactly the batches of one uninterrupted run."""
+    stop = n_prompts * per_prompt if stop is None else stop
     for p in range(n_prompts):
         for s0 in range(p * per_prompt, (p + 1) * per_prompt, batch_size):
             s1 = min(s0 + batch_size, (p + 1) * per_prompt)
-            if s1 > start:
-                if s0 < start:  # only possible if batch_size changed, which run_key forbids
-                    raise EngineError("resume point is not on a batch boundary")
-                yield p, s0, s1
+            if s1 > start and s0 < stop:
+                yield p, max(s0, start), min(s1, stop)
+
+
+def plan_shard(cfg: DictConfig, n_prompts: int) -> archive.Shard | None:
+    """This process's share of a sharded dump (shard=i num_shards=n): a contiguous run of whole
+    batches, batch b of B going to shard b * n // B, so the shards differ by at most one batch.
+    None when the dump is not sharded (num_shards=1)."""
+    index, count = cfg.get("shard", 0), cfg.get("num_shards", 1)
+    if not (isinstance(count, int) and count >= 1):
+        raise EngineError(f"num_shards must be a positive integer, got {count}")
+    if not (isinstance(index, int) and 0 <= index < count):
+        raise EngineError(f"shard must be an integer in 0..{count - 1} (num_shards={count}), "
+                          f"got {index}")
+    if count == 1:
+        return None
+    grid = list(batches(n_prompts, cfg.n_samples, cfg.batch_size, 0))
+    if count > len(grid):
+        raise EngineError(f"num_shards={count} is more than the run's {len(grid)} batches "
+                          f"({n_prompts} prompts x {cfg.n_samples} samples, batch_size="
+                          f"{cfg.batch_size}); use num_shards <= {len(grid)}")
+    lo, hi = index * len(grid) // count, (index + 1) * len(grid) // count
+    return archive.Shard(index, count, grid[lo][1], grid[hi - 1][2], n_prompts * cfg.n_samples)
 
 
 def out_of_memory(rows: int, device) -> str:
@@ -279,13 +330,15 @@ def out_of_memory(rows: int, device) -> str:
             f"of the run key)")
 
 
-def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, start: int, desc: str,
-         write: Callable[[int, int, int], None]) -> None:
-    """Call write(prompt, s0, s1) for every remaining batch (each call writes and commits one
-    batch), with a progress bar over samples."""
-    with tqdm(total=n_prompts * per_prompt, initial=start, unit="sample", desc=desc,
+def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, done: int, desc: str,
+         write: Callable[[int, int, int], None], span: tuple[int, int] | None = None) -> None:
+    """Call write(prompt, s0, s1) (global sample indices) for every batch of the archive's
+    samples `span` (default: all) after its first `done`; each call writes and commits one
+    batch.  A progress bar counts samples."""
+    lo, hi = span or (0, n_prompts * per_prompt)
+    with tqdm(total=hi - lo, initial=done, unit="sample", desc=desc,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for p, s0, s1 in batches(n_prompts, per_prompt, cfg.batch_size, start):
+        for p, s0, s1 in batches(n_prompts, per_prompt, cfg.batch_size, lo + done, hi):
             try:
                 write(p, s0, s1)
             except torch.cuda.OutOfMemoryError:
@@ -296,18 +349,20 @@ def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, start: int, desc: str
 def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_prompt: int,
                cfg: DictConfig, capture=(), seed_of=None) -> None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
-    `seed_of(index)` overrides the per-sample seed (perturb shares seeds across variants).
+    Seeds follow the global sample index (`seed_of(index)` overrides them: perturb shares
+    seeds across variants), so a shard's samples are those of the unsharded run.
     Rows are written on a background thread while the next steps compute (`engine.overlap`;
     write_thread=false writes inline)."""
     seed_of = seed_of or (lambda i: sample_seed(cfg.seed, i))
     pipe = Overlap(threaded=bool(cfg.get("write_thread", True)))
+    span = writer.span(len(prompt_ids) * per_prompt)
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
         steps = generate(lm.bridge, prompt_ids[p], seeds, cfg.max_new_tokens, cfg.temperature,
                          cfg.top_k, cfg.top_p, lm.eos_ids, list(capture),
                          cfg.get("on_nonfinite", "fail"))
-        consume = (lambda rows: writer.write_batch(s0, seeds, rows, lm.eos_ids))
+        consume = (lambda rows: writer.write_batch(s0 - span[0], seeds, rows, lm.eos_ids))
         try:
             pipe.batch(consume, (to_host(st, cfg.codec, cfg.q16_window) for st in steps))
         except NonFiniteLogits as exc:
@@ -317,7 +372,8 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
                               f"rest") from None
 
     try:
-        fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write)
+        fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write,
+             span)
     except BaseException:
         pipe.close(abort=True)  # complete batches are still committed; the one in flight is not
         raise

@@ -114,7 +114,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         chat = cfg.chat_template
         if chat is None:  # read the prompts the way the generator was told to (true/false/auto)
             chat = a.run_key.get("chat_template", False)
-        per_prompt = a.samples_per_prompt
+        per_prompt, span = a.samples_per_prompt, a.span  # a shard: its share of the samples
     codecs.check_codec(codec, cfg.q16_window)
     check_chat_template(chat)
     lm = R.load(cfg, model)
@@ -136,7 +136,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     with w:
         done = w.n_complete
 
-        def write(p, s0, s1):
+        def write(p, g0, g1):  # global sample indices -> this file's
+            s0, s1 = g0 - span[0], g1 - span[0]
             steps = teacher_forced_steps(lm.bridge, seen.ids[p], samples["tokens"][s0:s1],
                                          samples["length"][s0:s1], input_device(lm.bridge))
             try:
@@ -149,7 +150,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                 raise RuntimeError("scored rows do not match the stored lengths")  # a bug
             w.commit(s1)
 
-        R.fill(len(prompts), per_prompt, cfg, done, f"score {lm.key}", write)
+        R.fill(len(prompts), per_prompt, cfg, done, f"score {lm.key}", write, span)
         w.finish()
     on_interrupt(None)
     log.info("scored %s into %s (%d samples)", lm.key, path, total)

@@ -20,6 +20,15 @@ READABLE_VERSIONS = (1, 2, 3)
 ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
               "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
               "max_new_tokens", "n_complete", "complete")
+#: optional (sharded dumps): JSON {"index", "count", "start", "stop", "total"}: this file holds
+#: samples start..stop-1 of a run of `total` samples split into `count` shards; absent otherwise
+SHARD = "shard"
+#: optional (merged archives): JSON list, one record per shard merged in (index, path, bytes,
+#: sha256, host, created, devices); per-sample datasets of merged-by-reference files are HDF5
+#: virtual datasets over the shard files, at paths relative to the merged file
+MERGED_FROM = "merged_from"
+#: virtual logits carry their shards' chunking (a virtual dataset has none of its own)
+CHUNK_STEPS = "chunk_steps"
 
 # ---- Datasets -------------------------------------------------------------------------------
 PROMPTS = "prompts/text"  # [P] str

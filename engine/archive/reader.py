@@ -75,11 +75,21 @@ class ModelView:
 
     @property
     def chunk_steps(self) -> int:
-        return int(self.logits.chunks[1]) if self.logits.chunks else max(1, self.logits.shape[1])
+        """Steps per stored chunk (a merged archive's virtual logits: its shards' chunking)."""
+        if self.logits.chunks:
+            return int(self.logits.chunks[1])
+        return int(self.logits.attrs.get(F.CHUNK_STEPS, max(1, self.logits.shape[1])))
 
-    @property
+    @functools.cached_property
     def storage_bytes(self) -> int:
-        return int(self.logits.id.get_storage_size())
+        """Bytes the logits occupy on disk (a merged archive's virtual logits: in its shards)."""
+        if not self.logits.is_virtual:
+            return int(self.logits.id.get_storage_size())
+        total, here = 0, Path(self.group.file.filename).parent
+        for v in self.logits.virtual_sources():
+            with h5py.File(here / v.file_name, "r") as f:
+                total += int(f[v.dset_name].id.get_storage_size())
+        return total
 
     @functools.cached_property
     def activations(self) -> list[str]:
@@ -158,9 +168,28 @@ class Archive(FileHandle):
             raise EngineError(f"{self.path} lacks {missing or [F.MODELS]} "
                               f"(truncated or foreign archive)")
         self.models = {k: ModelView(g, self) for k, g in self.f[F.MODELS].items()}
+        self._check_sources()
         if not allow_partial and not self.complete:
             raise EngineError(f"{self.path} is incomplete ({self.n_complete} of {self.n_samples} "
                               f"samples); finish it with `dump ... resume=true`")
+
+    def _check_sources(self) -> None:
+        """A merged archive's virtual datasets read their shard files; HDF5 would silently
+        return zeros for a missing one, so every shard must be where the merge left it (paths
+        relative to this file) and have its recorded size."""
+        sizes = {r["path"]: int(r["bytes"]) for r in self.merged_from}
+        for m in self.models.values():
+            if not m.logits.is_virtual:
+                continue
+            for src in {v.file_name for v in m.logits.virtual_sources()}:
+                path = self.path.parent / src
+                if not path.is_file():
+                    raise EngineError(f"{self.path} is merged from shard files and {path} is "
+                                      f"missing (keep the shards next to it, or make a "
+                                      f"self-contained copy with `merge --copy`)")
+                if src in sizes and path.stat().st_size != sizes[src]:
+                    raise EngineError(f"{self.path}: shard {path} changed since the merge "
+                                      f"({path.stat().st_size} bytes, merged at {sizes[src]})")
 
     # ---- root facts -------------------------------------------------------------------
     @property
@@ -210,6 +239,23 @@ class Archive(FileHandle):
     @property
     def packages(self) -> dict:
         return json.loads(self.f.attrs.get("packages", "{}"))
+
+    @functools.cached_property
+    def shard(self) -> dict | None:
+        """{index, count, start, stop, total} of a shard of a sharded dump, else None: its
+        sample i is the run's sample start + i."""
+        raw = self.f.attrs.get(F.SHARD)
+        return None if raw is None else json.loads(raw)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Global sample indices start, stop of this file's samples (a shard's share)."""
+        return (self.shard["start"], self.shard["stop"]) if self.shard else (0, self.n_samples)
+
+    @functools.cached_property
+    def merged_from(self) -> list[dict]:
+        """The shard records of a merged archive (`python -m engine merge`), else []."""
+        return json.loads(self.f.attrs.get(F.MERGED_FROM, "[]"))
 
     @property
     def size_bytes(self) -> int:

@@ -64,11 +64,30 @@ def _early(f, name, shape, dtype, chunks=None, **kw):
     return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, **kw)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Samples start..stop-1 (global indices) of a run of `total` samples, shard `index` of
+    `count` (spec: root attribute `shard`)."""
+    index: int
+    count: int
+    start: int
+    stop: int
+    total: int
+
+    def attr(self) -> str:
+        return json.dumps({"index": self.index, "count": self.count, "start": self.start,
+                           "stop": self.stop, "total": self.total})
+
+
 def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict,
            prompts: Sequence[str], n_samples: int, max_new_tokens: int, model: ModelInfo,
-           codec: str, window: float, capture_dims: dict[str, int]) -> "ArchiveWriter":
-    """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples."""
+           codec: str, window: float, capture_dims: dict[str, int],
+           shard: Shard | None = None) -> "ArchiveWriter":
+    """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples, or
+    only `shard`'s share of them (its sample i is the run's sample shard.start + i)."""
     n_prompts, total, steps = len(prompts), len(prompts) * n_samples, max_new_tokens
+    span = slice(0, total) if shard is None else slice(shard.start, shard.stop)
+    total = span.stop - span.start
     f = h5py.File(path, "w")
     try:
         a = f.attrs
@@ -80,10 +99,12 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
         a["generator"], a["n_samples"], a["n_prompts"] = model.key, total, n_prompts
         a["samples_per_prompt"], a["max_new_tokens"] = n_samples, steps
         a["n_complete"], a["complete"] = np.int64(0), np.int8(0)
+        if shard is not None:
+            a[F.SHARD] = shard.attr()
         f.create_dataset(F.PROMPTS, data=np.array(list(prompts), dtype=object), dtype=F.STR)
         s = f.create_group(F.SAMPLES)
         s.create_dataset("prompt_index", data=np.repeat(np.arange(n_prompts, dtype=np.int32),
-                                                        n_samples))
+                                                        n_samples)[span])
         tok_chunks = (1, max(1, steps))
         _early(s, "tokens", (total, steps), np.int32, chunks=tok_chunks if steps else None,
                fillvalue=F.TOKEN_PAD)
@@ -297,6 +318,14 @@ class ArchiveWriter(FileHandle):
     @property
     def n_complete(self) -> int:
         return int(self.f.attrs["n_complete"])
+
+    def span(self, total: int) -> tuple[int, int]:
+        """Global sample indices start, stop of this file (a shard's, else 0, total)."""
+        shard = self.f.attrs.get(F.SHARD)
+        if shard is None:
+            return 0, total
+        d = json.loads(shard)
+        return int(d["start"]), int(d["stop"])
 
     def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Rows],
                     eos_ids: Sequence[int]) -> None:
