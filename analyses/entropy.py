@@ -84,8 +84,9 @@ def entropy_curve(a: Archive, key: str, gammas, max_rows: int) -> list[float]:
     if not picks:
         return [float("nan")] * len(gammas)
     idx = np.linspace(0, len(picks) - 1, min(max_rows, len(picks))).astype(int)
-    rows = np.stack([m.rows(*picks[j]) for j in idx])  # bounded: max_rows x vocab
-    return K.tempered_entropy(rows, gammas).mean(0).tolist()
+    h = [K.tempered_entropy(np.stack([m.rows(*picks[j]) for j in part]), gammas)
+         for part in np.array_split(idx, -(-len(idx) // 64))]  # 64 rows in memory at a time
+    return np.concatenate(h).mean(0).tolist()
 
 
 def boxplot(comp_top: dict, out: Path) -> list[str]:

@@ -61,6 +61,7 @@ def check_group_choices(args: list[str], groups: tuple[str, ...]) -> None:
 LAUNCHERS = {"local": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
              "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
              "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+             "slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
              "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
              "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
              "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}

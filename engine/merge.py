@@ -128,7 +128,7 @@ def record(a: Archive, out_dir: Path, bar: tqdm) -> dict:
             "start": a.shard["start"], "stop": a.shard["stop"],
             "path": os.path.relpath(a.path, out_dir), "bytes": a.size_bytes,
             "sha256": sha256_file(a.path, progress=bar.update),
-            "host": str(a.f.attrs.get("host", "")), "created": a.created,
+            "host": str(a.f.attrs.get(F.HOST, "")), "created": a.created,
             "git_commit": a.git_commit,
             "devices": {k: str(m.provenance.get("device_name") or m.provenance.get("device", ""))
                         for k, m in a.models.items()}}

@@ -10,6 +10,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from engine.archive import format as F
+
 PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "h5py", "numba", "hydra-core",
             "gguf")
 
@@ -35,7 +37,7 @@ def git_commit() -> str:
 
 def root_provenance() -> dict[str, str]:
     return {"packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit(),
-            "host": socket.gethostname()}
+            F.HOST: socket.gethostname()}
 
 
 def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:

@@ -310,13 +310,20 @@ def plan_shard(cfg: DictConfig, n_prompts: int) -> archive.Shard | None:
                           f"got {index}")
     if count == 1:
         return None
-    grid = list(batches(n_prompts, cfg.n_samples, cfg.batch_size, 0))
-    if count > len(grid):
-        raise EngineError(f"num_shards={count} is more than the run's {len(grid)} batches "
+    n_batches = len(list(batches(n_prompts, cfg.n_samples, cfg.batch_size, 0)))
+    if count > n_batches:
+        raise EngineError(f"num_shards={count} is more than the run's {n_batches} batches "
                           f"({n_prompts} prompts x {cfg.n_samples} samples, batch_size="
-                          f"{cfg.batch_size}); use num_shards <= {len(grid)}")
+                          f"{cfg.batch_size}); use num_shards <= {n_batches}")
+    return shard_of(n_prompts, cfg.n_samples, cfg.batch_size, index, count)
+
+
+def shard_of(n_prompts: int, per_prompt: int, batch_size: int, index: int,
+             count: int) -> archive.Shard:
+    """Shard `index` of `count`: batches b * count // B == index of the run's B batches."""
+    grid = list(batches(n_prompts, per_prompt, batch_size, 0))
     lo, hi = index * len(grid) // count, (index + 1) * len(grid) // count
-    return archive.Shard(index, count, grid[lo][1], grid[hi - 1][2], n_prompts * cfg.n_samples)
+    return archive.Shard(index, count, grid[lo][1], grid[hi - 1][2], n_prompts * per_prompt)
 
 
 def out_of_memory(rows: int, device) -> str:

@@ -5,7 +5,7 @@ stored encoding (float16/float32 arrays, or `kernels.Encoded` for bf16/q16, so n
 upcast before the kernel), and concatenates the per-row results.  Memory: one chunk and the
 kernel's per-row outputs.  Paired kernels (`map_pairs`) read the same step range of two model
 groups of one archive, which share samples, steps and positions by construction; the ranges
-follow the first model's chunks, and the second model's reads go through the chunk cache, so
+follow the first model's chunks, and the second model's reads are partial-chunk reads, so
 two groups stored with different codecs (different steps per chunk) pair row for row.
 
 Layer: between the archive package and the kernels; its consumers are analyses and benches.

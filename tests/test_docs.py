@@ -3,9 +3,9 @@
 python blocks run (file names pointed at a real archive); bash blocks are read command by
 command: each `python -m engine <verb>` / `python -m analyses` command line is composed with
 Hydra exactly as its overrides say, every multirun point included (unknown keys, groups or
-options fail here); `inspect` and `bench.*` commands are parsed by their own argument parsers;
-`make` targets must exist.  A command of any other kind fails the test, so a new snippet
-cannot slip past it.  Blocks without a language (layouts, trees, outputs) are not code.
+options fail here); `inspect`, `merge` and `bench.*` commands are parsed by their own argument
+parsers; `make` targets must exist.  A command of any other kind fails the test, so a new
+snippet cannot slip past it.  Blocks without a language (layouts, trees, outputs) are not code.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def test_documented_command_works_as_written(doc, cmd):
     module, args = cmd[2], cmd[3:]
     if module == "engine":
         verb, args = args[0], args[1:]
-        if verb == "inspect":
-            from engine.inspect import parser
+        if verb in ("inspect", "merge"):
+            import importlib
 
-            parser().parse_args(args)  # exits (fails the test) on an unknown flag
-            return
+            importlib.import_module(f"engine.{verb}").parser().parse_args(args)  # exits
+            return  # (fails the test) on an unknown flag
         assert compose_all(VERB_CONFIG[verb], args) >= 1
     elif module == "analyses":
         assert compose_all("analyses", args) >= 1

@@ -7,6 +7,8 @@ steps):
   v1-eccb3f7-perturb.h5  format_version 1 perturbation archive with /lineage
   v2-12937d2.h5          format_version 2 as last written: generator + scored q16 group
                          (tempered 1.5); no `nonfinite` finish reason, no device provenance
+  v3-e9b6ae1.h5          format_version 3 as last written: generator + scored q16 group
+                         (tempered 1.5); no `host`, never sharded or merged
 Version 1 generator groups carry no n_complete/complete/role/chat_template of their own; the
 reader derives them from the root attributes and run_key.
 """
@@ -74,7 +76,7 @@ def test_old_archive_reads_through_current_reader(path, capsys):
 
 def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_archive):
     with h5py.File(tiny_archive, "r") as f:
-        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 3
+        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 4
         g = f["models"][f.attrs["generator"]]
         for k in F.GROUP_STATE:
             assert k in g.attrs, k

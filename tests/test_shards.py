@@ -293,3 +293,16 @@ def test_a_killed_shard_resumes_alone_and_merges_into_the_single_archive(tmp_pat
     r = engine_cli("merge", str(tmp_path / "merged.h5"), str(sweep / "*/logits.h5"))
     assert r.returncode == 0, r.stderr
     assert_same_archive(tmp_path / "merged.h5", reference)
+
+
+def test_scale_bench_stays_runnable(tmp_path):
+    """bench/scale.py at toy size: writes, merges, analyses, reports, cleans up."""
+    r = subprocess.run([sys.executable, "-m", "bench.scale", "--prompts", "2", "--per-prompt", "3",
+                        "--steps", "8", "--vocab", "512", "--mem-rows", "16",
+                        "--dir", str(tmp_path / "scale")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("entropy  on one archive", "pair     on one archive",
+                 "entropy  on 2 shards merged (virtual)", "pair     on 2 shards merged (virtual)"):
+        assert line in r.stdout, r.stdout
+    assert r.stdout.count("of kernel throughput") == 4 and not (tmp_path / "scale").exists()

@@ -87,3 +87,51 @@ def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, 
     summary = run_analysis(cfg)
     assert json.loads((tmp_path / "pair" / "summary.json").read_text())["aligned"] == key
     assert summary["aligned"] == key
+
+
+def test_compressed_logits_read_alike_through_the_chunk_cache(tiny_archive, tmp_path):
+    """Readers MUST accept any filter: a gzip copy of an archive streams the same rows, and
+    it is the one case that opens with a chunk cache (uncompressed logits are read straight
+    into the caller's arrays)."""
+    import h5py
+
+    from engine.archive import reader
+
+    packed = tmp_path / "gzip.h5"
+    with h5py.File(tiny_archive, "r") as src, h5py.File(packed, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in src:
+            src.copy(src[name], dst, name)
+        g = dst["models/tiny-random"]
+        data, attrs = g["logits"][()], dict(g["logits"].attrs)
+        del g["logits"]
+        ds = g.create_dataset("logits", data=data, chunks=src["models/tiny-random/logits"].chunks,
+                              compression="gzip")
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+    with Archive(tiny_archive) as a, Archive(packed) as b:
+        assert a.f.id.get_access_plist().get_cache()[2] == 0
+        assert b.f.id.get_access_plist().get_cache()[2] == reader.FILTERED_CACHE
+        got = [(x.sample, x.steps.tolist(), x.raw.tobytes()) for x in b.iter_rows()]
+        assert got == [(x.sample, x.steps.tolist(), x.raw.tobytes()) for x in a.iter_rows()]
+
+
+def test_iter_rows_asks_for_the_next_chunks_ahead(tiny_archive, monkeypatch):
+    """Before block j is read, the chunks of blocks j..j+READAHEAD_BLOCKS have been requested
+    from the OS (posix_fadvise WILLNEED, at the chunks' own byte ranges)."""
+    import os
+
+    from engine.archive import reader
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    asked = []
+    monkeypatch.setattr(reader.os, "posix_fadvise",
+                        lambda fd, off, n, advice: asked.append((off, n, advice)))
+    with Archive(tiny_archive) as a:
+        ds = a.model().logits
+        for j, b in enumerate(a.iter_rows()):
+            info = ds.id.get_chunk_info_by_coord((b.sample, int(b.steps[0]), 0))
+            assert (info.byte_offset, info.size, os.POSIX_FADV_WILLNEED) in asked
+            assert len(asked) >= min(j + 1 + reader.READAHEAD_BLOCKS, a.n_samples)

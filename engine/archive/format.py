@@ -12,18 +12,20 @@ import numpy as np
 
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: versions this reader understands (1: generator group without n_complete/complete/role/
 #: chat_template, which a version-1 reader derives from the root and run_key; 2: no
-#: `nonfinite` finish reason, no device provenance)
-READABLE_VERSIONS = (1, 2, 3)
+#: `nonfinite` finish reason, no device provenance; 3: no shards, merged archives or `host`)
+READABLE_VERSIONS = (1, 2, 3, 4)
 ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
               "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
               "max_new_tokens", "n_complete", "complete")
-#: optional (sharded dumps): JSON {"index", "count", "start", "stop", "total"}: this file holds
+#: version 4: the machine's host name
+HOST = "host"
+#: optional (sharded dumps, version 4): JSON {"index", "count", "start", "stop", "total"}: this file holds
 #: samples start..stop-1 of a run of `total` samples split into `count` shards; absent otherwise
 SHARD = "shard"
-#: optional (merged archives): JSON list, one record per shard merged in (index, path, bytes,
+#: optional (merged archives, version 4): JSON list, one record per shard merged in (index, path, bytes,
 #: sha256, host, created, devices); per-sample datasets of merged-by-reference files are HDF5
 #: virtual datasets over the shard files, at paths relative to the merged file
 MERGED_FROM = "merged_from"
