@@ -82,9 +82,10 @@ def device_type(cfg: DictConfig) -> str:
 
 
 def shard_device(cfg: DictConfig, shard: archive.Shard | None) -> None:
-    """device=auto in a sharded dump that sees several GPUs (one machine, no scheduler
-    isolating them) takes GPU shard % count; under SLURM or submitit each job sees one GPU."""
-    if shard is not None and cfg.device == "auto" and torch.cuda.device_count() > 1:
+    """device=auto or cuda (no index) in a sharded dump that sees several GPUs (one machine,
+    no scheduler isolating them) takes GPU shard % count; under SLURM each job sees one GPU.
+    An explicit cuda:N is left alone."""
+    if shard is not None and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         with open_dict(cfg):
             cfg.device = f"cuda:{shard.index % torch.cuda.device_count()}"
 

@@ -211,6 +211,30 @@ def test_shard_settings_are_checked(dump_cfg):
         dump_mod.run(dump_cfg("num_shards=0"))
 
 
+def test_each_shard_takes_its_own_gpu_when_it_sees_several(dump_cfg, monkeypatch):
+    """device=auto or cuda: shard i of a job that sees 4 GPUs takes cuda:i % 4; one visible
+    GPU (SLURM) or an explicit cuda:N is left alone."""
+    import torch
+
+    from engine import run as R
+    from engine.archive import Shard
+
+    cfg = dump_cfg()
+    four = ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    for n_gpus, device, want in ((4, "auto", four), (4, "cuda", four), (1, "auto", ["auto"] * 5),
+                                 (1, "cuda", ["cuda"] * 5), (4, "cuda:2", ["cuda:2"] * 5)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+        got = []
+        for i in range(5):
+            cfg.device = device
+            R.shard_device(cfg, Shard(i, 5, 0, 1, 5))
+            got.append(cfg.device)
+        assert got == want
+    cfg.device = "auto"
+    R.shard_device(cfg, None)  # not sharded: untouched
+    assert cfg.device == "auto"
+
+
 # ---- a real multirun: Hydra's submitit_local launcher starts one subprocess per shard --------
 MULTIRUN = ["model=tiny-random", "n_samples=8", "batch_size=2", "max_new_tokens=48",
             "progress=false"]
@@ -302,7 +326,8 @@ def test_scale_bench_stays_runnable(tmp_path):
                         "--dir", str(tmp_path / "scale")], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    for line in ("entropy  on one archive", "pair     on one archive",
-                 "entropy  on 2 shards merged (virtual)", "pair     on 2 shards merged (virtual)"):
-        assert line in r.stdout, r.stdout
-    assert r.stdout.count("of kernel throughput") == 4 and not (tmp_path / "scale").exists()
+    for where in ("one archive", "2 shards merged (virtual)"):
+        for analysis in ("entropy ", "pair    "):
+            for cache in ("cold", "warm"):
+                assert f"{analysis} on {where}, {cache}" in r.stdout, r.stdout
+    assert r.stdout.count("of kernel throughput") == 8 and not (tmp_path / "scale").exists()

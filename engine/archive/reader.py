@@ -17,6 +17,8 @@ import collections
 import functools
 import json
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -55,12 +57,16 @@ def _filtered(ds: h5py.Dataset) -> bool:
 class Readahead:
     """Asks the OS to start reading the chunks of the next blocks (POSIX_FADV_WILLNEED) while the
     current block is being computed on, so a cold archive streams at the larger of disk and
-    kernel time per block instead of their sum.  Chunk byte ranges come from HDF5's chunk index
-    (`get_chunk_info_by_coord`); for a merged archive's virtual logits, from each shard file.
-    Advice only: where the OS has no posix_fadvise it does nothing."""
+    kernel time per block rather than their sum.  Chunk byte ranges come from HDF5's chunk
+    index (`get_chunk_info_by_coord`); for a merged archive's virtual logits, from each shard
+    file.  The advice is given on a helper thread: the call blocks while the request is queued
+    on the device (about 0.6 ms per 2 MiB chunk on our disk), which would otherwise stall the
+    reading thread.  Advice only: where the OS has no posix_fadvise it does nothing."""
 
     def __init__(self, ds: h5py.Dataset, k: int):
         self.k, self.parts = k, []  # (first sample, end sample, dataset id, fd, file)
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = None
         if not hasattr(os, "posix_fadvise") or not ds.chunks and not ds.is_virtual:
             return
         if ds.is_virtual:
@@ -73,6 +79,12 @@ class Readahead:
         else:
             self.parts.append((0, ds.shape[0], ds.id, os.open(ds.file.filename, os.O_RDONLY),
                                None))
+        self.thread = threading.Thread(target=self._advise, daemon=True)
+        self.thread.start()
+
+    def _advise(self) -> None:
+        while (job := self.todo.get()) is not None:
+            os.posix_fadvise(*job, os.POSIX_FADV_WILLNEED)
 
     def __call__(self, sample: int, t0: int, t1: int) -> None:
         """Request the chunks holding steps t0..t1-1 of `sample`."""
@@ -81,9 +93,13 @@ class Readahead:
                 for t in range(t0 - t0 % self.k, t1, self.k):
                     info = dsid.get_chunk_info_by_coord((sample - lo, t, 0))
                     if info.byte_offset is not None:
-                        os.posix_fadvise(fd, info.byte_offset, info.size, os.POSIX_FADV_WILLNEED)
+                        self.todo.put((fd, info.byte_offset, info.size))
 
     def close(self) -> None:
+        if self.thread is not None:
+            self.todo.put(None)
+            self.thread.join()
+            self.thread = None
         for *_, fd, f in self.parts:
             os.close(fd)
             if f is not None:
