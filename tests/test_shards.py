@@ -134,7 +134,7 @@ def test_analyses_on_a_merged_archive_match_the_single_one(runs, tmp_path, cache
         archives[name] = d / s.parent.name / s.name if name == "single" else \
             Path(merge(d / "merged.h5", [str(d / "shard*/logits.h5")], progress=False)["archive"])
     assert_same_archive(archives["merged"], archives["single"])
-    for analysis in ("entropy", "pair", "diversity"):
+    for analysis in ("entropy", "pair", "diversity", "personas"):  # every one a dump feeds
         summaries = []
         for name, path in archives.items():
             out = tmp_path / f"{analysis}-{name}"

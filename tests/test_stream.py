@@ -127,8 +127,10 @@ def test_iter_rows_asks_for_the_next_chunks_ahead(tiny_archive, monkeypatch):
 
     if not hasattr(os, "posix_fadvise"):
         pytest.skip("no posix_fadvise here")
+    from engine.archive import chunks
+
     advised, spans = [], []
-    monkeypatch.setattr(reader.os, "posix_fadvise",
+    monkeypatch.setattr(chunks.os, "posix_fadvise",
                         lambda fd, off, n, advice: advised.append((off, n, advice)))
     real_call = reader.Readahead.__call__
     monkeypatch.setattr(reader.Readahead, "__call__",
@@ -142,3 +144,39 @@ def test_iter_rows_asks_for_the_next_chunks_ahead(tiny_archive, monkeypatch):
             info = ds.id.get_chunk_info_by_coord((b.sample, int(b.steps[0]), 0))
             want.append((info.byte_offset, info.size, os.POSIX_FADV_WILLNEED))
     assert sorted(want) == sorted(advised[len(advised) // 2:])  # the second pass's advice
+
+
+@pytest.mark.parametrize("codec", ["fp16", "fp32", "bf16", "q16"])
+def test_streamed_blocks_are_views_of_the_files_pages_equal_to_hdf5_reads(dump_cfg, tmp_path,
+                                                                          codec, monkeypatch):
+    """Uncompressed chunks stream as zero-copy views of the file (chunks.Mapped), byte for
+    byte what HDF5 reads at the same place, blocks of a chunk's middle included; a block across
+    two chunks falls back to HDF5."""
+    import mmap
+
+    from engine.archive import format as F
+    from engine.archive.chunks import Mapped
+
+    monkeypatch.setattr(F, "CHUNK_TARGET_BYTES", 258 * 4 * 3)  # several chunks per sample
+    res = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=11", f"codec={codec}",
+                                f"out={tmp_path}/{codec}.h5"))
+    with Archive(res["archive"]) as a:
+        m = a.model()
+        k = m.chunk_steps
+        assert k < 11
+        n = 0
+        for b in a.iter_rows():
+            owner = b.raw
+            while isinstance(owner, np.ndarray):
+                owner = owner.base
+            owner = owner.obj if isinstance(owner, memoryview) else owner
+            assert isinstance(owner, mmap.mmap), "not a view of the file"
+            np.testing.assert_array_equal(b.raw, m.logits[b.sample, b.steps[0]:b.steps[-1] + 1])
+            n += len(b.steps)
+        assert n == int(a.samples()["length"].sum())
+        mapped = Mapped(m.logits, k)
+        try:
+            np.testing.assert_array_equal(mapped.rows(1, 1, k), m.logits[1, 1:k])
+            assert mapped.rows(1, k - 1, k + 1) is None  # two chunks: HDF5 reads it
+        finally:
+            mapped.close()

@@ -5,10 +5,11 @@ streaming of logit rows in bounded memory.  No torch.
 not HDF5, truncated, foreign schema, newer format_version) into one EngineError line.  Every
 fact a caller needs is a named accessor here (callers never index the h5py objects), and
 version-1 files read through the same accessors (what version 2 records explicitly is
-derived from the root attributes and `run_key`).  `iter_rows` reads whole (1, k, vocab)
-chunks straight into its arrays (no chunk cache for uncompressed logits), asks the OS for the
-next chunks ahead of time, and yields them with their (sample, step) coordinates for kernels
-to reduce.
+derived from the root attributes and `run_key`).  `iter_rows` yields whole (1, k, vocab)
+chunks with their (sample, step) coordinates for kernels to reduce: uncompressed chunks as
+views of the file's pages (`chunks.Mapped`, no copy), others read straight into their arrays
+(no chunk cache for uncompressed logits), the next chunks requested from the OS ahead of time
+(`chunks.Readahead`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +26,7 @@ import numpy as np
 
 from engine.archive import codecs
 from engine.archive import format as F
+from engine.archive.chunks import Mapped, Readahead
 from engine.archive.handle import FileHandle
 from engine.archive.text import Text
 from engine.errors import EngineError
@@ -52,59 +51,6 @@ FILTERED_CACHE = 16 << 20
 
 def _filtered(ds: h5py.Dataset) -> bool:
     return not ds.is_virtual and ds.id.get_create_plist().get_nfilters() > 0
-
-
-class Readahead:
-    """Asks the OS to start reading the chunks of the next blocks (POSIX_FADV_WILLNEED) while the
-    current block is being computed on, so a cold archive streams at the larger of disk and
-    kernel time per block rather than their sum.  Chunk byte ranges come from HDF5's chunk
-    index (`get_chunk_info_by_coord`); for a merged archive's virtual logits, from each shard
-    file.  The advice is given on a helper thread: the call blocks while the request is queued
-    on the device (about 0.6 ms per 2 MiB chunk on our disk), which would otherwise stall the
-    reading thread.  Advice only: where the OS has no posix_fadvise it does nothing."""
-
-    def __init__(self, ds: h5py.Dataset, k: int):
-        self.k, self.parts = k, []  # (first sample, end sample, dataset id, fd, file)
-        self.todo: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = None
-        if not hasattr(os, "posix_fadvise") or not ds.chunks and not ds.is_virtual:
-            return
-        if ds.is_virtual:
-            here = Path(ds.file.filename).parent
-            for v in ds.virtual_sources():
-                lo, hi = v.vspace.get_select_bounds()
-                f = h5py.File(here / v.file_name, "r")
-                self.parts.append((lo[0], hi[0] + 1, f[v.dset_name].id,
-                                   os.open(here / v.file_name, os.O_RDONLY), f))
-        else:
-            self.parts.append((0, ds.shape[0], ds.id, os.open(ds.file.filename, os.O_RDONLY),
-                               None))
-        self.thread = threading.Thread(target=self._advise, daemon=True)
-        self.thread.start()
-
-    def _advise(self) -> None:
-        while (job := self.todo.get()) is not None:
-            os.posix_fadvise(*job, os.POSIX_FADV_WILLNEED)
-
-    def __call__(self, sample: int, t0: int, t1: int) -> None:
-        """Request the chunks holding steps t0..t1-1 of `sample`."""
-        for lo, hi, dsid, fd, _ in self.parts:
-            if lo <= sample < hi:
-                for t in range(t0 - t0 % self.k, t1, self.k):
-                    info = dsid.get_chunk_info_by_coord((sample - lo, t, 0))
-                    if info.byte_offset is not None:
-                        self.todo.put((fd, info.byte_offset, info.size))
-
-    def close(self) -> None:
-        if self.thread is not None:
-            self.todo.put(None)
-            self.thread.join()
-            self.thread = None
-        for *_, fd, f in self.parts:
-            os.close(fd)
-            if f is not None:
-                f.close()
-        self.parts = []
 
 
 class ModelView:
@@ -192,11 +138,13 @@ class ModelView:
                                self.group[F.LOGITS_OFFSET][sample, steps])
         return self.decode(raw)
 
-    def block(self, sample: int, t0: int, t1: int) -> Block:
-        """Rows t0..t1 of one sample as stored (no decoding)."""
+    def block(self, sample: int, t0: int, t1: int, mapped: Mapped | None = None) -> Block:
+        """Rows t0..t1 of one sample as stored (no decoding): a view of the file's pages when
+        `mapped` can give one (uncompressed, within one chunk), else read through HDF5."""
         q16 = self.codec == "q16"
+        raw = mapped.rows(sample, t0, t1) if mapped is not None else None
         return Block(sample=int(sample), steps=np.arange(t0, t1),
-                     raw=self.logits[sample, t0:t1],
+                     raw=self.logits[sample, t0:t1] if raw is None else raw,
                      scale=self.group[F.LOGITS_SCALE][sample, t0:t1] if q16 else None,
                      offset=self.group[F.LOGITS_OFFSET][sample, t0:t1] if q16 else None)
 
@@ -396,13 +344,15 @@ class Archive(FileHandle):
         spans = ((int(s), t0, min(t0 + k, int(lengths[s])))
                  for s in chosen for t0 in range(0, int(lengths[s]), k))
         ahead, pending = Readahead(m.logits, m.chunk_steps), collections.deque()
+        mapped = Mapped(m.logits, m.chunk_steps)
         try:
             for span in spans:
                 pending.append(span)
                 ahead(*span)
                 if len(pending) > READAHEAD_BLOCKS:
-                    yield m.block(*pending.popleft())
+                    yield m.block(*pending.popleft(), mapped)
             while pending:
-                yield m.block(*pending.popleft())
+                yield m.block(*pending.popleft(), mapped)
         finally:
             ahead.close()
+            mapped.close()
