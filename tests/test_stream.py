@@ -89,13 +89,10 @@ def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, 
     assert summary["aligned"] == key
 
 
-def test_compressed_logits_read_alike_through_the_chunk_cache(tiny_archive, tmp_path):
-    """Readers MUST accept any filter: a gzip copy of an archive streams the same rows, and
-    it is the one case that opens with a chunk cache (uncompressed logits are read straight
-    into the caller's arrays)."""
+@pytest.fixture
+def gzip_archive(tiny_archive, tmp_path):
+    """A copy of the tiny archive with gzip-compressed logits."""
     import h5py
-
-    from engine.archive import reader
 
     packed = tmp_path / "gzip.h5"
     with h5py.File(tiny_archive, "r") as src, h5py.File(packed, "w") as dst:
@@ -110,17 +107,26 @@ def test_compressed_logits_read_alike_through_the_chunk_cache(tiny_archive, tmp_
                               compression="gzip")
         for k, v in attrs.items():
             ds.attrs[k] = v
-    with Archive(tiny_archive) as a, Archive(packed) as b:
+    return packed
+
+
+def test_compressed_logits_read_alike_through_the_chunk_cache(tiny_archive, gzip_archive):
+    """Readers MUST accept any filter: a gzip copy of an archive streams the same rows, and
+    it is the one case that opens with a chunk cache (uncompressed logits are read straight
+    into the caller's arrays)."""
+    from engine.archive import reader
+
+    with Archive(tiny_archive) as a, Archive(gzip_archive) as b:
         assert a.f.id.get_access_plist().get_cache()[2] == 0
         assert b.f.id.get_access_plist().get_cache()[2] == reader.FILTERED_CACHE
         got = [(x.sample, x.steps.tolist(), x.raw.tobytes()) for x in b.iter_rows()]
         assert got == [(x.sample, x.steps.tolist(), x.raw.tobytes()) for x in a.iter_rows()]
 
 
-def test_iter_rows_asks_for_the_next_chunks_ahead(tiny_archive, monkeypatch):
-    """Before block j is read, blocks j..j+READAHEAD_BLOCKS have been handed to the readahead;
-    by the end, the helper thread has advised the OS of every chunk (posix_fadvise WILLNEED at
-    the chunk's own byte range)."""
+def test_iter_rows_asks_for_the_next_chunks_ahead(gzip_archive, monkeypatch):
+    """Compressed chunks (read through HDF5): before block j is read, blocks
+    j..j+READAHEAD_BLOCKS have been handed to the readahead; by the end, the helper thread has
+    advised the OS of every chunk (posix_fadvise WILLNEED at the chunk's own byte range)."""
     import os
 
     from engine.archive import reader
@@ -135,7 +141,7 @@ def test_iter_rows_asks_for_the_next_chunks_ahead(tiny_archive, monkeypatch):
     real_call = reader.Readahead.__call__
     monkeypatch.setattr(reader.Readahead, "__call__",
                         lambda self, *span: (spans.append(span), real_call(self, *span))[1])
-    with Archive(tiny_archive) as a:
+    with Archive(gzip_archive) as a:
         ds, want = a.model().logits, []
         blocks = list(a.iter_rows())
         for j, b in enumerate(a.iter_rows()):

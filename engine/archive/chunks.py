@@ -19,6 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+#: a mapping's pages already read are released in windows of this size (`Mapped`)
+RELEASE_BYTES = 64 << 20
+
 
 def sources(ds: h5py.Dataset) -> list[tuple[int, int, Path, str]]:
     """(first sample, end sample, file, dataset name) of every file holding `ds`'s rows."""
@@ -138,19 +141,21 @@ class Mapped:
             return None
         part, offset, _ = where
         start = offset + (t0 % self.chunks.k) * self.row_bytes
-        self._release()
-        self.last = (part, start, (t1 - t0) * self.row_bytes)
+        self._release(part, start)
         return np.frombuffer(self.maps[part], self.dtype, (t1 - t0) * self.row_bytes
                              // self.dtype.itemsize, start).reshape(t1 - t0, -1)
 
-    def _release(self) -> None:
-        if self.last is None or not hasattr(mmap, "MADV_DONTNEED"):
+    def _release(self, part: int, start: int) -> None:
+        """Unmap the pages read since the last release once they reach RELEASE_BYTES (one
+        madvise per window: releasing every block costs more than it saves)."""
+        if self.last is None or self.last[0] != part or start < self.last[1]:
+            self.last = (part, start - start % mmap.PAGESIZE)
             return
-        part, start, n = self.last
-        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the block only
-        hi = (start + n) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
+        lo = self.last[1]
+        hi = start - start % mmap.PAGESIZE
+        if hi - lo >= RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
             self.maps[part].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            self.last = (part, hi)
 
     def close(self) -> None:
         for m in self.maps:

@@ -7,9 +7,10 @@ fact a caller needs is a named accessor here (callers never index the h5py objec
 version-1 files read through the same accessors (what version 2 records explicitly is
 derived from the root attributes and `run_key`).  `iter_rows` yields whole (1, k, vocab)
 chunks with their (sample, step) coordinates for kernels to reduce: uncompressed chunks as
-views of the file's pages (`chunks.Mapped`, no copy), others read straight into their arrays
-(no chunk cache for uncompressed logits), the next chunks requested from the OS ahead of time
-(`chunks.Readahead`).
+views of the file's pages (`chunks.Mapped`, no copy), compressed ones read through HDF5 with
+the next chunks requested from the OS ahead of time (`chunks.Readahead`).  Reads that are not
+streamed (single rows) go straight from the file into their arrays: no chunk cache for
+uncompressed logits.
 """
 
 from __future__ import annotations
@@ -334,8 +335,9 @@ class Archive(FileHandle):
                   steps_per_block: int | None = None) -> Iterator[Block]:
         """Yield every stored row (step < length) of the chosen complete samples, one block of
         `steps_per_block` steps (default: the group's chunk, so reads are whole chunks) at a
-        time: memory is one block plus its decoded form.  The chunks of the next
-        READAHEAD_BLOCKS blocks are requested from the OS ahead of time (`Readahead`)."""
+        time: memory is one block plus its decoded form.  Uncompressed chunks are views of
+        the file (`Mapped`); otherwise the chunks of the next READAHEAD_BLOCKS blocks are
+        requested from the OS ahead of time (`Readahead`)."""
         m = self.model(key)
         n = min(self.n_complete, m.n_complete)
         lengths = self.samples()["length"][:n]
@@ -343,16 +345,20 @@ class Archive(FileHandle):
         k = steps_per_block or m.chunk_steps
         spans = ((int(s), t0, min(t0 + k, int(lengths[s])))
                  for s in chosen for t0 in range(0, int(lengths[s]), k))
-        ahead, pending = Readahead(m.logits, m.chunk_steps), collections.deque()
-        mapped = Mapped(m.logits, m.chunk_steps)
+        mapped, pending = Mapped(m.logits, m.chunk_steps), collections.deque()
+        # mapped files are paged in by the OS's own sequential readahead; advice would only
+        # compete with it (measured), so it is given for HDF5 reads alone
+        ahead = None if mapped.maps else Readahead(m.logits, m.chunk_steps)
         try:
             for span in spans:
                 pending.append(span)
-                ahead(*span)
+                if ahead is not None:
+                    ahead(*span)
                 if len(pending) > READAHEAD_BLOCKS:
                     yield m.block(*pending.popleft(), mapped)
             while pending:
                 yield m.block(*pending.popleft(), mapped)
         finally:
-            ahead.close()
             mapped.close()
+            if ahead is not None:
+                ahead.close()
