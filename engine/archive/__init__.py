@@ -4,6 +4,7 @@
   codecs   numpy decoding of the logit codecs (encoding is the run layer's: engine.encode)
   writer   creating archives and model groups, streaming `Rows` into them, lineage
   reader   `Archive` / `ModelView`: validation, named accessors, chunk-aligned streaming
+  chunks   where rows lie in files: zero-copy mapped chunks, readahead advice (shards too)
   text     token ids -> text from the tokenizer record an archive keeps
 """
 
