@@ -122,8 +122,8 @@ def plan_output(cfg: DictConfig, key: dict | None = None) -> Output:
     if resume and not partial.exists() and key is not None and _default_out(cfg, out):
         found = find_partial(out, key)
         if found is None:
-            raise EngineError(f"resume=true: no interrupted run with these settings beside "
-                              f"this one (resume=PATH continues a given .partial)")
+            raise EngineError("resume=true: no interrupted run with these settings beside "
+                              "this one (resume=PATH continues a given .partial)")
         return Output(found.with_name(found.name.removesuffix(".partial")), found, True)
     resuming = False
     if partial.exists():

@@ -235,6 +235,14 @@ def test_each_shard_takes_its_own_gpu_when_it_sees_several(dump_cfg, monkeypatch
     assert cfg.device == "auto"
 
 
+def test_resume_true_without_an_earlier_partial_is_one_line(tmp_path, cache_dir):
+    r = engine_cli("dump", "model=tiny-random", "n_samples=2", "max_new_tokens=4", "resume=true",
+                   f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}/runs/now",
+                   f"hydra.sweep.dir={tmp_path}/sweeps/now")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no interrupted run with these settings" in r.stderr
+
+
 # ---- a real multirun: Hydra's submitit_local launcher starts one subprocess per shard --------
 MULTIRUN = ["model=tiny-random", "n_samples=8", "batch_size=2", "max_new_tokens=48",
             "progress=false"]
