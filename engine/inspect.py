@@ -31,8 +31,8 @@ def summary(a: Archive) -> str:
              f"prompts  {len(a.prompts)}"]
     if a.shard:
         d = a.shard
-        lines.insert(2, f"shard    {d['index']} of {d['count']}: samples {d['start']}..{d['stop'] - 1} "
-                        f"of {d['total']} (join the shards with `python -m engine merge`)")
+        lines.insert(2, f"shard    {d.index} of {d.count}: samples {d.start}..{d.stop - 1} "
+                        f"of {d.total} (join the shards with `python -m engine merge`)")
     how = "rows read from" if a.model().logits.is_virtual else "copied from"
     lines[2:2] = [f"merged   shard {r['index']}: samples {r['start']}..{r['stop'] - 1} {how} "
                   f"{r['path']} (host {r['host'] or '?'}, sha256 {r['sha256'][:16]})"

@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -69,7 +70,7 @@ def open_shards(paths: list[Path]) -> list[Archive]:
         for a in shards:
             a.close()
         raise
-    return sorted(shards, key=lambda a: a.shard["start"])
+    return sorted(shards, key=lambda a: a.shard.start)
 
 
 def run_key(a: Archive) -> dict:
@@ -80,7 +81,7 @@ def run_key(a: Archive) -> dict:
 def check(shards: list[Archive]) -> None:
     """Same run, samples 0..total-1 each exactly once, the same model groups everywhere."""
     first = shards[0]
-    key, total = run_key(first), first.shard["total"]
+    key, total = run_key(first), first.shard.total
     for a in shards[1:]:
         if run_key(a) != key:
             other = run_key(a)
@@ -89,7 +90,7 @@ def check(shards: list[Archive]) -> None:
                               f"(settings differ: {', '.join(diff)})")
     expect = 0
     for a in shards:
-        start, stop = a.shard["start"], a.shard["stop"]
+        start, stop = a.shard.start, a.shard.stop
         if start < expect:
             raise EngineError(f"{_samples(start, min(stop, expect))} in two shards (one of "
                               f"them {a.path})")
@@ -124,8 +125,7 @@ def _samples(lo: int, hi: int, total: int | None = None) -> str:
 
 def record(a: Archive, out_dir: Path, bar: tqdm) -> dict:
     """What `merged_from` keeps of one shard."""
-    return {"index": a.shard["index"], "count": a.shard["count"],
-            "start": a.shard["start"], "stop": a.shard["stop"],
+    return {**{k: v for k, v in asdict(a.shard).items() if k != "total"},
             "path": os.path.relpath(a.path, out_dir), "bytes": a.size_bytes,
             "sha256": sha256_file(a.path, progress=bar.update),
             "host": str(a.f.attrs.get(F.HOST, "")), "created": a.created,
@@ -150,12 +150,12 @@ def merge_rows(g: h5py.Group, name: str, shards: list[Archive], key: str, out_di
                               fillvalue=src[0].fillvalue)
         for a, s in zip(shards, src):
             for i in range(s.shape[0]):  # one sample at a time: memory stays [T, V]
-                ds[a.shard["start"] + i] = s[i]
+                ds[a.shard.start + i] = s[i]
                 bar.update(s[i].nbytes if name == "logits" else 0)
     else:
         layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
         for a, s in zip(shards, src):
-            layout[a.shard["start"]:a.shard["stop"]] = h5py.VirtualSource(
+            layout[a.shard.start:a.shard.stop] = h5py.VirtualSource(
                 os.path.relpath(a.path, out_dir), s.name, shape=s.shape)
         ds = g.create_virtual_dataset(name, layout, fillvalue=src[0].fillvalue)
     for k, v in src[0].attrs.items():
@@ -166,7 +166,7 @@ def merge_rows(g: h5py.Group, name: str, shards: list[Archive], key: str, out_di
 
 def write(partial: Path, shards: list[Archive], copy: bool, progress: bool) -> int:
     first, out_dir = shards[0], partial.parent
-    total = first.shard["total"]
+    total = first.shard.total
     nbytes = sum(a.size_bytes for a in shards)
     with tqdm(total=nbytes * (2 if copy else 1), unit="B", unit_scale=True, desc="merge",
               disable=not progress, dynamic_ncols=True) as bar:

@@ -86,7 +86,7 @@ def test_shards_hold_the_single_runs_samples(runs):
         with Archive(path) as a:
             lo, hi = a.span
             spans.append((lo, hi))
-            assert a.n_samples == hi - lo and a.shard["total"] == 10
+            assert a.n_samples == hi - lo and a.shard.total == 10
         for name, data in got.items():
             if data.ndim and data.shape[0] == hi - lo and name.split("/")[0] in ("samples", "models") \
                     and not name.endswith(("prompt_text", "prompt_tokens", "vocab")):

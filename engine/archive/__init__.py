@@ -10,8 +10,8 @@
 
 from engine.archive.reader import Archive, Block, ModelView
 from engine.archive.text import Text
-from engine.archive.writer import (ArchiveWriter, ModelInfo, ModelWriter, Rows, Shard,
-                                   add_model_group, create, open_for_resume, open_scored_group,
+from engine.archive.format import Shard
+from engine.archive.writer import (ArchiveWriter, ModelInfo, ModelWriter, Rows, add_model_group, create, open_for_resume, open_scored_group,
                                    write_answers, write_lineage)
 
 __all__ = ["Archive", "ArchiveWriter", "Block", "ModelInfo", "ModelView", "ModelWriter", "Rows",

@@ -127,8 +127,8 @@ class Mapped:
             return (src.id.get_create_plist().get_nfilters() == 0 and src.dtype.isnative
                     and src.chunks == (1, k, V))
 
-        self.chunks = _Chunks(ds, k, usable) if ds.dtype.isnative else None
-        for *_, path in (self.chunks.parts if self.chunks else []):
+        self.chunks = _Chunks(ds, k, usable)
+        for *_, path in self.chunks.parts:
             with open(path, "rb") as f:
                 self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
 
@@ -164,5 +164,4 @@ class Mapped:
             except BufferError:  # a caller still holds a block: the map goes with it
                 pass
         self.maps = []
-        if self.chunks is not None:
-            self.chunks.close()
+        self.chunks.close()

@@ -7,6 +7,9 @@ is a change to this file, to the spec, and (where old files read differently) a 
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+
 import h5py
 import numpy as np
 
@@ -25,6 +28,33 @@ HOST = "host"
 #: optional (sharded dumps, version 4): JSON {"index", "count", "start", "stop", "total"}: this file holds
 #: samples start..stop-1 of a run of `total` samples split into `count` shards; absent otherwise
 SHARD = "shard"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The `shard` attribute: samples start..stop-1 (global indices) of a run of `total`
+    samples, shard `index` of `count`."""
+    index: int
+    count: int
+    start: int
+    stop: int
+    total: int
+
+    def attr(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def read(cls, attrs) -> "Shard | None":
+        raw = attrs.get(SHARD)
+        return None if raw is None else cls(**json.loads(raw))
+
+    @staticmethod
+    def span(attrs, n_samples: int) -> tuple[int, int]:
+        """Global sample indices start, stop of a file's samples (a shard's share, else all)."""
+        shard = Shard.read(attrs)
+        return (0, n_samples) if shard is None else (shard.start, shard.stop)
+
+
 #: optional (merged archives, version 4): JSON list, one record per shard merged in (index, path, bytes,
 #: sha256, host, created, devices); per-sample datasets of merged-by-reference files are HDF5
 #: virtual datasets over the shard files, at paths relative to the merged file

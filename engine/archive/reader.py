@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.archive import codecs
 from engine.archive import format as F
-from engine.archive.chunks import Mapped, Readahead
+from engine.archive.chunks import Mapped, Readahead, sources
 from engine.archive.handle import FileHandle
 from engine.archive.text import Text
 from engine.errors import EngineError
@@ -101,10 +101,10 @@ class ModelView:
         """Bytes the logits occupy on disk (a merged archive's virtual logits: in its shards)."""
         if not self.logits.is_virtual:
             return int(self.logits.id.get_storage_size())
-        total, here = 0, Path(self.group.file.filename).parent
-        for v in self.logits.virtual_sources():
-            with h5py.File(here / v.file_name, "r") as f:
-                total += int(f[v.dset_name].id.get_storage_size())
+        total = 0
+        for *_, path, name in sources(self.logits):
+            with h5py.File(path, "r") as f:
+                total += int(f[name].id.get_storage_size())
         return total
 
     @functools.cached_property
@@ -206,19 +206,19 @@ class Archive(FileHandle):
         """A merged archive's virtual datasets read their shard files; HDF5 would silently
         return zeros for a missing one, so every shard must be where the merge left it (paths
         relative to this file) and have its recorded size."""
-        sizes = {r["path"]: int(r["bytes"]) for r in self.merged_from}
+        here = Path(self.f.filename).parent
+        sizes = {here / r["path"]: int(r["bytes"]) for r in self.merged_from}
         for m in self.models.values():
             if not m.logits.is_virtual:
                 continue
-            for src in {v.file_name for v in m.logits.virtual_sources()}:
-                path = self.path.parent / src
+            for path in {src[2] for src in sources(m.logits)}:
                 if not path.is_file():
                     raise EngineError(f"{self.path} is merged from shard files and {path} is "
                                       f"missing (keep the shards next to it, or make a "
                                       f"self-contained copy with `merge --copy`)")
-                if src in sizes and path.stat().st_size != sizes[src]:
+                if path in sizes and path.stat().st_size != sizes[path]:
                     raise EngineError(f"{self.path}: shard {path} changed since the merge "
-                                      f"({path.stat().st_size} bytes, merged at {sizes[src]})")
+                                      f"({path.stat().st_size} bytes, merged at {sizes[path]})")
 
     # ---- root facts -------------------------------------------------------------------
     @property
@@ -270,16 +270,14 @@ class Archive(FileHandle):
         return json.loads(self.f.attrs.get("packages", "{}"))
 
     @functools.cached_property
-    def shard(self) -> dict | None:
-        """{index, count, start, stop, total} of a shard of a sharded dump, else None: its
-        sample i is the run's sample start + i."""
-        raw = self.f.attrs.get(F.SHARD)
-        return None if raw is None else json.loads(raw)
+    def shard(self) -> F.Shard | None:
+        """A shard of a sharded dump (its sample i is the run's sample start + i), else None."""
+        return F.Shard.read(self.f.attrs)
 
     @property
     def span(self) -> tuple[int, int]:
         """Global sample indices start, stop of this file's samples (a shard's share)."""
-        return (self.shard["start"], self.shard["stop"]) if self.shard else (0, self.n_samples)
+        return F.Shard.span(self.f.attrs, self.n_samples)
 
     @functools.cached_property
     def merged_from(self) -> list[dict]:
@@ -345,20 +343,22 @@ class Archive(FileHandle):
         k = steps_per_block or m.chunk_steps
         spans = ((int(s), t0, min(t0 + k, int(lengths[s])))
                  for s in chosen for t0 in range(0, int(lengths[s]), k))
-        mapped, pending = Mapped(m.logits, m.chunk_steps), collections.deque()
-        # mapped files are paged in by the OS's own sequential readahead; advice would only
-        # compete with it (measured), so it is given for HDF5 reads alone
-        ahead = None if mapped.maps else Readahead(m.logits, m.chunk_steps)
+        mapped = Mapped(m.logits, m.chunk_steps)
+        if mapped.maps:  # paged in by the OS's own sequential readahead (advice only competed)
+            try:
+                for span in spans:
+                    yield m.block(*span, mapped)
+            finally:
+                mapped.close()
+            return
+        ahead, pending = Readahead(m.logits, m.chunk_steps), collections.deque()
         try:
             for span in spans:
                 pending.append(span)
-                if ahead is not None:
-                    ahead(*span)
+                ahead(*span)
                 if len(pending) > READAHEAD_BLOCKS:
-                    yield m.block(*pending.popleft(), mapped)
+                    yield m.block(*pending.popleft())
             while pending:
-                yield m.block(*pending.popleft(), mapped)
+                yield m.block(*pending.popleft())
         finally:
-            mapped.close()
-            if ahead is not None:
-                ahead.close()
+            ahead.close()

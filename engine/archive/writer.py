@@ -64,25 +64,10 @@ def _early(f, name, shape, dtype, chunks=None, **kw):
     return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, **kw)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Samples start..stop-1 (global indices) of a run of `total` samples, shard `index` of
-    `count` (spec: root attribute `shard`)."""
-    index: int
-    count: int
-    start: int
-    stop: int
-    total: int
-
-    def attr(self) -> str:
-        return json.dumps({"index": self.index, "count": self.count, "start": self.start,
-                           "stop": self.stop, "total": self.total})
-
-
 def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict,
            prompts: Sequence[str], n_samples: int, max_new_tokens: int, model: ModelInfo,
            codec: str, window: float, capture_dims: dict[str, int],
-           shard: Shard | None = None) -> "ArchiveWriter":
+           shard: F.Shard | None = None) -> "ArchiveWriter":
     """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples, or
     only `shard`'s share of them (its sample i is the run's sample shard.start + i)."""
     n_prompts, total, steps = len(prompts), len(prompts) * n_samples, max_new_tokens
@@ -321,11 +306,7 @@ class ArchiveWriter(FileHandle):
 
     def span(self, total: int) -> tuple[int, int]:
         """Global sample indices start, stop of this file (a shard's, else 0, total)."""
-        shard = self.f.attrs.get(F.SHARD)
-        if shard is None:
-            return 0, total
-        d = json.loads(shard)
-        return int(d["start"]), int(d["stop"])
+        return F.Shard.span(self.f.attrs, total)
 
     def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Rows],
                     eos_ids: Sequence[int]) -> None:
