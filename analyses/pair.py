@@ -106,9 +106,14 @@ def run(cfg, a: Archive, out: Path) -> dict:
 
 def provenance_of(a: Archive, key: str) -> dict:
     """What the report needs to know of a model: where it came from, and for an aligned twin
-    its alignment record (JSON with alpha, beta, predicted_gamma) or a tempered twin's gamma."""
-    p = a.model(key).provenance
-    return {k: p[k] for k in ("source", "name", "revision", "alignment", "gamma") if k in p}
+    its alignment record (JSON with alpha, beta, predicted_gamma) or a tempered twin's gamma,
+    and the group's run self-check: how far its stored rows were from a teacher-forced forward."""
+    m = a.model(key)
+    p = m.provenance
+    out = {k: p[k] for k in ("source", "name", "revision", "alignment", "gamma") if k in p}
+    # the run's self-check of this group (engine.selfcheck; None: teacher-forced or older)
+    out["self_check"] = m.self_check
+    return out
 
 
 def shift_classes(rank) -> dict:

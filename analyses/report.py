@@ -99,6 +99,16 @@ def pair_on(src: Sources, generator: str, base: str, aligned: str):
     return found[0] if found else None
 
 
+def self_check_cell(src: Sources, generator: str, base: str, aligned: str) -> str:
+    """The generator's run self-check, from the pair summary of its own archive."""
+    p = pair_on(src, generator, base, aligned)
+    side = "base_provenance" if generator == base else "aligned_provenance"
+    diff = src.cite(p, side, "self_check", "max_abs_diff")
+    if diff is None:
+        return "– (not recorded)"
+    return f"{diff:.2g} ({src.cite(p, side, 'self_check', 'bound'):.2g})"
+
+
 def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
     """(metric, base cell, aligned cell): each model on its own completions."""
     rows = []
@@ -124,6 +134,9 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
              lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95")))):
         rows.append((f"{label}, on the completions of each model",
                      *(fn(pair_on(src, m, base, aligned), path) for m in (base, aligned))))
+    rows.append(("run self-check of each model's own archive: max |Δ log p| of one stored "
+                 "sample against a teacher-forced forward, nats (bound)",
+                 *(self_check_cell(src, m, base, aligned) for m in (base, aligned))))
     pred, alignment = None, None
     for m in (base, aligned):
         p = pair_on(src, m, base, aligned)

@@ -45,17 +45,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import kernels as K
 from engine import dump
 from engine import run as R
-from engine.align_store import PROVENANCE, build_dir, read_build, record_latest
+from engine.align_store import CHECKS, PROVENANCE, build_dir, read_build, record_latest
 from engine.archive import Archive
 from engine.cli import user_errors
 from engine.config import CONF
 from engine.errors import EngineError
+from engine.provenance import package_versions
+from engine.sampling import library_versions
 from engine.models import LoadedModel, load_hf_source
 from engine.prompts import load_prompts
 from engine.provenance import sha256_file
 from engine.stream import map_rows
 
 log = logging.getLogger(__name__)
+LN2 = float(np.log(2.0))
 #: settings that decide the candidates (with the model and the prompts)
 CANDIDATE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                   "chat_template", "codec", "q16_window")
@@ -140,8 +143,69 @@ def bradley_terry_labels(logp: np.ndarray, length: np.ndarray, k: int, min_token
 
 
 # ---- step 5: DPO ---------------------------------------------------------------------------------
-def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path) -> dict:
-    """TRL DPOTrainer over pre-tokenized pairs; returns the training record."""
+def unchecked(cand: Path) -> bool:
+    """Whether a cached candidates archive carries no passed run self-check (it was sampled
+    before the check existed, possibly without context)."""
+    try:
+        with Archive(cand) as a:
+            c = a.model().self_check
+    except EngineError:
+        return True
+    return c is None or not c["max_abs_diff"] <= c["bound"]
+
+
+def check_reference(ref: np.ndarray, ours: np.ndarray, lengths: np.ndarray,
+                    token_bound: float) -> tuple[float, float]:
+    """TRL's reference log-probs of whole sequences `ref` against ours from the stored logits
+    `ours` (same tokens): each may differ by at most its length times the per-token bound of
+    the candidates' self-check.  Returns (max |diff|, largest bound); EngineError beyond."""
+    diff, bounds = np.abs(ref - ours), lengths * token_bound
+    worst = int(np.argmax(diff - bounds))
+    if diff[worst] > bounds[worst]:
+        raise EngineError(f"TRL's reference log-probs differ from the stored ones by "
+                          f"{diff[worst]:.3g} nats on a {int(lengths[worst])}-token sequence "
+                          f"(bound {bounds[worst]:.3g}): the candidates are not the reference "
+                          f"model's distributions ({library_versions()}); nothing was trained "
+                          f"or cached")
+    return float(diff.max()), float(bounds.max())
+
+
+def first_loss_tolerance(beta: float, seq_bound: float) -> float:
+    """|first DPO loss - ln 2| allowed: at step one the policy is the reference, so every
+    pair's margin is 0 up to the reference log-probs' error: each of the four sequence
+    log-probs is off by at most `seq_bound`, the margin by 2 beta seq_bound, and
+    -log sigmoid moves by at most half of that."""
+    return beta * seq_bound + 1e-6
+
+
+def first_loss_callback(beta: float, seq_bound: float):
+    """A TrainerCallback that stops training with one line at the first logged loss when it
+    is not ln 2 within `first_loss_tolerance`."""
+    from transformers import TrainerCallback
+
+    tol = first_loss_tolerance(beta, seq_bound)
+
+    class FirstLoss(TrainerCallback):
+        checked = False  # set once the first loss was seen: train_dpo refuses a build without
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and state.global_step <= 1:
+                self.checked = True
+                loss = float(logs["loss"])
+                if not abs(loss - LN2) <= tol:
+                    raise EngineError(f"the first DPO loss is {loss:.4f}, not ln 2 = {LN2:.4f} "
+                                      f"(tolerance {tol:.2g}): the policy does not start as "
+                                      f"its reference ({library_versions()}); nothing was "
+                                      f"cached")
+    return FirstLoss()
+
+
+def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
+              token_bound: float) -> dict:
+    """TRL DPOTrainer over pre-tokenized pairs; returns the training record.  Two checks stop
+    the build with one line, before anything is cached: TRL's reference log-probs against
+    ours on the first batch (`check_reference`), and the first loss against ln 2
+    (`first_loss_callback`)."""
     import torch
     from datasets import Dataset
     from transformers import set_seed
@@ -189,8 +253,16 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path) 
     ref = torch.cat([ref_c, ref_r]).double().cpu().numpy()
     ours = np.array([e["ref_chosen_logps"] for e in examples[: len(first)]]
                     + [e["ref_rejected_logps"] for e in examples[: len(first)]])
+    lengths = np.array([len(e["chosen_ids"]) for e in first] + [len(e["rejected_ids"]) for e in first])
+    ref_diff, ref_bound = check_reference(ref, ours, lengths, token_bound)
+    seq_bound = float(max(len(e["chosen_ids"]) for e in examples)) * token_bound
+    gate = first_loss_callback(float(cfg.beta), seq_bound)
+    trainer.add_callback(gate)
     t0 = time.perf_counter()
     trainer.train()
+    if not gate.checked:
+        raise EngineError("the first DPO loss was never logged (logging_steps or TRL's log keys "
+                          "changed): the build cannot be checked; nothing was cached")
     seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h and "rewards/accuracies" in h]
     last_epoch = [h for h in logs if h["epoch"] > float(cfg.train.epochs) - 1 + 1e-9] or logs[-1:]
@@ -198,7 +270,11 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path) 
             "final_loss": float(np.mean([h["loss"] for h in last_epoch])),
             "reward_accuracy": float(np.mean([h["rewards/accuracies"] for h in last_epoch])),
             "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
-            "ref_logp_max_abs_diff": float(np.max(np.abs(ref - ours))),
+            "ref_logp_max_abs_diff": ref_diff,
+            CHECKS: {"ref_logp_max_abs_diff": ref_diff, "ref_logp_bound": ref_bound,
+                     "token_bound": token_bound,
+                     "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
+                     "first_loss_tolerance": first_loss_tolerance(float(cfg.beta), seq_bound)},
             "log": [{k: h[k] for k in ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins")
                      if k in h} for h in logs]}
 
@@ -211,6 +287,9 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     cache = Path(os.path.expanduser(str(cfg.paths.cache_dir)))
     final = build_dir(cache, str(cfg.name), bid)
     done = read_build(final)
+    if done is not None and CHECKS not in done.provenance:
+        log.warning("%s was built before twins were checked: building it again", final)
+        done = None
     if done is not None and not cfg.overwrite:
         record_latest(cache, str(cfg.name), bid)
         log.info("%s is built already: %s", cfg.name, final)
@@ -222,6 +301,9 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     # 1. candidates (the engine's own dump; resumable), shared by every build that differs
     #    only in labels or training (an alpha sweep samples once)
     cand = candidates_path(cache, settings_id(cfg, prompts, CANDIDATE_KEYS))
+    if cand.is_file() and unchecked(cand):
+        log.warning("%s predates the run self-check: sampling the candidates again", cand)
+        cand.unlink()
     if not cand.is_file():
         dcfg = cfg.copy()
         with open_dict(dcfg):
@@ -246,6 +328,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                      "ref_chosen_logps": lb["logp_a"] if lb["chosen"] == lb["a"] else lb["logp_b"],
                      "ref_rejected_logps": lb["logp_b"] if lb["chosen"] == lb["a"] else lb["logp_a"]}
                     for lb in labels]
+        if gen.self_check is None:
+            raise EngineError(f"{cand} has no run self-check (all first-batch samples empty): "
+                              f"delete it and raise max_new_tokens")
+        token_bound = float(gen.self_check["bound"])  # per entry of log pi_ref (nats)
         reference = {k: gen.provenance.get(k) for k in ("source", "name", "weights_sha256",
                                                         "vocab_hash", "dtype")}
         reference["key"] = gen.key
@@ -258,7 +344,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 
     # 5. DPO on a fresh HuggingFace copy of the reference (the candidates came from the bridge)
     hf_model, tok, _ = load_hf_source(cfg.model, cfg.paths.cache_dir)
-    record = train_dpo(cfg, hf_model, tok, examples, work / "trainer")
+    record = train_dpo(cfg, hf_model, tok, examples, work / "trainer", token_bound)
 
     # 6. the model directory, its provenance, the atomic rename
     shutil.rmtree(work / "trainer", ignore_errors=True)
@@ -276,8 +362,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
             "train": OmegaConf.to_container(cfg.train), "n_prompts": len(prompts),
             "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
             "n_pairs": len(labels), "labels_sha256": hashlib.sha256(labels_json.encode()).hexdigest(),
-            "label_agrees_with_likelihood": agree, "trl": _version("trl"),
-            "transformers": _version("transformers"), "candidates_seconds": t_cand,
+            "label_agrees_with_likelihood": agree,
+            **package_versions(), "candidates_seconds": t_cand,  # the libraries it was built with
             "weights_sha256": sha256_file(work / "model.safetensors"), **record,
             "build_seconds": time.perf_counter() - t_start,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -21,6 +21,9 @@ from pathlib import Path
 from engine.errors import EngineError
 
 PROVENANCE = "provenance.json"
+#: provenance.json key of the build's checks (engine.align: reference log-probs, first loss);
+#: a build without it predates them and is refused on load
+CHECKS = "checks"
 
 
 #: provenance.json fields an archive records about an aligned model (`alignment` attribute)
@@ -79,4 +82,8 @@ def find_build(cache: Path, name: str, build_id: str | None, command: str) -> Bu
     if build is None:
         raise EngineError(f"build {str(build_id)[:12]} of model {name!r} not found in "
                           f"{cache / 'aligned'}: build it with `{command}`")
+    if CHECKS not in build.provenance:
+        raise EngineError(f"model {name!r} ({build.path}) was built before twins were checked "
+                          f"(its reference log-probs and first DPO loss were never verified): "
+                          f"rebuild it with `{command} overwrite=true`")
     return build

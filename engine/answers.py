@@ -24,7 +24,6 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from engine import archive
 from engine import run as R
 from engine.archive import codecs
 from engine.cli import user_errors
@@ -109,15 +108,18 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     writer = R.open_or_create(o, key, cfg, [c["prompt"]], R.model_info(lm, seen), verb="answers")
     with writer:
         if not o.resuming:
-            archive.write_answers(writer.f, c["candidates"], c["reference"], c["terminator"],
-                                  str(cfg.candidates.get("name", "")))
+            writer.write_answers(c["candidates"], c["reference"], c["terminator"],
+                                 str(cfg.candidates.get("name", "")))
         def write(p, s0, s1):
             steps = teacher_forced_steps(lm.bridge, seen.ids[0], tokens[s0:s1], length[s0:s1],
                                          input_device(lm.bridge))
             writer.write_batch(s0, [0] * (s1 - s0), encoded(steps, cfg.codec, cfg.q16_window),
                                lm.eos_ids)
+            if s0 == writer_start:  # this process's first committed batch
+                R.self_check(writer, lm, seen.ids[0], s0, s1 - s0, cfg.q16_window, o.partial)
 
-        R.fill(1, n, cfg, writer.n_complete, f"answers {lm.key}", write)
+        writer_start = writer.n_complete
+        R.fill(1, n, cfg, writer_start, f"answers {lm.key}", write)
         writer.finish()
     R.finalize(o)
     log.info("wrote %s: %d candidates scored by %s", o.out, n, lm.key)

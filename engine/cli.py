@@ -1,8 +1,10 @@
-"""Shared entry-point behaviour: user errors become one line on stderr and exit status 2."""
+"""Shared entry-point behaviour: user errors become one line on stderr and exit status 2; the
+sample-list syntax of the plain-argument verbs."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 
 from omegaconf.errors import OmegaConfBaseException
@@ -87,3 +89,21 @@ def check_launcher(args: list[str], find_spec=None) -> None:
 def _die(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_samples(spec: str, n: int, flag: str = "--samples") -> list[int]:
+    """Sample indices from a list like `0,3,10-20` (ranges inclusive; inspect's plain `0,8`
+    is the same syntax), sorted and without repeats; each must be within 0..n-1."""
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise EngineError(f"{flag} {spec!r}: {part!r} is neither a sample index nor a range "
+                              f"like 10-20")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise EngineError(f"{flag} {spec!r}: range {part} runs backwards")
+        if hi >= n:
+            raise EngineError(f"{flag} {spec!r}: sample {hi} out of range (0..{n - 1})")
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)

@@ -7,6 +7,7 @@ the shared steps (output planning, prompts, the batch loop, the final rename) ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import hydra
@@ -64,13 +65,14 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         done = writer.n_complete
         if o.resuming:
             log.info("resuming %s at sample %d of %d", o.partial, done, hi - lo)
-        R.sample_all(writer, lm, seen.ids, cfg.n_samples, cfg, capture)
+        check = R.sample_all(writer, lm, seen.ids, cfg.n_samples, cfg, capture, partial=o.partial)
     size = R.finalize(o)
     where = "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
     log.info("wrote %s (%d samples%s, %.1f MiB)", o.out, hi - lo, where, size / 2**20)
     return {"archive": str(o.out), "model": lm.key, "samples": hi - lo, "prompts": len(prompts),
             "max_new_tokens": cfg.max_new_tokens, "vocab": lm.vocab_size, "codec": cfg.codec,
             "bytes": size, "resumed_from": done if o.resuming else None,
+            "self_check": None if check is None else dataclasses.asdict(check),
             "shard": None if shard is None else [shard.index, shard.count, lo, hi]}
 
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 import kernels as K
-from engine.cli import user_errors
+from engine.cli import parse_samples, user_errors
 from engine.errors import EngineError
 from engine.archive import Archive, ModelView
 from engine.archive.format import FINISH_REASONS
@@ -55,6 +55,7 @@ def summary(a: Archive) -> str:
         lines.append(f"    revision={p.get('revision') or '-'} "
                      f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
                      f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")
+        lines.append(f"    {self_check_line(m)}")
         if m.activations:
             lines.append(f"    activations: {', '.join(m.activations)}")
         if m.role == "scored":
@@ -67,6 +68,17 @@ def summary(a: Archive) -> str:
                                                     lin["cut"], lin["edit"])):
             lines.append(f"  prompt [{i}] parent {par} {var} cut {cut}: {ed}")
     return "\n".join(lines)
+
+
+def self_check_line(m: ModelView) -> str:
+    """The group's run self-check (engine.selfcheck), in one line."""
+    c = m.self_check
+    if c is None:
+        why = "teacher-forced group" if m.role == "scored" else "not recorded"
+        return f"self-check: none ({why})"
+    verdict = "ok" if c["max_abs_diff"] <= c["bound"] else "FAILED"
+    return (f"self-check: {verdict}, max |d log p| {c['max_abs_diff']:.3g} nats (bound "
+            f"{c['bound']:.3g}) on sample {c['sample']}, {c['steps']} steps")
 
 
 def _check_sample(a: Archive, sample: int) -> int:
@@ -149,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--render", action="store_true",
                     help="print completions coloured by each token's probability")
     ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
-    ap.add_argument("--samples", help="comma-separated sample indices to render, e.g. 0,8")
+    ap.add_argument("--samples", help="samples to render, e.g. 0,8 or 0,3,10-20 (ranges "
+                    "inclusive; rendered in index order)")
     ap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="ANSI colours for --render (auto: on a terminal, unless NO_COLOR is set)")
     return ap
@@ -166,7 +179,7 @@ def main(argv: list[str]) -> int:
                 _check_sample(a, args.sample)
             if args.render:
                 if args.samples:
-                    chosen = [_check_sample(a, int(v)) for v in args.samples.split(",")]
+                    chosen = parse_samples(args.samples, a.n_complete)
                 elif args.sample is not None:
                     chosen = [args.sample]
                 else:

@@ -5,40 +5,35 @@ By default the per-sample rows (`logits`, q16 `logits_scale`/`logits_offset`, `a
 of OUT are HDF5 virtual datasets over the shard files: nothing is copied, and the shards must
 stay where they are relative to OUT (the reader refuses, with one line, a merged archive whose
 shard is missing or changed size: HDF5 itself would read zeros).  `--copy` writes a
-self-contained file instead, one sample at a time.  Everything small (prompts, `/samples`,
-tokenizer records, provenance) is copied either way.
+self-contained file instead, one sample at a time, each checked against its shard's checksum
+(a damaged shard is refused).  Everything small (prompts, `/samples`, tokenizer records,
+provenance, checksums) is copied either way.  This module plans and refuses; the layout is
+written by the archive package (`engine.archive.merged`).
 
 Refused with one line, writing nothing: a shard still `.partial` or incomplete, a file that
 is not a shard, shards of different runs (run keys differ beyond the shard's own index),
 overlapping or missing samples, model groups that differ between shards.  Provenance: root
 attribute `merged_from` records every shard (path, bytes, sha256, host, created, git commit,
-device of each model group).  OUT is written as `OUT.partial` and renamed when complete; an
+device and self-check of each model group).  OUT is written as `OUT.partial` and renamed when complete; an
 interrupted merge leaves nothing (run it again: the shards are untouched).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import glob
-import json
 import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import h5py
-import numpy as np
 from tqdm import tqdm
 
-from engine.archive import Archive
+from engine.archive import Archive, write_merged
 from engine.archive import format as F
 from engine.cli import user_errors
 from engine.errors import EngineError
 from engine.provenance import sha256_file
-
-#: per-sample row datasets of a model group, merged (virtually or by copy); the rest is copied
-ROWS = ("logits", F.LOGITS_SCALE, F.LOGITS_OFFSET)
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -131,73 +126,19 @@ def record(a: Archive, out_dir: Path, bar: tqdm) -> dict:
             "host": str(a.f.attrs.get(F.HOST, "")), "created": a.created,
             "git_commit": a.git_commit,
             "devices": {k: str(m.provenance.get("device_name") or m.provenance.get("device", ""))
-                        for k, m in a.models.items()}}
-
-
-def row_datasets(m) -> list[str]:
-    """Names (relative to the group) of a model group's per-sample row datasets."""
-    names = [n for n in ROWS if n in m.group]
-    return names + [f"{F.ACTIVATIONS}/{h}" for h in m.activations]
-
-
-def merge_rows(g: h5py.Group, name: str, shards: list[Archive], key: str, out_dir: Path,
-               copy: bool, bar: tqdm) -> None:
-    """/models/<key>/<name> of OUT: shards' rows stacked on the sample axis."""
-    src = [a.models[key].group[name] for a in shards]
-    shape, dtype = (sum(s.shape[0] for s in src), *src[0].shape[1:]), src[0].dtype
-    if copy:
-        ds = g.create_dataset(name, shape=shape, dtype=dtype, chunks=src[0].chunks,
-                              fillvalue=src[0].fillvalue)
-        for a, s in zip(shards, src):
-            for i in range(s.shape[0]):  # one sample at a time: memory stays [T, V]
-                ds[a.shard.start + i] = s[i]
-                bar.update(s[i].nbytes if name == "logits" else 0)
-    else:
-        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-        for a, s in zip(shards, src):
-            layout[a.shard.start:a.shard.stop] = h5py.VirtualSource(
-                os.path.relpath(a.path, out_dir), s.name, shape=s.shape)
-        ds = g.create_virtual_dataset(name, layout, fillvalue=src[0].fillvalue)
-    for k, v in src[0].attrs.items():
-        ds.attrs[k] = v
-    if name == "logits" and src[0].chunks:
-        ds.attrs[F.CHUNK_STEPS] = int(src[0].chunks[1])
+                        for k, m in a.models.items()},
+            "self_checks": {k: m.self_check for k, m in a.models.items()}}
 
 
 def write(partial: Path, shards: list[Archive], copy: bool, progress: bool) -> int:
-    first, out_dir = shards[0], partial.parent
-    total = first.shard.total
+    """Record every shard (sha256 of its bytes) and write the merged layout to `partial`
+    (`engine.archive.write_merged`; a copy checks each sample against its shard's checksum)."""
     nbytes = sum(a.size_bytes for a in shards)
     with tqdm(total=nbytes * (2 if copy else 1), unit="B", unit_scale=True, desc="merge",
               disable=not progress, dynamic_ncols=True) as bar:
-        records = [record(a, out_dir, bar) for a in shards]
-        with h5py.File(partial, "w") as f:
-            for k, v in first.f.attrs.items():
-                if k != F.SHARD:
-                    f.attrs[k] = v
-            f.attrs["run_key"] = json.dumps(run_key(first), sort_keys=True)
-            f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["n_samples"], f.attrs["n_complete"] = total, np.int64(total)
-            f.attrs[F.MERGED_FROM] = json.dumps(records)
-            first.f.copy(first.f[F.PROMPTS], f.require_group("prompts"), "text")
-            s = f.create_group(F.SAMPLES)
-            for name in F.SAMPLE_FIELDS:
-                src = first.f[F.SAMPLES][name]
-                data = np.concatenate([a.f[F.SAMPLES][name][()] for a in shards])
-                s.create_dataset(name, data=data, dtype=src.dtype, chunks=src.chunks,
-                                 fillvalue=src.fillvalue)
-            for key, m0 in first.models.items():
-                g = f.create_group(f"{F.MODELS}/{key}")
-                for k, v in m0.group.attrs.items():
-                    g.attrs[k] = v
-                g.attrs["n_complete"] = np.int64(total)
-                rows = row_datasets(m0)
-                for name in m0.group:
-                    if name not in rows and name != F.ACTIVATIONS:
-                        first.f.copy(m0.group[name], g, name)
-                for name in rows:
-                    merge_rows(g, name, shards, key, out_dir, copy, bar)
-            f.attrs["complete"] = np.int8(1)
+        records = [record(a, partial.parent, bar) for a in shards]
+        write_merged(partial, shards, run_key=run_key(shards[0]), records=records, copy=copy,
+                     progress=bar.update)
     return partial.stat().st_size
 
 

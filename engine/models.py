@@ -36,6 +36,7 @@ import torch
 from engine.config import model_key
 from engine.errors import EngineError
 from engine.provenance import sha256_file
+from engine.sampling import cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,10 @@ def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
     except Exception as exc:
         raise EngineError(f"TransformerBridge cannot wrap {name!r}: {exc}") from exc
     bridge.eval()
+    if cache_keyword(bridge) == "cache":  # transformers >= 5.24
+        from engine.compat import bridge_cache_keyword
+
+        bridge_cache_keyword()
     # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
     # which would prepend e.g. SmolLM2's <|im_start|> to raw prompts the model never saw so
     tok_name = prov.get("path") or str(getattr(tok, "name_or_path", ""))  # GGUF: the file, not our cache

@@ -104,6 +104,24 @@ class Overlap:
             self._put(s)
         self._put(_END)
 
+    def drain(self) -> None:
+        """Block until every batch handed over so far is written and committed."""
+        if not self.threaded:
+            return
+        done = threading.Event()
+
+        def mark(rows):
+            for _ in rows:
+                pass
+            done.set()
+
+        self.batch(mark, ())
+        while not done.wait(0.2):
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive():
+                raise RuntimeError("the archive writer thread stopped") from self._error
+
     def close(self, abort: bool = False) -> None:
         """Wait until every queued batch is written; with abort, drop the batch in flight."""
         if not self.threaded or self._thread is None:

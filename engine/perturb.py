@@ -134,8 +134,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     rendered = R.Rendered(chat_template=False, text=texts, ids=[v["prompt_ids"] for v in vs])
     writer = R.open_or_create(o, key, cfg, texts, R.model_info(lm, rendered), verb="perturb")
     if not o.resuming:
-        archive.write_lineage(writer.f, vs, Path(str(cfg.source)).resolve(), source)
-        writer.f.flush()
+        writer.write_lineage(vs, Path(str(cfg.source)).resolve(), source)
     M = cfg.n_samples
 
     def seed_of(i: int) -> int:  # continuation j of a pair shares its seed with the control's
@@ -143,7 +142,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         return sample_seed(cfg.seed, pair * M + j)
 
     with writer:
-        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of)
+        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of, partial=o.partial)
     R.finalize(o)
     log.info("wrote %s: %d variants x %d continuations", o.out, len(vs), M)
     return {"archive": str(o.out), "samples": len(vs) * M,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from engine.archive import format as F
 
-PACKAGES = ("torch", "transformers", "transformer-lens", "numpy", "h5py", "numba", "hydra-core",
-            "gguf")
+PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "numpy", "h5py", "numba",
+            "hydra-core", "gguf")
 
 
 def package_versions() -> dict[str, str]:

@@ -14,6 +14,7 @@ partial is continued with resume=true.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -21,18 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from engine import archive
 from engine.archive import codecs
+from engine.archive import format as F
 from engine.errors import EngineError, on_interrupt
 from engine.models import LoadedModel, load_model, resolve_device
 from engine.prompts import render, uses_chat_template
 from engine.overlap import Overlap, to_host
 from engine.provenance import root_provenance, tokenizer_record
 from engine.sampling import NonFiniteLogits, generate, sample_seed
+from engine.selfcheck import SelfCheck, enforce, run_check
+
+log = logging.getLogger(__name__)
 
 
 # ---- settings --------------------------------------------------------------------------------
@@ -205,6 +211,11 @@ def open_or_create(o: Output, key: dict, cfg: DictConfig, prompts: list[str],
     o.partial.parent.mkdir(parents=True, exist_ok=True)
     if o.resuming:
         w = archive.open_for_resume(o.partial, key)
+        if w.rows.self_check_failed():
+            w.close()
+            raise EngineError(f"cannot resume {o.partial}: its self-check failed (its rows are "
+                              f"not the model's distributions; inspect shows the check); use "
+                              f"overwrite=true to start over")
     else:
         o.partial.unlink(missing_ok=True)
         w = _create(o, key, cfg, prompts, info, dims, shard)
@@ -354,16 +365,38 @@ def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, done: int, desc: str,
             bar.update(s1 - s0)
 
 
+def self_check(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: int, n: int,
+               window: float, partial: Path) -> SelfCheck | None:
+    """`engine.selfcheck` on the longest of the committed samples s0..s0+n-1 (this file's
+    indices): recorded in the model group, and the run stops with one line beyond the bound.
+    None when every sample of the batch is empty (nothing to compare)."""
+    samples = writer.f[F.SAMPLES]
+    length = samples["length"][s0:s0 + n]
+    i = int(np.argmax(length))
+    if length[i] == 0:
+        return None
+    c = run_check(lm, writer.rows.g, s0 + i, prompt_ids, samples["tokens"][s0 + i],
+                  int(length[i]), window)
+    writer.rows.record_self_check(c.sample, c.steps, c.max_abs_diff, c.bound)
+    log.info("self-check of %s on sample %d (%d steps): max |d log p| %.3g nats, bound %.3g, "
+             "%.2f s", lm.key, c.sample, c.steps, c.max_abs_diff, c.bound, c.seconds)
+    enforce(c, lm.key, partial)
+    return c
+
+
 def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_prompt: int,
-               cfg: DictConfig, capture=(), seed_of=None) -> None:
+               cfg: DictConfig, capture=(), seed_of=None,
+               partial: Path | None = None) -> SelfCheck | None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
     Seeds follow the global sample index (`seed_of(index)` overrides them: perturb shares
     seeds across variants), so a shard's samples are those of the unsharded run.
     Rows are written on a background thread while the next steps compute (`engine.overlap`;
-    write_thread=false writes inline)."""
+    write_thread=false writes inline).  The first batch is self-checked once committed
+    (`self_check`); returns that check."""
     seed_of = seed_of or (lambda i: sample_seed(cfg.seed, i))
     pipe = Overlap(threaded=bool(cfg.get("write_thread", True)))
     span = writer.span(len(prompt_ids) * per_prompt)
+    checked: list[SelfCheck | None] = []
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
@@ -378,6 +411,12 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
                               f"{lm.key} at sample {s0 + exc.rows[0]}, step {exc.step}; "
                               f"on_nonfinite=record ends such samples there and keeps the "
                               f"rest") from None
+        if not checked:  # the first batch of this process with a step to compare
+            pipe.drain()
+            c = self_check(writer, lm, prompt_ids[p], s0 - span[0], s1 - s0, cfg.q16_window,
+                           partial or Path(writer.f.filename))
+            if c is not None:
+                checked.append(c)
 
     try:
         fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write,
@@ -387,3 +426,4 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
         raise
     pipe.close()
     writer.finish()
+    return checked[0] if checked else None

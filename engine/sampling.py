@@ -10,6 +10,14 @@ memory does not grow with the number of steps or samples.
 The prompt is read once per batch (batch 1, full-vocabulary logits only at its last position:
 `logits_to_keep=1`) and its KV cache repeated across the batch's rows.
 
+The KV cache is the loop's own object (`new_cache`), handed to every forward under the name
+the model's forward takes (`cache_keyword`) and extended by HuggingFace in place; the loop
+never depends on where a release returns it (transformers 5.24 moved it from
+`output.past_key_values` to `output.cache`, which TransformerLens 4.3's bridge does not read,
+and a loop that used the returned cache decoded every step without its context).  After every
+forward the cache must hold exactly prompt + steps-so-far positions (`check_cache`), or the run
+stops with one line naming the library versions: decoding without context is never silent.
+
 Reproducibility: every sample has its own seed (`sample_seed(seed, index)`) and its own CPU
 `torch.Generator`; each step draws one float64 uniform per row on the CPU (one [batch] vector,
 one copy to the device), so a sample's tokens depend on its logits alone: not on the batch it
@@ -27,6 +35,7 @@ when every row has ended.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -34,6 +43,7 @@ import numpy as np
 import torch
 
 from engine.errors import EngineError
+from engine.provenance import package_versions
 
 LOGITS_HOOK = "unembed.hook_out"
 ON_NONFINITE = ("fail", "record")
@@ -62,6 +72,44 @@ def sample_seed(seed: int, index: int) -> int:
     """Independent 63-bit seed of sample `index` of a run seeded with `seed`."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
                >> np.uint64(1))
+
+
+def new_cache(bridge):
+    """An empty HuggingFace `DynamicCache` for the bridge's model (its config decides the
+    layer kinds, e.g. sliding-window layers)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=bridge.original_model.config)
+
+
+def cache_keyword(bridge) -> str:
+    """The keyword under which the model's forward takes its KV cache: `cache` from
+    transformers 5.24 on, `past_key_values` before (5.24 still accepts that name through a
+    deprecation shim, with a warning per call)."""
+    params = inspect.signature(bridge.original_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def library_versions() -> str:
+    """`transformers X, transformer-lens Y`: what a cache failure depends on."""
+    v = package_versions()
+    return f"transformers {v['transformers']}, transformer-lens {v['transformer-lens']}"
+
+
+class StaleCache(EngineError):
+    """The KV cache did not advance with the decoded tokens: the model would continue without
+    its context."""
+
+
+def check_cache(cache, expected: int, step: int) -> None:
+    """Every layer of the cache holds `expected` positions (prompt + tokens fed so far; a
+    sliding-window layer counts all it has seen), else `StaleCache`."""
+    held = sorted({int(layer.get_seq_length()) for layer in cache.layers}) or [0]
+    if held != [expected]:
+        raise StaleCache(f"the KV cache holds {'/'.join(map(str, held))} positions after step "
+                         f"{step}, expected "
+                         f"{expected}: the model would decode without its context "
+                         f"({library_versions()}; the lock pins a tested pair: make setup)")
 
 
 def check_hooks(bridge, names: Sequence[str]) -> None:
@@ -147,11 +195,12 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
     hooks = [(name, keep_last(name)) for name in (LOGITS_HOOK, *capture)]
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # [1, pos]
     finished = np.zeros(n, dtype=bool)
+    cache, kw = new_cache(bridge), cache_keyword(bridge)
     with torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
         # use_cache=True whatever the model's config says: a trainer may have saved it as
         # False (TRL does), and the KV cache is what carries the context between steps
-        _, cache = bridge(ids, return_type="logits_and_cache", use_cache=True,
-                          logits_to_keep=1)
+        bridge(ids, return_type=None, use_cache=True, logits_to_keep=1, **{kw: cache})
+        check_cache(cache, ids.shape[1], 0)
         if n > 1:
             cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per row
         rows = {k: v.expand(n, *v.shape[1:]) for k, v in tap.items()}  # [batch, ...] views
@@ -169,8 +218,8 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
             finished |= np.isin(tok, eos) | bad_h
             if finished.all() or t + 1 == max_new_tokens:
                 break
-            _, cache = bridge(tokens[:, None].to(device), return_type="logits_and_cache",
-                              past_key_values=cache)
+            bridge(tokens[:, None].to(device), return_type=None, use_cache=True, **{kw: cache})
+            check_cache(cache, ids.shape[1] + t + 1, t + 1)
             rows = tap
 
 

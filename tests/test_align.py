@@ -101,6 +101,73 @@ def test_build_writes_a_model_directory_with_provenance(built):
     assert (cache / "aligned" / "tiny-typ.latest").read_text().strip() == prov["build_id"]
 
 
+def test_build_records_its_checks_and_they_pass(built):
+    """The twin's provenance records both gates and the library versions it was built with:
+    TRL's reference log-probs within the candidates' self-check bound per token, and the
+    first DPO loss at ln 2 (policy == reference at step one)."""
+    res, _, _ = built
+    prov = json.loads((Path(res["path"]) / "provenance.json").read_text())
+    c = prov["checks"]
+    assert 0 <= c["ref_logp_max_abs_diff"] <= c["ref_logp_bound"]
+    assert c["token_bound"] > 0 and c["ref_logp_bound"] < 0.05
+    assert abs(c["first_loss"] - math.log(2)) <= c["first_loss_tolerance"] < 0.05
+    for lib in ("torch", "transformers", "transformer-lens", "trl", "numba", "h5py"):
+        assert prov[lib], lib
+
+
+def test_corrupted_reference_logprobs_refuse_the_build(built, tmp_path_factory):
+    """The candidates' stored q16 scales stretched by 2% (every log-prob gap widens, so the
+    normalised log pi_ref moves too; a constant shift would cancel): TRL's forward disagrees, the build stops with one line before
+    training, and nothing is cached."""
+    import h5py
+    import shutil
+
+    _, cache, tmp = built
+    bad = tmp_path_factory.mktemp("align-corrupt")
+    shutil.copytree(cache / "aligned" / "candidates", bad / "aligned" / "candidates")
+    (cand,) = (bad / "aligned" / "candidates").glob("*.h5")
+    with h5py.File(cand, "r+") as f:
+        (g,) = f["models"].values()
+        g["logits_scale"][...] = g["logits_scale"][...] * np.float32(1.02)
+    with pytest.raises(EngineError, match="reference log-probs differ"):
+        align(tmp, bad, "name=tiny-typ", "alpha=5")
+    assert not list((bad / "aligned").glob("tiny-typ-*"))  # no build directory
+    assert not (bad / "aligned" / "tiny-typ.latest").exists()
+
+
+def test_first_loss_must_be_ln2():
+    """The callback stops training at the first logged loss unless it is ln 2 within
+    beta * seq_bound (the 5.98 of the context-free build is refused; ln 2 passes)."""
+    from types import SimpleNamespace
+
+    cb = align_mod.first_loss_callback(0.57, 0.01)
+    state = SimpleNamespace(global_step=1)
+    assert not cb.checked
+    cb.on_log(None, state, None, logs={"loss": math.log(2) + 0.005})
+    assert cb.checked  # train_dpo refuses a build whose first loss was never seen
+    with pytest.raises(EngineError, match="first DPO loss is 5.9800"):
+        cb.on_log(None, state, None, logs={"loss": 5.98})
+    cb.on_log(None, SimpleNamespace(global_step=2), None, logs={"loss": 5.98})  # later: free
+
+
+def test_build_made_before_the_checks_is_refused_on_load(built, tmp_path):
+    """A provenance.json without `checks` (a build from before them) is refused on load,
+    naming the rebuild command."""
+    import shutil
+
+    res, cache, _ = built
+    old = tmp_path / "cache"
+    src = Path(res["path"])
+    shutil.copytree(src, old / "aligned" / src.name)
+    prov = json.loads((src / "provenance.json").read_text())
+    del prov["checks"]
+    (old / "aligned" / src.name / "provenance.json").write_text(json.dumps(prov))
+    (old / "aligned" / "tiny-typ.latest").write_text(prov["build_id"] + "\n")
+    cfg = compose_cfg("dump", tmp_path, old, ["model=aligned", "model.name=tiny-typ"])
+    with pytest.raises(EngineError, match="built before twins were checked.*overwrite=true"):
+        load_model(cfg.model, DEVICE, old)
+
+
 def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
     res, cache, tmp = built
     again = align(tmp, cache, "name=tiny-typ", "alpha=5")

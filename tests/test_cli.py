@@ -15,6 +15,7 @@ import pytest
 
 from engine import dump as dump_mod
 from engine.archive import Archive
+from engine.verify import verify
 from tests.conftest import ROOT, engine_cli
 
 
@@ -155,6 +156,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, cache_dir, d
         la, lb = a.model().logits[()], b.model().logits[()]
         assert np.array_equal(la, lb)
         assert np.array_equal(la[:done], kept_logits)
+        # the resumed batches were hashed as they were written, the kept ones left as they were
+        assert np.array_equal(a.model().checksums(a.n_samples), b.model().checksums(b.n_samples))
+    assert verify(out, progress=False).ok
 
 
 def _ctrl_c_when(path_glob, cwd, args, at_least=2, timeout=120):

@@ -3,8 +3,8 @@
 python blocks run (file names pointed at a real archive); bash blocks are read command by
 command: each `python -m engine <verb>` / `python -m analyses` command line is composed with
 Hydra exactly as its overrides say, every multirun point included (unknown keys, groups or
-options fail here); `inspect`, `merge` and `bench.*` commands are parsed by their own argument
-parsers; `make` targets must exist.  A command of any other kind fails the test, so a new
+options fail here); `inspect`, `merge`, `verify` and `bench.*` commands are parsed by their
+own argument parsers; `make` targets must exist.  A command of any other kind fails the test, so a new
 snippet cannot slip past it.  Blocks without a language (layouts, trees, outputs) are not code.
 """
 
@@ -86,7 +86,7 @@ def test_documented_command_works_as_written(doc, cmd):
     module, args = cmd[2], cmd[3:]
     if module == "engine":
         verb, args = args[0], args[1:]
-        if verb in ("inspect", "merge"):
+        if verb in ("inspect", "merge", "verify"):
             import importlib
 
             importlib.import_module(f"engine.{verb}").parser().parse_args(args)  # exits

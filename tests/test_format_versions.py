@@ -9,6 +9,9 @@ steps):
                          (tempered 1.5); no `nonfinite` finish reason, no device provenance
   v3-e9b6ae1.h5          format_version 3 as last written: generator + scored q16 group
                          (tempered 1.5); no `host`, never sharded or merged
+  v4-d9aa91f.h5          format_version 4 as last written (same run, same commands, made from a
+                         `git worktree` of d9aa91f): no checksums, no `self_check` slot; verify
+                         refuses it with one line
 Version 1 generator groups carry no n_complete/complete/role/chat_template of their own; the
 reader derives them from the root attributes and run_key.
 """
@@ -76,11 +79,26 @@ def test_old_archive_reads_through_current_reader(path, capsys):
 
 def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_archive):
     with h5py.File(tiny_archive, "r") as f:
-        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 4
+        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 5
         g = f["models"][f.attrs["generator"]]
         for k in F.GROUP_STATE:
             assert k in g.attrs, k
         assert g.attrs["role"] == "generator"
+        assert g.attrs[F.SELF_CHECK].shape == (4,) and g[F.CHECKSUMS].shape == (6, 1)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_old_archives_have_no_checksums_and_verify_says_so_in_one_line(path, capsys):
+    from engine.verify import main as verify_main
+
+    with Archive(path) as a:
+        assert all(m.checksum_columns is None and m.self_check is None
+                   for m in a.models.values())
+    with pytest.raises(SystemExit) as exc:
+        verify_main([str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: no checksums (format version {path.name[1]})"), err
 
 
 def _spec_snippet() -> str:

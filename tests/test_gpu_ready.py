@@ -212,10 +212,21 @@ def test_one_host_sync_per_step(dump_cfg, tmp_path, monkeypatch):
             count["on"] = False
     monkeypatch.setattr(R, "sample_all", counted)
     monkeypatch.setattr(dump.R, "sample_all", counted)
+    real_check, checks = R.self_check, []
+
+    def uncounted(*a, **kw):  # the run's one teacher-forced self-check is not a decode step
+        count["on"] = False
+        try:
+            checks.append(real_check(*a, **kw))
+            return checks[-1]
+        finally:
+            count["on"] = True
+    monkeypatch.setattr(R, "self_check", uncounted)
     path = dump.run(cfg, model=lm)["archive"]
     with Archive(path) as a:
         steps = sum(int(a.samples()["length"][s0:s0 + 2].max()) for s0 in range(0, 8, 2))
     assert count["n"] <= steps, (count["n"], steps)
+    assert len(checks) == 1 and checks[0] is not None  # ... and it did run, once
 
 
 def test_writer_thread_leaves_the_archive_unchanged(dump_cfg, tmp_path):

@@ -43,10 +43,13 @@ def _run_without_torch(module: str, argv: list[str], tmp_path) -> str:
     return res.stdout
 
 
-def test_inspect_and_entropy_analysis_never_import_torch(tiny_archive, tmp_path):
+def test_inspect_verify_and_entropy_analysis_never_import_torch(tiny_archive, tmp_path):
     out = _run_without_torch("engine", ["engine", "inspect", str(tiny_archive), "--render",
                                         "--limit", "1"], tmp_path)
     assert "TORCH_LOADED=False" in out, out[-2000:]
+    out = _run_without_torch("engine", ["engine", "verify", str(tiny_archive), "--no-progress"],
+                             tmp_path)
+    assert "TORCH_LOADED=False" in out and "all match" in out, out[-2000:]
     out = _run_without_torch("analyses", ["analyses", "analysis=entropy", f"archive={tiny_archive}",
                                           "progress=false", f"hydra.run.dir={tmp_path}/a"], tmp_path)
     assert "TORCH_LOADED=False" in out, out[-2000:]

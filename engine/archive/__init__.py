@@ -2,7 +2,9 @@
 
   format   every name, constant and enum of the spec, in the spec's order
   codecs   numpy decoding of the logit codecs (encoding is the run layer's: engine.encode)
-  writer   creating archives and model groups, streaming `Rows` into them, lineage
+  writer   creating archives and model groups, streaming `Rows` into them, lineage, answers
+  merged   writing a merged archive from its shards (virtual or copied rows, checksums)
+  checksums  per-sample xxh3_64 of a group's stored rows (writer, verify, merge --copy)
   reader   `Archive` / `ModelView`: validation, named accessors, chunk-aligned streaming
   chunks   where rows lie in files: zero-copy mapped chunks, readahead advice (shards too)
   text     token ids -> text from the tokenizer record an archive keeps
@@ -11,9 +13,10 @@
 from engine.archive.reader import Archive, Block, ModelView
 from engine.archive.text import Text
 from engine.archive.format import Shard
-from engine.archive.writer import (ArchiveWriter, ModelInfo, ModelWriter, Rows, add_model_group, create, open_for_resume, open_scored_group,
-                                   write_answers, write_lineage)
+from engine.archive.writer import (ArchiveWriter, ModelInfo, ModelWriter, Rows, add_model_group,
+                                   create, open_for_resume, open_scored_group)
+from engine.archive.merged import write_merged
 
 __all__ = ["Archive", "ArchiveWriter", "Block", "ModelInfo", "ModelView", "ModelWriter", "Rows",
            "Shard", "Text", "add_model_group", "create", "open_for_resume", "open_scored_group",
-           "write_answers", "write_lineage"]
+           "write_merged"]

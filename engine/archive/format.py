@@ -15,11 +15,12 @@ import numpy as np
 
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: versions this reader understands (1: generator group without n_complete/complete/role/
 #: chat_template, which a version-1 reader derives from the root and run_key; 2: no
-#: `nonfinite` finish reason, no device provenance; 3: no shards, merged archives or `host`)
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: `nonfinite` finish reason, no device provenance; 3: no shards, merged archives or `host`;
+#: 4: no per-sample checksums, no `self_check` slot)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
               "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
               "max_new_tokens", "n_complete", "complete")
@@ -72,6 +73,12 @@ MODELS = "models"
 MODEL_REQUIRED = ("logits", "prompt_tokens", "prompt_text", "vocab", "tokenizer_json")
 LOGITS_SCALE, LOGITS_OFFSET = "logits_scale", "logits_offset"  # q16 only, [S, T] float32
 ACTIVATIONS = "activations"  # optional group: activations/<hook> [S, T, d] float32
+#: version 5: /models/<key>/checksums [S, C] uint64: per sample, the xxh3_64 of the stored
+#: bytes of steps [0, length) of each per-sample dataset named in its `columns` attribute
+CHECKSUMS = "checksums"
+CHECKSUM_ALGORITHM = "xxh3_64"  # attribute `algorithm`
+CHECKSUM_OVER = "steps [0, length)"  # attribute `over`
+CHECKSUM_COLUMNS = "columns"  # attribute: JSON list of dataset names relative to the group
 
 #: /samples/finish_reason; nonfinite (version 3): the logits at step `length` were NaN/+inf or
 #: had no finite entry, and the sample stopped there (on_nonfinite=record); that row is absent
@@ -83,6 +90,11 @@ TOKEN_PAD = -1  # /samples/tokens at steps >= length
 GROUP_STATE = ("n_complete", "complete", "role", "chat_template")
 ROLES = ("generator", "scored")
 SCORE_KEY = "score_key"  # scored groups: JSON of the scoring settings (resume must match)
+#: version 5: float64 [4], NaN until the run records its teacher-forced self-check (rewritten
+#: in place, fixed size, like n_complete): sample, steps compared, max |d log p| and the bound
+#: (nats) above which the run stops
+SELF_CHECK = "self_check"
+SELF_CHECK_FIELDS = ("sample", "steps", "max_abs_diff", "bound")
 #: perturbation archives: `<generator>@counterpart` holds every sample's tokens teacher-forced
 #: by the generator after its pair partner's prompt (prompt p reads prompt p XOR 1); its
 #: score_key has "counterpart": true
@@ -120,6 +132,13 @@ STR = h5py.string_dtype("utf-8")
 VLEN_I32 = h5py.vlen_dtype(np.int32)
 FINISH = h5py.enum_dtype(FINISH_REASONS, basetype="u1")
 VARIANT = h5py.enum_dtype(VARIANTS, basetype="u1")
+
+
+def checksum_columns(codec: str, hooks) -> list[str]:
+    """Per-sample datasets of a model group that carry a checksum, in column order: logits,
+    q16's scale and offset, then every captured hook's activations."""
+    q16 = [LOGITS_SCALE, LOGITS_OFFSET] if codec == "q16" else []
+    return ["logits", *q16, *(f"{ACTIVATIONS}/{h}" for h in hooks)]
 
 
 def chunk_steps(vocab: int, itemsize: int, max_steps: int) -> int:

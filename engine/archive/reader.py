@@ -25,7 +25,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from engine.archive import codecs
+from engine.archive import checksums, codecs
 from engine.archive import format as F
 from engine.archive.chunks import Mapped, Readahead, sources
 from engine.archive.handle import FileHandle
@@ -68,7 +68,8 @@ class ModelView:
         self.codec = str(self.logits.attrs.get("codec", ""))
         if self.codec not in F.CODECS:
             raise EngineError(f"model {self.key!r} has unknown codec {self.codec!r}")
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in group.attrs.items()}
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in group.attrs.items()
+                 if k != F.SELF_CHECK}  # an array: `self_check` reads it
         self.provenance = {k: v for k, v in attrs.items()
                            if k not in F.GROUP_STATE and k != F.SCORE_KEY}
         root = archive.f.attrs
@@ -84,6 +85,30 @@ class ModelView:
     @property
     def vocab_size(self) -> int:
         return int(self.logits.shape[-1])
+
+    @property
+    def self_check(self) -> dict | None:
+        """The run's teacher-forced self-check (version 5): {sample, steps, max_abs_diff,
+        bound} (sample index in this file, nats), or None when not recorded (NaN) or absent."""
+        raw = self.group.attrs.get(F.SELF_CHECK)
+        if raw is None:
+            return None
+        v = np.asarray(raw, dtype=np.float64).ravel()
+        if v.shape != (len(F.SELF_CHECK_FIELDS),) or np.isnan(v).any():
+            return None
+        sample, steps, diff, bound = v
+        return {"sample": int(sample), "steps": int(steps), "max_abs_diff": float(diff),
+                "bound": float(bound)}
+
+    @functools.cached_property
+    def checksum_columns(self) -> list[str] | None:
+        """Datasets (relative to the group) whose per-sample checksums the group holds, in the
+        `checksums` dataset's column order; None for a group without them (before version 5)."""
+        return checksums.columns(self.group)
+
+    def checksums(self, n: int) -> np.ndarray:
+        """[sample, column] uint64 stored checksums of samples 0..n-1."""
+        return self.group[F.CHECKSUMS][:n]
 
     @property
     def window(self) -> float | None:

@@ -6,11 +6,16 @@ writer `Rows` (host numpy arrays, already encoded), one per generated step of a 
 Crash safety.  The archive is written as `<out>.partial` and renamed atomically when complete
 (by the run layer).  Every dataset is created at its final size with early allocation, so the
 chunk index is complete before the first sample is generated; afterwards the writer only
-writes raw data into already-allocated chunks and rewrites one fixed-size attribute
-(`n_complete`) in place after each batch has been written and flushed.  A process killed at
+writes raw data into already-allocated chunks and rewrites fixed-size attributes in place:
+`n_complete` after each batch has been written and flushed, `self_check` once per run.  A process killed at
 any point (SIGKILL included) therefore leaves a file whose metadata is the one from creation
 and whose first `n_complete` samples are whole; `resume` continues from there.  (Durability
 against power loss is the operating system's page cache's business; there is no fsync.)
+
+Checksums.  Each group's `checksums` [sample, column] (`engine.archive.checksums`) is written
+with the batch's rows, from the rows the writer already holds (no second pass over the data),
+so a committed sample always has its checksum.  The `self_check` attribute is the other
+fixed-size slot rewritten in place: the run's teacher-forced self-check, NaN until recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from engine.archive import checksums
 from engine.archive import format as F
 from engine.archive.handle import FileHandle
 from engine.errors import EngineError
@@ -107,7 +113,8 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
 
 def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims=None):
     """Create /models/<key> at full size (every chunk allocated).  Its own `n_complete` and
-    `complete` attributes record how many samples have rows."""
+    `complete` attributes record how many samples have rows; its `checksums` hold each
+    committed sample's digests and `self_check` (NaN until recorded) the run's self-check."""
     if model.role not in F.ROLES:
         raise ValueError(f"role must be one of {F.ROLES}, got {model.role!r}")
     g = f.create_group(f"{F.MODELS}/{model.key}")
@@ -115,6 +122,7 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
         g.attrs[k] = v
     g.attrs["n_complete"], g.attrs["complete"] = np.int64(0), np.int8(0)
     g.attrs["role"], g.attrs["chat_template"] = model.role, bool(model.chat_template)
+    g.attrs[F.SELF_CHECK] = np.full(len(F.SELF_CHECK_FIELDS), np.nan)  # fixed size: see module
     if model.score_key is not None:
         g.attrs[F.SCORE_KEY] = model.score_key
     g.create_dataset("prompt_text", data=np.array(list(model.prompt_text), dtype=object),
@@ -137,10 +145,12 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
     for hook, d in (capture_dims or {}).items():
         _early(g, f"{F.ACTIVATIONS}/{hook}", (total, steps, d), np.float32,
                chunks=(1, max(1, steps), d), fill_time="never")
+    checksums.create(g, total, F.checksum_columns(codec, capture_dims or {}), _early)
     return g
 
 
-def write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_attrs: dict) -> None:
+def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path,
+                   source_attrs: dict) -> None:
     """/lineage of a perturbation archive: records have parent, variant, cut, edit; prompts
     come in (control, variant) pairs, so each one's matched control is the even index."""
     g = f.create_group(F.LINEAGE)
@@ -157,8 +167,8 @@ def write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_at
                      data=(np.arange(len(records)) // 2 * 2).astype(np.int32))
 
 
-def write_answers(f: h5py.File, candidates: Sequence[str], reference, terminator,
-                  source: str) -> None:
+def _write_answers(f: h5py.File, candidates: Sequence[str], reference, terminator,
+                   source: str) -> None:
     """/answers of a candidate-answer archive: sample i is candidate i."""
     g = f.create_group(F.ANSWERS)
     g.create_dataset("candidates", data=np.array(list(candidates), dtype=object), dtype=F.STR)
@@ -226,7 +236,8 @@ def open_scored_group(path: Path, model: ModelInfo, *, codec: str, window: float
 
 
 class ModelWriter(FileHandle):
-    """Writes the rows of one model group: logits (encoded), q16 scales, activations."""
+    """Writes the rows of one model group: logits (encoded), q16 scales, activations, and
+    each sample's checksums of them; records the run's self-check."""
 
     def __init__(self, group: h5py.Group, owns_file: bool = False):
         self.g = group
@@ -236,6 +247,10 @@ class ModelWriter(FileHandle):
         self.steps = int(self.logits.shape[1])
         grp = group.get(F.ACTIVATIONS)
         self.acts = {} if grp is None else {n: grp[n] for n in _walk_datasets(grp)}
+        #: column names of `checksums` (None: a group of an older file, resumed, has none)
+        self.columns = checksums.columns(group)
+        #: hash the rows as they are written (bench/verify.py turns it off to time the cost)
+        self.hashing = self.columns is not None
 
     @property
     def n_complete(self) -> int:
@@ -253,7 +268,8 @@ class ModelWriter(FileHandle):
         tokens = np.full((n, T), F.TOKEN_PAD, dtype=np.int32)
         length = np.zeros(n, dtype=np.int32)
         nonfinite = np.zeros(n, dtype=bool)
-        t0 = 0
+        hashers = [checksums.stream() for _ in range(n)] if self.hashing else None
+        t0 = delivered = 0
         for row in steps:
             if row.nonfinite is not None:
                 nonfinite |= row.nonfinite
@@ -261,6 +277,9 @@ class ModelWriter(FileHandle):
             j = row.t - t0
             buf[:, j] = row.data
             buf[~alive, j] = 0  # rows past a sample's end are zero (spec: padding)
+            if hashers is not None:  # the stored row, hashed while it is still in cache
+                for i in np.flatnonzero(alive):
+                    hashers[i].update(buf[i, j])
             if q16:
                 sbuf[0, :, row.t] = row.scale * alive
                 sbuf[1, :, row.t] = row.offset * alive
@@ -268,18 +287,48 @@ class ModelWriter(FileHandle):
                 acts[name][:, row.t] = a * alive[:, None]
             tokens[alive, row.t] = np.asarray(row.tokens)[alive]
             length += alive
-            if j == k - 1:
+            delivered = row.t + 1
+            if j == k - 1:  # every row of buf was just written: no zeroing pass between chunks
                 self.logits[s0:s0 + n, t0:t0 + k] = buf
-                buf[:] = 0
                 t0 += k
         if t0 < int(length.max(initial=0)):
+            buf[:, delivered - t0:] = 0  # steps no sample reached: padding
             self.logits[s0:s0 + n, t0:min(t0 + k, T)] = buf[:, :min(k, T - t0)]
         if q16:
             self.g[F.LOGITS_SCALE][s0:s0 + n] = sbuf[0]
             self.g[F.LOGITS_OFFSET][s0:s0 + n] = sbuf[1]
         for name, ds in self.acts.items():
             ds[s0:s0 + n] = acts[name]
+        if hashers is not None:
+            held = {F.ACTIVATIONS + "/" + name: a for name, a in acts.items()}
+            if q16:
+                held[F.LOGITS_SCALE], held[F.LOGITS_OFFSET] = sbuf[0], sbuf[1]
+            self.g[F.CHECKSUMS][s0:s0 + n] = self._digests(hashers, held, length)
         return tokens, length, nonfinite
+
+    def _digests(self, hashers, held: dict, length: np.ndarray) -> np.ndarray:
+        """[sample, column] uint64 checksums of one batch: the logits' streamed hashers, and
+        every other column's held [sample, step, ...] rows hashed up to the sample's length."""
+        out = np.empty((len(length), len(self.columns)), dtype=np.uint64)
+        for i, n in enumerate(length):
+            for c, name in enumerate(self.columns):
+                out[i, c] = (hashers[i].intdigest() if name == "logits"
+                             else checksums.digest(held[name][i, :n]))
+        return out
+
+    def record_self_check(self, sample: int, steps: int, max_abs_diff: float,
+                          bound: float) -> None:
+        """Record the run's teacher-forced self-check (sample index in this file, steps
+        compared, max |d log p| in nats, the bound it was held to) in the group's fixed-size
+        `self_check` slot, in place like `n_complete`, and flush."""
+        value = np.array([sample, steps, max_abs_diff, bound], dtype=np.float64)
+        self.g.attrs.modify(F.SELF_CHECK, value)  # every generator group has the slot (v5)
+        self.g.file.flush()
+
+    def self_check_failed(self) -> bool:
+        """Whether the recorded self-check exceeded its bound (NaN: not recorded)."""
+        v = np.asarray(self.g.attrs.get(F.SELF_CHECK, [np.nan] * 4), dtype=np.float64)
+        return bool(v[2] > v[3])  # NaN compares False
 
     def commit(self, n_complete: int) -> None:
         """Flush rows, then record them (in place, fixed size: see module docstring)."""
@@ -303,6 +352,17 @@ class ArchiveWriter(FileHandle):
     @property
     def n_complete(self) -> int:
         return int(self.f.attrs["n_complete"])
+
+    def write_lineage(self, records: Sequence[dict], source: Path, source_attrs: dict) -> None:
+        """/lineage of a perturbation archive (before its first batch), flushed."""
+        _write_lineage(self.f, records, source, source_attrs)
+        self.f.flush()
+
+    def write_answers(self, candidates: Sequence[str], reference, terminator,
+                      source: str) -> None:
+        """/answers of a candidate-answer archive (before its first batch), flushed."""
+        _write_answers(self.f, candidates, reference, terminator, source)
+        self.f.flush()
 
     def span(self, total: int) -> tuple[int, int]:
         """Global sample indices start, stop of this file (a shard's, else 0, total)."""
