@@ -17,6 +17,8 @@ never depends on where a release returns it (transformers 5.24 moved it from
 and a loop that used the returned cache decoded every step without its context).  After every
 forward the cache must hold exactly prompt + steps-so-far positions (`check_cache`), or the run
 stops with one line naming the library versions: decoding without context is never silent.
+The cache is a `DynamicCache` built from the model's config (attention layers, full or sliding
+window); a hybrid or state-space model whose forward needs another cache class stops there too.
 
 Reproducibility: every sample has its own seed (`sample_seed(seed, index)`) and its own CPU
 `torch.Generator`; each step draws one float64 uniform per row on the CPU (one [batch] vector,
