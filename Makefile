@@ -58,7 +58,7 @@ test-latest:
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: setup
-	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 15 min on 2 cores; then cached)"
+	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 12 min on 2 cores; then cached)"
 	$(BIN)/python -m engine align hydra.run.dir=$(DEMO)/logs/align
 	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits"
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine dump model=$$m prompts=seeds n_samples=16 \
