@@ -352,13 +352,19 @@ def drive(args) -> None:
             print(f"removed {out}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+def size_args(ap: argparse.ArgumentParser) -> None:
+    """The archive's size, the paper's by default (200 x 128 steps x 128k vocabulary): shared
+    with bench.verify, so both measure the same archive."""
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--per-prompt", type=int, default=25, help="samples per prompt (8 x 25 = 200)")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=128256, help="Llama-3's logit width")
     ap.add_argument("--batch", type=int, default=8)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    size_args(ap)
     ap.add_argument("--mem-rows", type=int, default=1024, help="rows held in memory for the "
                     "kernels' own throughput")
     ap.add_argument("--dir", default=str(ROOT / "outputs" / "bench" / "scale"))

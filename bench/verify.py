@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import ROOT
-from bench.scale import drop_cache, info, storage_read_bytes
+from bench.scale import drop_cache, info, size_args, storage_read_bytes
 
 
 def pool(args) -> list:
@@ -157,11 +157,7 @@ def hash_rate() -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.verify", description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--per-prompt", type=int, default=25, help="samples per prompt (8 x 25 = 200)")
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=128256, help="Llama-3's logit width")
-    ap.add_argument("--batch", type=int, default=8)
+    size_args(ap)
     ap.add_argument("--writer-batches", type=int, default=4,
                     help="batches of the page-cache writer comparison (phase 1)")
     ap.add_argument("--rounds", type=int, default=5,

@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import time
-from importlib import metadata
 from pathlib import Path
 
 import hydra
@@ -83,16 +82,9 @@ def validate(cfg: DictConfig) -> None:
 def settings_id(cfg: DictConfig, prompts: list[str], keys) -> str:
     """sha256 of the run key (the reference model's config and the settings `keys`) and the
     prompts; a build also hashes the TRL version."""
-    extra = {"trl": _version("trl")} if "train" in keys else {}
+    extra = {"trl": package_versions()["trl"]} if "train" in keys else {}
     spec = R.run_key(cfg, keys, prompts=prompts, **extra)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return ""
 
 
 def candidates_path(cache: Path, cid: str) -> Path:

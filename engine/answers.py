@@ -115,11 +115,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                                          input_device(lm.bridge))
             writer.write_batch(s0, [0] * (s1 - s0), encoded(steps, cfg.codec, cfg.q16_window),
                                lm.eos_ids)
-            if s0 == writer_start:  # this process's first committed batch
-                R.self_check(writer, lm, seen.ids[0], s0, s1 - s0, cfg.q16_window, o.partial)
+            check.after(seen.ids[0], s0, s1 - s0)
 
-        writer_start = writer.n_complete
-        R.fill(1, n, cfg, writer_start, f"answers {lm.key}", write)
+        check = R.FirstBatchCheck(writer, lm, cfg.q16_window)
+        R.fill(1, n, cfg, writer.n_complete, f"answers {lm.key}", write)
         writer.finish()
     R.finalize(o)
     log.info("wrote %s: %d candidates scored by %s", o.out, n, lm.key)

@@ -65,7 +65,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         done = writer.n_complete
         if o.resuming:
             log.info("resuming %s at sample %d of %d", o.partial, done, hi - lo)
-        check = R.sample_all(writer, lm, seen.ids, cfg.n_samples, cfg, capture, partial=o.partial)
+        check = R.sample_all(writer, lm, seen.ids, cfg.n_samples, cfg, capture)
     size = R.finalize(o)
     where = "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
     log.info("wrote %s (%d samples%s, %.1f MiB)", o.out, hi - lo, where, size / 2**20)

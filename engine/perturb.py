@@ -142,7 +142,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         return sample_seed(cfg.seed, pair * M + j)
 
     with writer:
-        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of, partial=o.partial)
+        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of)
     R.finalize(o)
     log.info("wrote %s: %d variants x %d continuations", o.out, len(vs), M)
     return {"archive": str(o.out), "samples": len(vs) * M,

@@ -366,10 +366,11 @@ def fill(n_prompts: int, per_prompt: int, cfg: DictConfig, done: int, desc: str,
 
 
 def self_check(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: int, n: int,
-               window: float, partial: Path) -> SelfCheck | None:
+               window: float) -> SelfCheck | None:
     """`engine.selfcheck` on the longest of the committed samples s0..s0+n-1 (this file's
-    indices): recorded in the model group, and the run stops with one line beyond the bound.
-    None when every sample of the batch is empty (nothing to compare)."""
+    indices): recorded in the model group, and the run stops with one line beyond the bound
+    (the file, still the `.partial`, is kept).  None when every sample of the batch is empty
+    (nothing to compare)."""
     samples = writer.f[F.SAMPLES]
     length = samples["length"][s0:s0 + n]
     i = int(np.argmax(length))
@@ -380,23 +381,41 @@ def self_check(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: i
     writer.rows.record_self_check(c.sample, c.steps, c.max_abs_diff, c.bound)
     log.info("self-check of %s on sample %d (%d steps): max |d log p| %.3g nats, bound %.3g, "
              "%.2f s", lm.key, c.sample, c.steps, c.max_abs_diff, c.bound, c.seconds)
-    enforce(c, lm.key, partial)
+    enforce(c, lm.key, Path(writer.f.filename))
     return c
 
 
+@dataclass
+class FirstBatchCheck:
+    """The run's self-check, once per process: after the first committed batch that has a
+    step to compare (every archive-writing loop calls `after` for each committed batch)."""
+    writer: archive.ArchiveWriter
+    lm: LoadedModel
+    window: float
+    result: SelfCheck | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.result is None
+
+    def after(self, prompt_ids, s0: int, n: int) -> None:
+        """Committed samples s0..s0+n-1 (this file's indices) of one prompt."""
+        if self.pending:
+            self.result = self_check(self.writer, self.lm, prompt_ids, s0, n, self.window)
+
+
 def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_prompt: int,
-               cfg: DictConfig, capture=(), seed_of=None,
-               partial: Path | None = None) -> SelfCheck | None:
+               cfg: DictConfig, capture=(), seed_of=None) -> SelfCheck | None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
     Seeds follow the global sample index (`seed_of(index)` overrides them: perturb shares
     seeds across variants), so a shard's samples are those of the unsharded run.
     Rows are written on a background thread while the next steps compute (`engine.overlap`;
     write_thread=false writes inline).  The first batch is self-checked once committed
-    (`self_check`); returns that check."""
+    (`FirstBatchCheck`); returns that check."""
     seed_of = seed_of or (lambda i: sample_seed(cfg.seed, i))
     pipe = Overlap(threaded=bool(cfg.get("write_thread", True)))
     span = writer.span(len(prompt_ids) * per_prompt)
-    checked: list[SelfCheck | None] = []
+    check = FirstBatchCheck(writer, lm, cfg.q16_window)
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
@@ -411,12 +430,9 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
                               f"{lm.key} at sample {s0 + exc.rows[0]}, step {exc.step}; "
                               f"on_nonfinite=record ends such samples there and keeps the "
                               f"rest") from None
-        if not checked:  # the first batch of this process with a step to compare
+        if check.pending:  # wait for the batch's commit, then check it
             pipe.drain()
-            c = self_check(writer, lm, prompt_ids[p], s0 - span[0], s1 - s0, cfg.q16_window,
-                           partial or Path(writer.f.filename))
-            if c is not None:
-                checked.append(c)
+            check.after(prompt_ids[p], s0 - span[0], s1 - s0)
 
     try:
         fill(len(prompt_ids), per_prompt, cfg, writer.n_complete, f"sample {lm.key}", write,
@@ -426,4 +442,4 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
         raise
     pipe.close()
     writer.finish()
-    return checked[0] if checked else None
+    return check.result

@@ -95,6 +95,26 @@ SCORE_KEY = "score_key"  # scored groups: JSON of the scoring settings (resume m
 #: (nats) above which the run stops
 SELF_CHECK = "self_check"
 SELF_CHECK_FIELDS = ("sample", "steps", "max_abs_diff", "bound")
+
+
+def self_check_value(sample=np.nan, steps=np.nan, max_abs_diff=np.nan,
+                     bound=np.nan) -> np.ndarray:
+    """The `self_check` attribute's value (all NaN: not recorded yet)."""
+    return np.array([sample, steps, max_abs_diff, bound], dtype=np.float64)
+
+
+def read_self_check(attrs) -> dict | None:
+    """{sample, steps, max_abs_diff, bound} from a group's attributes; None when absent or not
+    recorded (any NaN)."""
+    raw = attrs.get(SELF_CHECK)
+    if raw is None:
+        return None
+    v = np.asarray(raw, dtype=np.float64).ravel()
+    if v.shape != (len(SELF_CHECK_FIELDS),) or np.isnan(v).any():
+        return None
+    sample, steps, diff, bound = v
+    return {"sample": int(sample), "steps": int(steps), "max_abs_diff": float(diff),
+            "bound": float(bound)}
 #: perturbation archives: `<generator>@counterpart` holds every sample's tokens teacher-forced
 #: by the generator after its pair partner's prompt (prompt p reads prompt p XOR 1); its
 #: score_key has "counterpart": true

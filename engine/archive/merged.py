@@ -159,8 +159,9 @@ def _self_check(g: h5py.Group, shards: list[Archive], key: str) -> None:
     if not any(F.SELF_CHECK in a.models[key].group.attrs for a in shards):
         return
     checks = [(c, a.shard.start) for a in shards if (c := a.models[key].self_check) is not None]
-    value = np.full(len(F.SELF_CHECK_FIELDS), np.nan)
     if checks:
         c, start = checks[0]
-        value[:] = [c["sample"] + start, c["steps"], c["max_abs_diff"], c["bound"]]
-    g.attrs[F.SELF_CHECK] = value
+        g.attrs[F.SELF_CHECK] = F.self_check_value(c["sample"] + start, c["steps"],
+                                                   c["max_abs_diff"], c["bound"])
+    else:
+        g.attrs[F.SELF_CHECK] = F.self_check_value()

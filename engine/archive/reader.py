@@ -90,15 +90,7 @@ class ModelView:
     def self_check(self) -> dict | None:
         """The run's teacher-forced self-check (version 5): {sample, steps, max_abs_diff,
         bound} (sample index in this file, nats), or None when not recorded (NaN) or absent."""
-        raw = self.group.attrs.get(F.SELF_CHECK)
-        if raw is None:
-            return None
-        v = np.asarray(raw, dtype=np.float64).ravel()
-        if v.shape != (len(F.SELF_CHECK_FIELDS),) or np.isnan(v).any():
-            return None
-        sample, steps, diff, bound = v
-        return {"sample": int(sample), "steps": int(steps), "max_abs_diff": float(diff),
-                "bound": float(bound)}
+        return F.read_self_check(self.group.attrs)
 
     @functools.cached_property
     def checksum_columns(self) -> list[str] | None:

@@ -122,7 +122,7 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
         g.attrs[k] = v
     g.attrs["n_complete"], g.attrs["complete"] = np.int64(0), np.int8(0)
     g.attrs["role"], g.attrs["chat_template"] = model.role, bool(model.chat_template)
-    g.attrs[F.SELF_CHECK] = np.full(len(F.SELF_CHECK_FIELDS), np.nan)  # fixed size: see module
+    g.attrs[F.SELF_CHECK] = F.self_check_value()  # NaN until recorded; fixed size: see module
     if model.score_key is not None:
         g.attrs[F.SCORE_KEY] = model.score_key
     g.create_dataset("prompt_text", data=np.array(list(model.prompt_text), dtype=object),
@@ -321,14 +321,13 @@ class ModelWriter(FileHandle):
         """Record the run's teacher-forced self-check (sample index in this file, steps
         compared, max |d log p| in nats, the bound it was held to) in the group's fixed-size
         `self_check` slot, in place like `n_complete`, and flush."""
-        value = np.array([sample, steps, max_abs_diff, bound], dtype=np.float64)
-        self.g.attrs.modify(F.SELF_CHECK, value)  # every generator group has the slot (v5)
+        self.g.attrs.modify(F.SELF_CHECK, F.self_check_value(sample, steps, max_abs_diff, bound))
         self.g.file.flush()
 
     def self_check_failed(self) -> bool:
-        """Whether the recorded self-check exceeded its bound (NaN: not recorded)."""
-        v = np.asarray(self.g.attrs.get(F.SELF_CHECK, [np.nan] * 4), dtype=np.float64)
-        return bool(v[2] > v[3])  # NaN compares False
+        """Whether the recorded self-check exceeded its bound."""
+        c = F.read_self_check(self.g.attrs)
+        return c is not None and c["max_abs_diff"] > c["bound"]
 
     def commit(self, n_complete: int) -> None:
         """Flush rows, then record them (in place, fixed size: see module docstring)."""
