@@ -111,7 +111,7 @@ def provenance_of(a: Archive, key: str) -> dict:
     m = a.model(key)
     p = m.provenance
     out = {k: p[k] for k in ("source", "name", "revision", "alignment", "gamma") if k in p}
-    # the run's self-check of this group (engine.selfcheck; None: teacher-forced or older)
+    # the run's self-check of this group (engine.runtime.selfcheck; None: teacher-forced or older)
     out["self_check"] = m.self_check
     return out
 

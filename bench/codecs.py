@@ -18,7 +18,7 @@ import torch
 
 from bench.common import real_archive
 from engine.archive import codecs
-from engine.encode import encode, to_numpy
+from engine.runtime.encode import encode, to_numpy
 from engine.archive import Archive
 from kernels import reference as R
 

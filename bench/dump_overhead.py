@@ -3,8 +3,8 @@
 One process, one loaded model, same prompts, samples, batch composition and seed:
   hf_generate   transformers `generate(do_sample=True, top_k=0)` with no logits kept
   engine_loop   the engine's hooked, KV-cached loop through TransformerBridge, logits dropped
-  dump          `engine.dump.run`: the same loop + codec + HDF5 writes (model load excluded)
-  score         `engine.score.run` of the same model over the dumped archive (teacher-forced,
+  dump          `engine.commands.dump.run`: the same loop + codec + HDF5 writes (model load excluded)
+  score         `engine.commands.score.run` of the same model over the dumped archive (teacher-forced,
                 one forward per batch; model load excluded)
 Every run generates exactly max_new_tokens per sample (EOS disabled in all three).
 Peak RSS is measured in child processes at two sizes of n_samples.
@@ -26,13 +26,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bench.common import best_of
-from engine import dump as dump_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import score as score_mod
 from engine.config import CONF
-from engine.run import batches
-from engine.models import load_model
-from engine.prompts import render
-from engine.sampling import generate, sample_seed
+from engine.runtime.schedule import batches
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
+from engine.runtime.prompts import render
+from engine.runtime.sampling import generate, sample_seed
 
 
 def compose_cfg(out: Path, args, extra=()):
@@ -48,7 +49,7 @@ def peak_rss_child(args, n_samples: int, tmp: Path) -> float:
 import resource, sys
 sys.argv = ['x']
 from bench.dump_overhead import compose_cfg, parse
-from engine import dump
+from engine.commands import dump
 args = parse({json.dumps(['--model', args.model, '--n-samples', str(n_samples), '--batch-size', str(args.batch_size), '--max-new-tokens', str(args.max_new_tokens), '--codec', args.codec])})
 dump.run(compose_cfg(__import__('pathlib').Path({str(tmp / f'rss{n_samples}.h5')!r}), args))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -75,7 +76,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         cfg = compose_cfg(tmp / "bench.h5", args)
-        lm = load_model(cfg.model, "cpu", cfg.paths.cache_dir)
+        lm = load_model(ModelSpec.from_node(cfg.model), "cpu", cfg.paths.cache_dir)
         lm.eos_ids = ()  # every sample runs to max_new_tokens, in all three paths
         prompts = list(cfg.prompts.texts)
         seen = [render(lm.tokenizer, p, False)[1] for p in prompts]

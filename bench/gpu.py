@@ -4,7 +4,7 @@ the torch kernels' bandwidth against the device's own.
 One process, one loaded model, the same prompts, seeds and batch (EOS disabled, so every
 sample runs max_new_tokens):
   hf_generate   transformers `generate(do_sample=True, top_k=0)`, no logits kept
-  dump          `engine.dump.run`: hooked loop + encode + pinned copies + writer thread + HDF5
+  dump          `engine.commands.dump.run`: hooked loop + encode + pinned copies + writer thread + HDF5
 Per step of the dump: host syncs made by the sampling thread (.cpu/.item/.tolist/bool)
 and, on CUDA, the GPU's idle fraction (1 - kernel time / wall time, torch profiler).
 Kernels: entropy, pair_stats and fit_gamma over [rows, vocab] rows already on the device, in
@@ -29,10 +29,11 @@ import torch
 
 from bench.common import best_of
 from bench.dump_overhead import compose_cfg
-from engine import dump as dump_mod
-from engine import run as run_mod
-from engine.models import LoadedModel, load_model, resolve_device, tiny_random_tokenizer, wrap
-from engine.prompts import render
+from engine.commands import dump as dump_mod
+from engine.runtime import run as run_mod
+from engine.runtime.models import LoadedModel, load_model, resolve_device, tiny_random_tokenizer, wrap
+from engine.runtime.settings import ModelSpec
+from engine.runtime.prompts import render
 
 SYNC_CALLS = ("cpu", "item", "tolist", "__bool__")  # .numpy() needs a host tensor already
 
@@ -149,7 +150,7 @@ def main(argv=None):
         out = Path(tmpd) / "bench.h5"
         args.model = "tiny-random" if args.shape7b else args.model
         cfg = compose_cfg(out, args, [f"device={dev}", "prompts=grace_hopper"])
-        lm = shape7b(dev) if args.shape7b else load_model(cfg.model, str(dev), cfg.paths.cache_dir)
+        lm = shape7b(dev) if args.shape7b else load_model(ModelSpec.from_node(cfg.model), str(dev), cfg.paths.cache_dir)
         lm.eos_ids = ()
         ids = torch.tensor([render(lm.tokenizer, cfg.prompts.texts[0], False)[1]], device=dev)
         tokens = args.n_samples * args.max_new_tokens

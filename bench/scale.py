@@ -95,8 +95,8 @@ def write(path: Path, args, shard=None) -> None:
     """One archive (or one shard) with the generator group `base` and the scored `aligned`."""
     from engine import archive
     from engine.archive import Rows
-    from engine.provenance import root_provenance
-    from engine.run import batches
+    from engine.runtime.provenance import root_provenance
+    from engine.runtime.schedule import batches
 
     synth, P, M, T = Synth(args.vocab), args.prompts, args.per_prompt, args.steps
     lo, hi = (0, P * M) if shard is None else (shard.start, shard.stop)
@@ -126,7 +126,7 @@ def write(path: Path, args, shard=None) -> None:
 
 
 def phase_write(args) -> dict:
-    from engine.run import shard_of
+    from engine.runtime.schedule import shard_of
 
     out = Path(args.dir)
     t = time.perf_counter()
@@ -331,7 +331,7 @@ def drive(args) -> None:
                   flush=True)
             path = w["paths"][0]
             if shards > 1:
-                from engine.merge import merge
+                from engine.commands.merge import merge
 
                 t = time.perf_counter()
                 path = merge(out / "merged.h5", w["paths"], progress=False)["archive"]

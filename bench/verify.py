@@ -13,7 +13,7 @@ One process, side by side:
    come from a pool built once (one batch's steps, reused for every batch), so producing
    them costs nothing here: the writer is all that is timed.
 3. The file read sequentially after evicting it from the page cache (POSIX_FADV_DONTNEED):
-   the disk's read rate.  Then `verify` (engine/verify.py) on it, evicted first (cold), and
+   the disk's read rate.  Then `verify` (engine/commands/verify.py) on it, evicted first (cold), and
    again at once (warm, as far as the page cache holds it): GB/s of hashed bytes, against
    the read rate; and this process's bytes read from storage, which shows a cold run was cold.
 
@@ -130,7 +130,7 @@ def sequential_read(path: Path) -> dict:
 
 
 def timed_verify(path: Path, cold: bool) -> dict:
-    from engine.verify import verify
+    from engine.commands.verify import verify
 
     if cold:
         drop_cache([path])

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from engine.config import CONF
-from engine.dump import run
+from engine.commands.dump import run
 
 ROOT = Path(__file__).resolve().parent.parent
 #: where tests run models: the GPU when there is one (a GPU machine's `make test` exercises it),

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import kernels as K
-from engine import align as align_mod
-from engine import dump as dump_mod
-from engine import score as score_mod
+from engine.commands import align as align_mod
+from engine.commands import dump as dump_mod
+from engine.commands import score as score_mod
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.models import load_model
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
 from tests.conftest import DEVICE, compose_cfg
 
 TINY = ["model=tiny-random", "n_samples=2", "max_new_tokens=8", "min_tokens=4", "train.epochs=1",
@@ -165,7 +166,7 @@ def test_build_made_before_the_checks_is_refused_on_load(built, tmp_path):
     (old / "aligned" / "tiny-typ.latest").write_text(prov["build_id"] + "\n")
     cfg = compose_cfg("dump", tmp_path, old, ["model=aligned", "model.name=tiny-typ"])
     with pytest.raises(EngineError, match="built before twins were checked.*overwrite=true"):
-        load_model(cfg.model, DEVICE, old)
+        load_model(ModelSpec.from_node(cfg.model), DEVICE, old)
 
 
 def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
@@ -184,10 +185,10 @@ def test_model_config_loads_the_build_and_names_the_command_when_missing(built, 
     res, cache, _ = built
     cfg = compose_cfg("dump", tmp_path, cache, ["model=aligned", "model.name=tiny-typ",
                                                 f"model.build={res['build_id']}"])
-    lm = load_model(cfg.model, DEVICE, cache)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE, cache)
     assert lm.provenance["source"] == "aligned" and lm.provenance["revision"] == res["build_id"]
     assert json.loads(lm.provenance["alignment"])["alpha"] == 5
-    ref = load_model(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model, DEVICE, cache)
+    ref = load_model(ModelSpec.from_node(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model), DEVICE, cache)
     assert lm.provenance["vocab_hash"] == ref.provenance["vocab_hash"]
     import torch
     ids = torch.tensor([[0, 72, 101, 108, 108, 111]])
@@ -196,7 +197,7 @@ def test_model_config_loads_the_build_and_names_the_command_when_missing(built, 
     assert diff > 1e-4, "training changed nothing"
     missing = compose_cfg("dump", tmp_path, cache, ["model=smollm2-135m-random-dpo"])
     with pytest.raises(EngineError, match="alpha=0 name=smollm2-135m-random-dpo"):
-        load_model(missing.model, DEVICE, cache)
+        load_model(ModelSpec.from_node(missing.model), DEVICE, cache)
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):

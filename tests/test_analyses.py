@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from analyses.__main__ import run as run_analysis
-from engine import dump as dump_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import score as score_mod
 from engine.config import CONF
 from engine.errors import EngineError
 from engine.archive import Archive
@@ -152,7 +152,7 @@ def test_recovery_time_on_planted_series():
 
 
 def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
-    from engine import perturb as perturb_mod
+    from engine.commands import perturb as perturb_mod
 
     pcfg = compose_cfg("perturb", tmp_path, cache_dir, [
         f"source={paired}", "model=tiny-random", "parents=[0]", "cut_after=null", "cut_at=3",

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from analyses.__main__ import run as run_analysis
-from engine import answers, dump, score
+from engine.commands import answers, dump, score
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.models import load_model
-from engine.sampling import forward_logits
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
+from engine.runtime.sampling import forward_logits
 from tests.conftest import DEVICE, compose_cfg
 from tests.test_analyses import analysis_cfg
 
@@ -43,7 +44,7 @@ def test_exact_distribution_matches_sampled_frequencies(tmp_path, cache_dir):
     dcfg = compose_cfg("dump", tmp_path, cache_dir, ["model=tiny-random", "prompts=file",
                                                      f"prompts.file={tmp_path}/p.txt"])
     (tmp_path / "p.txt").write_text(PROMPT + "\n")
-    lm = load_model(dcfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(dcfg.model), DEVICE)
     cands, term = planted_candidates(lm)
     acfg = compose_cfg("answers", tmp_path, cache_dir, [
         "model=tiny-random", "candidates.reference=null", "chat_template=false",

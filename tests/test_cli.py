@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from engine import dump as dump_mod
+from engine.commands import dump as dump_mod
 from engine.archive import Archive
-from engine.verify import verify
+from engine.commands.verify import verify
 from tests.conftest import ROOT, engine_cli
 
 
@@ -233,7 +233,7 @@ def test_ctrl_c_prints_the_exact_command_that_continues(tmp_path, cache_dir, dum
 
 
 def test_interrupt_before_anything_is_written_says_so(dump_cfg, tmp_path, monkeypatch, capsys):
-    from engine import run as run_mod
+    from engine.runtime import run as run_mod
     from engine.cli import user_errors
 
     def interrupted(*a, **kw):

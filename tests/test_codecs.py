@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.archive import codecs
-from engine.encode import encode, to_numpy
+from engine.runtime.encode import encode, to_numpy
 from kernels import reference as R
 
 RNG = np.random.default_rng(7)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import dump as dump_mod
-from engine import run as run_mod
+from engine.commands import dump as dump_mod
+from engine.runtime import output
+from engine.runtime import run as run_mod
 from engine.errors import EngineError
-from engine.models import load_model, tiny_random_model
+from engine.runtime.models import load_model, tiny_random_model
+from engine.runtime.settings import ModelSpec
 from engine.archive import Archive
 from tests.conftest import DEVICE
 
@@ -82,7 +84,7 @@ def test_eos_ends_samples_and_rows_are_padded(dump_cfg, tmp_path):
     """Treat the tiny model's most frequent tokens as EOS so samples end early."""
     cfg = dump_cfg("n_samples=4", "batch_size=4", "max_new_tokens=30", "codec=fp16",
                    f"out={tmp_path}/eos.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     lm.eos_ids = tuple(range(2, 258, 3))  # a third of the vocabulary ends a sample
     res = dump_mod.run(cfg, model=lm)
     with Archive(res["archive"]) as a:
@@ -163,7 +165,7 @@ def test_resume_refuses_different_settings(dump_cfg, tmp_path, monkeypatch):
     def crash(*a):
         raise RuntimeError("simulated crash before the final rename")
 
-    monkeypatch.setattr(run_mod.os, "replace", crash)  # leaves the partial behind
+    monkeypatch.setattr(output, "atomic_replace", crash)  # leaves the partial behind
     with pytest.raises(RuntimeError, match="simulated"):
         dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=3", f"out={out}"))
     monkeypatch.undo()
@@ -194,7 +196,7 @@ def test_zero_new_tokens_gives_empty_but_valid_archive(dump_cfg, tmp_path):
 def test_draw_matches_the_sampling_distribution():
     """Inverse-CDF draws follow softmax(x): chi-square-style check on a planted distribution,
     and zero-probability tokens are never drawn."""
-    from engine.sampling import draw, uniforms
+    from engine.runtime.sampling import draw, uniforms
 
     p = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
     x = torch.log(p).expand(4000, -1)
@@ -208,7 +210,7 @@ def test_generation_keeps_its_context_when_the_config_disables_the_cache(dump_cf
     """A model saved by a trainer can carry use_cache=False (TRL's DPO does); the sampling loop
     must still decode with its KV cache, i.e. every step sees the whole context."""
     cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "codec=fp32", f"out={tmp_path}/nc.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     lm.bridge.original_model.config.use_cache = False
     res = dump_mod.run(cfg, model=lm)
     with Archive(res["archive"]) as a:

@@ -27,7 +27,7 @@ import pytest
 
 import kernels as K
 from engine.archive import Archive, format as F
-from engine.inspect import main as inspect_main
+from engine.commands.inspect import main as inspect_main
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = sorted(DATA.glob("v*.h5"))
@@ -89,7 +89,7 @@ def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_arc
 
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
 def test_old_archives_have_no_checksums_and_verify_says_so_in_one_line(path, capsys):
-    from engine.verify import main as verify_main
+    from engine.commands.verify import main as verify_main
 
     with Archive(path) as a:
         assert all(m.checksum_columns is None and m.self_check is None
@@ -110,7 +110,7 @@ def _spec_snippet() -> str:
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "q16"])
 def test_the_specs_plain_h5py_example_runs_on_every_codec_and_version(codec, dump_cfg, tmp_path):
     """The spec's own reading example (no project code) gives the reader's log-probabilities."""
-    from engine import dump as dump_mod
+    from engine.commands import dump as dump_mod
     from kernels import reference as R
 
     new = dump_mod.run(dump_cfg("n_samples=1", "max_new_tokens=3", f"codec={codec}",

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import dump, run as R
+from engine.runtime import run as R
+from engine.commands import dump
 from engine.archive import Archive, format as F
 from engine.errors import EngineError
-from engine.models import load_model
-from engine.sampling import LOGITS_HOOK
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
+from engine.runtime.sampling import LOGITS_HOOK
 from tests.conftest import DEVICE, ROOT
 
 
@@ -46,7 +48,7 @@ def poison(lm, row: int, step: int):
 def test_nonfinite_logits_fail_with_one_line_naming_sample_step_and_model(dump_cfg, tmp_path):
     cfg = dump_cfg("n_samples=4", "batch_size=4", "max_new_tokens=6", prompt_file(tmp_path, "Hi"),
                    f"out={tmp_path}/nan.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     poison(lm, row=1, step=2)
     with pytest.raises(EngineError) as e:
         dump.run(cfg, model=lm)
@@ -62,7 +64,7 @@ def test_nonfinite_logits_recorded_end_that_sample_only(dump_cfg, tmp_path):
               prompt_file(tmp_path, "Hi"))
     clean = dump.run(dump_cfg(*common, f"out={tmp_path}/clean.h5"))["archive"]
     cfg = dump_cfg(*common, "on_nonfinite=record", f"out={tmp_path}/rec.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     poison(lm, row=1, step=2)
     rec = dump.run(cfg, model=lm)["archive"]
     with Archive(clean) as a, Archive(rec) as b:
@@ -83,7 +85,7 @@ def test_draws_are_cpu_side_and_reproduce_from_stored_logits(dump_cfg, tmp_path,
     """Every generator is a CPU one (CUDA's Philox would give other numbers from the same
     seed), and each token follows from the stored logits and the sample's seed alone: the
     same inverse-CDF draw, recomputed here from the fp32 archive, gives every stored token."""
-    import engine.sampling as S
+    import engine.runtime.sampling as S
 
     made = []
     real = torch.Generator
@@ -113,7 +115,7 @@ def test_draws_are_cpu_side_and_reproduce_from_stored_logits(dump_cfg, tmp_path,
 def test_bf16_model_dtype_is_what_runs_and_what_provenance_says(dump_cfg, tmp_path):
     cfg = dump_cfg("model.dtype=bfloat16", "n_samples=2", "max_new_tokens=5",
                    f"out={tmp_path}/bf.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     assert {p.dtype for p in lm.bridge.parameters()} == {torch.bfloat16}
     assert lm.bridge.cfg.dtype == torch.bfloat16  # the bridge was told (it said float32)
     path = dump.run(cfg, model=lm)["archive"]  # end to end on the CPU
@@ -128,7 +130,7 @@ def test_bf16_model_dtype_is_what_runs_and_what_provenance_says(dump_cfg, tmp_pa
 
 
 def test_dtype_auto_resolves_by_device():
-    from engine.models import resolve_dtype
+    from engine.runtime.models import resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
@@ -138,13 +140,13 @@ def test_dtype_auto_resolves_by_device():
 
 def test_tempered_twin_multiplies_in_float32(dump_cfg, monkeypatch):
     """A bf16 base's tempered twin: gamma * logits in float32, not rounded to bf16."""
-    import engine.config
-    from engine.sampling import forward_logits
+    from engine.runtime import models
+    from engine.runtime.sampling import forward_logits
 
-    base_cfg = dump_cfg("model.dtype=bfloat16").model
-    monkeypatch.setattr(engine.config, "model_config", lambda name: base_cfg)
-    tw = load_model(dump_cfg("model=tempered", "model.gamma=1.37").model, DEVICE)
-    base = load_model(base_cfg, DEVICE)
+    base_spec = ModelSpec.from_node(dump_cfg("model.dtype=bfloat16").model)
+    monkeypatch.setattr(models, "model_config", lambda name: base_spec)
+    tw = load_model(ModelSpec.from_node(dump_cfg("model=tempered", "model.gamma=1.37").model), DEVICE)
+    base = load_model(base_spec, DEVICE)
     ids = torch.tensor([[0, 40, 41, 42]], device=tw.device)
     got = forward_logits(tw.bridge, ids)
     want = forward_logits(base.bridge, ids).float() * 1.37
@@ -155,8 +157,10 @@ def test_tempered_twin_multiplies_in_float32(dump_cfg, monkeypatch):
 def test_gguf_cache_is_float32_whatever_dtype_loads_first(tmp_path, monkeypatch):
     """The dequantization cache was keyed by the file alone and written in the first load's
     dtype, so a bf16 first load left bf16-rounded weights for every later float32 run."""
-    from engine import models
-    from engine.config import model_config
+    from engine.runtime import models
+    import dataclasses
+
+    from engine.runtime.settings import model_config
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"not really a gguf")
@@ -171,12 +175,10 @@ def test_gguf_cache_is_float32_whatever_dtype_loads_first(tmp_path, monkeypatch)
                 AutoTokenizer.from_pretrained(name_or_dir))
 
     monkeypatch.setattr(models, "_load_hf", fake_load)
-    mcfg = model_config("gguf")
-    mcfg.path = str(gguf)
-    mcfg.dtype = "bfloat16"
-    m16, _, p16 = models.load_hf_source(mcfg, tmp_path / "cache")
-    mcfg.dtype = "float32"
-    m32, _, p32 = models.load_hf_source(mcfg, tmp_path / "cache")
+    spec = dataclasses.replace(model_config("gguf"), path=str(gguf), dtype="bfloat16")
+    m16, _, p16 = models.load_hf_source(spec, tmp_path / "cache")
+    spec = dataclasses.replace(spec, dtype="float32")
+    m32, _, p32 = models.load_hf_source(spec, tmp_path / "cache")
     assert asked == [torch.float32]  # dequantized once, in float32
     assert p16["dtype"] == "bfloat16" and p32["dtype"] == "float32"
     ref, _ = models.tiny_random_model(0, torch.float32)
@@ -201,7 +203,7 @@ def test_one_host_sync_per_step(dump_cfg, tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, wrapped)
     cfg = dump_cfg("n_samples=4", "batch_size=2", "max_new_tokens=8", "q16_window=24",
                    "codec=q16", f"out={tmp_path}/s.h5")
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     real_sample_all = R.sample_all
 
     def counted(*a, **kw):
@@ -315,14 +317,14 @@ def test_gpu_bench_runs_where_there_is_no_gpu():
 
 
 def test_score_refuses_nonfinite_logits_with_one_line(dump_cfg, tmp_path):
-    from engine import score
+    from engine.commands import score
     from tests.conftest import compose_cfg
 
     path = dump.run(dump_cfg("n_samples=2", "batch_size=2", "max_new_tokens=5",
                              prompt_file(tmp_path, "Hi"), f"out={tmp_path}/s.h5"))["archive"]
     cfg = compose_cfg("score", tmp_path, tmp_path / "cache",
                       ["model=tiny-random", "model.key=other", f"archive={path}"])
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     lm.key = "other"
 
     def hook(logits, hook):  # the teacher-forced forward: [batch, positions, vocab]

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from analyses.__main__ import run as run_analysis
-from engine import dump, perturb, score
+from engine.commands import dump, perturb, score
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.models import load_model
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
 from kernels import reference as R
 from tests.conftest import DEVICE, compose_cfg
 from tests.test_analyses import analysis_cfg
@@ -26,7 +27,7 @@ FIELD = LAYERS * (W - 1) + 1  # tokens a prediction depends on
 
 
 def windowed(cfg):
-    lm = load_model(cfg.model, DEVICE)
+    lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
 
     def window(scores, hook):  # [batch, heads, queries, keys]: keep the last W keys
         q, k = scores.shape[-2:]

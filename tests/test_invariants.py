@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine import dump as dump_mod
-from engine import sampling
-from engine import selfcheck
+from engine.commands import dump as dump_mod
+from engine.runtime.settings import ModelSpec
+from engine.runtime import sampling
+from engine.runtime import selfcheck
 from engine.archive import Archive
 from engine.errors import EngineError
 from kernels.reference import log_softmax
@@ -106,7 +107,7 @@ def test_a_good_dump_records_its_self_check_within_the_bound(dump_cfg, tmp_path)
 def test_stored_rows_that_are_not_the_models_fail_the_self_check(dump_cfg, tmp_path,
                                                                  monkeypatch):
     """Rows scaled by 1.05 on their way to the writer (every log-prob gap off by 5%)."""
-    from engine import overlap
+    from engine.runtime import overlap
 
     real = overlap.encode
 
@@ -127,7 +128,7 @@ def test_the_bound_covers_each_codec_and_is_tight(codec):
     measured |Δ log p| (float64 reference) lies within the bound with no rounding allowance,
     and the bound is within 8x of what the codec really does (not a blanket tolerance)."""
     from engine.archive import codecs
-    from engine.encode import encode, to_numpy
+    from engine.runtime.encode import encode, to_numpy
 
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(64, 4096, generator=g, dtype=torch.float64) * 32 - 16).float()
@@ -151,10 +152,10 @@ def test_the_bridge_reads_a_cache_passed_under_its_new_name(dump_cfg, monkeypatc
     release by calling the bridge's update the way 5.24's layers do)."""
     from transformer_lens.model_bridge.generalized_components import attention
 
-    from engine import compat
-    from engine.models import load_model
+    from engine.runtime import compat
+    from engine.runtime.models import load_model
 
-    lm = load_model(dump_cfg().model, "cpu")
+    lm = load_model(ModelSpec.from_node(dump_cfg().model), "cpu")
     bridge_attn = next(m for m in lm.bridge.modules() if isinstance(m, attention.AttentionBridge))
     k = v = torch.zeros(1, 2, 3, 8)
 

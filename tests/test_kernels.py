@@ -10,7 +10,7 @@ import torch
 
 import kernels as K
 from engine.archive import codecs
-from engine.encode import encode as encode_codec, to_numpy
+from engine.runtime.encode import encode as encode_codec, to_numpy
 from kernels import reference as R
 
 RNG = np.random.default_rng(0)

@@ -25,15 +25,52 @@ print("TORCH_LOADED=" + str("torch" in sys.modules))
 """
 
 
-def test_import_linter_contracts_hold():
-    """.importlinter: kernels import nothing of the project; the archive package imports
-    neither torch nor the run layer; analyses never import model sources or runs; stream sits
-    between analyses and kernels/archive."""
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lint-imports")
-    res = subprocess.run([str(exe), "--config", str(ROOT / ".importlinter"), "--no-cache"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(exe), "--config", str(root / ".importlinter"), "--no-cache"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_import_linter_contracts_hold():
+    """.importlinter: commands above runtime above stream above the archive package above
+    kernels; the archive package imports no deep-learning library; analyses never import the
+    runtime or the verbs; the shared modules import no layer."""
+    res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "4 kept, 0 broken" in res.stdout
+
+
+def test_a_new_runtime_module_imported_by_the_archive_breaks_the_contracts(tmp_path):
+    """The contracts name packages: a module added under engine/runtime/ (named nowhere) is
+    covered the moment it exists.  A copy of the tree passes; importing the new module from
+    engine/archive/ breaks the layers contract."""
+    import shutil
+
+    for pkg in ("engine", "kernels", "analyses"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "conf"))
+    shutil.copy(ROOT / ".importlinter", tmp_path)
+    (tmp_path / "engine" / "runtime" / "brand_new.py").write_text("X = 1\n")
+    assert _lint_imports(tmp_path).returncode == 0
+    text = tmp_path / "engine" / "archive" / "text.py"
+    text.write_text(text.read_text() + "\nfrom engine.runtime import brand_new  # noqa\n")
+    res = _lint_imports(tmp_path)
+    assert res.returncode != 0 and "engine.archive.text -> engine.runtime.brand_new" in res.stdout, \
+        res.stdout[-3000:]
+
+
+def test_every_verb_is_registered_once_and_lies_in_commands():
+    """engine.commands.VERBS is the one list of verbs: each has its module with a `main`, and
+    every module in engine/commands/ but `common` is a verb."""
+    import importlib
+
+    from engine.commands import VERBS
+
+    modules = {p.stem for p in (ROOT / "engine" / "commands").glob("*.py")} - {"__init__", "common"}
+    assert modules == set(VERBS)
+    for verb in VERBS.values():
+        assert callable(importlib.import_module(verb.module).main), verb.name
 
 
 def _run_without_torch(module: str, argv: list[str], tmp_path) -> str:

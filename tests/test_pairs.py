@@ -8,11 +8,12 @@ import pytest
 
 import kernels as K
 from engine.archive import writer as archive_mod
-from engine import dump as dump_mod
-from engine import perturb as perturb_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import perturb as perturb_mod
+from engine.commands import score as score_mod
 from engine.errors import EngineError
-from engine.models import load_model
+from engine.runtime.models import load_model
+from engine.runtime.settings import ModelSpec
 from engine.archive import Archive
 from engine.stream import map_pairs
 from tests.conftest import DEVICE, compose_cfg
@@ -83,7 +84,7 @@ def test_score_refuses_the_generator_key_and_existing_groups(source, tmp_path, c
 def test_score_refuses_mismatched_tokenizers(source, tmp_path, cache_dir):
     def other_vocab(*overrides):
         cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={source}", *TEMPERED, *overrides])
-        lm = load_model(cfg.model, DEVICE, cache_dir)
+        lm = load_model(ModelSpec.from_node(cfg.model), DEVICE, cache_dir)
         lm.provenance = {**lm.provenance, "vocab_hash": "0" * 64, "tokenizer_name": "other"}
         return score_mod.run(cfg, model=lm)
 

@@ -12,11 +12,11 @@ from scipy.stats import entropy as scipy_entropy
 
 from analyses.__main__ import run as run_analysis
 from analyses.persona_parse import lead_field, parse, sentences
-from engine import dump as dump_mod
-from engine import models
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.runtime import models
+from engine.commands import score as score_mod
 from engine.errors import EngineError
-from engine.prompts import render
+from engine.runtime.prompts import render
 from engine.archive import Archive
 from tests.conftest import compose_cfg, compose_dump
 from tests.test_analyses import analysis_cfg

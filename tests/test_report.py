@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from analyses.__main__ import run as run_analysis
-from engine import dump as dump_mod
-from engine import perturb as perturb_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import perturb as perturb_mod
+from engine.commands import score as score_mod
 from engine.errors import EngineError
 from tests.conftest import compose_cfg
 

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from analyses.__main__ import run as run_analysis
-from engine import dump as dump_mod
-from engine import perturb as perturb_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import perturb as perturb_mod
+from engine.commands import score as score_mod
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.inspect import main as inspect_main
-from engine.merge import merge
+from engine.commands.inspect import main as inspect_main
+from engine.commands.merge import merge
 from tests.conftest import ROOT, compose_cfg, compose_dump, engine_cli
 from tests.test_analyses import analysis_cfg
 
@@ -216,23 +216,20 @@ def test_each_shard_takes_its_own_gpu_when_it_sees_several(dump_cfg, monkeypatch
     GPU (SLURM) or an explicit cuda:N is left alone."""
     import torch
 
-    from engine import run as R
+    from engine.runtime import run as R
     from engine.archive import Shard
+    from engine.runtime.settings import RunSettings
 
     cfg = dump_cfg()
     four = ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
     for n_gpus, device, want in ((4, "auto", four), (4, "cuda", four), (1, "auto", ["auto"] * 5),
                                  (1, "cuda", ["cuda"] * 5), (4, "cuda:2", ["cuda:2"] * 5)):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
-        got = []
-        for i in range(5):
-            cfg.device = device
-            R.shard_device(cfg, Shard(i, 5, 0, 1, 5))
-            got.append(cfg.device)
+        rs = RunSettings.from_cfg(cfg).with_(device=device)
+        got = [R.shard_device(rs, Shard(i, 5, 0, 1, 5)).device for i in range(5)]
         assert got == want
-    cfg.device = "auto"
-    R.shard_device(cfg, None)  # not sharded: untouched
-    assert cfg.device == "auto"
+    rs = RunSettings.from_cfg(cfg).with_(device="auto")
+    assert R.shard_device(rs, None).device == "auto"  # not sharded: untouched
 
 
 def test_resume_true_without_an_earlier_partial_is_one_line(tmp_path, cache_dir):

@@ -10,8 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from engine import dump as dump_mod
-from engine import models
+from engine.commands import dump as dump_mod
+from engine.runtime.settings import ModelSpec
+from engine.runtime import models
 from engine.errors import EngineError
 from engine.archive import Archive
 from tests.conftest import DEVICE, compose_dump
@@ -37,7 +38,7 @@ def test_second_load_reads_the_cache_not_the_gguf(smol_archive, cache_dir, monke
 
     monkeypatch.setattr(models, "_load_hf", spy)
     mcfg = OmegaConf.load(Path(dump_mod.CONF) / "model" / "smollm2-135m-instruct.yaml")
-    lm = models.load_model(mcfg, DEVICE, cache_dir)
+    lm = models.load_model(ModelSpec.from_node(mcfg), DEVICE, cache_dir)
     assert seen == [None], "the cached safetensors directory must be used"
     assert lm.vocab_size == 49152 and lm.provenance["weights_sha256"]
     assert list(Path(cache_dir).glob("SmolLM2-135M-Instruct.Q4_1-*-float32/model.safetensors"))
@@ -76,7 +77,7 @@ def test_chat_template_is_recorded(tmp_path, cache_dir):
 
 def test_scoring_smollm2_on_a_tiny_random_archive_is_refused(tiny_archive, tmp_path, cache_dir):
     """A real tokenizer mismatch (49152-token BPE vs 258-token bytes): one clear refusal."""
-    from engine import score as score_mod
+    from engine.commands import score as score_mod
 
     from tests.test_pairs import compose_cfg
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kernels as K
-from engine import dump as dump_mod
+from engine.commands import dump as dump_mod
 from engine.archive import Archive
 from engine.stream import map_rows
 from kernels import reference as R
@@ -58,7 +58,7 @@ def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, 
     import json
 
     from analyses.__main__ import run as run_analysis
-    from engine import score as score_mod
+    from engine.commands import score as score_mod
     from engine.archive import format as F
     from engine.stream import map_pairs
     from tests.conftest import compose_cfg

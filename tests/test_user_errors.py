@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from analyses.common import write_json
-from engine import dump as dump_mod
-from engine import perturb as perturb_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import perturb as perturb_mod
+from engine.commands import score as score_mod
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.inspect import render
+from engine.commands.inspect import render
 from tests.conftest import compose_cfg
 
 
@@ -84,8 +84,8 @@ def test_unreachable_hub_fails_in_seconds_with_the_fixes(monkeypatch, tmp_path):
     import socket
     import time
 
-    from engine import models
-    from engine.config import model_config
+    from engine.runtime import models
+    from engine.runtime.settings import model_config
 
     def no_network(*a, **kw):
         raise OSError("[Errno 101] Network is unreachable")
@@ -117,12 +117,12 @@ def test_missing_launcher_plugin_is_named_in_one_line(capsys):
 def test_blank_lines_of_a_prompt_file_are_reported(tmp_path, caplog):
     from omegaconf import OmegaConf
 
-    from engine.prompts import load_prompts
+    from engine.runtime.prompts import load_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("first\n\n   \nsecond\n")
     with caplog.at_level("WARNING"):
-        got = load_prompts(OmegaConf.create({"texts": [], "file": str(path)}))
+        got = load_prompts([], str(path))
     assert got == ["first", "second"]
     assert "2 blank line(s) skipped, 2 prompts read" in caplog.text
 
@@ -130,7 +130,7 @@ def test_blank_lines_of_a_prompt_file_are_reported(tmp_path, caplog):
 def test_generic_model_configs_are_named_after_what_they_load():
     from omegaconf import OmegaConf
 
-    from engine.config import model_key
+    from engine.runtime.settings import model_key
 
     hf = OmegaConf.create({"key": None, "source": "hf", "name": "Qwen/Qwen2.5-0.5B-Instruct"})
     gguf = OmegaConf.create({"key": None, "source": "gguf", "name": "gguf", "path": "/m/tiny.Q8_0.gguf"})

@@ -19,15 +19,15 @@ import pytest
 import xxhash
 
 from engine import archive
-from engine import dump as dump_mod
-from engine import score as score_mod
+from engine.commands import dump as dump_mod
+from engine.commands import score as score_mod
 from engine.archive import Archive, ModelInfo, Rows
 from engine.archive import format as F
 from engine.cli import parse_samples
 from engine.errors import EngineError
-from engine.merge import merge
-from engine.verify import main as verify_main
-from engine.verify import verify
+from engine.commands.merge import merge
+from engine.commands.verify import main as verify_main
+from engine.commands.verify import verify
 from tests.conftest import ROOT, compose_cfg, compose_dump, engine_cli
 
 #: every per-sample dataset kind: q16 (scale, offset) and a captured hook

@@ -1,7 +1,7 @@
 """The archive package: the HDF5 layout of docs/archive-format.md, with no torch.
 
   format   every name, constant and enum of the spec, in the spec's order
-  codecs   numpy decoding of the logit codecs (encoding is the run layer's: engine.encode)
+  codecs   numpy decoding of the logit codecs (encoding is the run layer's: engine.runtime.encode)
   writer   creating archives and model groups, streaming `Rows` into them, lineage, answers
   merged   writing a merged archive from its shards (virtual or copied rows, checksums)
   checksums  per-sample xxh3_64 of a group's stored rows (writer, verify, merge --copy)

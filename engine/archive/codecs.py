@@ -1,6 +1,6 @@
 """Decoding the archive's logit codecs with numpy (docs/archive-format.md, "Codecs").
 
-Encoding runs in torch on the model's device, in the run layer (`engine.encode`); this module
+Encoding runs in torch on the model's device, in the run layer (`engine.runtime.encode`); this module
 needs no torch, so reading an archive never imports it.  The numba kernels decode the same
 codes in-kernel and are tested against `decode`.
 

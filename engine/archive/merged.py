@@ -1,6 +1,6 @@
 """Writing a merged archive (docs/archive-format.md, "Shards and merged archives"): the layout
 half of `python -m engine merge`, whose planning, refusals and command line stay in
-engine/merge.py.
+engine/commands/merge.py.
 
 The merged file has the run's root attributes (no `shard`, `merged_from` added), `/prompts`
 and `/samples` of all shards in sample order, and every model group with its small datasets

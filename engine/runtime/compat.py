@@ -1,6 +1,6 @@
 """Adapters between the libraries whose internals the engine meets, each applied only where
 the installed versions need it and checked at run time by the invariants that would catch it
-(`engine.sampling.check_cache`, `engine.selfcheck`).
+(`engine.runtime.sampling.check_cache`, `engine.runtime.selfcheck`).
 
 transformers 5.24 renamed the KV cache keyword from `past_key_values` to `cache`, on the
 model's forward and on every decoder layer's call of its attention module.  TransformerLens

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import EngineError
+from engine.files import staged
 
 PROVENANCE = "provenance.json"
-#: provenance.json key of the build's checks (engine.align: reference log-probs, first loss);
+#: provenance.json key of the build's checks (engine.commands.align: reference log-probs, first loss);
 #: a build without it predates them and is refused on load
 CHECKS = "checks"
 
@@ -63,10 +64,8 @@ def read_build(path: Path) -> Build | None:
 
 
 def record_latest(cache: Path, name: str, build_id: str) -> None:
-    pointer = cache / "aligned" / f"{name}.latest"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(build_id + "\n")
-    os.replace(tmp, pointer)
+    with staged(cache / "aligned" / f"{name}.latest") as tmp:
+        tmp.write_text(build_id + "\n")
 
 
 def find_build(cache: Path, name: str, build_id: str | None, command: str) -> Build:

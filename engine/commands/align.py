@@ -20,7 +20,7 @@ pairs.  So:
 5. DPO with TRL's `DPOTrainer` (sigmoid loss, strength beta, full fine-tune in float32), the
    reference log-probs precomputed: step 2's, checked against TRL's own forward on one batch;
 6. a HuggingFace directory `<cache>/aligned/<name>-<build id>/` with provenance.json
-   (`engine.align_store`); the model configs `smollm2-135m-typical-dpo` and
+   (`engine.runtime.builds`); the model configs `smollm2-135m-typical-dpo` and
    `smollm2-135m-random-dpo` load it.
 
 Each step survives an interruption: the build directory is `.build-<name>-<id>` until the
@@ -42,18 +42,19 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kernels as K
-from engine import dump
-from engine import run as R
-from engine.align_store import CHECKS, PROVENANCE, build_dir, read_build, record_latest
 from engine.archive import Archive
 from engine.cli import user_errors
+from engine.commands import dump
+from engine.commands.common import run_key
 from engine.config import CONF
 from engine.errors import EngineError
-from engine.provenance import package_versions
-from engine.sampling import library_versions
-from engine.models import LoadedModel, load_hf_source
-from engine.prompts import load_prompts
-from engine.provenance import sha256_file
+from engine.files import atomic_replace
+from engine.runtime.builds import CHECKS, PROVENANCE, build_dir, read_build, record_latest
+from engine.runtime.models import LoadedModel, load_hf_source
+from engine.runtime.prompts import load_prompts
+from engine.runtime.provenance import package_versions, sha256_file
+from engine.runtime.sampling import library_versions
+from engine.runtime.settings import ModelSpec, RunSettings, Sampling
 from engine.stream import map_rows
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ ID_KEYS = (*CANDIDATE_KEYS, "min_tokens", "alpha", "beta", "noise", "label_seed"
 
 
 def validate(cfg: DictConfig) -> None:
-    R.validate_sampling(cfg)
+    Sampling.from_cfg(cfg), RunSettings.from_cfg(cfg)  # the sampling and run keys, checked
     if cfg.n_samples < 2 or cfg.n_samples % 2:
         raise EngineError(f"n_samples (K) must be an even number >= 2, got {cfg.n_samples}")
     if not cfg.beta > 0:
@@ -83,7 +84,7 @@ def settings_id(cfg: DictConfig, prompts: list[str], keys) -> str:
     """sha256 of the run key (the reference model's config and the settings `keys`) and the
     prompts; a build also hashes the TRL version."""
     extra = {"trl": package_versions()["trl"]} if "train" in keys else {}
-    spec = R.run_key(cfg, keys, prompts=prompts, **extra)
+    spec = run_key(cfg, keys, prompts=prompts, **extra)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -274,7 +275,7 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
 # ---- the run --------------------------------------------------------------------------------------
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     validate(cfg)
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
     bid = settings_id(cfg, prompts, ID_KEYS)
     cache = Path(os.path.expanduser(str(cfg.paths.cache_dir)))
     final = build_dir(cache, str(cfg.name), bid)
@@ -335,7 +336,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
              len(labels), 100 * agree)
 
     # 5. DPO on a fresh HuggingFace copy of the reference (the candidates came from the bridge)
-    hf_model, tok, _ = load_hf_source(cfg.model, cfg.paths.cache_dir)
+    hf_model, tok, _ = load_hf_source(ModelSpec.from_node(cfg.model), cfg.paths.cache_dir)
     record = train_dpo(cfg, hf_model, tok, examples, work / "trainer", token_bound)
 
     # 6. the model directory, its provenance, the atomic rename
@@ -360,9 +361,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
             "build_seconds": time.perf_counter() - t_start,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (work / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True))
-    if final.exists():  # overwrite=true: the old build goes only now
-        shutil.rmtree(final)
-    os.replace(work, final)
+    atomic_replace(work, final, replace_dir=True)  # overwrite=true: the old build goes only now
     record_latest(cache, str(cfg.name), bid)
     log.info("built %s in %.0f s: %s", cfg.name, prov["build_seconds"], final)
     return {"name": str(cfg.name), "path": str(final), "cached": False, **prov}

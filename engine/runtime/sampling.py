@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from engine.errors import EngineError
-from engine.provenance import package_versions
+from engine.runtime.provenance import package_versions
 
 LOGITS_HOOK = "unembed.hook_out"
 ON_NONFINITE = ("fail", "record")

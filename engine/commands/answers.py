@@ -22,18 +22,21 @@ import logging
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from engine import run as R
-from engine.archive import codecs
 from engine.cli import user_errors
+from engine.commands.common import config_yaml, run_key
 from engine.config import CONF
 from engine.errors import EngineError
-from engine.models import LoadedModel
-from engine.overlap import encoded
-from engine.prompts import check_chat_template
-from engine.sampling import input_device
-from engine.score import teacher_forced_steps
+from engine.runtime import output
+from engine.runtime import run as R
+from engine.runtime.models import LoadedModel
+from engine.runtime.overlap import encoded
+from engine.runtime.prompts import check_chat_template
+from engine.runtime.sampling import input_device
+from engine.runtime.schedule import fill
+from engine.runtime.settings import ModelSpec, Output, RunSettings, Shape
+from engine.runtime.teacher import teacher_forced_steps
 
 log = logging.getLogger(__name__)
 KEYS = ("candidates", "chat_template", "codec", "q16_window", "batch_size")
@@ -89,13 +92,13 @@ def candidate_tokens(lm: LoadedModel, cands: list[str], terminator) -> list[list
 
 
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
-    R.check_batch_size(cfg)
+    spec = ModelSpec.from_node(cfg.model)
+    rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
-    codecs.check_codec(cfg.codec, cfg.q16_window)
     c = load_candidates(cfg.candidates)
-    key = R.run_key(cfg, KEYS, device=R.device_type(cfg))
-    o = R.plan_output(cfg, key)
-    lm = R.load(cfg, model)
+    key = run_key(cfg, KEYS, device=R.device_type(rs.device), batch_size=rs.batch_size)
+    plan = output.plan_output(Output.from_cfg(cfg), key)
+    lm = R.load(spec, rs, model)
     seen = R.read_prompts(lm, [c["prompt"]], cfg.chat_template)
     seqs = candidate_tokens(lm, c["candidates"], c["terminator"])
     n, T = len(seqs), max(len(s) for s in seqs)
@@ -103,26 +106,30 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
     length = np.array([len(s) for s in seqs], dtype=np.int64)
-    with open_dict(cfg):  # what the archive records as its shape (not settings of this verb)
-        cfg.n_samples, cfg.max_new_tokens = n, T
-    writer = R.open_or_create(o, key, cfg, [c["prompt"]], R.model_info(lm, seen), verb="answers")
-    with writer:
-        if not o.resuming:
-            writer.write_answers(c["candidates"], c["reference"], c["terminator"],
-                                 str(cfg.candidates.get("name", "")))
+    # the archive's shape: one sample per candidate, as long as the longest
+    shape = Shape(n, T, config_yaml(cfg, n_samples=n, max_new_tokens=T, batch_size=rs.batch_size))
+
+    def create(partial):
+        w = R.create_archive(partial, key, shape, [c["prompt"]], R.model_info(lm, seen), rs.codec)
+        w.write_answers(c["candidates"], c["reference"], c["terminator"],
+                        str(cfg.candidates.get("name", "")))
+        return w
+
+    with output.new_archive(plan, "answers", create, key) as writer:
+        check = R.FirstBatchCheck(writer, lm, rs.codec.window)
+
         def write(p, s0, s1):
             steps = teacher_forced_steps(lm.bridge, seen.ids[0], tokens[s0:s1], length[s0:s1],
                                          input_device(lm.bridge))
-            writer.write_batch(s0, [0] * (s1 - s0), encoded(steps, cfg.codec, cfg.q16_window),
-                               lm.eos_ids)
+            writer.write_batch(s0, [0] * (s1 - s0),
+                               encoded(steps, rs.codec.codec, rs.codec.window), lm.eos_ids)
             check.after(seen.ids[0], s0, s1 - s0)
 
-        check = R.FirstBatchCheck(writer, lm, cfg.q16_window)
-        R.fill(1, n, cfg, writer.n_complete, f"answers {lm.key}", write)
+        fill(1, n, rs.batch_size, writer.n_complete, f"answers {lm.key}", write,
+             progress=rs.progress, device=rs.device)
         writer.finish()
-    R.finalize(o)
-    log.info("wrote %s: %d candidates scored by %s", o.out, n, lm.key)
-    return {"archive": str(o.out), "model": lm.key, "candidates": n, "max_tokens": T}
+    log.info("wrote %s: %d candidates scored by %s", plan.out, n, lm.key)
+    return {"archive": str(plan.out), "model": lm.key, "candidates": n, "max_tokens": T}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="answers")

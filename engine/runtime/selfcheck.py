@@ -29,7 +29,7 @@ import torch
 from engine.archive import codecs
 from engine.archive import format as F
 from engine.errors import EngineError
-from engine.sampling import forward_logits, input_device, library_versions
+from engine.runtime.sampling import forward_logits, input_device, library_versions
 from kernels.reference import log_softmax
 
 #: allowed rounding difference between the two forwards, as a fraction of the largest |logit|,

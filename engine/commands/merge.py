@@ -33,7 +33,8 @@ from engine.archive import Archive, write_merged
 from engine.archive import format as F
 from engine.cli import user_errors
 from engine.errors import EngineError
-from engine.provenance import sha256_file
+from engine.files import staged
+from engine.runtime.provenance import sha256_file
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -154,15 +155,10 @@ def merge(out: str | Path, patterns: list[str], copy: bool = False, overwrite: b
     if out in paths:
         raise EngineError(f"{out} is one of the shards; write the merged archive elsewhere")
     shards = open_shards(paths)
-    partial = out.with_name(out.name + ".partial")
     try:
         check(shards)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        size = write(partial, shards, copy, progress)
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        with staged(out, out.with_name(out.name + ".partial")) as partial:
+            size = write(partial, shards, copy, progress)
     finally:
         for a in shards:
             a.close()

@@ -11,16 +11,17 @@ from engine.errors import EngineError
 log = logging.getLogger(__name__)
 
 
-def load_prompts(pcfg) -> list[str]:
-    texts = list(pcfg.texts or [])
-    if pcfg.file:
-        path = Path(str(pcfg.file)).expanduser()
+def load_prompts(texts, file: str | None = None) -> list[str]:
+    """A prompt set's `texts` followed by the non-blank lines of its `file`."""
+    texts = [str(t) for t in (texts or [])]
+    if file:
+        path = Path(str(file)).expanduser()
         if not path.is_file():
-            raise EngineError(f"prompt file not found: {pcfg.file}")
+            raise EngineError(f"prompt file not found: {file}")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
-            raise EngineError(f"prompt file is not UTF-8 text: {pcfg.file}") from exc
+            raise EngineError(f"prompt file is not UTF-8 text: {file}") from exc
         kept = [line for line in lines if line.strip()]
         if len(kept) < len(lines):
             log.warning("prompt file %s: %d blank line(s) skipped, %d prompts read", path,

@@ -71,7 +71,7 @@ def summary(a: Archive) -> str:
 
 
 def self_check_line(m: ModelView) -> str:
-    """The group's run self-check (engine.selfcheck), in one line."""
+    """The group's run self-check (engine.runtime.selfcheck), in one line."""
     c = m.self_check
     if c is None:
         why = "teacher-forced group" if m.role == "scored" else "not recorded"

@@ -17,6 +17,7 @@ its commit, so resume continues exactly where the file says.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 from engine import archive
-from engine.encode import encode, to_numpy
-from engine.sampling import Step
+from engine.runtime.encode import encode, to_numpy
+from engine.runtime.sampling import Step
 
 _END = object()  # end of one batch's rows
 _STOP = object()  # no more batches (after an interrupt: the batch in flight is dropped)
@@ -160,3 +161,17 @@ class Overlap:
             except queue.Full:
                 if not self._thread.is_alive():
                     raise RuntimeError("the archive writer thread stopped") from self._error
+
+
+@contextlib.contextmanager
+def overlapped(threaded: bool = True):
+    """An `Overlap` for one run's batches: on leaving, every queued batch is written; when the
+    block raises (an interrupt, an error), complete batches are still committed and the one
+    in flight is dropped before its commit."""
+    pipe = Overlap(threaded=threaded)
+    try:
+        yield pipe
+    except BaseException:
+        pipe.close(abort=True)
+        raise
+    pipe.close()

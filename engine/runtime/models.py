@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from engine.config import model_key
 from engine.errors import EngineError
-from engine.provenance import sha256_file
-from engine.sampling import cache_keyword
+from engine.files import atomic_replace
+from engine.runtime.provenance import sha256_file
+from engine.runtime.sampling import cache_keyword
+from engine.runtime.settings import SOURCES, ModelSpec, model_config
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered", "aligned")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_DTYPE = "float32"  # dequantized GGUF caches hold float32 (exact); loads cast from there
@@ -192,7 +192,7 @@ def _cache_gguf_as_hf(gguf: Path, cache_dir: Path, digest: str | None = None) ->
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
                                                      "dtype": CACHE_DTYPE}))
-        os.replace(tmp, target)  # atomic: a concurrent or killed load never sees half a cache
+        atomic_replace(tmp, target)  # atomic: a concurrent or killed load never sees half a cache
     except FileExistsError:
         shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
@@ -237,50 +237,50 @@ def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: i
     return model.to(dtype).eval(), tok
 
 
-def load_hf_source(mcfg, cache_dir: str | Path = "~/.cache/logit-engine",
+def load_hf_source(spec: ModelSpec, cache_dir: str | Path = "~/.cache/logit-engine",
                    device: torch.device | None = None, device_map=None):
     """(transformers model in eval mode, its tokenizer, provenance) of a configured model,
-    before any bridge: what `load_model` wraps, and what `engine.align` trains.  The weights
+    before any bridge: what `load_model` wraps, and what `engine.commands.align` trains.  The weights
     are loaded on the CPU, or straight onto `device` (CUDA) or over `device_map`."""
-    source = mcfg.source
+    source = spec.source
     if source not in SOURCES or source == "tempered":
         raise EngineError(f"model source {source!r} has no plain HuggingFace model; choose one of "
                           f"{', '.join(s for s in SOURCES if s != 'tempered')}")
-    dtype = resolve_dtype(str(mcfg.dtype), device)
+    dtype = resolve_dtype(str(spec.dtype), device)
     if device_map is None and device is not None and device.type == "cuda":
         device_map = {"": str(device)}  # every weight straight to that GPU
     cache = Path(os.path.expanduser(str(cache_dir)))
-    prov = {"source": source, "name": str(mcfg.name), "revision": ""}
+    prov = {"source": source, "name": str(spec.name), "revision": ""}
     if source == "tiny-random":
-        model, tok = tiny_random_model(int(mcfg.seed), dtype)
+        model, tok = tiny_random_model(int(spec.seed), dtype)
         prov["weights_sha256"] = sha256_state_dict(model)
-        prov["revision"] = f"seed={int(mcfg.seed)}"
+        prov["revision"] = f"seed={int(spec.seed)}"
     elif source in ("smollm2", "gguf"):
         path = _smollm2_gguf() if source == "smollm2" else \
-            Path(os.path.expanduser(str(mcfg.path or "")))
+            Path(os.path.expanduser(str(spec.path or "")))
         if not path.is_file():
-            raise EngineError(f"GGUF file not found: {mcfg.path}")
+            raise EngineError(f"GGUF file not found: {spec.path}")
         digest = sha256_file(path)
         model, tok = _load_hf(str(_cache_gguf_as_hf(path, cache, digest)), None, dtype,
                               device_map=device_map)
         prov["weights_sha256"] = digest
         prov["path"] = str(path)
     elif source == "aligned":
-        from engine.align_store import find_build
+        from engine.runtime.builds import find_build
 
-        build = find_build(cache, str(mcfg.name), mcfg.build, str(mcfg.build_command))
+        build = find_build(cache, str(spec.name), spec.build, str(spec.build_command))
         model, tok = _load_hf(str(build.path), None, dtype, device_map=device_map)
         prov["weights_sha256"] = build.weights_sha256
         prov["revision"] = build.build_id
         prov["path"] = str(build.path)
         prov["alignment"] = build.summary  # JSON: alpha, beta, K, hashes, steps, final loss
     else:  # hf: hub name or local directory
-        local = Path(os.path.expanduser(str(mcfg.name)))
-        if str(mcfg.name).startswith((".", "/", "~")) and not local.is_dir():
-            raise EngineError(f"model directory not found: {mcfg.name}")
-        model, tok = _load_hf(str(local) if local.is_dir() else str(mcfg.name),
-                              mcfg.revision, dtype, device_map=device_map)
-        prov["revision"] = str(getattr(model.config, "_commit_hash", None) or mcfg.revision or "")
+        local = Path(os.path.expanduser(str(spec.name)))
+        if str(spec.name).startswith((".", "/", "~")) and not local.is_dir():
+            raise EngineError(f"model directory not found: {spec.name}")
+        model, tok = _load_hf(str(local) if local.is_dir() else str(spec.name),
+                              spec.revision, dtype, device_map=device_map)
+        prov["revision"] = str(getattr(model.config, "_commit_hash", None) or spec.revision or "")
         prov["weights_sha256"] = "" if prov["revision"] else sha256_state_dict(model)
     prov["dtype"] = dtype_name(next(model.parameters()).dtype)  # what the weights really are
     return model, tok, prov
@@ -312,19 +312,17 @@ def device_provenance(dev: torch.device, deterministic: bool = False) -> dict:
     return out
 
 
-def load_model(mcfg, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
+def load_model(spec: ModelSpec, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
                device_map=None, deterministic: bool = False) -> LoadedModel:
-    """Load the model described by a conf/model/*.yaml node and wrap it in a bridge.
+    """Load the model described by a model config (conf/model/*.yaml) and wrap it in a bridge.
     `device_map="auto"` spreads a model too large for one GPU over all visible ones."""
-    if mcfg.source not in SOURCES:
-        raise EngineError(f"unknown model source {mcfg.source!r}; choose one of {', '.join(SOURCES)}")
-    if mcfg.source == "tempered":
-        return load_tempered(mcfg, device, cache_dir, device_map, deterministic)
+    if spec.source == "tempered":
+        return load_tempered(spec, device, cache_dir, device_map, deterministic)
     dev = resolve_device(device)
     if device_map is not None and dev.type != "cuda":
         raise EngineError(f"device_map={device_map} needs CUDA (device={device})")
-    model, tok, prov = load_hf_source(mcfg, cache_dir, dev, device_map)
-    return wrap(model, tok, str(mcfg.name), model_key(mcfg), dev, prov, deterministic)
+    model, tok, prov = load_hf_source(spec, cache_dir, dev, device_map)
+    return wrap(model, tok, str(spec.name), spec.group, dev, prov, deterministic)
 
 
 def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
@@ -344,7 +342,7 @@ def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
         raise EngineError(f"TransformerBridge cannot wrap {name!r}: {exc}") from exc
     bridge.eval()
     if cache_keyword(bridge) == "cache":  # transformers >= 5.24
-        from engine.compat import bridge_cache_keyword
+        from engine.runtime.compat import bridge_cache_keyword
 
         bridge_cache_keyword()
     # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
@@ -359,26 +357,25 @@ def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
                        eos_ids=tuple(sorted(int(i) for i in eos_ids)), provenance=prov)
 
 
-def load_tempered(mcfg, device, cache_dir, device_map=None, deterministic=False) -> LoadedModel:
+def load_tempered(spec: ModelSpec, device, cache_dir, device_map=None, deterministic=False) -> LoadedModel:
     """`model.base` with every step's logits multiplied by `model.gamma` (a permanent hook on
     the unembedding output, registered before any capture hook, so captures see the tempered
     logits): softmax(gamma * logits) ∝ softmax(logits)**gamma, computed in float32 whatever
     the model's dtype (a bf16 product would round the tempered logits to 8 bits)."""
-    from engine.config import model_config
-    from engine.sampling import LOGITS_HOOK
+    from engine.runtime.sampling import LOGITS_HOOK
 
-    gamma = float(mcfg.gamma)
+    gamma = float(spec.gamma)
     if not gamma > 0:
-        raise EngineError(f"model.gamma must be > 0, got {mcfg.gamma}")
-    base_cfg = model_config(str(mcfg.base))
-    if base_cfg.source == "tempered":
+        raise EngineError(f"model.gamma must be > 0, got {spec.gamma}")
+    base_spec = model_config(str(spec.base))
+    if base_spec.source == "tempered":
         raise EngineError("model.base of a tempered model cannot itself be tempered")
-    lm = load_model(base_cfg, device, cache_dir, device_map, deterministic)
+    lm = load_model(base_spec, device, cache_dir, device_map, deterministic)
     lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits.float() * gamma,
                        is_permanent=True)
     base_prov = lm.provenance
     lm.provenance = {**base_prov, "source": "tempered", "gamma": gamma,
-                     "base_model": str(base_cfg.key), "base_source": base_prov["source"],
+                     "base_model": str(base_spec.key), "base_source": base_prov["source"],
                      "name": f"({base_prov['name']}) ** {gamma:g}  [synthetic tempered twin]"}
-    lm.key = model_key(mcfg)
+    lm.key = spec.group
     return lm

@@ -22,12 +22,15 @@ import numpy as np
 from omegaconf import DictConfig
 
 from engine import archive
-from engine import run as R
 from engine.cli import user_errors
-from engine.config import CONF, model_for, model_key
+from engine.commands.common import config_yaml, run_key
+from engine.config import CONF
 from engine.errors import EngineError
-from engine.models import LoadedModel
-from engine.sampling import sample_seed
+from engine.runtime import output
+from engine.runtime import run as R
+from engine.runtime.models import LoadedModel
+from engine.runtime.sampling import sample_seed
+from engine.runtime.settings import ModelSpec, Output, RunSettings, Sampling, Shape, model_for
 
 log = logging.getLogger(__name__)
 KEYS = ("source", "parents", "cut_after", "cut_at", "edit", "fork", "n_samples",
@@ -116,36 +119,39 @@ def variants(src: archive.Archive, lm, cfg) -> list[dict]:
 
 
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
-    R.validate_sampling(cfg)
+    sampling, spec = Sampling.from_cfg(cfg), ModelSpec.from_node(cfg.model)
+    rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     if cfg.parents != "first" and not len(cfg.parents):
         raise EngineError("parents is empty: name source samples, or parents=first")
-    key = R.run_key(cfg, KEYS, device=R.device_type(cfg))
-    o = R.plan_output(cfg, key)
+    key = run_key(cfg, KEYS, device=R.device_type(rs.device), batch_size=rs.batch_size)
+    plan = output.plan_output(Output.from_cfg(cfg), key)
     with archive.Archive(cfg.source) as src:
         gen = src.model()
-        if model is None and model_key(cfg.model) != gen.key and not R.overridden("model"):
+        if model is None and spec.group != gen.key and not output.overridden("model"):
             raise EngineError(f"{cfg.source} was sampled by {gen.key}; perturb continues "
                               f"with the same model: pass {model_for(gen.key, gen.provenance)}")
-        lm = R.load(cfg, model)
+        lm = R.load(spec, rs, model)
         R.check_tokenizer(src.model().provenance, lm)
         vs = variants(src, lm, cfg)
         source = {"created": src.created, "generator": src.generator}
     texts = [v["text"] for v in vs]
     rendered = R.Rendered(chat_template=False, text=texts, ids=[v["prompt_ids"] for v in vs])
-    writer = R.open_or_create(o, key, cfg, texts, R.model_info(lm, rendered), verb="perturb")
-    if not o.resuming:
-        writer.write_lineage(vs, Path(str(cfg.source)).resolve(), source)
-    M = cfg.n_samples
+    M = sampling.n_samples
+    shape = Shape(M, sampling.max_new_tokens, config_yaml(cfg, batch_size=rs.batch_size))
+
+    def create(partial):
+        w = R.create_archive(partial, key, shape, texts, R.model_info(lm, rendered), rs.codec)
+        w.write_lineage(vs, Path(str(cfg.source)).resolve(), source)
+        return w
 
     def seed_of(i: int) -> int:  # continuation j of a pair shares its seed with the control's
         pair, j = i // (2 * M), i % M
-        return sample_seed(cfg.seed, pair * M + j)
+        return sample_seed(sampling.seed, pair * M + j)
 
-    with writer:
-        R.sample_all(writer, lm, rendered.ids, M, cfg, seed_of=seed_of)
-    R.finalize(o)
-    log.info("wrote %s: %d variants x %d continuations", o.out, len(vs), M)
-    return {"archive": str(o.out), "samples": len(vs) * M,
+    with output.new_archive(plan, "perturb", create, key) as writer:
+        R.sample_all(writer, lm, rendered.ids, M, sampling, rs, seed_of=seed_of)
+    log.info("wrote %s: %d variants x %d continuations", plan.out, len(vs), M)
+    return {"archive": str(plan.out), "samples": len(vs) * M,
             "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")} for v in vs]}
 
 
