@@ -1,18 +1,18 @@
-"""`python -m analyses analysis=NAME archive=PATH`: thin Hydra wrapper around `run(cfg)`."""
+"""`python -m analyses analysis=NAME archive=PATH`: thin Hydra wrapper that runs the analysis
+NAME declares (`analyses.protocol`: its `ANALYSIS`) and writes its summary."""
 
 from __future__ import annotations
 
-import importlib
+import sys
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from analyses.common import register_resolvers, write_json
-from engine.cli import check_group_choices, check_launcher, user_errors
-from engine.config import CONF, options
-from engine.errors import EngineError
+from analyses.lib.common import register_resolvers, write_json
+from analyses.protocol import CONF, get, options
+from engine.cli import check_launcher, user_errors
 from engine.archive import Archive
 
 
@@ -22,16 +22,14 @@ register_resolvers()
 def run(cfg: DictConfig) -> dict:
     """Run one analysis over one archive; returns its summary (also written as summary.json)."""
     name = str(cfg.analysis.name)
-    if name not in options("analysis"):
-        raise EngineError(f"unknown analysis {name!r}; available: {', '.join(options('analysis'))}")
+    analysis = get(name)
     out = Path(str(cfg.paths.output_dir))
     out.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"analyses.{name}")
-    if not getattr(module, "NEEDS_ARCHIVE", True):  # e.g. report: reads other runs' summaries
-        summary = module.run(cfg, None, out)
+    if not analysis.needs_archive:  # e.g. report: reads other runs' summaries
+        summary = analysis.run(cfg, None, out)
     else:
         with Archive(cfg.archive) as a:
-            summary = module.run(cfg, a, out)
+            summary = analysis.run(cfg, a, out)
             summary.update(archive=str(a.path), generator=a.generator)
     summary.update(analysis=name, config=OmegaConf.to_container(cfg.analysis, resolve=True))
     summary["summary"] = str(write_json(out, "summary.json", summary))
@@ -44,6 +42,34 @@ def files_written(out: Path, since: float) -> list[str]:
                   if p.is_file() and p.suffix != ".log" and p.stat().st_mtime >= since)
 
 
+def check_analysis_choices(args: list[str]) -> None:
+    """Exit with one line when an `analysis=` override names no conf/analysis/<name>.yaml (Hydra
+    would print a multi-line report), as `engine.cli.check_group_choices` does for the groups of
+    engine/conf.  Sweeps (`a,b`, `choice(a,b)`, `glob(*)`) are checked name by name with Hydra's
+    own parser; syntax errors are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    parser, available = OverridesParser.create(), options("analysis")
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if not eq or name.lstrip("+~") != "analysis":
+            continue
+        try:
+            ov = parser.parse_override(arg)
+        except Exception:  # Hydra reports its own syntax errors
+            continue
+        if isinstance(ov.value(), Glob):
+            bad = None if ov.value().filter(available) else f"no analysis matches {value}"
+        else:
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() \
+                else [ov.get_value_element_as_str()]
+            bad = next((f"unknown analysis {v!r}" for v in values if v not in available), None)
+        if bad:
+            print(f"error: {bad}; available: {', '.join(available)}", file=sys.stderr)
+            sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="analyses")
 def main(cfg: DictConfig) -> None:
     start = time.time() - 1  # file times can round down
@@ -51,8 +77,7 @@ def main(cfg: DictConfig) -> None:
         result = run(cfg)
     out = Path(result["summary"]).parent
     print(f"{result['analysis']}: {out}" + (f"  ({result['archive']})" if result.get("archive") else ""))
-    lines = getattr(importlib.import_module(f"analyses.{result['analysis']}"), "terminal_lines", None)
-    for line in (lines(result) if lines else []):  # the run's headline numbers
+    for line in get(result["analysis"]).terminal_lines(result):  # the run's headline numbers
         print(f"  {line}")
     if result.get("report"):
         print(f"  report {result['report']}")
@@ -60,8 +85,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    check_group_choices(sys.argv[1:], ("analysis",))
+    check_analysis_choices(sys.argv[1:])
     check_launcher(sys.argv[1:])
     main()
