@@ -1,18 +1,18 @@
-"""`python -m analyses analysis=NAME archive=PATH`: thin Hydra wrapper around `run(cfg)`."""
+"""`python -m analyses analysis=NAME archive=PATH`: thin Hydra wrapper that runs the analysis
+NAME declares (`analyses.protocol`: its `ANALYSIS`) and writes its summary."""
 
 from __future__ import annotations
 
-import importlib
+import sys
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from analyses.common import register_resolvers, write_json
+from analyses.lib.common import register_resolvers, write_json
+from analyses.protocol import CONF, get, options
 from engine.cli import check_group_choices, check_launcher, user_errors
-from engine.config import CONF, options
-from engine.errors import EngineError
 from engine.archive import Archive
 
 
@@ -22,16 +22,14 @@ register_resolvers()
 def run(cfg: DictConfig) -> dict:
     """Run one analysis over one archive; returns its summary (also written as summary.json)."""
     name = str(cfg.analysis.name)
-    if name not in options("analysis"):
-        raise EngineError(f"unknown analysis {name!r}; available: {', '.join(options('analysis'))}")
+    analysis = get(name)
     out = Path(str(cfg.paths.output_dir))
     out.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"analyses.{name}")
-    if not getattr(module, "NEEDS_ARCHIVE", True):  # e.g. report: reads other runs' summaries
-        summary = module.run(cfg, None, out)
+    if not analysis.needs_archive:  # e.g. report: reads other runs' summaries
+        summary = analysis.run(cfg, None, out)
     else:
         with Archive(cfg.archive) as a:
-            summary = module.run(cfg, a, out)
+            summary = analysis.run(cfg, a, out)
             summary.update(archive=str(a.path), generator=a.generator)
     summary.update(analysis=name, config=OmegaConf.to_container(cfg.analysis, resolve=True))
     summary["summary"] = str(write_json(out, "summary.json", summary))
@@ -51,8 +49,7 @@ def main(cfg: DictConfig) -> None:
         result = run(cfg)
     out = Path(result["summary"]).parent
     print(f"{result['analysis']}: {out}" + (f"  ({result['archive']})" if result.get("archive") else ""))
-    lines = getattr(importlib.import_module(f"analyses.{result['analysis']}"), "terminal_lines", None)
-    for line in (lines(result) if lines else []):  # the run's headline numbers
+    for line in get(result["analysis"]).terminal_lines(result):  # the run's headline numbers
         print(f"  {line}")
     if result.get("report"):
         print(f"  report {result['report']}")
@@ -60,8 +57,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    check_group_choices(sys.argv[1:], ("analysis",))
+    check_group_choices(sys.argv[1:], ("analysis",), options)
     check_launcher(sys.argv[1:])
     main()

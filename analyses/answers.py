@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
-from analyses.common import save_figure, write_csv
+from analyses.lib.common import save_figure, write_csv
+from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.errors import EngineError
 from engine.stream import map_rows
@@ -177,3 +178,6 @@ def terminal_lines(s: dict) -> list[str]:
         out.append(f"N={r['n']}: KL(sampled || exact) {r['kl_sampled_to_exact']:.4f} "
                    f"(noise {r['kl_multinomial_noise_mean']:.4f})")
     return out
+
+
+ANALYSIS = Analysis(name="answers", run=run, terminal_lines=terminal_lines)

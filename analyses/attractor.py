@@ -5,7 +5,7 @@ pairs, and continuation j of a variant shares its seed with continuation j of it
 - Rendering: every continuation coloured by the probability of each sampled token (red = low,
   green = high), the paper's attractor figure, as HTML (text) and PNG (heatmap, rows =
   trajectories, columns = steps since the edit).
-- The edit's influence on identical continuation tokens (`analyses.influence`), when the
+- The edit's influence on identical continuation tokens (`analyses.lib.influence`), when the
   archive has a `<generator>@counterpart` group (`python -m engine score archive=P
   counterpart=true`): I(t) = KL(p(. | edited prefix, y<t) || p(. | control prefix, y<t)),
   its codec noise floor, settle step, area, half-life and Δ log p.  This is the attractor
@@ -30,8 +30,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
-from analyses.common import mean_std, save_figure, write_csv
-from analyses.influence import influence
+from analyses.lib.common import mean_std, save_figure, write_csv
+from analyses.lib.influence import influence
+from analyses.protocol import Analysis
 from engine.errors import EngineError
 from engine.archive import Archive
 from engine.stream import map_rows
@@ -223,3 +224,6 @@ def terminal_lines(s: dict) -> list[str]:
                    f"{rt.get('recovered')}/{(rt.get('recovered') or 0) + (rt.get('censored') or 0)}, "
                    f"median recovery {rt.get('median')} steps")
     return out
+
+
+ANALYSIS = Analysis(name="attractor", run=run, terminal_lines=terminal_lines)

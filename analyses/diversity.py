@@ -27,9 +27,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analyses.clusters import kmeans_by_silhouette, tsne_xy
-from analyses.common import mean_std, save_figure, write_csv
-from analyses.embeddings import embed
+from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
+from analyses.lib.common import mean_std, save_figure, write_csv
+from analyses.lib.embeddings import embed
+from analyses.protocol import Analysis
 from engine.archive import Archive
 
 
@@ -153,3 +154,6 @@ def terminal_lines(s: dict) -> list[str]:
     return [f"{s.get('model')}: " + ", ".join(
         f"{k} {val(c[k]):.3f}" if isinstance(val(c[k]), (int, float)) else f"{k} {val(c[k])}"
         for k in keys)] if keys else []
+
+
+ANALYSIS = Analysis(name="diversity", run=run, terminal_lines=terminal_lines)

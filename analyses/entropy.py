@@ -15,7 +15,8 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 import kernels as K
-from analyses.common import finite_rows, mean_std, save_figure, write_csv
+from analyses.lib.common import finite_rows, mean_std, save_figure, write_csv
+from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.stream import map_rows
 
@@ -150,3 +151,6 @@ def terminal_lines(s: dict) -> list[str]:
     return [f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
             f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
             f"completions)" for k, m in s["models"].items()]
+
+
+ANALYSIS = Analysis(name="entropy", run=run, terminal_lines=terminal_lines)

@@ -25,7 +25,8 @@ import numpy as np
 
 import kernels as K
 from kernels import columns as GB
-from analyses.common import finite_rows, save_figure, write_csv
+from analyses.lib.common import finite_rows, save_figure, write_csv
+from analyses.protocol import Analysis
 from engine.errors import EngineError
 from engine.archive import Archive
 from engine.stream import map_pairs, map_rows
@@ -236,3 +237,6 @@ def terminal_lines(s: dict) -> list[str]:
             f"{s['kl_base_aligned']['stderr']:.4f} nats/step; same top token "
             f"{100 * s['same_top_p']['mean']:.1f}%",
             f"pooled gamma {g['gamma']:.4f} [{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}]"]
+
+
+ANALYSIS = Analysis(name="pair", run=run, terminal_lines=terminal_lines)

@@ -2,7 +2,7 @@
 the Chat"), from an archive dumped with `prompts=personas`.
 
 Per sample the completion (EOS removed) is parsed into first/last name, gender, age,
-nationality, ethnicity, MBTI type and review (analyses/persona_parse.py).  Reported:
+nationality, ethnicity, MBTI type and review (analyses/lib/persona_parse.py).  Reported:
 - parse outcome per field (ok / invalid / missing) and the share of complete forms: a sample
   that fails to parse is counted, never dropped;
 - per attribute over its parsed values: the full distribution, the number of distinct values,
@@ -25,9 +25,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analyses.clusters import kmeans_by_silhouette, tsne_xy
-from analyses.common import mean_std, save_figure, write_csv
-from analyses.persona_parse import FIELDS, lead_field, parse, sentences
+from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
+from analyses.lib.common import mean_std, save_figure, write_csv
+from analyses.lib.persona_parse import FIELDS, lead_field, parse, sentences
+from analyses.protocol import Analysis
 from engine.archive.format import FINISH_REASONS
 from engine.archive import Archive
 
@@ -145,7 +146,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
 
 def review_clusters(reviews, owners, c, out: Path, key: str):
     """Sentence embeddings of all reviews, k-means (k by silhouette), examples per cluster."""
-    from analyses.embeddings import embed
+    from analyses.lib.embeddings import embed
 
     sents, owner = [], []
     for i, r in zip(owners, reviews):
@@ -227,3 +228,6 @@ def review_figure(reviews, scores, out: Path, key: str) -> list[str]:
     fig.suptitle(f"{key}: {len(reviews)} reviews")
     fig.tight_layout()
     return save_figure(fig, out, "reviews")
+
+
+ANALYSIS = Analysis(name="personas", run=run)

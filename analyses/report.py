@@ -21,10 +21,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analyses.common import save_figure, write_json
+from analyses.lib.common import save_figure, write_json
+from analyses.protocol import Analysis
 from engine.errors import EngineError
-
-NEEDS_ARCHIVE = False
 
 
 class Sources:
@@ -303,3 +302,6 @@ def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
                      for p in paths]
     page.append("</body></html>")
     return "\n".join(md) + "\n", "\n".join(page)
+
+
+ANALYSIS = Analysis(name="report", run=run, needs_archive=False)

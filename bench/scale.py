@@ -213,8 +213,8 @@ def phase_analysis(args) -> dict:
     import analyses.entropy  # noqa: F401  (imported before the wrappers go in)
     import analyses.pair  # noqa: F401
     from analyses.__main__ import run as run_analysis
+    from analyses.protocol import CONF
     from engine.archive import Archive
-    from engine.config import CONF
 
     passes = Passes()
     with Archive(args.archive) as a:

@@ -31,13 +31,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from analyses.__main__ import run as run_analysis  # noqa: E402
-from analyses.common import write_json  # noqa: E402
+from analyses.lib.common import write_json  # noqa: E402
+from analyses.protocol import CONF as ANALYSES_CONF  # noqa: E402
 from engine import dump, score  # noqa: E402
 from engine.config import CONF, options  # noqa: E402
 
 
 def cfg_of(name: str, out: Path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    conf = ANALYSES_CONF if name == "analyses" else CONF
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return compose(name, overrides=[f"paths.output_dir={out}", *overrides])
 
 

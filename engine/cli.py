@@ -27,15 +27,16 @@ def user_errors():
         sys.exit(130)
 
 
-def check_group_choices(args: list[str], groups: tuple[str, ...]) -> None:
+def check_group_choices(args: list[str], groups: tuple[str, ...], options=None) -> None:
     """Exit with one line when a `group=option` override names no conf/<group>/<option>.yaml
     (Hydra would print a multi-line report).  Overrides are read with Hydra's own parser, so
     sweeps (`a,b`, `choice(a,b)`, `glob(*)`) are checked option by option; syntax errors are
-    left to Hydra."""
+    left to Hydra.  `options(group)`: a config tree's choices (default: engine/conf's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
-    from engine.config import options
+    if options is None:
+        from engine.config import options
 
     parser = OverridesParser.create()
     for arg in args:

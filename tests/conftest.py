@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from analyses.protocol import CONF as ANALYSES_CONF
 from engine.config import CONF
 from engine.commands.dump import run
 
@@ -26,8 +27,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def compose_cfg(name: str, tmp: Path, cache: Path, overrides=()):
-    """conf/<name>.yaml composed through Hydra, writing under tmp, models cached in cache."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    """conf/<name>.yaml (analyses: analyses/conf/analyses.yaml) composed through Hydra, writing
+    under tmp, models cached in cache."""
+    conf = ANALYSES_CONF if name == "analyses" else CONF
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
                                         "progress=false", *overrides])
 

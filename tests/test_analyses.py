@@ -13,9 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from analyses.__main__ import run as run_analysis
+from analyses.protocol import CONF
 from engine.commands import dump as dump_mod
 from engine.commands import score as score_mod
-from engine.config import CONF
 from engine.errors import EngineError
 from engine.archive import Archive
 from kernels import reference as R
@@ -137,6 +137,24 @@ def test_unknown_analysis_is_one_line(tmp_path, tiny_archive):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_analysis_sweeps_are_checked_name_by_name(capsys):
+    from analyses.protocol import options
+    from engine.cli import check_group_choices
+
+    def check_analysis_choices(args):  # as analyses/__main__.py calls it
+        check_group_choices(args, ("analysis",), options)
+
+    check_analysis_choices(["-m", "analysis=entropy,pair", "archive=a.h5,b.h5"])
+    check_analysis_choices(["-m", "analysis=glob(p*)", "analysis.seed=1"])
+    for bad in ("analysis=nope", "analysis=entropy,nope", "analysis=choice(nope)",
+                "analysis=glob(zz*)"):
+        with pytest.raises(SystemExit) as exc:
+            check_analysis_choices(["-m", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+        assert err.startswith("error: ") and "available: answers, attractor" in err, err
+
+
 def test_recovery_time_on_planted_series():
     from analyses.attractor import recovery_time, rolling
 
@@ -205,7 +223,7 @@ def test_distinct_n_and_ead_by_hand():
 
 def test_embeddings_are_unit_and_identical_texts_have_zero_diversity():
     from analyses.diversity import metrics
-    from analyses.embeddings import embed
+    from analyses.lib.embeddings import embed
 
     e = embed(["Grace Hopper was a computer scientist.", "Grace Hopper was a computer scientist.",
                "I like pizza with olives."])
@@ -232,7 +250,7 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     assert s["cross_input"]["n_texts"] == 2
     # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
     # vectors: recompute it independently for every input, and the mean over inputs
-    from analyses.embeddings import embed
+    from analyses.lib.embeddings import embed
     with Archive(paired) as a:
         smp, text = a.samples(), a.model().text
         per = []

@@ -21,6 +21,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from analyses.protocol import CONF as ANALYSES_CONF
 from engine.commands import VERBS
 from engine.config import CONF
 from tests.conftest import ROOT
@@ -67,7 +68,8 @@ def compose_all(config: str, args: list[str]) -> int:
         else:
             choices.append([o.input_line])
     n = 0
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    conf = ANALYSES_CONF if config == "analyses" else CONF
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         for point in product(*choices):
             compose(config, overrides=list(point))
             n += 1

@@ -103,7 +103,7 @@ def test_influence_matches_a_float64_recomputation(planted):
         assert cp.prompt_tokens(0) == own.prompt_tokens(1) and cp.prompt_tokens(1) == own.prompt_tokens(0)
     T = max(len(c) for c in curves)
     want = [np.mean([c[t] for c in curves if len(c) > t]) for t in range(T)]
-    # the kernels' float32 KL terms resolve 1e-6 nats (analyses.influence.KL_RESOLUTION)
+    # the kernels' float32 KL terms resolve 1e-6 nats (analyses.lib.influence.KL_RESOLUTION)
     np.testing.assert_allclose(v["kl_by_step"], want, rtol=1e-5, atol=1e-6)
     assert min(want) < 1e-9  # in float64, past the window I(t) is zero up to KV-cache numerics
 

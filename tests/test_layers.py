@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import analyses
+from analyses import protocol
 from engine.config import CONF, options
 from tests.conftest import ROOT, engine_cli
 
@@ -92,32 +97,62 @@ def test_inspect_verify_and_entropy_analysis_never_import_torch(tiny_archive, tm
     assert "TORCH_LOADED=False" in out, out[-2000:]
 
 
-GROUP_PRIMARY = {"model": "dump", "prompts": "dump", "paths": "dump", "run": "dump",
-                 "sampling": "dump", "analysis": "analyses", "candidates": "answers"}
-PRIMARY = ("dump", "score", "perturb", "align", "answers", "analyses")
+#: per config root (engine/conf; analyses/conf, which reads paths/ and hydra/ from engine/conf):
+#: its groups, each with a primary config that composes it, and its primary configs
+GROUP_PRIMARY = {CONF: {"model": "dump", "prompts": "dump", "paths": "dump", "run": "dump",
+                        "sampling": "dump", "candidates": "answers"},
+                 protocol.CONF: {"analysis": "analyses"}}
+PRIMARY = {CONF: ("dump", "score", "perturb", "align", "answers"), protocol.CONF: ("analyses",)}
+OPTIONS = {CONF: options, protocol.CONF: protocol.options}
 
 
 def test_every_option_of_every_config_group_composes(tmp_path):
-    groups = [p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"
-              and not p.name.startswith("__")]
-    assert set(groups) == set(GROUP_PRIMARY), "a new config group needs a primary config here"
     n = 0
-    for group in groups:
-        for option in options(group):
-            # mandatory values (`???`, e.g. model=hf's name) get a placeholder, as a user gives one
-            raw = OmegaConf.load(CONF / group / f"{option}.yaml")
-            given = [f"{group}.{k}=probe" for k in raw.keys() if OmegaConf.is_missing(raw, k)]
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose(GROUP_PRIMARY[group], overrides=[f"{group}={option}", *given,
-                                                               f"paths.output_dir={tmp_path}"])
-            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-            assert plain, (group, option)
-            n += 1
-    for primary in PRIMARY:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(primary, overrides=[f"paths.output_dir={tmp_path}"])
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for conf, group_primary in GROUP_PRIMARY.items():
+        groups = [p.name for p in conf.iterdir() if p.is_dir() and p.name != "hydra"
+                  and not p.name.startswith("__")]
+        assert set(groups) == set(group_primary), "a new config group needs a primary config here"
+        for group in groups:
+            for option in OPTIONS[conf](group):
+                # mandatory values (`???`, e.g. model=hf's name) get a placeholder, as a user
+                # gives one
+                raw = OmegaConf.load(conf / group / f"{option}.yaml")
+                given = [f"{group}.{k}=probe" for k in raw.keys() if OmegaConf.is_missing(raw, k)]
+                with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                    cfg = compose(group_primary[group], overrides=[f"{group}={option}", *given,
+                                                                   f"paths.output_dir={tmp_path}"])
+                plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+                assert plain, (group, option)
+                n += 1
+        for primary in PRIMARY[conf]:
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                cfg = compose(primary, overrides=[f"paths.output_dir={tmp_path}"])
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert n >= 25
+
+
+def test_every_analysis_is_registered_declared_and_configured():
+    """The modules of the analyses package (helpers in analyses.lib aside), the registry
+    (`protocol.NAMES`) and the configs (analyses/conf/analysis/*.yaml) name the same analyses;
+    each module declares an `Analysis` of its own name whose callables take what the runner
+    passes, and a module's `terminal_lines` is the one it declares."""
+    infrastructure = {"__main__", "protocol"}
+    found = {m.name: m.ispkg for m in pkgutil.iter_modules(analyses.__path__)}
+    assert {name for name, pkg in found.items() if pkg} == {"lib"}, "helpers belong in analyses.lib"
+    modules = {name for name, pkg in found.items() if not pkg} - infrastructure
+    assert modules == set(protocol.NAMES), "an analysis module must be listed in protocol.NAMES"
+    assert protocol.options("analysis") == sorted(protocol.NAMES), "one config per analysis"
+    for name in protocol.NAMES:
+        module = importlib.import_module(f"analyses.{name}")
+        declared = protocol.get(name)
+        assert isinstance(declared, protocol.Analysis) and declared is module.ANALYSIS, name
+        assert declared.name == name, name
+        assert OmegaConf.load(protocol.CONF / "analysis" / f"{name}.yaml").name == name
+        assert isinstance(declared.needs_archive, bool), name
+        inspect.signature(declared.run).bind("cfg", "archive", "out")
+        inspect.signature(declared.terminal_lines).bind({})
+        assert declared.terminal_lines is getattr(module, "terminal_lines", protocol.no_lines), name
+    assert [n for n in protocol.NAMES if not protocol.get(n).needs_archive] == ["report"]
 
 
 def test_sweep_syntax_runs_and_unknown_names_get_one_line(tmp_path):
@@ -136,14 +171,17 @@ def test_sweep_syntax_runs_and_unknown_names_get_one_line(tmp_path):
 
 
 def test_non_editable_install_finds_its_configs(tmp_path):
-    """`pip install .` (not editable) ships the configs: dump runs from another directory
-    with the installed package, not the checkout."""
+    """`pip install .` (not editable) ships the configs: dump, then an analysis (whose config
+    reads paths/ from engine/conf through Hydra's search path), run from another directory with
+    the installed package, not the checkout."""
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                           "--no-build-isolation", "--target", str(site), str(ROOT)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (site / "engine" / "conf" / "dump.yaml").is_file()
+    assert (site / "analyses" / "conf" / "analyses.yaml").is_file()
+    assert (site / "analyses" / "conf" / "analysis" / "entropy.yaml").is_file()
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
@@ -160,3 +198,12 @@ def test_non_editable_install_finds_its_configs(tmp_path):
          "print(json.dumps({'complete': int(f.attrs['complete'])}))"],
         cwd=work, capture_output=True, text=True, env=env).stdout)
     assert info == {"complete": 1}
+    code = ("import analyses, sys; print(analyses.__file__); sys.argv = ['analyses', "
+            "'analysis=entropy', 'archive=x.h5', 'progress=false', 'hydra.run.dir=a']; "
+            "from analyses.__main__ import main; main()")
+    res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines()[0].startswith(str(site)), res.stdout
+    assert "not available" not in res.stderr, res.stderr[-3000:]  # the search path was found
+    assert json.loads((work / "a" / "summary.json").read_text())["analysis"] == "entropy"

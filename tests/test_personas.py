@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 from analyses.__main__ import run as run_analysis
-from analyses.persona_parse import lead_field, parse, sentences
+from analyses.lib.persona_parse import lead_field, parse, sentences
 from engine.commands import dump as dump_mod
 from engine.runtime import models
 from engine.commands import score as score_mod
@@ -238,7 +238,7 @@ def test_real_smollm2_persona_answers_start_in_the_first_field():
     import json
     from pathlib import Path
 
-    from analyses.persona_parse import lead_field, parse
+    from analyses.lib.persona_parse import lead_field, parse
 
     data = json.loads((Path(__file__).parent / "data" / "smollm2-personas.json").read_text())
     assert data["prompt_text"].rstrip().endswith("<|im_start|>assistant")

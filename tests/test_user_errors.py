@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from analyses.common import write_json
+from analyses.lib.common import write_json
 from engine.commands import dump as dump_mod
 from engine.commands import perturb as perturb_mod
 from engine.commands import score as score_mod

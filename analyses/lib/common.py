@@ -89,7 +89,7 @@ def sweep_dirname(overrides: str) -> str:
 
 
 def register_resolvers() -> None:
-    """`${sweep_dirname:...}` for conf/analyses.yaml (registered once per process; every
+    """`${sweep_dirname:...}` for analyses/conf/analyses.yaml (registered once per process; every
     process that runs a job imports this module with the task function)."""
     from omegaconf import OmegaConf
 
