@@ -13,10 +13,14 @@ from analyses.common import register_resolvers, write_json
 from engine.cli import check_group_choices, check_launcher, user_errors
 from engine.config import CONF, options
 from engine.errors import EngineError
+from engine.extras import require
 from engine.archive import Archive
 
 
 register_resolvers()
+
+#: analyses that need an optional part of the install (the others need the core alone)
+EXTRAS = {"diversity": "text", "personas": "text"}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -24,6 +28,8 @@ def run(cfg: DictConfig) -> dict:
     name = str(cfg.analysis.name)
     if name not in options("analysis"):
         raise EngineError(f"unknown analysis {name!r}; available: {', '.join(options('analysis'))}")
+    if name in EXTRAS:
+        require(EXTRAS[name], f"analysis={name}")
     out = Path(str(cfg.paths.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"analyses.{name}")

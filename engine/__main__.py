@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from engine.cli import check_group_choices, check_launcher
+from engine.cli import check_group_choices, check_launcher, user_errors
+from engine.extras import VERBS, require
 
 USAGE = """usage: python -m engine <verb> [args]
   dump     sample completions, store every step's full logits (Hydra: key=value overrides)
@@ -34,6 +35,8 @@ def main() -> None:
     verb = sys.argv.pop(1)
     if verb in PLAIN_VERBS:
         sys.exit(importlib.import_module(f"engine.{verb}").main(sys.argv[1:]))
+    with user_errors():  # a missing optional dependency: one line naming the extra
+        require(VERBS[verb], f"python -m engine {verb}")
     check_group_choices(sys.argv[1:], GROUPS)
     check_launcher(sys.argv[1:])
     importlib.import_module(HYDRA_VERBS[verb]).main()
