@@ -27,7 +27,7 @@ V4 = ROOT / "tests" / "data" / "v4-d9aa91f.h5"
 OFFLINE = re.compile(r"Network connectivity is disabled|Failed to fetch|error sending request|"
                      r"dns error|NewConnectionError|Failed to establish a new connection|"
                      r"Temporary failure in name resolution|Could not find a version|"
-                     r"No matching distribution|ProxyError", re.I)
+                     r"No matching distribution|ProxyError", re.IGNORECASE)
 
 #: a sharded run of two shards written through the archive writer from numpy arrays alone
 WRITE_SHARDS = """
