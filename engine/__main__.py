@@ -11,6 +11,7 @@ import sys
 
 from engine.cli import check_group_choices, check_launcher, user_errors
 from engine.commands import VERBS, usage
+from engine.extras import require
 
 GROUPS = ("model", "prompts", "candidates")
 
@@ -22,6 +23,8 @@ def main() -> None:
     verb = VERBS[sys.argv.pop(1)]
     if not verb.hydra:
         sys.exit(importlib.import_module(verb.module).main(sys.argv[1:]))
+    with user_errors():  # a missing optional dependency: one line naming the extra
+        require(verb.extra, f"python -m engine {verb.name}")
     check_group_choices(sys.argv[1:], GROUPS)
     with user_errors():  # a typo in model.KEY= is one line
         from engine.runtime.settings import check_model_overrides

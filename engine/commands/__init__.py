@@ -18,7 +18,7 @@ class Verb:
     name: str
     help: str
     hydra: bool  # True: key=value overrides read by Hydra; False: plain arguments
-    model: bool  # runs a language model (needs the `run` extra)
+    extra: str | None  # the install extra it needs (engine/extras.py); None: the core alone
 
     @property
     def module(self) -> str:
@@ -27,21 +27,21 @@ class Verb:
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     Verb("dump", "sample completions, store every step's full logits (Hydra: key=value overrides)",
-         hydra=True, model=True),
+         hydra=True, extra="run"),
     Verb("score", "teacher-force a second model over an archive's completions, store its logits",
-         hydra=True, model=True),
+         hydra=True, extra="run"),
     Verb("perturb", "cut, edit and resample completions (attractor states), with matched controls",
-         hydra=True, model=True),
+         hydra=True, extra="run"),
     Verb("align", "DPO-train a twin of a model on typicality-biased labels of its own completions",
-         hydra=True, model=True),
+         hydra=True, extra="align"),
     Verb("answers", "exact probability of every candidate answer of an enumerable prompt (full logits)",
-         hydra=True, model=True),
+         hydra=True, extra="run"),
     Verb("merge", "join the shards of a sharded dump (dump shard=i num_shards=n) into one archive",
-         hydra=False, model=False),
+         hydra=False, extra=None),
     Verb("inspect", "summarise an archive, show top-k next tokens, render completions (no model)",
-         hydra=False, model=False),
+         hydra=False, extra=None),
     Verb("verify", "recompute every sample's checksums: are the stored bytes the ones written?",
-         hydra=False, model=False),
+         hydra=False, extra=None),
 )}
 
 
