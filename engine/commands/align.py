@@ -301,6 +301,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         dcfg = cfg.copy()
         with open_dict(dcfg):
             dcfg.out, dcfg.capture = str(cand), []
+            dcfg.shard, dcfg.num_shards = 0, 1  # one process samples them all
             dcfg.resume = cand.with_name(cand.name + ".partial").exists()
             dcfg.overwrite = False
         dump.run(dcfg, model=model)
