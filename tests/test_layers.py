@@ -27,8 +27,8 @@ print("TORCH_LOADED=" + str("torch" in sys.modules))
 
 def test_import_linter_contracts_hold():
     """.importlinter: kernels import nothing of the project; the archive package imports
-    neither torch nor the run layer; analyses never import model sources or runs; stream sits
-    between analyses and kernels/archive."""
+    neither torch nor the run layer; analyses never import model sources or runs; analyses
+    above stream, stream above the archive package, kernels lowest."""
     exe = Path(sys.executable).with_name("lint-imports")
     res = subprocess.run([str(exe), "--config", str(ROOT / ".importlinter"), "--no-cache"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
