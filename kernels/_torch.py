@@ -127,7 +127,10 @@ def tempered_moments(x, gammas):
     for i in range(gammas.shape[1]):
         z = gammas[:, i : i + 1].to(d.dtype) * d
         ls = logsumexp(z, keepdim=True).to(z.dtype)
-        w = torch.exp(z - ls)
+        # weight exactly 0 at or below the floor, as numba's `moments`: otherwise float32
+        # subnormals (exp(-100) = 4e-44) keep Var_g[d] > 0 where numba's is 0, and the two
+        # backends disagree on whether a row's gamma is identified
+        w = torch.where(z > EXP_FLOOR, torch.exp(z - ls), torch.zeros_like(z))
         dd = torch.where(w > 0, d, torch.zeros_like(d))
         wd = w * dd
         out.append(_by_column({C.TM_LOG_S: ls[:, 0], C.TM_M1: sum64(wd), C.TM_M2: sum64(wd * dd),
