@@ -14,6 +14,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from kernels import constants
+
 
 @intrinsic
 def f16_bits_to_f32(typingctx, x):
@@ -60,8 +62,9 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2 = np.float32(0.6931471805599453)
 _LN2_HI = np.float32(0.693145751953125)  # 11 significant bits: k * _LN2_HI is exact
 _LN2_LO = np.float32(1.4286068203094173e-06)  # ln2 - _LN2_HI
-# below this exp(d) is < 2**-125 relative to the row maximum: treated as exactly 0
-EXP_FLOOR = np.float32(-86.0)
+# `constants.EXP_FLOOR` as float32 (so max(d, EXP_FLOOR) stays float32): exp at or below it
+# is exactly 0, and clamping d to it keeps 2**k a normal float32 (see constants.py)
+EXP_FLOOR = np.float32(constants.EXP_FLOOR)
 
 
 @njit(inline="always", fastmath={"contract"})
@@ -71,7 +74,7 @@ def exp_nonpos(d):
     Range reduction d = k*ln2 + f with |f| <= ln2/2 (Cody-Waite: ln2 split in a high part
     exact in float32 and a low part, so f carries no rounding of d*log2(e)), exp(f) by its
     degree-7 Taylor polynomial (truncation error (ln2/2)**8/8! = 5e-9), 2**k assembled from
-    the exponent bits.  Inputs below EXP_FLOOR give exactly 0 (true value < 3e-38)."""
+    the exponent bits.  Inputs at or below EXP_FLOOR give exactly 0 (true value < 2e-38)."""
     dc = max(d, EXP_FLOOR)  # clamped so the int conversion below is safe
     k = np.float32(np.floor(dc * _LOG2E + np.float32(0.5)))
     f = (dc - k * _LN2_HI) - k * _LN2_LO

@@ -12,10 +12,10 @@ decoder by giving the same code object a globals dict of its own (`_bind`), with
 that names the codec and a hash of this package's numba sources.  They have no closure, so
 numba's on-disk cache (`cache=True`) keys them by code and signature alone and a fresh process
 loads them instead of compiling (closures over dispatchers never hit: a dispatcher pickles with
-a random uuid).  The source hash in the name keeps a cache from outliving an edit of `_bits`,
-which numba does not track.  Cached parallel kernels once crashed when the thread count
-changed (pynndescent #175); tests/test_jit_cache.py loads them in fresh processes with other
-thread counts and threading layers.
+a random uuid).  The source hash in the name keeps a cache from outliving an edit of `_bits`
+or of the constants in `constants` and `columns`, which numba does not track.  Cached parallel
+kernels once crashed when the thread count changed (pynndescent #175); tests/test_jit_cache.py
+loads them in fresh processes with other thread counts and threading layers.
 
 Notation inside a row: x = decoded value, m = row max, d = x - m <= 0, e = exp(d),
 S = sum e, so log p = d - log S.
@@ -33,10 +33,13 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._bits import EXP_FLOOR, bf16_bits_to_f32, exp_nonpos, f16_bits_to_f32, log_pos
+from kernels.columns import (ARGMAX_AGREE, DP, GAMMA, ITERATIONS, JS, KL, KL_AT_1, KL_PQ, KL_QP,
+                             LOG_S, LOGP_TOKEN, LOGQ_TOKEN, M1, M2, M3, P_MAX, Q_DP, Q_LOGQ,
+                             Q_TOP_RANK_IN_P, TM_LOG_S, TM_M1, TM_M2, TM_M3, TV)
+from kernels.constants import FLAT_VARIANCE, SUM_BLOCK
 
 FM = {"reassoc", "contract", "nsz"}
 F32 = np.float32
-BLOCK = 2048  # entries summed in float32 before folding into a float64 total
 LANES = 16  # independent running maxima in row_max
 
 
@@ -56,8 +59,11 @@ dec = order = None  # one codec's decoder and exact order key (DECODERS, ORDER)
 dec_p = dec_q = order_p = max_p = max_q = d_p = d_q = argmax_p = argmax_q = None  # p and q
 
 _HERE = Path(__file__).parent
+#: the files whose values are compiled into the kernels (module-level constants are frozen at
+#: compile time, and numba's cache checks only this file's time stamp)
+SOURCES = ("_numba.py", "_bits.py", "constants.py", "columns.py")
 SOURCE_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes()
-                                      for f in ("_numba.py", "_bits.py"))).hexdigest()[:12]
+                                      for f in SOURCES)).hexdigest()[:12]
 
 
 def _bind(templates: dict, env: dict, tag: str) -> dict:
@@ -173,16 +179,16 @@ def row_sum_exp(row, sc, off, m):
 
 @template(inline="always", fastmath=FM)
 def online_sums(row, sc, off):
-    """One read of the row: (m, S, sum e*d) with d = x - m, by blocks of BLOCK entries.
+    """One read of the row: (m, S, sum e*d) with d = x - m, by blocks of SUM_BLOCK entries.
     Each block's max is found while the block sits in L1; when it raises the running
     max the totals are rescaled (S' = S e^sh, T' = (T + sh S) e^sh, sh = m_old - m_new).
-    Block sums are float32 (<= BLOCK/16 adds per vector lane), totals float64."""
+    Block sums are float32 (<= SUM_BLOCK/16 adds per vector lane), totals float64."""
     V = row.shape[0]
     m = dec(row, 0, sc, off)  # the decoded type; replaced by the first block's max
     s = 0.0
     t = 0.0
-    for b0 in range(0, V, BLOCK):
-        blk = row[b0:min(b0 + BLOCK, V)]  # iterate a slice from 0: LLVM vectorizes this
+    for b0 in range(0, V, SUM_BLOCK):
+        blk = row[b0:min(b0 + SUM_BLOCK, V)]  # iterate a slice from 0: LLVM vectorizes this
         bm = row_max(blk, sc, off)
         if b0 == 0 or bm > m:
             if s > 0:
@@ -214,8 +220,8 @@ def moments(row, sc, off, m, g):
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
-    for b0 in range(0, V, BLOCK):
-        blk = row[b0:min(b0 + BLOCK, V)]
+    for b0 in range(0, V, SUM_BLOCK):
+        blk = row[b0:min(b0 + SUM_BLOCK, V)]
         b = F32(0.0)
         b1 = F32(0.0)
         b2 = F32(0.0)
@@ -304,12 +310,12 @@ def token_stats(data, scale, offset, tokens, logprob, rank):
 @template(parallel=True, fastmath=FM)
 def tempered_moments(data, scale, offset, gammas, out):
     """For each row r and each g = gammas[r, i]: out[r, i] = (log sum e, E[d], E[d^2],
-    E[d^3]) with e = exp(g d), i.e. under r_g ∝ p^g."""
+    E[d^3]) with e = exp(g d), i.e. under r_g ∝ p^g (columns TM_*)."""
     for r in prange(data.shape[0]):
         row, sc, off = data[r], scale[r], offset[r]
         m = row_max(row, sc, off)
         for i in range(gammas.shape[1]):
-            out[r, i, 0], out[r, i, 1], out[r, i, 2], out[r, i, 3] = moments(
+            out[r, i, TM_LOG_S], out[r, i, TM_M1], out[r, i, TM_M2], out[r, i, TM_M3] = moments(
                 row, sc, off, m, gammas[r, i])
 
 
@@ -317,7 +323,7 @@ def tempered_moments(data, scale, offset, gammas, out):
 @template(parallel=True, fastmath=FM)
 def pair_stats(p, sp, op, q, sq, oq, tokens, out):
     """out[r] = (KL(p||q), KL(q||p), JS, TV, argmax agree, q[tok] - p[tok], log p[tok],
-    log q[tok], rank under p of q's argmax)."""
+    log q[tok], rank under p of q's argmax), in the columns `kernels.columns` names."""
     for r in prange(p.shape[0]):
         rp, scp, ofp, rq, scq, ofq = p[r], sp[r], op[r], q[r], sq[r], oq[r]
         V = rp.shape[0]
@@ -357,20 +363,21 @@ def pair_stats(p, sp, op, q, sq, oq, tokens, out):
             js += (pj * (lp - lm) if pj > 0 else F32(0.0)) + (qj * (lq - lm) if qj > 0 else F32(0.0))
             tv += abs(pj - qj)
         t = tokens[r]
-        out[r, 0] = kl_pq
-        out[r, 1] = kl_qp
-        out[r, 2] = 0.5 * js
-        out[r, 3] = 0.5 * tv
-        out[r, 4] = 1.0 if ap == aq else 0.0
-        out[r, 5] = (eq[t] * iq - ep[t] * ip) if t >= 0 else np.nan
-        out[r, 6] = (d_p(rp, t, scp, ofp, mp) - np.log(Sp)) if t >= 0 else np.nan
-        out[r, 7] = (d_q(rq, t, scq, ofq, mq) - np.log(Sq)) if t >= 0 else np.nan
-        out[r, 8] = above + 1
+        out[r, KL_PQ] = kl_pq
+        out[r, KL_QP] = kl_qp
+        out[r, JS] = 0.5 * js
+        out[r, TV] = 0.5 * tv
+        out[r, ARGMAX_AGREE] = 1.0 if ap == aq else 0.0
+        out[r, DP] = (eq[t] * iq - ep[t] * ip) if t >= 0 else np.nan
+        out[r, LOGP_TOKEN] = (d_p(rp, t, scp, ofp, mp) - np.log(Sp)) if t >= 0 else np.nan
+        out[r, LOGQ_TOKEN] = (d_q(rq, t, scq, ofq, mq) - np.log(Sq)) if t >= 0 else np.nan
+        out[r, Q_TOP_RANK_IN_P] = above + 1
 
 @template(parallel=True, fastmath=FM)
 def gamma_base(p, sp, op, q, sq, oq, out):
     """Per row, one read of p and q: out = (E_q[d_p], E_q[log q], then the tempered
-    moments of d_p at gamma = 1: log S_p, E_p[d], E_p[d^2], E_p[d^3], and max p).
+    moments of d_p at gamma = 1: log S_p, E_p[d], E_p[d^2], E_p[d^3], and max p), in the
+    columns named by `kernels.columns`.
 
     Online over blocks, as `online_sums`: when a block raises a running max by -sh the
     totals are shifted exactly: with k = e^sh, S' = k S, M1' = k (M1 + sh S),
@@ -382,9 +389,9 @@ def gamma_base(p, sp, op, q, sq, oq, out):
         mp = dec_p(rp, 0, scp, ofp)
         mq = dec_q(rq, 0, scq, ofq)
         t = np.zeros(7)  # S_p, M1, M2, M3 (sums of e_p d^k), S_q, sum e_q d_p, e_q d_q
-        for b0 in range(0, V, BLOCK):
-            bp = rp[b0:min(b0 + BLOCK, V)]
-            bq = rq[b0:min(b0 + BLOCK, V)]
+        for b0 in range(0, V, SUM_BLOCK):
+            bp = rp[b0:min(b0 + SUM_BLOCK, V)]
+            bq = rq[b0:min(b0 + SUM_BLOCK, V)]
             bmp = max_p(bp, scp, ofp)
             bmq = max_q(bq, scq, ofq)
             if b0 == 0 or bmp > mp:
@@ -434,74 +441,78 @@ def gamma_base(p, sp, op, q, sq, oq, out):
             t[4] += c0
             t[5] += c1
             t[6] += c2
-        out[r, 0] = t[5] / t[4]
-        out[r, 1] = t[6] / t[4] - np.log(t[4])
-        out[r, 2] = np.log(t[0])
-        out[r, 3] = t[1] / t[0]
-        out[r, 4] = t[2] / t[0]
-        out[r, 5] = t[3] / t[0]
-        out[r, 6] = mp
+        out[r, Q_DP] = t[5] / t[4]
+        out[r, Q_LOGQ] = t[6] / t[4] - np.log(t[4])
+        out[r, LOG_S] = np.log(t[0])
+        out[r, M1] = t[1] / t[0]
+        out[r, M2] = t[2] / t[0]
+        out[r, M3] = t[3] / t[0]
+        out[r, P_MAX] = mp
 
 
 @template(parallel=True, fastmath=FM)
 def fit_gamma(p, sp, op, basebuf, g_max, tol, max_iter, out):
     """Per-row gamma = argmin KL(q || softmax(gamma log p)): after `gamma_base` (one pass over
-    p and q), safeguarded Halley steps, each one pass over p (tempered moments at the new g).
-    
+    p and q), safeguarded Halley steps, each one pass over p (tempered moments at the new g),
+    stopping by the rule of `kernels.api.fit_gamma` (steps 1-7 below), which
+    `_torch.fit_gamma` follows too.
+
     f(g) = E_q[log q] - g E_q[d_p] + log S(g),  S(g) = sum exp(g d_p)
     f'(g) = E_g[d_p] - E_q[d_p],  f''(g) = Var_g[d_p] >= 0 (convex),  f'''(g) = 3rd central
     moment.  The bracket [lo, hi] on the root of f' (increasing) keeps every step safe.
 
-    basebuf from gamma_base; out[r] = (gamma, KL at gamma, KL at 1, passes)."""
+    basebuf from gamma_base; out[r] = (gamma, KL at gamma, KL at 1, passes), GammaFit's order."""
     for r in prange(p.shape[0]):
         rp, scp, ofp = p[r], sp[r], op[r]
-        q_dp, q_lq = basebuf[r, 0], basebuf[r, 1]
-        ls, m1, m2, m3, mp = (basebuf[r, 2], basebuf[r, 3], basebuf[r, 4], basebuf[r, 5],
-                              basebuf[r, 6])
+        q_dp, q_lq = basebuf[r, Q_DP], basebuf[r, Q_LOGQ]
+        ls, m1, m2, m3 = basebuf[r, LOG_S], basebuf[r, M1], basebuf[r, M2], basebuf[r, M3]
+        mp = basebuf[r, P_MAX]
         kl1 = q_lq - q_dp + ls
-        out[r, 2] = kl1
+        out[r, KL_AT_1] = kl1
         if not np.isfinite(q_dp):  # q has mass where p has none: KL infinite for all g
-            out[r, 0] = np.nan
-            out[r, 1] = np.inf
-            out[r, 3] = 0
+            out[r, GAMMA] = np.nan
+            out[r, KL] = np.inf
+            out[r, ITERATIONS] = 0
             continue
         g = 1.0
         lo = 0.0
         hi = g_max
         it = 0
         while True:
-            f1 = m1 - q_dp  # f'(g)
+            f1 = m1 - q_dp  # 1. f'(g)
             f2 = m2 - m1 * m1  # f''(g) = Var_g[d] >= 0
             kl = q_lq - g * q_dp + ls
-            if f2 <= 1e-300:  # p^g is flat in g (one-hot or uniform p): g unidentified
+            if f2 <= FLAT_VARIANCE:  # 2. p^g is flat in g (one-hot or uniform p)
                 g = np.nan
                 kl = kl1
                 break
-            if f1 < 0:
+            if f1 < 0:  # 3.
                 lo = g
             else:
                 hi = g
             f3 = m3 - 3.0 * m1 * m2 + 2.0 * m1 ** 3
             den = 2.0 * f2 * f2 - f1 * f3
-            step = 2.0 * f1 * f2 / den if den > 0 else f1 / f2  # Halley, else Newton
+            step = 2.0 * f1 * f2 / den if den > 0 else f1 / f2  # 4. Halley, else Newton
             nxt = g - step
-            if lo <= nxt <= hi and abs(step) <= tol * max(1.0, g):
+            small = tol * max(1.0, g)
+            if (lo <= nxt <= hi and abs(step) <= small) or hi - lo <= small:  # 5.
                 # Halley's error after this step is O(step**3): take it without another
                 # pass, KL by its Taylor expansion to third order.
+                nxt = min(max(nxt, lo), hi)
                 dg = nxt - g
                 kl = kl + f1 * dg + 0.5 * f2 * dg * dg + f3 * dg ** 3 / 6.0
                 g = nxt
                 break
-            if not (lo < nxt < hi):
-                nxt = 0.5 * (lo + hi)  # bisection keeps the bracket
-            if it >= max_iter:
+            if it >= max_iter:  # 6.
                 break
+            if not (lo < nxt < hi):  # 7. bisection keeps the bracket
+                nxt = 0.5 * (lo + hi)
             g = nxt
             ls, m1, m2, m3 = moments(rp, scp, ofp, mp, g)
             it += 1
-        out[r, 0] = g
-        out[r, 1] = kl
-        out[r, 3] = it
+        out[r, GAMMA] = g
+        out[r, KL] = kl
+        out[r, ITERATIONS] = it
 
 
 HELPERS = ("row_max", "row_argmax", "row_d", "row_sum_exp", "online_sums", "moments")

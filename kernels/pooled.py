@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import columns as C
-from kernels.api import _gamma_base_np, data_view, tempered_moments
+from kernels._dispatch import NumbaPair, pair
+from kernels.api import tempered_moments
 
 
 class PooledGamma(NamedTuple):
@@ -45,8 +46,9 @@ def fit_gamma_pooled(p_logits, q_logits, weights=None, groups=None, n_boot=2000,
     """Pooled gamma over rows [..., vocab] held in memory (numpy path), with a (1 - alpha)
     bootstrap interval.  `groups` [...] (e.g. the sample index of each row) makes the
     bootstrap resample whole groups; default: every row is its own group."""
-    (kind, p, sp, op, lead), base = _gamma_base_np(p_logits, q_logits)
-    rows = data_view(kind, p, sp, op)
+    pq = pair(p_logits, q_logits, numba_only=True)
+    base = _gamma_base(pq)
+    rows = pq.p.flat()
     return pooled_from_moments(base, lambda g: tempered_moments(rows, np.array([g]))[:, 0],
                                weights, groups, n_boot, alpha, seed, g_max, tol, max_iter)
 
@@ -55,7 +57,11 @@ def gamma_base(p_logits, q_logits) -> np.ndarray:
     """Per row [rows, 7]: (E_q[d_p], E_q[log q], log S_p, E_p[d], E_p[d^2], E_p[d^3], max p)
     with d_p = logits of p minus their max (columns named in `kernels.columns`): what a pooled
     fit needs from q, in one pass."""
-    return _gamma_base_np(p_logits, q_logits)[1]
+    return _gamma_base(pair(p_logits, q_logits, numba_only=True))
+
+
+def _gamma_base(pq: NumbaPair) -> np.ndarray:
+    return pq.map("gamma_base", out=(np.float64, (C.N_COLUMNS,))).reshape(pq.n, C.N_COLUMNS)
 
 
 def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None, n_boot=2000,
@@ -75,8 +81,8 @@ def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None,
     g, lo, hi = 1.0, 0.0, g_max
     m = base[:, C.MOMENTS]  # [rows, 4]: log S, E[d], E[d^2], E[d^3] at the current gamma
     for _ in range(max_iter):
-        f1 = np.sum((w * (m[:, 1] - q_dp))[keep])
-        f2 = np.sum((w * (m[:, 2] - m[:, 1] ** 2))[keep])
+        f1 = np.sum((w * (m[:, C.TM_M1] - q_dp))[keep])
+        f2 = np.sum((w * (m[:, C.TM_M2] - m[:, C.TM_M1] ** 2))[keep])
         if f2 <= 0:
             raise ValueError("gamma is not identified: every base row is flat or one-hot")
         lo, hi = (g, hi) if f1 < 0 else (lo, g)
@@ -86,10 +92,10 @@ def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None,
             break
         g = nxt
         m = np.asarray(moments_at(g))
-    kl_rows = q_lq - g * q_dp + m[:, 0]
+    kl_rows = q_lq - g * q_dp + m[:, C.TM_LOG_S]
     kl1_rows = q_lq - q_dp + base[:, C.LOG_S]
-    score = np.where(keep, w * (m[:, 1] - q_dp), 0.0)
-    curv = np.where(keep, w * (m[:, 2] - m[:, 1] ** 2), 0.0)
+    score = np.where(keep, w * (m[:, C.TM_M1] - q_dp), 0.0)
+    curv = np.where(keep, w * (m[:, C.TM_M2] - m[:, C.TM_M1] ** 2), 0.0)
     grp = np.arange(n) if groups is None else np.unique(np.asarray(groups).reshape(n),
                                                         return_inverse=True)[1]
     gs = np.bincount(grp, score)

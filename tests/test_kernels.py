@@ -157,6 +157,81 @@ def test_fit_gamma_unidentified_rows_are_nan_not_errors():
     assert np.isnan(f.gamma[0]) and np.isinf(f.kl[0])
 
 
+# Not strict: the cause is suspected to be FMA contraction of q16's `off + code * scale` in
+# some numba loops and not others (the decoded row max is 1 ulp off), which depends on the CPU.
+Q16_FIT_XFAIL = pytest.mark.xfail(
+    strict=False, reason="numba's q16 fit at large gamma is ~1e-4 relative off (gamma 7.7988 "
+    "where torch and the float64 reference give 7.7996; log S at g = 7.8: 3.5636e-4 against "
+    "3.5898e-4): an issue of the numba q16 decode, not of the stopping rule")
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16",
+                                   pytest.param("q16", marks=Q16_FIT_XFAIL)])
+def test_fit_gamma_backends_follow_one_stopping_rule(codec):
+    """numba and torch (CPU) fit gamma by the same rule (`kernels.api.fit_gamma`): on the same
+    stored rows they give the same gamma and KL to float32 noise and the same iteration
+    counts (deterministic here: tol 1e-3 and 1e-5 are far above the moments' float32 noise;
+    at tol ~1e-7 a step can fall either side of it); max_iter caps both the same."""
+    rng = np.random.default_rng(7)
+    parts = []
+    for gamma in (0.3, 0.8, 1.0, 1.6, 3.0, 7.0):
+        p = rng.standard_normal((3, 3000)) * rng.uniform(1, 4)
+        parts.append((p, gamma * R.log_softmax(p) + rng.standard_normal(p.shape) * 0.3))
+    p64, q64 = (np.concatenate(x) for x in zip(*parts))
+    (p, _), (q, _) = encode(p64, codec), encode(q64, codec)
+    (tp, _), (tq, _) = encode(p64, "t_" + codec), encode(q64, "t_" + codec)
+    for kw in ({}, {"tol": 1e-5}, {"max_iter": 1}):
+        nb, th = K.fit_gamma(p, q, **kw), K.fit_gamma(tp, tq, **kw)
+        assert np.array_equal(nb.iterations, as_np(th.iterations)), (kw, nb.iterations)
+        for field in ("gamma", "kl", "kl_at_1"):
+            close(getattr(th, field), getattr(nb, field), 1e-5, what=f"{field}/{codec}/{kw}")
+    assert nb.iterations.max() == 1 and np.ptp(K.fit_gamma(p, q).iterations) > 0
+
+
+def test_fit_gamma_backends_treat_unidentified_rows_alike():
+    """Flat and one-hot p (gamma unidentified at once): NaN, KL at 1, no pass; q with mass
+    where p has none: NaN, KL inf, no pass; p one logit ahead and q one-hot on it: gamma
+    climbs until every other weight exp(-g) is below the exp floor, then p^g is one-hot and
+    the row unidentified (torch's float32 subnormals kept it identified at g = 99.5); on both
+    backends, with the same number of passes."""
+    flat = np.zeros(100, np.float32)
+    one_hot = np.full(100, -np.inf, np.float32)
+    one_hot[3] = 0
+    masked = np.zeros(100, np.float32)
+    masked[5] = -np.inf
+    ahead = np.full(100, -1.0, np.float32)
+    ahead[3] = 0
+    p = np.stack([flat, one_hot, masked, ahead])
+    q = np.stack([flat + np.arange(100, dtype=np.float32) / 50, one_hot, flat, one_hot])
+    got = [[as_np(x) for x in K.fit_gamma(a, b)] for a, b in
+           ((p, q), (torch.from_numpy(p), torch.from_numpy(q)))]
+    for g, kl, kl1, its in got:
+        assert np.isnan(g).all() and np.array_equal(its[:3], [0, 0, 0]) and its[3] > 10
+        assert kl[0] == kl1[0] > 0 and kl[1] == kl1[1] == pytest.approx(0, abs=1e-9)
+        assert np.isinf(kl[2]) and kl[3] == kl1[3] > 0
+    assert np.array_equal(got[0][3], got[1][3])
+
+
+def test_fit_gamma_stops_when_the_bracket_is_float32_noise():
+    """tol far below the moments' float32 noise: both backends stop once the bracket is that
+    narrow, instead of bisecting to max_iter (numba did, 50 passes a row)."""
+    rng = np.random.default_rng(11)
+    p = (rng.standard_normal((20, 3000)) * 3).astype(np.float32)
+    q = (1.7 * R.log_softmax(p.astype(np.float64))
+         + rng.standard_normal(p.shape) * 0.3).astype(np.float32)
+    for a, b in ((p, q), (torch.from_numpy(p), torch.from_numpy(q))):
+        f = K.fit_gamma(a, b, tol=1e-10)
+        assert as_np(f.iterations).max() < 30
+        close(f.gamma, K.fit_gamma(p, q).gamma, 1e-5)
+
+
+def test_output_columns_are_named_in_the_namedtuples_order():
+    from kernels import columns as C
+
+    for tup, n in ((K.PairStats, C.N_PAIR), (K.GammaFit, C.N_FIT)):
+        assert [getattr(C, f.upper()) for f in tup._fields] == list(range(n))
+
+
 def test_leading_dimensions_are_kept():
     x = RNG.standard_normal((3, 4, 50)).astype(np.float32)
     assert K.entropy(x).shape == (3, 4)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.archive.format import CODECS, MIN_Q16_WINDOW, Q16_MAX_CODE
 from engine.errors import EngineError
+from kernels.codecs import CODECS, MIN_Q16_WINDOW, Q16_MAX_CODE
 
 
 def check_codec(codec: str, window: float = MIN_Q16_WINDOW) -> None:

@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass
 import h5py
 import numpy as np
 
+# the codec table (a numpy-only leaf: reading an archive still never imports torch),
+# re-exported for the writer, the reader and the run layer's encoder
+from kernels.codecs import (CODECS, FP16_MAX, MIN_Q16_WINDOW, Q16_MAX_CODE,  # noqa: F401
+                            STORAGE_DTYPE)
+
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
 FORMAT_VERSION = 5
@@ -137,12 +142,10 @@ ANSWERS = "answers"  # candidates [S] str (sample i = candidate i), reference [S
                      # (weights, NaN: none); attrs terminator ("eos", "null" or the text), source
 
 # ---- Codecs ---------------------------------------------------------------------------------
-CODECS = ("fp16", "fp32", "bf16", "q16")
-STORAGE_DTYPE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16, "q16": np.uint16}
+# CODECS, STORAGE_DTYPE, FP16_MAX, Q16_MAX_CODE, MIN_Q16_WINDOW: imported above from
+# `kernels.codecs`, the one codec table of the archive, the encoder and the kernels.
+#: the logits dataset's `dtype` attribute per codec
 DTYPE_ATTR = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16", "q16": "uint16"}
-FP16_MAX = 65504.0
-Q16_MAX_CODE = 65535
-MIN_Q16_WINDOW = 24.0
 
 # ---- Chunking -------------------------------------------------------------------------------
 CHUNK_TARGET_BYTES = 2 << 20  # aim for 2 MiB (1, k, V) chunks: inside the spec's 1-4 MiB band
