@@ -97,7 +97,10 @@ demo: setup
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
 
 # uv: tests/test_core_install.py fills its core-only venv with it (pip is the slow fallback)
+# house rules first (seconds): lint and format as pyproject.toml's [tool.ruff] says, then the suite
 test: setup $(TOOLS)/bin/uv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

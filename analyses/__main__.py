@@ -12,9 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from analyses.lib.common import register_resolvers, write_json
 from analyses.protocol import CONF, get, options
-from engine.cli import check_group_choices, check_launcher, user_errors
 from engine.archive import Archive
-
+from engine.cli import check_group_choices, check_launcher, user_errors
 
 register_resolvers()
 
@@ -38,8 +37,11 @@ def run(cfg: DictConfig) -> dict:
 
 def files_written(out: Path, since: float) -> list[str]:
     """The files this run wrote into its directory (Hydra's own log aside), sorted."""
-    return sorted(p.name for p in out.iterdir()
-                  if p.is_file() and p.suffix != ".log" and p.stat().st_mtime >= since)
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_file() and p.suffix != ".log" and p.stat().st_mtime >= since
+    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="analyses")
@@ -48,7 +50,10 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         result = run(cfg)
     out = Path(result["summary"]).parent
-    print(f"{result['analysis']}: {out}" + (f"  ({result['archive']})" if result.get("archive") else ""))
+    print(
+        f"{result['analysis']}: {out}"
+        + (f"  ({result['archive']})" if result.get("archive") else "")
+    )
     for line in get(result["analysis"]).terminal_lines(result):  # the run's headline numbers
         print(f"  {line}")
     if result.get("report"):

@@ -33,8 +33,8 @@ import kernels as K
 from analyses.lib.common import mean_std, save_figure, write_csv
 from analyses.lib.influence import influence
 from analyses.protocol import Analysis
-from engine.errors import EngineError
 from engine.archive import Archive
+from engine.errors import EngineError
 from engine.stream import map_rows
 
 
@@ -56,6 +56,7 @@ def recovery_time(p, h, band_p, band_h, w: int) -> float:
 
 def trajectories(a: Archive, progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per sample: (sampled-token probability [L], entropy [L]), streamed chunk by chunk."""
+
     def stats(rows, tokens):
         return {"p": np.exp(K.token_stats(rows, tokens).logprob), "h": K.entropy(rows)}
 
@@ -80,23 +81,47 @@ def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
     lin = a.lineage()
     if lin is None:
-        raise EngineError("attractor needs an archive from `python -m engine perturb` (no /lineage)")
+        raise EngineError(
+            "attractor needs an archive from `python -m engine perturb` (no /lineage)"
+        )
     variant, control = np.array(lin["variant"]), lin["control_prompt"]
     M = a.samples_per_prompt
     traj = trajectories(a, cfg.progress)
-    results, curves, base_curves, table = [], {}, {}, {k: [] for k in ("prompt", "sample", "control_sample", "step", "kl_to_control", "p_sampled", "entropy")}
+    results, curves, base_curves, table = (
+        [],
+        {},
+        {},
+        {
+            k: []
+            for k in (
+                "prompt",
+                "sample",
+                "control_sample",
+                "step",
+                "kl_to_control",
+                "p_sampled",
+                "entropy",
+            )
+        },
+    )
     for v in np.flatnonzero(variant != "control"):
         cp = int(control[v])
         ctrl = [traj[cp * M + j] for j in range(M)]
-        band_p = np.percentile(np.concatenate([rolling(t[0], c.window) for t in ctrl]), list(c.band))
-        band_h = np.percentile(np.concatenate([rolling(t[1], c.window) for t in ctrl]), list(c.band))
+        band_p = np.percentile(
+            np.concatenate([rolling(t[0], c.window) for t in ctrl]), list(c.band)
+        )
+        band_h = np.percentile(
+            np.concatenate([rolling(t[1], c.window) for t in ctrl]), list(c.band)
+        )
         kl_by_t, base_by_t, rec = {}, {}, []
         for j in range(M):
             pv = traj[int(v) * M + j]
             kl = kl_between(a, int(v) * M + j, cp * M + j)
             for t in range(len(kl)):
                 kl_by_t.setdefault(t, []).append(float(kl[t]))
-                for k, val in zip(table, (int(v), int(v) * M + j, cp * M + j, t, kl[t], pv[0][t], pv[1][t])):
+                for k, val in zip(
+                    table, (int(v), int(v) * M + j, cp * M + j, t, kl[t], pv[0][t], pv[1][t])
+                ):
                     table[k].append(val)
             if M > 1:
                 for t, val in enumerate(kl_between(a, cp * M + j, cp * M + (j + 1) % M)):
@@ -106,40 +131,72 @@ def run(cfg, a: Archive, out: Path) -> dict:
         name = f"prompt {int(v)} ({variant[v]}: {lin['edit'][v]})"
         curves[name] = {t: float(np.mean(x)) for t, x in sorted(kl_by_t.items())}
         base_curves[name] = {t: float(np.mean(x)) for t, x in sorted(base_by_t.items())}
-        results.append({"prompt": int(v), "control_prompt": cp, "variant": str(variant[v]),
-                        "edit": lin["edit"][v], "parent_sample": int(lin["parent_sample"][v]),
-                        "recovery_time": {**mean_std(rec[np.isfinite(rec)]),
-                                          "median": float(np.median(rec[np.isfinite(rec)])) if np.isfinite(rec).any() else float("nan"),
-                                          "recovered": int(np.isfinite(rec).sum()), "censored": int((~np.isfinite(rec)).sum()),
-                                          "values": rec.tolist()},
-                        "band": {"p_sampled": band_p.tolist(), "entropy": band_h.tolist()},
-                        "kl_first_step": curves[name].get(0, float("nan")),
-                        "kl_control_baseline_mean": float(np.mean([x for xs in base_by_t.values() for x in xs])) if base_by_t else float("nan")})
+        results.append(
+            {
+                "prompt": int(v),
+                "control_prompt": cp,
+                "variant": str(variant[v]),
+                "edit": lin["edit"][v],
+                "parent_sample": int(lin["parent_sample"][v]),
+                "recovery_time": {
+                    **mean_std(rec[np.isfinite(rec)]),
+                    "median": float(np.median(rec[np.isfinite(rec)]))
+                    if np.isfinite(rec).any()
+                    else float("nan"),
+                    "recovered": int(np.isfinite(rec).sum()),
+                    "censored": int((~np.isfinite(rec)).sum()),
+                    "values": rec.tolist(),
+                },
+                "band": {"p_sampled": band_p.tolist(), "entropy": band_h.tolist()},
+                "kl_first_step": curves[name].get(0, float("nan")),
+                "kl_control_baseline_mean": float(
+                    np.mean([x for xs in base_by_t.values() for x in xs])
+                )
+                if base_by_t
+                else float("nan"),
+            }
+        )
     write_csv(out, "per_step.csv", table)
     infl = influence(a, lin, float(c.threshold_floors), int(c.n_boot), int(c.seed))
     figures = (influence_figure(infl, out) if infl else []) + kl_figure(curves, base_curves, out)
     figures += recovery_figure(results, out)
-    figures += heatmap(a, traj, variant, M, out) + [render_html(a, traj, variant, M, int(c.render_limit), out)]
-    return {"model": a.generator, "window": int(c.window), "band_percentiles": list(c.band),
-            "influence": infl,
-            "influence_note": None if infl else (
-                "no counterpart group: `python -m engine score archive=... counterpart=true` "
-                "stores what the influence curves need"),
-            "variants": results, "trajectory_divergence_by_step": curves,
-            "trajectory_divergence_control_vs_control_by_step": base_curves, "figures": figures}
+    figures += heatmap(a, traj, variant, M, out) + [
+        render_html(a, traj, variant, M, int(c.render_limit), out)
+    ]
+    return {
+        "model": a.generator,
+        "window": int(c.window),
+        "band_percentiles": list(c.band),
+        "influence": infl,
+        "influence_note": None
+        if infl
+        else (
+            "no counterpart group: `python -m engine score archive=... counterpart=true` "
+            "stores what the influence curves need"
+        ),
+        "variants": results,
+        "trajectory_divergence_by_step": curves,
+        "trajectory_divergence_control_vs_control_by_step": base_curves,
+        "figures": figures,
+    }
 
 
 def kl_figure(curves, base_curves, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, cv in curves.items():
-        line, = ax.plot(list(cv), list(cv.values()), marker=".", label=name[:60])
+        (line,) = ax.plot(list(cv), list(cv.values()), marker=".", label=name[:60])
         bc = base_curves.get(name, {})
         if bc:
-            ax.plot(list(bc), list(bc.values()), ls=":", c=line.get_color(), label="control vs control")
+            ax.plot(
+                list(bc), list(bc.values()), ls=":", c=line.get_color(), label="control vs control"
+            )
     ax.set_xlabel("steps since the edit")
     ax.set_ylabel("mean KL(perturbed ‖ matched control) (nats)")
-    ax.set_title("Trajectory divergence (different contexts after the first tokens;\n"
-                 "not the edit's influence: see influence.png)", fontsize=9)
+    ax.set_title(
+        "Trajectory divergence (different contexts after the first tokens;\n"
+        "not the edit's influence: see influence.png)",
+        fontsize=9,
+    )
     ax.legend(fontsize=6)
     return save_figure(fig, out, "trajectory_divergence")
 
@@ -150,15 +207,18 @@ def influence_figure(infl: dict, out: Path) -> list[str]:
         y = np.maximum(np.array(v["kl_by_step"]), 1e-16)
         band = np.maximum(np.array(v["kl_band95_by_step"]), 1e-16)
         t = np.arange(len(y))
-        line, = ax.plot(t, y, marker=".", label=f"{name[:60]} (half-life {v['half_life_steps']:.3g})")
+        (line,) = ax.plot(
+            t, y, marker=".", label=f"{name[:60]} (half-life {v['half_life_steps']:.3g})"
+        )
         ax.fill_between(t, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
     ax.axhline(infl["noise_floor"], c="grey", ls=":", label="codec noise floor")
     ax.axhline(infl["threshold"], c="k", ls="--", lw=0.8, label="settle threshold")
     ax.set_yscale("log")
     ax.set_xlabel("steps since the edit (same continuation tokens under both prefixes)")
     ax.set_ylabel("I(t) = KL(edited ‖ control) (nats)")
-    ax.set_title("The edit's influence on identical continuations (mean, 95% bootstrap band)",
-                 fontsize=9)
+    ax.set_title(
+        "The edit's influence on identical continuations (mean, 95% bootstrap band)", fontsize=9
+    )
     ax.legend(fontsize=6)
     return save_figure(fig, out, "influence")
 
@@ -167,7 +227,12 @@ def recovery_figure(results, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in results:
         vals = np.array(r["recovery_time"]["values"])
-        ax.hist(vals[np.isfinite(vals)], bins=20, alpha=0.6, label=f"prompt {r['prompt']} ({r['recovery_time']['censored']} censored)")
+        ax.hist(
+            vals[np.isfinite(vals)],
+            bins=20,
+            alpha=0.6,
+            label=f"prompt {r['prompt']} ({r['recovery_time']['censored']} censored)",
+        )
     ax.set_xlabel("recovery time (steps since the edit)")
     ax.set_ylabel("trajectories")
     ax.legend(fontsize=7)
@@ -184,7 +249,9 @@ def heatmap(a, traj, variant, M, out: Path) -> list[str]:
             rows.append(np.pad(p, (0, T - len(p)), constant_values=np.nan))
             labels.append(f"{'ctrl' if variant[pidx] == 'control' else 'pert'} p{pidx} #{j}")
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * T), max(3, 0.18 * len(rows))))
-    im = ax.imshow(np.array(rows), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(
+        np.array(rows), aspect="auto", cmap="RdYlGn", vmin=0, vmax=1, interpolation="nearest"
+    )
     ax.set_yticks(range(len(labels)), labels, fontsize=5)
     ax.set_xlabel("steps since the edit")
     fig.colorbar(im, ax=ax, label="probability of the sampled token")
@@ -196,8 +263,10 @@ def render_html(a, traj, variant, M, limit, out: Path) -> str:
     s = a.samples()
     vocab = a.model().vocab()
     prompts = a.model().prompt_text
-    parts = ["<html><meta charset='utf-8'><body style='font-family:monospace'>",
-             "<p>Probability of each sampled token: red = low, green = high.</p>"]
+    parts = [
+        "<html><meta charset='utf-8'><body style='font-family:monospace'>",
+        "<p>Probability of each sampled token: red = low, green = high.</p>",
+    ]
     for pidx in range(len(variant)):
         kind = "control" if variant[pidx] == "control" else "perturbed"
         parts.append(f"<h3>prompt {pidx} ({kind})</h3><pre>{html.escape(prompts[pidx])}</pre>")
@@ -206,7 +275,9 @@ def render_html(a, traj, variant, M, limit, out: Path) -> str:
             spans = []
             for t, pr in zip(s["tokens"][i, : int(s["length"][i])], traj[i][0]):
                 r, g = int(255 * (1 - pr)), int(200 * pr + 55 * (1 - pr))
-                spans.append(f"<span style='background:rgb({r},{g},60)' title='p={pr:.3f}'>{html.escape(vocab[t])}</span>")
+                spans.append(
+                    f"<span style='background:rgb({r},{g},60)' title='p={pr:.3f}'>{html.escape(vocab[t])}</span>"
+                )
             parts.append(f"<p>#{j}: {''.join(spans)}</p>")
     parts.append("</body></html>")
     path = out / "rendering.html"
@@ -219,10 +290,12 @@ def terminal_lines(s: dict) -> list[str]:
     out = []
     for v in s.get("variants", []):
         rt = v.get("recovery_time", {})
-        out.append(f"prompt {v.get('prompt')} ({v.get('edit')}): KL at the first step "
-                   f"{v.get('kl_first_step', float('nan')):.3f} nats, recovered "
-                   f"{rt.get('recovered')}/{(rt.get('recovered') or 0) + (rt.get('censored') or 0)}, "
-                   f"median recovery {rt.get('median')} steps")
+        out.append(
+            f"prompt {v.get('prompt')} ({v.get('edit')}): KL at the first step "
+            f"{v.get('kl_first_step', float('nan')):.3f} nats, recovered "
+            f"{rt.get('recovered')}/{(rt.get('recovered') or 0) + (rt.get('censored') or 0)}, "
+            f"median recovery {rt.get('median')} steps"
+        )
     return out
 
 

@@ -35,7 +35,7 @@ from engine.archive import Archive
 
 
 def ngrams(seq, n: int) -> list[tuple]:
-    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def distinct_and_ead(seqs, n: int, V: int) -> tuple[float, float]:
@@ -94,12 +94,16 @@ def metrics(texts, seqs, emb, V, max_n) -> dict:
     tf = pairwise_cos(tfidf(texts)) if len(texts) > 1 else np.array([])
     sb = pairwise_cos(emb) if len(texts) > 1 else np.array([])
     d_words, ead_words = kirk_word_metrics(texts)
-    return {"distinct_tokens": {str(n): d for n, (d, _) in dist.items()},
-            "ead_tokens": {str(n): e for n, (_, e) in dist.items()},
-            "ead_tokens_mean": float(np.nanmean([e for _, e in dist.values()])),
-            "distinct_words_kirk": d_words, "ead_words_kirk": ead_words,
-            "tfidf_cosine": mean_std(tf), "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
-            "n_texts": len(texts)}
+    return {
+        "distinct_tokens": {str(n): d for n, (d, _) in dist.items()},
+        "ead_tokens": {str(n): e for n, (_, e) in dist.items()},
+        "ead_tokens_mean": float(np.nanmean([e for _, e in dist.values()])),
+        "distinct_words_kirk": d_words,
+        "ead_words_kirk": ead_words,
+        "tfidf_cosine": mean_std(tf),
+        "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
+        "n_texts": len(texts),
+    }
 
 
 def run(cfg, a: Archive, out: Path) -> dict:
@@ -115,17 +119,33 @@ def run(cfg, a: Archive, out: Path) -> dict:
     per_input = {}
     for p, ptext in enumerate(a.prompts):
         idx = np.flatnonzero(prompt == p)
-        per_input[ptext] = metrics([texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, c.max_n)
-    first = [int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()]
+        per_input[ptext] = metrics(
+            [texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, c.max_n
+        )
+    first = [
+        int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()
+    ]
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
-    avg = {k: float(np.nanmean([v[k] for v in per_input.values()]))
-           for k in ("ead_tokens_mean", "ead_words_kirk", "distinct_words_kirk", "sentbert_diversity")}
-    avg["tfidf_cosine_mean"] = float(np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()]))
+    avg = {
+        k: float(np.nanmean([v[k] for v in per_input.values()]))
+        for k in ("ead_tokens_mean", "ead_words_kirk", "distinct_words_kirk", "sentbert_diversity")
+    }
+    avg["tfidf_cosine_mean"] = float(
+        np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()])
+    )
     clusters, figs = tsne_clusters(emb, prompt, int(c.max_k), int(c.seed), out, m.key)
-    write_csv(out, "completions.csv", {"sample": np.arange(a.n_complete), "prompt": prompt,
-                                       "cluster": clusters, "text": texts})
-    return {"model": m.key, "per_input": per_input, "per_input_mean": avg, "cross_input": cross,
-            "figures": figs}
+    write_csv(
+        out,
+        "completions.csv",
+        {"sample": np.arange(a.n_complete), "prompt": prompt, "cluster": clusters, "text": texts},
+    )
+    return {
+        "model": m.key,
+        "per_input": per_input,
+        "per_input_mean": avg,
+        "cross_input": cross,
+        "figures": figs,
+    }
 
 
 def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
@@ -137,8 +157,17 @@ def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
     fig, ax = plt.subplots(figsize=(5, 4.2))
     for p in np.unique(prompt):
         sel = prompt == p
-        ax.scatter(xy[sel, 0], xy[sel, 1], c=labels[sel], cmap="tab10", vmin=0, vmax=9,
-                   marker="os^Dv"[int(p) % 5], s=22, label=f"prompt {int(p)}")
+        ax.scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            c=labels[sel],
+            cmap="tab10",
+            vmin=0,
+            vmax=9,
+            marker="os^Dv"[int(p) % 5],
+            s=22,
+            label=f"prompt {int(p)}",
+        )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     ax.set_title(f"{key}: SBERT t-SNE, colour = k-means cluster (k={k})")
@@ -149,11 +178,25 @@ def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):
 def terminal_lines(s: dict) -> list[str]:
     """The numbers printed at the end of a run."""
     c = s.get("cross_input", {})
-    keys = [k for k in ("ead_tokens_mean", "ead_words_kirk", "sentbert_diversity", "tfidf_cosine") if k in c]
-    val = (lambda x: x.get("mean", x) if isinstance(x, dict) else x)
-    return [f"{s.get('model')}: " + ", ".join(
-        f"{k} {val(c[k]):.3f}" if isinstance(val(c[k]), (int, float)) else f"{k} {val(c[k])}"
-        for k in keys)] if keys else []
+    keys = [
+        k
+        for k in ("ead_tokens_mean", "ead_words_kirk", "sentbert_diversity", "tfidf_cosine")
+        if k in c
+    ]
+    val = lambda x: x.get("mean", x) if isinstance(x, dict) else x
+    return (
+        [
+            f"{s.get('model')}: "
+            + ", ".join(
+                f"{k} {val(c[k]):.3f}"
+                if isinstance(val(c[k]), (int, float))
+                else f"{k} {val(c[k])}"
+                for k in keys
+            )
+        ]
+        if keys
+        else []
+    )
 
 
 ANALYSIS = Analysis(name="diversity", run=run, terminal_lines=terminal_lines)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
 
 import kernels as K
 from analyses.lib.common import finite_rows, mean_std, save_figure, write_csv
@@ -23,6 +23,7 @@ from engine.stream import map_rows
 
 def per_step(a: Archive, key: str, topk: int, progress: bool):
     """Full entropy (nats) and top-k entropy (bits) of every stored row: one read of the archive."""
+
     def both(x):
         return {"full": K.entropy(x), "top": K.entropy(x, base=2, topk=topk)}
 
@@ -43,7 +44,9 @@ def run(cfg, a: Archive, out: Path) -> dict:
     s = a.samples()
     n = a.n_complete
     summary, figures, curves, comp_top = {"models": {}}, [], {}, {}
-    rows_table = {k: [] for k in ("model", "sample", "prompt", "step", "entropy_nats", "top5_entropy_bits")}
+    rows_table = {
+        k: [] for k in ("model", "sample", "prompt", "step", "entropy_nats", "top5_entropy_bits")
+    }
     for key in a.models:
         full, top, sample, step, skipped = per_step(a, key, c.topk, cfg.progress)
         top_c, done = per_completion(top, sample, n)
@@ -52,14 +55,18 @@ def run(cfg, a: Archive, out: Path) -> dict:
         per_prompt = {}
         for p, text in enumerate(a.prompts):
             sel = s["prompt_index"][done] == p
-            per_prompt[text] = {"top5_entropy_bits": {**mean_std(top_c[sel]), "n_completions": int(sel.sum())},
-                                "entropy_nats": mean_std(full_c[sel])}
+            per_prompt[text] = {
+                "top5_entropy_bits": {**mean_std(top_c[sel]), "n_completions": int(sel.sum())},
+                "entropy_nats": mean_std(full_c[sel]),
+            }
         summary["models"][key] = {
             "top5_entropy_bits": {**mean_std(top_c), "n_completions": int(len(top_c))},
             "entropy_nats": mean_std(full_c),
             "branching_factor": mean_std(np.exp(full)),
-            "n_steps": int(len(full)), "skipped_nonfinite_rows": skipped,
-            "per_prompt": per_prompt}
+            "n_steps": int(len(full)),
+            "skipped_nonfinite_rows": skipped,
+            "per_prompt": per_prompt,
+        }
         rows_table["model"] += [key] * len(full)
         rows_table["sample"] += sample.tolist()
         rows_table["prompt"] += s["prompt_index"][sample].tolist()
@@ -85,8 +92,10 @@ def entropy_curve(a: Archive, key: str, gammas, max_rows: int) -> list[float]:
     if not picks:
         return [float("nan")] * len(gammas)
     idx = np.linspace(0, len(picks) - 1, min(max_rows, len(picks))).astype(int)
-    h = [K.tempered_entropy(np.stack([m.rows(*picks[j]) for j in part]), gammas)
-         for part in np.array_split(idx, -(-len(idx) // 64))]  # 64 rows in memory at a time
+    h = [
+        K.tempered_entropy(np.stack([m.rows(*picks[j]) for j in part]), gammas)
+        for part in np.array_split(idx, -(-len(idx) // 64))
+    ]  # 64 rows in memory at a time
     return np.concatenate(h).mean(0).tolist()
 
 
@@ -114,7 +123,9 @@ def token_figures(a: Archive, c, out: Path) -> list[str]:
     top = top / top.sum(1, keepdims=True)
     h = K.entropy(rows, base=2, topk=int(c.topk))
     # control characters have no glyph in the figure's font: show them escaped (\x04)
-    labels = [vocab[t] if vocab[t].isprintable() else repr(vocab[t])[1:-1] for t in s["tokens"][i, :n]]
+    labels = [
+        vocab[t] if vocab[t].isprintable() else repr(vocab[t])[1:-1] for t in s["tokens"][i, :n]
+    ]
     figs = []
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * n), 3.5))
     ax.bar(range(n), h, color="tab:blue")
@@ -148,9 +159,12 @@ def curve_figure(curves: dict, gammas, out: Path) -> list[str]:
 
 def terminal_lines(s: dict) -> list[str]:
     """The numbers printed at the end of a run."""
-    return [f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
-            f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
-            f"completions)" for k, m in s["models"].items()]
+    return [
+        f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
+        f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
+        f"completions)"
+        for k, m in s["models"].items()
+    ]
 
 
 ANALYSIS = Analysis(name="entropy", run=run, terminal_lines=terminal_lines)

@@ -17,24 +17,25 @@ identical contexts (every stored step of a scored archive).
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
-from kernels import columns as GB
 from analyses.lib.common import finite_rows, save_figure, write_csv
 from analyses.protocol import Analysis
-from engine.errors import EngineError
 from engine.archive import Archive
+from engine.errors import EngineError
 from engine.stream import map_pairs, map_rows
+from kernels import columns as GB
 
-CAVEAT = ("gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma over whole "
-          "responses); per-step gamma fits next-token distributions and estimates a token-level "
-          "tempering exponent, which differs because of the lookahead normaliser. Both are "
-          "reported; compare like with like.")
+CAVEAT = (
+    "gamma is a sequence-level power in the theory (pi* ∝ pi_ref**gamma over whole "
+    "responses); per-step gamma fits next-token distributions and estimates a token-level "
+    "tempering exponent, which differs because of the lookahead normaliser. Both are "
+    "reported; compare like with like."
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,17 @@ def pick_models(a: Archive, c) -> tuple[str, str, str]:
     others = [k for k in a.models if k != base]
     aligned = c.aligned or (others[0] if others else None)
     if aligned is None:
-        raise EngineError("pair needs a scored archive (python -m engine score ...): only "
-                          f"{base!r} is stored")
+        raise EngineError(
+            f"pair needs a scored archive (python -m engine score ...): only {base!r} is stored"
+        )
     for k in (base, aligned):
         a.model(k)  # one clear error for an unknown group
     how = "configured" if c.aligned else "the only other group"
     if not c.aligned and len(others) > 1:
-        how = (f"the first of {len(others)} other groups ({', '.join(others)}); choose with "
-               f"analysis.aligned=NAME")
+        how = (
+            f"the first of {len(others)} other groups ({', '.join(others)}); choose with "
+            f"analysis.aligned=NAME"
+        )
         log.warning("pair: comparing %s with %s, %s", base, aligned, how)
     return base, aligned, how
 
@@ -65,8 +69,14 @@ def rows_report(p, q, tokens):
     base = K.gamma_base(p, q)
     s = K.pair_stats(p, q, tokens)
     g = K.fit_gamma(p, q, base=base)
-    return {**s._asdict(), "gamma": g.gamma, "gamma_kl": g.kl, "kl_at_1": g.kl_at_1,
-            "gamma_base": base, "base_entropy": base[:, GB.LOG_S] - base[:, GB.M1]}
+    return {
+        **s._asdict(),
+        "gamma": g.gamma,
+        "gamma_kl": g.kl,
+        "kl_at_1": g.kl_at_1,
+        "gamma_base": base,
+        "base_entropy": base[:, GB.LOG_S] - base[:, GB.M1],
+    }
 
 
 def run(cfg, a: Archive, out: Path) -> dict:
@@ -81,26 +91,53 @@ def run(cfg, a: Archive, out: Path) -> dict:
     agree = r["argmax_agree"]
     pct = {str(q): float(np.percentile(kl, q)) for q in c.percentiles}
     summary = {
-        "base": base, "aligned": aligned, "aligned_chosen": chosen,
-        "n_rows": int(n), "skipped_nonfinite_rows": skipped,
-        "base_provenance": provenance_of(a, base), "aligned_provenance": provenance_of(a, aligned),
-        "kl_base_aligned": {"mean": float(kl.mean()), "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-                            "min": float(kl.min()), "max": float(kl.max()), "percentiles": pct},
+        "base": base,
+        "aligned": aligned,
+        "aligned_chosen": chosen,
+        "n_rows": int(n),
+        "skipped_nonfinite_rows": skipped,
+        "base_provenance": provenance_of(a, base),
+        "aligned_provenance": provenance_of(a, aligned),
+        "kl_base_aligned": {
+            "mean": float(kl.mean()),
+            "stderr": float(kl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+            "min": float(kl.min()),
+            "max": float(kl.max()),
+            "percentiles": pct,
+        },
         "kl_aligned_base": {"mean": float(r["kl_qp"].mean())},
-        "js": {"mean": float(r["js"].mean())}, "tv": {"mean": float(r["tv"].mean())},
-        "same_top_p": {"mean": float(agree.mean()),
-                       "stderr": float(np.sqrt(agree.mean() * (1 - agree.mean()) / n))},
-        "delta_p_sampled": {"mean": float(r["dp"].mean()), "rms": float(np.sqrt(np.mean(r["dp"] ** 2)))},
+        "js": {"mean": float(r["js"].mean())},
+        "tv": {"mean": float(r["tv"].mean())},
+        "same_top_p": {
+            "mean": float(agree.mean()),
+            "stderr": float(np.sqrt(agree.mean() * (1 - agree.mean()) / n)),
+        },
+        "delta_p_sampled": {
+            "mean": float(r["dp"].mean()),
+            "rms": float(np.sqrt(np.mean(r["dp"] ** 2))),
+        },
         "token_shift": shift_classes(r["q_top_rank_in_p"]),
     }
     summary["gamma"] = gamma_report(a, r, sample, base, aligned, c)
     summary["gamma"]["caveat"] = CAVEAT
     summary["kl_by_position"] = by_position(step, kl)
-    write_csv(out, "per_step.csv", {"sample": sample, "step": step, "kl_base_aligned": kl,
-                                   "kl_aligned_base": r["kl_qp"], "js": r["js"], "tv": r["tv"],
-                                   "argmax_agree": agree, "delta_p": r["dp"], "gamma": r["gamma"],
-                                   "base_rank_of_aligned_top": r["q_top_rank_in_p"].astype(int),
-                                   "base_entropy": r["base_entropy"]})
+    write_csv(
+        out,
+        "per_step.csv",
+        {
+            "sample": sample,
+            "step": step,
+            "kl_base_aligned": kl,
+            "kl_aligned_base": r["kl_qp"],
+            "js": r["js"],
+            "tv": r["tv"],
+            "argmax_agree": agree,
+            "delta_p": r["dp"],
+            "gamma": r["gamma"],
+            "base_rank_of_aligned_top": r["q_top_rank_in_p"].astype(int),
+            "base_entropy": r["base_entropy"],
+        },
+    )
     summary["figures"] = figures(r, step, summary, out, base, aligned)
     return summary
 
@@ -119,8 +156,12 @@ def provenance_of(a: Archive, key: str) -> dict:
 
 def shift_classes(rank) -> dict:
     n = len(rank)
-    return {"unshifted": float(np.mean(rank == 1)), "marginal": float(np.mean((rank >= 2) & (rank <= 3))),
-            "shifted": float(np.mean(rank > 3)), "n": int(n)}
+    return {
+        "unshifted": float(np.mean(rank == 1)),
+        "marginal": float(np.mean((rank >= 2) & (rank <= 3))),
+        "shifted": float(np.mean(rank > 3)),
+        "n": int(n),
+    }
 
 
 def by_position(step, values) -> dict:
@@ -131,27 +172,47 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
     g = r["gamma"]
     ok = np.isfinite(g)
     kl1, klg = r["kl_at_1"][ok], r["gamma_kl"][ok]
+
     # pooled over all rows, bootstrap over completions (rows of one completion are dependent);
     # streamed: the per-row base came with the report, each Newton step is one pass over base
     def moments_at(gamma):
-        m, _, _ = map_rows(a, lambda x: K.tempered_moments(x, [gamma])[:, 0], base,
-                           samples=np.unique(sample), progress=False)
+        m, _, _ = map_rows(
+            a,
+            lambda x: K.tempered_moments(x, [gamma])[:, 0],
+            base,
+            samples=np.unique(sample),
+            progress=False,
+        )
         return m["value"]
 
-    pooled = K.pooled_from_moments(r["gamma_base"], moments_at, groups=sample,
-                                   n_boot=int(c.n_boot), seed=int(c.seed))
+    pooled = K.pooled_from_moments(
+        r["gamma_base"], moments_at, groups=sample, n_boot=int(c.n_boot), seed=int(c.seed)
+    )
     seq = sequence_gamma(a, r["logp_token"], r["logq_token"], sample)
-    return {"per_step": {"median": float(np.median(g[ok])) if ok.any() else float("nan"),
-                         "mean": float(g[ok].mean()) if ok.any() else float("nan"),
-                         "iqr": [float(np.percentile(g[ok], 25)), float(np.percentile(g[ok], 75))] if ok.any() else [],
-                         "n_identified": int(ok.sum())},
-            "pooled": {"gamma": pooled.gamma, "ci95": [pooled.ci_low, pooled.ci_high],
-                       "kl_at_gamma": pooled.kl, "kl_at_1": pooled.kl_at_1,
-                       "kl_explained": 1 - pooled.kl / pooled.kl_at_1 if pooled.kl_at_1 > 0 else float("nan")},
-            "per_step_kl_explained": float(1 - klg.sum() / kl1.sum()) if kl1.sum() > 0 else float("nan"),
-            "sequence_level": seq,
-            "sequence_level_pooled": sequence_gamma_pooled(a, r["logp_token"], r["logq_token"],
-                                                           sample, int(c.n_boot), int(c.seed))}
+    return {
+        "per_step": {
+            "median": float(np.median(g[ok])) if ok.any() else float("nan"),
+            "mean": float(g[ok].mean()) if ok.any() else float("nan"),
+            "iqr": [float(np.percentile(g[ok], 25)), float(np.percentile(g[ok], 75))]
+            if ok.any()
+            else [],
+            "n_identified": int(ok.sum()),
+        },
+        "pooled": {
+            "gamma": pooled.gamma,
+            "ci95": [pooled.ci_low, pooled.ci_high],
+            "kl_at_gamma": pooled.kl,
+            "kl_at_1": pooled.kl_at_1,
+            "kl_explained": 1 - pooled.kl / pooled.kl_at_1 if pooled.kl_at_1 > 0 else float("nan"),
+        },
+        "per_step_kl_explained": float(1 - klg.sum() / kl1.sum())
+        if kl1.sum() > 0
+        else float("nan"),
+        "sequence_level": seq,
+        "sequence_level_pooled": sequence_gamma_pooled(
+            a, r["logp_token"], r["logq_token"], sample, int(c.n_boot), int(c.seed)
+        ),
+    }
 
 
 def sequence_gamma(a: Archive, lp_base, lp_aligned, sample) -> dict:
@@ -188,13 +249,23 @@ def sequence_gamma_pooled(a: Archive, lp_base, lp_aligned, sample, n_boot: int, 
             sxy.append(float(xc @ yc))
     sxx, sxy = np.array(sxx), np.array(sxy)
     if not sxx.size or sxx.sum() <= 0:
-        return {"gamma": float("nan"), "ci95": [float("nan"), float("nan")], "n_prompts": int(sxx.size)}
+        return {
+            "gamma": float("nan"),
+            "ci95": [float("nan"), float("nan")],
+            "n_prompts": int(sxx.size),
+        }
     rng = np.random.default_rng(seed)
-    boot = [sxy[i].sum() / sxx[i].sum() for i in
-            (rng.integers(0, sxx.size, sxx.size) for _ in range(n_boot)) if sxx[i].sum() > 0]
-    return {"gamma": float(sxy.sum() / sxx.sum()),
-            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "n_prompts": int(sxx.size), "n_completions": int(n)}
+    boot = [
+        sxy[i].sum() / sxx[i].sum()
+        for i in (rng.integers(0, sxx.size, sxx.size) for _ in range(n_boot))
+        if sxx[i].sum() > 0
+    ]
+    return {
+        "gamma": float(sxy.sum() / sxx.sum()),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "n_prompts": int(sxx.size),
+        "n_completions": int(n),
+    }
 
 
 def figures(r, step, summary, out: Path, base: str, aligned: str) -> list[str]:
@@ -232,11 +303,13 @@ def figures(r, step, summary, out: Path, base: str, aligned: str) -> list[str]:
 def terminal_lines(s: dict) -> list[str]:
     """The numbers printed at the end of a run."""
     g = s["gamma"]["pooled"]
-    return [f"{s['base']} vs {s['aligned']} ({s['aligned_chosen']}), {s['n_rows']} steps",
-            f"KL(base || aligned) {s['kl_base_aligned']['mean']:.4f} ± "
-            f"{s['kl_base_aligned']['stderr']:.4f} nats/step; same top token "
-            f"{100 * s['same_top_p']['mean']:.1f}%",
-            f"pooled gamma {g['gamma']:.4f} [{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}]"]
+    return [
+        f"{s['base']} vs {s['aligned']} ({s['aligned_chosen']}), {s['n_rows']} steps",
+        f"KL(base || aligned) {s['kl_base_aligned']['mean']:.4f} ± "
+        f"{s['kl_base_aligned']['stderr']:.4f} nats/step; same top token "
+        f"{100 * s['same_top_p']['mean']:.1f}%",
+        f"pooled gamma {g['gamma']:.4f} [{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}]",
+    ]
 
 
 ANALYSIS = Analysis(name="pair", run=run, terminal_lines=terminal_lines)

@@ -29,8 +29,8 @@ from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.lib.common import mean_std, save_figure, write_csv
 from analyses.lib.persona_parse import FIELDS, lead_field, parse, sentences
 from analyses.protocol import Analysis
-from engine.archive.format import FINISH_REASONS
 from engine.archive import Archive
+from engine.archive.format import FINISH_REASONS
 
 log = logging.getLogger(__name__)
 EOS = FINISH_REASONS["eos"]  # /samples/finish_reason of a sample that ended on EOS
@@ -67,17 +67,27 @@ def diversity_stats(name: str, values) -> dict:
     n, d = int(c.sum()), len(counts)
     H = abs(float((c / n * np.log(c / n)).sum())) if n else nan  # abs: no -0.0 for one value
     cap = min(n, CATEGORIES.get(name, n))
-    return {"n": n, "distinct": d, "entropy_nats": H,
-            "normalized_entropy": H / np.log(cap) if cap > 1 else nan,
-            "evenness": H / np.log(d) if d > 1 else nan, "counts": [[v, k] for v, k in counts]}
+    return {
+        "n": n,
+        "distinct": d,
+        "entropy_nats": H,
+        "normalized_entropy": H / np.log(cap) if cap > 1 else nan,
+        "evenness": H / np.log(d) if d > 1 else nan,
+        "counts": [[v, k] for v, k in counts],
+    }
 
 
 def spread(x) -> dict:
     x = np.asarray(x, np.float64)
     if not x.size:
         return {"n": 0, "mean": nan, "std": nan, "min": nan, "median": nan, "max": nan}
-    return {"n": int(x.size), **mean_std(x), "min": float(x.min()), "median": float(np.median(x)),
-            "max": float(x.max())}
+    return {
+        "n": int(x.size),
+        **mean_std(x),
+        "min": float(x.min()),
+        "median": float(np.median(x)),
+        "max": float(x.max()),
+    }
 
 
 def sentiment(reviews: list[str]) -> np.ndarray:
@@ -90,10 +100,13 @@ def sentiment(reviews: list[str]) -> np.ndarray:
 def sentiment_summary(scores: np.ndarray) -> dict:
     edges = np.linspace(-1, 1, 21)
     n = max(len(scores), 1)
-    return {**spread(scores), "share_positive": float((scores >= 0.05).sum() / n),
-            "share_neutral": float((np.abs(scores) < 0.05).sum() / n),
-            "share_negative": float((scores <= -0.05).sum() / n),
-            "histogram": {"edges": edges, "counts": np.histogram(scores, edges)[0]}}
+    return {
+        **spread(scores),
+        "share_positive": float((scores >= 0.05).sum() / n),
+        "share_neutral": float((np.abs(scores) < 0.05).sum() / n),
+        "share_negative": float((scores <= -0.05).sum() / n),
+        "histogram": {"edges": edges, "counts": np.histogram(scores, edges)[0]},
+    }
 
 
 def run(cfg, a: Archive, out: Path) -> dict:
@@ -103,45 +116,77 @@ def run(cfg, a: Archive, out: Path) -> dict:
     people = [parse(t, ld) for t, ld in zip(texts, lead)]
     N = len(people)
     if list(a.prompts) != persona_prompts():
-        log.warning("%s was not dumped with prompts=personas: the persona form is parsed anyway",
-                    a.path)
+        log.warning(
+            "%s was not dumped with prompts=personas: the persona form is parsed anyway", a.path
+        )
     elif N and all(s == "missing" for p in people for s in p.status.values()):
         log.warning("no completion of %s filled in any field of the persona form", a.path)
     parse_report = {}
     for f in FIELDS:
         st = Counter(p.status[f] for p in people)
-        parse_report[f] = {"ok": st["ok"], "invalid": st["invalid"], "missing": st["missing"],
-                           "failure_rate": (N - st["ok"]) / N if N else float("nan")}
-    attrs = {f: diversity_stats(f, [p.values[f] for p in people if f in p.values])
-             for f in ATTRIBUTES}
+        parse_report[f] = {
+            "ok": st["ok"],
+            "invalid": st["invalid"],
+            "missing": st["missing"],
+            "failure_rate": (N - st["ok"]) / N if N else float("nan"),
+        }
+    attrs = {
+        f: diversity_stats(f, [p.values[f] for p in people if f in p.values]) for f in ATTRIBUTES
+    }
     ages = [p.values["age"] for p in people if "age" in p.values]
     has_review = [i for i, p in enumerate(people) if "review" in p.values]
     reviews = [people[i].values["review"] for i in has_review]
     scores = sentiment(reviews)
     score_of = dict(zip(has_review, scores.tolist()))
     sents, clusters, figs = review_clusters(reviews, has_review, c, out, key)
-    figs = attribute_figure(people, attrs, ages, out, key, int(c.top_n_plot)) + \
-        review_figure(reviews, scores, out, key) + figs
+    figs = (
+        attribute_figure(people, attrs, ages, out, key, int(c.top_n_plot))
+        + review_figure(reviews, scores, out, key)
+        + figs
+    )
     complete = [i for i, p in enumerate(people) if p.complete]
-    write_csv(out, "personas.csv", {
-        "sample": np.arange(N), "finish": np.where(finish[:N] == EOS, "eos", "length"),
-        **{f: [p.values.get(f, "") for p in people] for f in ATTRIBUTES},
-        **{f"{f}_status": [p.status[f] for p in people] for f in FIELDS},
-        "review_chars": [len(p.values.get("review", "")) for p in people],
-        "sentiment": [score_of.get(i, "") for i in range(N)],
-        "text": texts})
+    write_csv(
+        out,
+        "personas.csv",
+        {
+            "sample": np.arange(N),
+            "finish": np.where(finish[:N] == EOS, "eos", "length"),
+            **{f: [p.values.get(f, "") for p in people] for f in ATTRIBUTES},
+            **{f"{f}_status": [p.status[f] for p in people] for f in FIELDS},
+            "review_chars": [len(p.values.get("review", "")) for p in people],
+            "sentiment": [score_of.get(i, "") for i in range(N)],
+            "text": texts,
+        },
+    )
     rows = [(f, v, k) for f in ATTRIBUTES for v, k in attrs[f]["counts"]]
-    write_csv(out, "attributes.csv", {"attribute": [r[0] for r in rows],
-                                      "value": [r[1] for r in rows], "count": [r[2] for r in rows]})
-    return {"model": key, "n_personas": N, "n_truncated": int((finish[:N] != EOS).sum()),
-            "complete_forms": len(complete), "complete_form_rate": len(complete) / N if N else 0.0,
-            "incomplete_examples": [i for i in range(N) if not people[i].complete][:5],
-            "parse": parse_report, "attributes": attrs, "age": spread(ages),
-            "reviews": {"n": len(reviews),
-                        "length_chars": spread([len(r) for r in reviews]),
-                        "length_words": spread([len(r.split()) for r in reviews]),
-                        "sentiment": sentiment_summary(scores)},
-            "sentences": {"n": len(sents), **clusters}, "figures": figs}
+    write_csv(
+        out,
+        "attributes.csv",
+        {
+            "attribute": [r[0] for r in rows],
+            "value": [r[1] for r in rows],
+            "count": [r[2] for r in rows],
+        },
+    )
+    return {
+        "model": key,
+        "n_personas": N,
+        "n_truncated": int((finish[:N] != EOS).sum()),
+        "complete_forms": len(complete),
+        "complete_form_rate": len(complete) / N if N else 0.0,
+        "incomplete_examples": [i for i in range(N) if not people[i].complete][:5],
+        "parse": parse_report,
+        "attributes": attrs,
+        "age": spread(ages),
+        "reviews": {
+            "n": len(reviews),
+            "length_chars": spread([len(r) for r in reviews]),
+            "length_words": spread([len(r.split()) for r in reviews]),
+            "sentiment": sentiment_summary(scores),
+        },
+        "sentences": {"n": len(sents), **clusters},
+        "figures": figs,
+    }
 
 
 def review_clusters(reviews, owners, c, out: Path, key: str):
@@ -163,8 +208,15 @@ def review_clusters(reviews, owners, c, out: Path, key: str):
         centre = emb[idx].mean(0)
         order = idx[np.argsort(-(emb[idx] @ (centre / np.linalg.norm(centre))), kind="stable")]
         examples = list(dict.fromkeys(sents[i] for i in order))[: int(c.n_examples)]
-        clusters.append({"cluster": j, "size": len(idx), "share": len(idx) / len(sents),
-                         "reviews": len({owner[i] for i in idx}), "examples": examples})
+        clusters.append(
+            {
+                "cluster": j,
+                "size": len(idx),
+                "share": len(idx) / len(sents),
+                "reviews": len({owner[i] for i in idx}),
+                "examples": examples,
+            }
+        )
     clusters.sort(key=lambda d: -d["size"])
     write_csv(out, "sentences.csv", {"sample": owner, "cluster": labels, "sentence": sents})
     xy = tsne_xy(emb, int(c.seed))
@@ -176,13 +228,19 @@ def review_clusters(reviews, owners, c, out: Path, key: str):
     ax.set_ylabel("t-SNE 2")
     ax.set_title(f"{key}: review sentences, k-means k={k} (SBERT)")
     ax.legend(fontsize=6, loc="best", title="size: nearest sentence", title_fontsize=6)
-    return sents, {"k": k, "silhouette": sil, "clusters": clusters}, save_figure(fig, out, "sentence_clusters")
+    return (
+        sents,
+        {"k": k, "silhouette": sil, "clusters": clusters},
+        save_figure(fig, out, "sentence_clusters"),
+    )
 
 
 def attribute_figure(people, attrs, ages, out: Path, key: str, top: int) -> list[str]:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     N = max(len(people), 1)
-    for ax, f in zip(axes.flat, ("first_name", "last_name", "gender", "nationality", "ethnicity", "mbti")):
+    for ax, f in zip(
+        axes.flat, ("first_name", "last_name", "gender", "nationality", "ethnicity", "mbti")
+    ):
         counts = attrs[f]["counts"][:top]
         failed = sum(p.status[f] != "ok" for p in people)
         labels = [str(v) for v, _ in counts] + ["(not parsed)"]
@@ -190,8 +248,11 @@ def attribute_figure(people, attrs, ages, out: Path, key: str, top: int) -> list
         ax.barh(labels[::-1], share[::-1], color=["0.6"] + ["C0"] * len(counts))
         ax.set_xlabel("% of personas")
         hn = attrs[f]["normalized_entropy"]
-        ax.set_title(f"{f.replace('_', ' ')}: {attrs[f]['distinct']} distinct, "
-                     f"normalised entropy {'n/a' if np.isnan(hn) else f'{hn:.2f}'}", fontsize=9)
+        ax.set_title(
+            f"{f.replace('_', ' ')}: {attrs[f]['distinct']} distinct, "
+            f"normalised entropy {'n/a' if np.isnan(hn) else f'{hn:.2f}'}",
+            fontsize=9,
+        )
         ax.tick_params(axis="y", labelsize=7)
     ax = axes.flat[6]
     if ages:

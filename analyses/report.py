@@ -44,8 +44,11 @@ class Sources:
         self.cited: list[dict] = []
 
     def of(self, analysis: str, **match):
-        return [(f, s) for f, s in self.runs if s["analysis"] == analysis
-                and all(s.get(k) == v for k, v in match.items())]
+        return [
+            (f, s)
+            for f, s in self.runs
+            if s["analysis"] == analysis and all(s.get(k) == v for k, v in match.items())
+        ]
 
     def cite(self, found, *path):
         """The value at `path` of a (file, summary) pair, recorded; None where absent."""
@@ -75,7 +78,11 @@ def pm(mean, sd, n=None, digits=3) -> str:
 def ci(g, lo_hi, digits=3) -> str:
     if g is None:
         return "–"
-    return f"{fmt(g, digits)} [{fmt(lo_hi[0], digits)}, {fmt(lo_hi[1], digits)}]" if lo_hi else fmt(g, digits)
+    return (
+        f"{fmt(g, digits)} [{fmt(lo_hi[0], digits)}, {fmt(lo_hi[1], digits)}]"
+        if lo_hi
+        else fmt(g, digits)
+    )
 
 
 def pick_models(src: Sources, c) -> tuple[str, str]:
@@ -111,31 +118,65 @@ def self_check_cell(src: Sources, generator: str, base: str, aligned: str) -> st
 def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
     """(metric, base cell, aligned cell): each model on its own completions."""
     rows = []
-    for label, key, digits in (("top-5 entropy, bits (mean ± std over completions)", "top5_entropy_bits", 3),
-                               ("full entropy, nats (mean ± std over completions)", "entropy_nats", 3)):
+    for label, key, digits in (
+        ("top-5 entropy, bits (mean ± std over completions)", "top5_entropy_bits", 3),
+        ("full entropy, nats (mean ± std over completions)", "entropy_nats", 3),
+    ):
         cells = []
         for m in (base, aligned):
             e = own(src, "entropy", m)
             n = src.cite(e, "models", m, key, "n_completions")
-            cells.append(pm(src.cite(e, "models", m, key, "mean"), src.cite(e, "models", m, key, "std"), n, digits))
+            cells.append(
+                pm(
+                    src.cite(e, "models", m, key, "mean"),
+                    src.cite(e, "models", m, key, "std"),
+                    n,
+                    digits,
+                )
+            )
         rows.append((label, *cells))
-    for label, path in (("SBERT diversity, per input (1 − mean pairwise cosine)", ("per_input_mean", "sentbert_diversity")),
-                        ("TF-IDF cosine similarity, per input (mean)", ("per_input_mean", "tfidf_cosine_mean")),
-                        ("EAD, per input (mean over n = 1…5, tokens)", ("per_input_mean", "ead_tokens_mean")),
-                        ("EAD, per input (Kirk et al.'s words, V = 50257)", ("per_input_mean", "ead_words_kirk"))):
-        rows.append((label, *(fmt(src.cite(own(src, "diversity", m), *path)) for m in (base, aligned))))
+    for label, path in (
+        (
+            "SBERT diversity, per input (1 − mean pairwise cosine)",
+            ("per_input_mean", "sentbert_diversity"),
+        ),
+        ("TF-IDF cosine similarity, per input (mean)", ("per_input_mean", "tfidf_cosine_mean")),
+        ("EAD, per input (mean over n = 1…5, tokens)", ("per_input_mean", "ead_tokens_mean")),
+        ("EAD, per input (Kirk et al.'s words, V = 50257)", ("per_input_mean", "ead_words_kirk")),
+    ):
+        rows.append(
+            (label, *(fmt(src.cite(own(src, "diversity", m), *path)) for m in (base, aligned)))
+        )
     for label, path, fn in (
-            ("KL(base ‖ aligned), nats per step (mean ± stderr)", ("kl_base_aligned",),
-             lambda p, s: pm(src.cite(p, *s, "mean"), src.cite(p, *s, "stderr"), digits=4)),
-            ("pooled per-step γ [95% CI]", ("gamma", "pooled"),
-             lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95"))),
-            ("sequence-level γ, within-prompt slope [95% CI]", ("gamma", "sequence_level_pooled"),
-             lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95")))):
-        rows.append((f"{label}, on the completions of each model",
-                     *(fn(pair_on(src, m, base, aligned), path) for m in (base, aligned))))
-    rows.append(("run self-check of each model's own archive: max |Δ log p| of one stored "
-                 "sample against a teacher-forced forward, nats (bound)",
-                 *(self_check_cell(src, m, base, aligned) for m in (base, aligned))))
+        (
+            "KL(base ‖ aligned), nats per step (mean ± stderr)",
+            ("kl_base_aligned",),
+            lambda p, s: pm(src.cite(p, *s, "mean"), src.cite(p, *s, "stderr"), digits=4),
+        ),
+        (
+            "pooled per-step γ [95% CI]",
+            ("gamma", "pooled"),
+            lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95")),
+        ),
+        (
+            "sequence-level γ, within-prompt slope [95% CI]",
+            ("gamma", "sequence_level_pooled"),
+            lambda p, s: ci(src.cite(p, *s, "gamma"), src.cite(p, *s, "ci95")),
+        ),
+    ):
+        rows.append(
+            (
+                f"{label}, on the completions of each model",
+                *(fn(pair_on(src, m, base, aligned), path) for m in (base, aligned)),
+            )
+        )
+    rows.append(
+        (
+            "run self-check of each model's own archive: max |Δ log p| of one stored "
+            "sample against a teacher-forced forward, nats (bound)",
+            *(self_check_cell(src, m, base, aligned) for m in (base, aligned)),
+        )
+    )
     pred, alignment = None, None
     for m in (base, aligned):
         p = pair_on(src, m, base, aligned)
@@ -144,27 +185,43 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
             al = json.loads(alignment)
             pred = 1 + al["alpha"] / al["beta"]
             break
-    rows.append(("predicted γ = 1 + α/β (sequence level; from the aligned model's provenance)",
-                 "1 (reference)", fmt(pred, 3) if pred else "– (not an aligned twin)"))
+    rows.append(
+        (
+            "predicted γ = 1 + α/β (sequence level; from the aligned model's provenance)",
+            "1 (reference)",
+            fmt(pred, 3) if pred else "– (not an aligned twin)",
+        )
+    )
     if alignment:
         al = json.loads(alignment)
-        rows.append(("how the aligned model was trained (its provenance)", "–",
-                     f"DPO, α = {fmt(al.get('alpha'), 2)}, β = {fmt(al.get('beta'), 2)}, "
-                     f"{al.get('n_pairs')} pairs, {al.get('steps')} steps; loss "
-                     f"{fmt(al.get('final_loss'), 3)}, reward accuracy {fmt(al.get('reward_accuracy'), 3)} "
-                     f"(means over the last epoch)"))
+        rows.append(
+            (
+                "how the aligned model was trained (its provenance)",
+                "–",
+                f"DPO, α = {fmt(al.get('alpha'), 2)}, β = {fmt(al.get('beta'), 2)}, "
+                f"{al.get('n_pairs')} pairs, {al.get('steps')} steps; loss "
+                f"{fmt(al.get('final_loss'), 3)}, reward accuracy {fmt(al.get('reward_accuracy'), 3)} "
+                f"(means over the last epoch)",
+            )
+        )
 
     def recovery(v):
         rt = v["recovery_time"]
         return f"median {fmt(rt['median'], 1)} steps, {rt['recovered']} recovered / {rt['censored']} censored"
 
     def influence(v):
-        return (f"half-life {fmt(v['half_life_steps'], 2)} steps, settles at "
-                f"{fmt(v['settle_step_mean_curve'], 0)} ({100 * v['settle_step']['censored_share']:.0f}% "
-                f"of continuations censored)")
+        return (
+            f"half-life {fmt(v['half_life_steps'], 2)} steps, settles at "
+            f"{fmt(v['settle_step_mean_curve'], 0)} ({100 * v['settle_step']['censored_share']:.0f}% "
+            f"of continuations censored)"
+        )
 
-    rows.append(("attractor: recovery time after the edit (per variant)",
-                 *attractor_cells(src, (base, aligned), "variants", recovery)))
+    rows.append(
+        (
+            "attractor: recovery time after the edit (per variant)",
+            *attractor_cells(src, (base, aligned), "variants", recovery),
+        )
+    )
     cells = attractor_cells(src, (base, aligned), "influence", influence)
     rows.append(("attractor: the edit's influence on identical continuations", *cells))
     return rows
@@ -192,23 +249,50 @@ def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[s
     for m, colour in ((base, "tab:blue"), (aligned, "tab:red")):
         a = runs[m]
         if infl:
-            for name, v in (infl.get(m) or {}).get("variants", {}).items():
+            for v in (infl.get(m) or {}).get("variants", {}).values():
                 y = np.maximum(np.array(v["kl_by_step"]), 1e-16)
-                ax.plot(np.arange(len(y)), y, c=colour, marker=".",
-                        label=f"{m}: half-life {fmt(v['half_life_steps'], 2)} steps")
+                ax.plot(
+                    np.arange(len(y)),
+                    y,
+                    c=colour,
+                    marker=".",
+                    label=f"{m}: half-life {fmt(v['half_life_steps'], 2)} steps",
+                )
                 ax.axhline(infl[m]["noise_floor"], c=colour, ls=":", lw=0.8)
                 drawn = True
             continue
-        curves = (src.cite(a, "trajectory_divergence_by_step") or src.cite(a, "kl_by_step_since_edit")) if a else None
-        floors = (src.cite(a, "trajectory_divergence_control_vs_control_by_step")
-                  or src.cite(a, "kl_control_vs_control_by_step")) if a else None
+        curves = (
+            (src.cite(a, "trajectory_divergence_by_step") or src.cite(a, "kl_by_step_since_edit"))
+            if a
+            else None
+        )
+        floors = (
+            (
+                src.cite(a, "trajectory_divergence_control_vs_control_by_step")
+                or src.cite(a, "kl_control_vs_control_by_step")
+            )
+            if a
+            else None
+        )
         for name, cv in (curves or {}).items():
             t = sorted(cv, key=int)
-            ax.plot([int(k) for k in t], [cv[k] for k in t], c=colour, marker=".", label=f"{m}: perturbed vs control")
+            ax.plot(
+                [int(k) for k in t],
+                [cv[k] for k in t],
+                c=colour,
+                marker=".",
+                label=f"{m}: perturbed vs control",
+            )
             fl = (floors or {}).get(name, {})
             if fl:
                 tf = sorted(fl, key=int)
-                ax.plot([int(k) for k in tf], [fl[k] for k in tf], c=colour, ls=":", label=f"{m}: control vs control")
+                ax.plot(
+                    [int(k) for k in tf],
+                    [fl[k] for k in tf],
+                    c=colour,
+                    ls=":",
+                    label=f"{m}: control vs control",
+                )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -217,11 +301,15 @@ def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[s
     if infl:
         ax.set_yscale("log")
         ax.set_ylabel("I(t) = KL(edited ‖ control), same tokens (nats)")
-        ax.set_title("The edit's influence on identical continuations (dotted: codec noise floor)",
-                     fontsize=9)
+        ax.set_title(
+            "The edit's influence on identical continuations (dotted: codec noise floor)",
+            fontsize=9,
+        )
     else:
         ax.set_ylabel("mean KL (nats), step t of each continuation")
-        ax.set_title("Trajectory divergence after the edit (different contexts after step 0)", fontsize=9)
+        ax.set_title(
+            "Trajectory divergence after the edit (different contexts after step 0)", fontsize=9
+        )
     ax.legend(fontsize=6)
     return save_figure(fig, out, "attractor_curves")
 
@@ -237,9 +325,12 @@ def run(cfg, a, out: Path) -> dict:
     src = Sources(list(c.runs))
     base, aligned = pick_models(src, c)
     rows = headline(src, base, aligned)
-    figs = {"entropy (each model's own completions; both models scored on them)": [],
-            "diversity: t-SNE of sentence embeddings with k-means clusters": [],
-            "pair: per-step γ and KL": [], "attractor": []}
+    figs = {
+        "entropy (each model's own completions; both models scored on them)": [],
+        "diversity: t-SNE of sentence embeddings with k-means clusters": [],
+        "pair: per-step γ and KL": [],
+        "attractor": [],
+    }
     caption = {}  # figure -> whose completions it shows
 
     def add(section, paths, m):
@@ -247,13 +338,28 @@ def run(cfg, a, out: Path) -> dict:
         caption.update({p: f"on {m}'s own completions" for p in paths})
 
     for m in (base, aligned):
-        add("entropy (each model's own completions; both models scored on them)", figures_of(
-            src, "entropy", m, ("top5_entropy_boxplot", "per_token_top5_probabilities", "entropy_vs_gamma")), m)
-        add("diversity: t-SNE of sentence embeddings with k-means clusters",
-            figures_of(src, "diversity", m, ("tsne_clusters",)), m)
+        add(
+            "entropy (each model's own completions; both models scored on them)",
+            figures_of(
+                src,
+                "entropy",
+                m,
+                ("top5_entropy_boxplot", "per_token_top5_probabilities", "entropy_vs_gamma"),
+            ),
+            m,
+        )
+        add(
+            "diversity: t-SNE of sentence embeddings with k-means clusters",
+            figures_of(src, "diversity", m, ("tsne_clusters",)),
+            m,
+        )
         p = pair_on(src, m, base, aligned)
         if p:
-            add("pair: per-step γ and KL", [x for x in src.cite(p, "figures") if x.endswith(".png")], m)
+            add(
+                "pair: per-step γ and KL",
+                [x for x in src.cite(p, "figures") if x.endswith(".png")],
+                m,
+            )
     drawn = attractor_curves(src, base, aligned, out)
     figs["attractor"] += [p for p in drawn if p.endswith(".png")]
     caption.update({p: "both models, from the attractor summaries" for p in drawn})
@@ -262,44 +368,69 @@ def run(cfg, a, out: Path) -> dict:
     md, page = render(base, aligned, rows, figs, caption, out)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
-    write_json(out, "report.json", {"base": base, "aligned": aligned, "rows": rows, "cited": src.cited,
-                                    "images": [p for ps in figs.values() for p in ps]})
-    return {"base": base, "aligned": aligned, "report": str(out / "report.html"),
-            "report_md": str(out / "report.md"), "n_sources": len(src.runs),
-            "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows}, "figures": drawn}
+    write_json(
+        out,
+        "report.json",
+        {
+            "base": base,
+            "aligned": aligned,
+            "rows": rows,
+            "cited": src.cited,
+            "images": [p for ps in figs.values() for p in ps],
+        },
+    )
+    return {
+        "base": base,
+        "aligned": aligned,
+        "report": str(out / "report.html"),
+        "report_md": str(out / "report.md"),
+        "n_sources": len(src.runs),
+        "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
+        "figures": drawn,
+    }
 
 
 def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
-    rel = (lambda p: os.path.relpath(p, out))
-    md = [f"# {aligned} vs {base}", "",
-          "Each model generated its own completions and was scored on the other's (same tokens); "
-          "every number below comes from a summary.json listed in report.json.", "",
-          f"| metric | {base} (base) | {aligned} (aligned) |", "|---|---|---|"]
+    rel = lambda p: os.path.relpath(p, out)
+    md = [
+        f"# {aligned} vs {base}",
+        "",
+        "Each model generated its own completions and was scored on the other's (same tokens); "
+        "every number below comes from a summary.json listed in report.json.",
+        "",
+        f"| metric | {base} (base) | {aligned} (aligned) |",
+        "|---|---|---|",
+    ]
     md += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
     for title, paths in figs.items():
         if paths:
-            md += ["", f"## {title}", ""] + [f"![{Path(p).stem}, {caption.get(p, '')}]({rel(p)})"
-                                               for p in paths]
+            md += ["", f"## {title}", ""] + [
+                f"![{Path(p).stem}, {caption.get(p, '')}]({rel(p)})" for p in paths
+            ]
     esc = html.escape
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>base vs aligned</title>",
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-            "th{background:#f3f3f3}figure{display:inline-block;width:49%;margin:0;vertical-align:top}"
-            "figure.wide{width:99%}img{width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}"
-            "</style></head><body>",
-            f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
-            "<p>Each model generated its own completions and was scored on the other's (same tokens). "
-            "Every number comes from a summary.json listed in report.json.</p>",
-            f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>"]
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>base vs aligned</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#f3f3f3}figure{display:inline-block;width:49%;margin:0;vertical-align:top}"
+        "figure.wide{width:99%}img{width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}"
+        "</style></head><body>",
+        f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
+        "<p>Each model generated its own completions and was scored on the other's (same tokens). "
+        "Every number comes from a summary.json listed in report.json.</p>",
+        f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>",
+    ]
     page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]
     page.append("</table>")
     for title, paths in figs.items():
         if paths:
             page.append(f"<h2>{esc(title)}</h2>")
-            page += [f"<figure{' class=wide' if Path(p).stem.startswith('per_token') else ''}>"
-                     f"<img src='{esc(rel(p))}' alt='{esc(Path(p).stem)}'>"
-                     f"<figcaption>{esc(Path(p).stem)}, {esc(caption.get(p, ''))}</figcaption></figure>"
-                     for p in paths]
+            page += [
+                f"<figure{' class=wide' if Path(p).stem.startswith('per_token') else ''}>"
+                f"<img src='{esc(rel(p))}' alt='{esc(Path(p).stem)}'>"
+                f"<figcaption>{esc(Path(p).stem)}, {esc(caption.get(p, ''))}</figcaption></figure>"
+                for p in paths
+            ]
     page.append("</body></html>")
     return "\n".join(md) + "\n", "\n".join(page)
 

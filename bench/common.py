@@ -27,11 +27,25 @@ def real_archive(name: str, *dump_args: str) -> Path:
     later runs (about 100 MB); says which, and how to get rid of it."""
     path = ROOT / "outputs" / "bench" / name
     if path.exists():
-        print(f"real rows: reusing {path} ({path.stat().st_size / 2**20:.0f} MiB; delete it to "
-              f"rebuild or free the space)")
+        print(
+            f"real rows: reusing {path} ({path.stat().st_size / 2**20:.0f} MiB; delete it to "
+            f"rebuild or free the space)"
+        )
         return path
-    print(f"real rows: dumping SmolLM2 into {path} (kept for later runs; delete it to free the "
-          f"space)")
-    subprocess.run([sys.executable, "-m", "engine", "dump", *dump_args, f"out={path}",
-                    f"hydra.run.dir={path.parent}/logs"], cwd=ROOT, check=True)
+    print(
+        f"real rows: dumping SmolLM2 into {path} (kept for later runs; delete it to free the space)"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "dump",
+            *dump_args,
+            f"out={path}",
+            f"hydra.run.dir={path.parent}/logs",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return path

@@ -31,9 +31,15 @@ from bench.common import best_of
 from bench.dump_overhead import compose_cfg
 from engine.commands import dump as dump_mod
 from engine.runtime import run as run_mod
-from engine.runtime.models import LoadedModel, load_model, resolve_device, tiny_random_tokenizer, wrap
-from engine.runtime.settings import ModelSpec
+from engine.runtime.models import (
+    LoadedModel,
+    load_model,
+    resolve_device,
+    tiny_random_tokenizer,
+    wrap,
+)
 from engine.runtime.prompts import render
+from engine.runtime.settings import ModelSpec
 
 SYNC_CALLS = ("cpu", "item", "tolist", "__bool__")  # .numpy() needs a host tensor already
 
@@ -42,15 +48,28 @@ def shape7b(dev: torch.device) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_random_tokenizer()
-    cfg = LlamaConfig(vocab_size=151936, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
-                      max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
-    prov = {"source": "tiny-random", "name": "shape7b", "revision": "seed=0",
-            "weights_sha256": "", "dtype": str(dtype).removeprefix("torch.")}
+    prov = {
+        "source": "tiny-random",
+        "name": "shape7b",
+        "revision": "seed=0",
+        "weights_sha256": "",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     return wrap(model, tok, "shape7b", "shape7b", dev, prov)
 
 
@@ -70,6 +89,7 @@ class SyncCounter:
                 if self.on and threading.get_ident() == self.thread:
                     self.n += 1
                 return _real(t, *a, **kw)
+
             setattr(torch.Tensor, name, wrapped)
         return self
 
@@ -78,7 +98,7 @@ class SyncCounter:
             setattr(torch.Tensor, name, real)
         run_mod.self_check = self._check
 
-    def decode_only(self) -> "SyncCounter":
+    def decode_only(self) -> SyncCounter:
         """Do not count the run's self-check (one teacher-forced forward per run, after the
         first batch): what is measured is the decode loop's syncs per step."""
         self._check = real = run_mod.self_check
@@ -89,6 +109,7 @@ class SyncCounter:
                 return real(*a, **kw)
             finally:
                 self.on = on
+
         run_mod.self_check = quiet
         return self
 
@@ -125,9 +146,11 @@ def kernel_bandwidth(dev: torch.device, rows: int, vocab: int) -> list[tuple[str
         ("pair_stats fp32", lambda: K.pair_stats(x, q, tok), 2 * x.nbytes),
         ("fit_gamma fp32", lambda: K.fit_gamma(x, q), 2 * x.nbytes),
     ]:
+
         def run(fn=fn):
             fn()
             sync()
+
         out.append((name, nbytes / best_of(run, 3) / 1e9))
     return out
 
@@ -144,13 +167,19 @@ def main(argv=None):
     ap.add_argument("--kernel-rows", type=int, default=64)
     args = ap.parse_args(argv)
     dev = resolve_device(args.device)
-    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}")
+    print(
+        f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), "
+        f"torch {torch.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmpd:
         out = Path(tmpd) / "bench.h5"
         args.model = "tiny-random" if args.shape7b else args.model
         cfg = compose_cfg(out, args, [f"device={dev}", "prompts=grace_hopper"])
-        lm = shape7b(dev) if args.shape7b else load_model(ModelSpec.from_node(cfg.model), str(dev), cfg.paths.cache_dir)
+        lm = (
+            shape7b(dev)
+            if args.shape7b
+            else load_model(ModelSpec.from_node(cfg.model), str(dev), cfg.paths.cache_dir)
+        )
         lm.eos_ids = ()
         ids = torch.tensor([render(lm.tokenizer, cfg.prompts.texts[0], False)[1]], device=dev)
         tokens = args.n_samples * args.max_new_tokens
@@ -160,9 +189,15 @@ def main(argv=None):
             hf = lm.bridge.original_model
             for _ in range(0, args.n_samples, args.batch_size):
                 b = ids.expand(min(args.batch_size, args.n_samples), -1)
-                hf.generate(b, attention_mask=torch.ones_like(b), do_sample=True, top_k=0,
-                            max_new_tokens=args.max_new_tokens,
-                            min_new_tokens=args.max_new_tokens, pad_token_id=0)
+                hf.generate(
+                    b,
+                    attention_mask=torch.ones_like(b),
+                    do_sample=True,
+                    top_k=0,
+                    max_new_tokens=args.max_new_tokens,
+                    min_new_tokens=args.max_new_tokens,
+                    pad_token_id=0,
+                )
             if dev.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -176,13 +211,17 @@ def main(argv=None):
             run_dump()
             sc.on = False
         busy = gpu_busy_fraction(run_dump)
-        print(f"\ndump vs HF generate: {args.n_samples} samples x {args.max_new_tokens} steps, "
-              f"batch {args.batch_size}, codec {args.codec}, V = {lm.vocab_size}")
+        print(
+            f"\ndump vs HF generate: {args.n_samples} samples x {args.max_new_tokens} steps, "
+            f"batch {args.batch_size}, codec {args.codec}, V = {lm.vocab_size}"
+        )
         print(f"  hf_generate   {tokens / t_hf:10.0f} tokens/s")
         print(f"  dump          {tokens / t_dump:10.0f} tokens/s   ratio {t_hf / t_dump:.2f}")
         steps = -(-args.n_samples // args.batch_size) * args.max_new_tokens
-        print(f"  host syncs per step (sampling thread): {sc.n / steps:.2f} (the run's one "
-              f"self-check forward not counted)")
+        print(
+            f"  host syncs per step (sampling thread): {sc.n / steps:.2f} (the run's one "
+            f"self-check forward not counted)"
+        )
         if busy is not None:
             print(f"  GPU idle fraction during the dump: {1 - busy:.2f}")
     print(f"\ntorch kernels over [{args.kernel_rows}, {lm.vocab_size}] rows on {dev}:")

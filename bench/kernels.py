@@ -77,16 +77,22 @@ def table(title, results, ref_name):
     print(f"{'method':<38}{'rows/s':>12}{'G elem/s':>10}{'GB/s in':>9}{'ratio':>14}")
     ref_rate = results[ref_name][1] / results[ref_name][0]  # rows/s: row counts differ
     for name, (sec, rows, vocab, itemsize) in results.items():
-        print(f"{name:<38}{rows / sec:>12.0f}{rows * vocab / sec / 1e9:>10.3f}"
-              f"{rows * vocab * itemsize / sec / 1e9:>9.2f}{rows / sec / ref_rate:>14.2f}")
+        print(
+            f"{name:<38}{rows / sec:>12.0f}{rows * vocab / sec / 1e9:>10.3f}"
+            f"{rows * vocab * itemsize / sec / 1e9:>9.2f}{rows / sec / ref_rate:>14.2f}"
+        )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archive", type=Path)
     ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--slow-rows", type=int, default=None,
-                    help="rows for the slow baselines (default: all rows, same data as ours)")
+    ap.add_argument(
+        "--slow-rows",
+        type=int,
+        default=None,
+        help="rows for the slow baselines (default: all rows, same data as ours)",
+    )
     ap.add_argument("--gamma-rows", type=int, default=48, help="rows for per-row scipy gamma")
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
@@ -95,8 +101,10 @@ def main():
     for V in (49152, 151936):
         n = max(64, args.rows * 49152 // V)
         datasets[f"synthetic N(0,3^2) V={V}"] = (rng.standard_normal((n, V)) * 3).astype(np.float16)
-    print(f"numba {numba.__version__}, torch {torch.__version__}, CPU threads available "
-          f"{numba.config.NUMBA_NUM_THREADS}; float16 input; best of 3")
+    print(
+        f"numba {numba.__version__}, torch {torch.__version__}, CPU threads available "
+        f"{numba.config.NUMBA_NUM_THREADS}; float16 input; best of 3"
+    )
     for name, x in datasets.items():
         R, V = x.shape
         s = min(R, args.slow_rows or R)
@@ -108,15 +116,31 @@ def main():
             torch.set_num_threads(th)
             res[f"numba entropy ({th} thr)"] = (best_of(lambda: K.entropy(x)), R, V, 2)
             res[f"torch kernel entropy ({th} thr)"] = (best_of(lambda: K.entropy(t16)), R, V, 2)
-            res[f"numpy/scipy pipeline ({th} thr)"] = (best_of(lambda: numpy_entropy(x[:s])), s, V, 2)
+            res[f"numpy/scipy pipeline ({th} thr)"] = (
+                best_of(lambda: numpy_entropy(x[:s])),
+                s,
+                V,
+                2,
+            )
             res[f"torch log_softmax pipeline ({th} thr)"] = (
-                best_of(lambda: torch_pipeline_entropy(t16)), R, V, 2)
-            res[f"torch Categorical ({th} thr)"] = (best_of(lambda: categorical_entropy(ts16)), s, V, 2)
+                best_of(lambda: torch_pipeline_entropy(t16)),
+                R,
+                V,
+                2,
+            )
+            res[f"torch Categorical ({th} thr)"] = (
+                best_of(lambda: categorical_entropy(ts16)),
+                s,
+                V,
+                2,
+            )
         table(f"entropy, {name}: {R} rows", res, f"torch Categorical ({threads[0]} thr)")
 
     x = datasets["smollm2 real (V=49152)"]
     R, V = x.shape
-    q = (1.5 * x.astype(np.float32) + rng.standard_normal(x.shape, np.float32) * 0.3).astype(np.float16)
+    q = (1.5 * x.astype(np.float32) + rng.standard_normal(x.shape, np.float32) * 0.3).astype(
+        np.float16
+    )
     g = args.gamma_rows
     res = {}
     numba.set_num_threads(1)
@@ -126,14 +150,24 @@ def main():
     res["numba fit_gamma (1 thr)"] = (t_fit, R, V, 4)
     numba.set_num_threads(2)
     res["numba fit_gamma (2 thr)"] = (best_of(lambda: K.fit_gamma(x, q)), R, V, 4)
-    res["torch fit_gamma"] = (best_of(lambda: K.fit_gamma(torch.from_numpy(x), torch.from_numpy(q))), R, V, 4)
+    res["torch fit_gamma"] = (
+        best_of(lambda: K.fit_gamma(torch.from_numpy(x), torch.from_numpy(q))),
+        R,
+        V,
+        4,
+    )
     res["scipy minimize_scalar per row"] = (best_of(lambda: scipy_gamma(x[:g], q[:g]), 2), g, V, 4)
-    table("gamma fit on real SmolLM2 rows (p) vs noisy p^1.5 (q); input = both arrays",
-          res, "scipy minimize_scalar per row")
+    table(
+        "gamma fit on real SmolLM2 rows (p) vs noisy p^1.5 (q); input = both arrays",
+        res,
+        "scipy minimize_scalar per row",
+    )
     ref = scipy_gamma(x[:g], q[:g])
-    print(f"\nfit_gamma cost: {t_fit / t_ent:.2f} entropy passes (1 thread); mean Halley passes "
-          f"after the base pass {fit.iterations.mean():.2f}; max |gamma - scipy| over {g} rows "
-          f"{np.max(np.abs(fit.gamma[:g] - ref)):.2e}")
+    print(
+        f"\nfit_gamma cost: {t_fit / t_ent:.2f} entropy passes (1 thread); mean Halley passes "
+        f"after the base pass {fit.iterations.mean():.2f}; max |gamma - scipy| over {g} rows "
+        f"{np.max(np.abs(fit.gamma[:g] - ref)):.2e}"
+    )
 
     if args.archive or (ROOT / "outputs" / "bench" / "smollm2.h5").exists():
         path = args.archive or ROOT / "outputs" / "bench" / "smollm2.h5"
@@ -141,8 +175,10 @@ def main():
         with Archive(path) as a:
             n = int(a.samples()["length"].sum())
             t = best_of(lambda: map_rows(a, K.entropy, progress=False), 2)
-        print(f"\nstreamed from HDF5 (map_rows, whole chunks, 2 threads): {n / t:.0f} rows/s, "
-              f"{n * V * 2 / t / 1e9:.2f} GB/s of fp16 logits")
+        print(
+            f"\nstreamed from HDF5 (map_rows, whole chunks, 2 threads): {n / t:.0f} rows/s, "
+            f"{n * V * 2 / t / 1e9:.2f} GB/s of fp16 logits"
+        )
 
 
 if __name__ == "__main__":

@@ -30,16 +30,21 @@ def unfused(p, q, tokens):
     base = K.gamma_base(p, q)
     s = K.pair_stats(p, q, tokens)
     g = K.fit_gamma(p, q, base=base)
-    return {**s._asdict(), "gamma": g.gamma, "base_entropy": K.entropy(p),
-            "shift_rank": K.token_stats(p, np.argmax(K.log_softmax(q), -1)).rank,
-            "lp_base": K.token_stats(p, tokens).logprob,
-            "lp_aligned": K.token_stats(q, tokens).logprob}
+    return {
+        **s._asdict(),
+        "gamma": g.gamma,
+        "base_entropy": K.entropy(p),
+        "shift_rank": K.token_stats(p, np.argmax(K.log_softmax(q), -1)).rank,
+        "lp_base": K.token_stats(p, tokens).logprob,
+        "lp_aligned": K.token_stats(q, tokens).logprob,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archive", type=Path,
-                    default=ROOT / "outputs" / "demo" / "smollm2-135m-instruct.h5")
+    ap.add_argument(
+        "--archive", type=Path, default=ROOT / "outputs" / "demo" / "smollm2-135m-instruct.h5"
+    )
     args = ap.parse_args()
     if not args.archive.exists():
         raise SystemExit(f"{args.archive} not found: run `make demo` or pass --archive")
@@ -49,10 +54,12 @@ def main():
         q = np.concatenate([b.raw for b in a.iter_rows(aligned)])
         tok = np.concatenate([a.samples()["tokens"][b.sample, b.steps] for b in a.iter_rows()])
     f, u = rows_report(p, q, tok), unfused(p, q, tok)
-    same = (np.array_equal(f["q_top_rank_in_p"], u["shift_rank"])
-            and np.allclose(f["base_entropy"], u["base_entropy"], atol=1e-5)
-            and np.allclose(f["logp_token"], u["lp_base"], atol=1e-5)
-            and np.allclose(f["logq_token"], u["lp_aligned"], atol=1e-5))
+    same = (
+        np.array_equal(f["q_top_rank_in_p"], u["shift_rank"])
+        and np.allclose(f["base_entropy"], u["base_entropy"], atol=1e-5)
+        and np.allclose(f["logp_token"], u["lp_base"], atol=1e-5)
+        and np.allclose(f["logq_token"], u["lp_aligned"], atol=1e-5)
+    )
     t_f = best_of(lambda: rows_report(p, q, tok))
     t_u = best_of(lambda: unfused(p, q, tok))
     print(f"{base} vs {aligned}: {p.shape[0]} rows x vocab {p.shape[1]}, {p.dtype}")

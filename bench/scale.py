@@ -56,13 +56,17 @@ class Synth:
         for r in range(pool):
             ids = rng.choice(vocab, head, replace=False)
             base[r, ids] = 22.0 - 1.5 * np.log(np.arange(1, head + 1))
-        self.pools = {"base": base,
-                      "aligned": (gamma * base + rng.normal(0, 0.5, base.shape)).astype(np.float32)}
+        self.pools = {
+            "base": base,
+            "aligned": (gamma * base + rng.normal(0, 0.5, base.shape)).astype(np.float32),
+        }
         self.top = base.argmax(1)
 
     @staticmethod
     def _hash(i: np.ndarray, t: int) -> np.ndarray:
-        x = (i.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(t * 0xBF58476D1CE4E5B9 % 2**64)
+        x = (i.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(
+            t * 0xBF58476D1CE4E5B9 % 2**64
+        )
         x ^= x >> np.uint64(31)
         x *= np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(29))
@@ -82,13 +86,25 @@ class Synth:
 def info(key: str, args, role: str):
     from engine.archive import ModelInfo
 
-    prov = {"source": "synthetic", "name": f"bench.scale {key}", "vocab_size": args.vocab,
-            "vocab_hash": "synthetic", "tokenizer_name": "none", "dtype": "float16"}
-    return ModelInfo(key=key, provenance=prov, vocab_size=args.vocab,
-                     prompt_text=[f"prompt {p}" for p in range(args.prompts)],
-                     prompt_tokens=[[1, 2, 3]] * args.prompts,
-                     vocab_strings=[f"<{i}>" for i in range(args.vocab)], tokenizer_json="",
-                     role=role, score_key=None if role == "generator" else "{}")
+    prov = {
+        "source": "synthetic",
+        "name": f"bench.scale {key}",
+        "vocab_size": args.vocab,
+        "vocab_hash": "synthetic",
+        "tokenizer_name": "none",
+        "dtype": "float16",
+    }
+    return ModelInfo(
+        key=key,
+        provenance=prov,
+        vocab_size=args.vocab,
+        prompt_text=[f"prompt {p}" for p in range(args.prompts)],
+        prompt_tokens=[[1, 2, 3]] * args.prompts,
+        vocab_strings=[f"<{i}>" for i in range(args.vocab)],
+        tokenizer_json="",
+        role=role,
+        score_key=None if role == "generator" else "{}",
+    )
 
 
 def write(path: Path, args, shard=None) -> None:
@@ -108,16 +124,32 @@ def write(path: Path, args, shard=None) -> None:
             data, tokens = synth.step(group, idx, t)
             yield Rows(t=t, data=data, tokens=tokens, alive=np.ones(len(idx), bool))
 
-    w = archive.create(path, run_key=key, config_yaml="", provenance_root=root_provenance(),
-                       prompts=[f"prompt {p}" for p in range(P)], n_samples=M, max_new_tokens=T,
-                       model=info("base", args, "generator"), codec="fp16", window=24.0,
-                       capture_dims={}, shard=shard)
+    w = archive.create(
+        path,
+        run_key=key,
+        config_yaml="",
+        provenance_root=root_provenance(),
+        prompts=[f"prompt {p}" for p in range(P)],
+        n_samples=M,
+        max_new_tokens=T,
+        model=info("base", args, "generator"),
+        codec="fp16",
+        window=24.0,
+        capture_dims={},
+        shard=shard,
+    )
     with w:
         for _, s0, s1 in batches(P, M, args.batch, lo, hi):
             w.write_batch(s0 - lo, list(range(s0, s1)), steps("base", s0, s1), [args.vocab - 1])
         w.finish()
-    mw, _ = archive.open_scored_group(path, info("aligned", args, "scored"), codec="fp16",
-                                      window=24.0, resume=False, overwrite=False)
+    mw, _ = archive.open_scored_group(
+        path,
+        info("aligned", args, "scored"),
+        codec="fp16",
+        window=24.0,
+        resume=False,
+        overwrite=False,
+    )
     with mw:
         for _, s0, s1 in batches(P, M, args.batch, lo, hi):
             mw.write(s0 - lo, s1 - s0, steps("aligned", s0, s1))
@@ -139,8 +171,11 @@ def phase_write(args) -> dict:
             p.parent.mkdir(parents=True, exist_ok=True)
             write(p, args, shard_of(args.prompts, args.per_prompt, args.batch, i, args.shards))
     os.sync()  # the written bytes on disk, so the time counts them
-    return {"seconds": time.perf_counter() - t, "bytes": sum(p.stat().st_size for p in paths),
-            "paths": [str(p) for p in paths]}
+    return {
+        "seconds": time.perf_counter() - t,
+        "bytes": sum(p.stat().st_size for p in paths),
+        "paths": [str(p) for p in paths],
+    }
 
 
 # ---- phase: analysis -------------------------------------------------------------------------
@@ -153,8 +188,9 @@ class Passes:
 
         self.log = []
         self.orig = {"map_rows": S.map_rows, "map_pairs": S.map_pairs}
-        for mod in [m for name, m in sys.modules.items()
-                    if name.startswith(("analyses.", "engine.stream"))]:
+        for mod in [
+            m for name, m in sys.modules.items() if name.startswith(("analyses.", "engine.stream"))
+        ]:
             for name in self.orig:
                 if getattr(mod, name, None) is self.orig[name]:
                     setattr(mod, name, self._wrap(name))
@@ -166,10 +202,18 @@ class Passes:
             t = time.perf_counter()
             out = orig(archive, fn, *a, **kw)
             groups = [a[0], a[1]] if name == "map_pairs" else [kw.get("key", a[0] if a else None)]
-            self.log.append({"kind": name, "fn": fn, "groups": groups, "rows": len(out[1]),
-                             "seconds": time.perf_counter() - t,
-                             "with_tokens": kw.get("with_tokens", False)})
+            self.log.append(
+                {
+                    "kind": name,
+                    "fn": fn,
+                    "groups": groups,
+                    "rows": len(out[1]),
+                    "seconds": time.perf_counter() - t,
+                    "with_tokens": kw.get("with_tokens", False),
+                }
+            )
             return out
+
         return wrapped
 
 
@@ -190,8 +234,7 @@ def replay(path: str, passes: list, mem_rows: int) -> list[float]:
     with Archive(path) as a:
         T = a.max_new_tokens
         n = max(1, mem_rows // T)
-        rows = {k: np.ascontiguousarray(a.model(k).logits[:n].reshape(n * T, -1))
-                for k in a.models}
+        rows = {k: np.ascontiguousarray(a.model(k).logits[:n].reshape(n * T, -1)) for k in a.models}
         tok = a.samples()["tokens"][:n].reshape(-1)
         gen = a.generator
     speeds = []
@@ -229,8 +272,15 @@ def phase_analysis(args) -> dict:
 
     out = Path(args.dir) / f"analysis-{args.analysis}-{Path(args.archive).stem}"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("analyses", overrides=[f"analysis={args.analysis}", f"archive={args.archive}",
-                                             f"paths.output_dir={out}", "progress=false"])
+        cfg = compose(
+            "analyses",
+            overrides=[
+                f"analysis={args.analysis}",
+                f"archive={args.archive}",
+                f"paths.output_dir={out}",
+                "progress=false",
+            ],
+        )
     base_rss, read0 = rss_mib(), storage_read_bytes()
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
@@ -243,18 +293,36 @@ def phase_analysis(args) -> dict:
     read = storage_read_bytes() - read0
     speeds = replay(args.archive, passes.log, args.mem_rows)
     rss = np.array([r for _, r in samples])
-    per_pass = [{"kind": p["kind"], "fn": getattr(p["fn"], "__name__", "?"), "rows": p["rows"],
-                 "seconds": p["seconds"], "rows_per_s": p["rows"] / p["seconds"],
-                 "bytes": p["rows"] * row_bytes * (2 if p["kind"] == "map_pairs" else 1),
-                 "in_memory_rows_per_s": s} for p, s in zip(passes.log, speeds)]
+    per_pass = [
+        {
+            "kind": p["kind"],
+            "fn": getattr(p["fn"], "__name__", "?"),
+            "rows": p["rows"],
+            "seconds": p["seconds"],
+            "rows_per_s": p["rows"] / p["seconds"],
+            "bytes": p["rows"] * row_bytes * (2 if p["kind"] == "map_pairs" else 1),
+            "in_memory_rows_per_s": s,
+        }
+        for p, s in zip(passes.log, speeds)
+    ]
     rows = sum(p["rows"] for p in per_pass)
     kernel_s = sum(p["rows"] / p["in_memory_rows_per_s"] for p in per_pass)
     nbytes = sum(p["bytes"] for p in per_pass)
-    return {"analysis": args.analysis, "wall": wall, "passes": per_pass, "rows": rows,
-            "rows_per_s": rows / wall, "gb_per_s": nbytes / wall / 1e9, "bytes": nbytes,
-            "kernel_rows_per_s": rows / kernel_s, "ratio": kernel_s / wall,
-            "storage_read_bytes": read, "rss_start_mib": base_rss, "rss_peak_mib": peak,
-            "rss_quartiles_mib": np.percentile(rss, [0, 25, 50, 75, 100]).tolist()}
+    return {
+        "analysis": args.analysis,
+        "wall": wall,
+        "passes": per_pass,
+        "rows": rows,
+        "rows_per_s": rows / wall,
+        "gb_per_s": nbytes / wall / 1e9,
+        "bytes": nbytes,
+        "kernel_rows_per_s": rows / kernel_s,
+        "ratio": kernel_s / wall,
+        "storage_read_bytes": read,
+        "rss_start_mib": base_rss,
+        "rss_peak_mib": peak,
+        "rss_quartiles_mib": np.percentile(rss, [0, 25, 50, 75, 100]).tolist(),
+    }
 
 
 # ---- phase: disk -----------------------------------------------------------------------------
@@ -281,10 +349,27 @@ def phase_disk(args) -> dict:
 # ---- the driver ------------------------------------------------------------------------------
 def child(phase: str, args, **extra) -> dict:
     """Run one phase in a fresh process (its own peak RSS, no page-cache or JIT state)."""
-    argv = [sys.executable, "-m", "bench.scale", "--phase", phase, "--dir", args.dir,
-            "--prompts", str(args.prompts), "--per-prompt", str(args.per_prompt),
-            "--steps", str(args.steps), "--vocab", str(args.vocab), "--batch", str(args.batch),
-            "--mem-rows", str(args.mem_rows)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.scale",
+        "--phase",
+        phase,
+        "--dir",
+        args.dir,
+        "--prompts",
+        str(args.prompts),
+        "--per-prompt",
+        str(args.per_prompt),
+        "--steps",
+        str(args.steps),
+        "--vocab",
+        str(args.vocab),
+        "--batch",
+        str(args.batch),
+        "--mem-rows",
+        str(args.mem_rows),
+    ]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
@@ -294,20 +379,24 @@ def child(phase: str, args, **extra) -> dict:
 
 
 def report(label: str, res: dict, disk: dict) -> list[str]:
-    lines = [f"  {res['analysis']:8s} on {label}: wall {res['wall']:.1f} s, {res['rows']} rows read "
-             f"in {len(res['passes'])} passes = {res['rows_per_s']:.0f} rows/s, "
-             f"{res['gb_per_s']:.2f} GB/s",
-             f"           kernels in memory on the same rows: {res['kernel_rows_per_s']:.0f} rows/s"
-             f" -> end to end at {100 * res['ratio']:.0f}% of kernel throughput "
-             f"(disk read alone: {disk['gb_per_s']:.2f} GB/s; this process read "
-             f"{res['storage_read_bytes'] / 1e9:.1f} GB from storage)",
-             f"           RSS: start {res['rss_start_mib']:.0f} MiB, over the run (min/25/50/75/max) "
-             + "/".join(f"{x:.0f}" for x in res["rss_quartiles_mib"])
-             + f" MiB, peak {res['rss_peak_mib']:.0f} MiB"]
+    lines = [
+        f"  {res['analysis']:8s} on {label}: wall {res['wall']:.1f} s, {res['rows']} rows read "
+        f"in {len(res['passes'])} passes = {res['rows_per_s']:.0f} rows/s, "
+        f"{res['gb_per_s']:.2f} GB/s",
+        f"           kernels in memory on the same rows: {res['kernel_rows_per_s']:.0f} rows/s"
+        f" -> end to end at {100 * res['ratio']:.0f}% of kernel throughput "
+        f"(disk read alone: {disk['gb_per_s']:.2f} GB/s; this process read "
+        f"{res['storage_read_bytes'] / 1e9:.1f} GB from storage)",
+        f"           RSS: start {res['rss_start_mib']:.0f} MiB, over the run (min/25/50/75/max) "
+        + "/".join(f"{x:.0f}" for x in res["rss_quartiles_mib"])
+        + f" MiB, peak {res['rss_peak_mib']:.0f} MiB",
+    ]
     for p in res["passes"]:
-        lines.append(f"           pass {p['kind']}({p['fn']}): {p['rows']} rows in "
-                     f"{p['seconds']:.1f} s = {p['rows_per_s']:.0f} rows/s "
-                     f"(in memory {p['in_memory_rows_per_s']:.0f} rows/s)")
+        lines.append(
+            f"           pass {p['kind']}({p['fn']}): {p['rows']} rows in "
+            f"{p['seconds']:.1f} s = {p['rows_per_s']:.0f} rows/s "
+            f"(in memory {p['in_memory_rows_per_s']:.0f} rows/s)"
+        )
     return lines
 
 
@@ -320,23 +409,31 @@ def drive(args) -> None:
     need = 2 * args.prompts * args.per_prompt * args.steps * args.vocab * 2
     if need * 1.1 > free:
         sys.exit(f"bench.scale: needs {need / 1e9:.1f} GB free under {out}, has {free / 1e9:.1f}")
-    print(f"bench.scale: {args.prompts} prompts x {args.per_prompt} samples x {args.steps} steps x "
-          f"V={args.vocab}, 2 groups, fp16 = {need / 1e9:.2f} GB of logits; under {out}", flush=True)
+    print(
+        f"bench.scale: {args.prompts} prompts x {args.per_prompt} samples x {args.steps} steps x "
+        f"V={args.vocab}, 2 groups, fp16 = {need / 1e9:.2f} GB of logits; under {out}",
+        flush=True,
+    )
     try:
         for shards in (1, 2):
             w = child("write", args, shards=shards)
             label = "one archive" if shards == 1 else f"{shards} shards merged (virtual)"
-            print(f"write ({label}): {w['bytes'] / 1e9:.2f} GB in {w['seconds']:.1f} s = "
-                  f"{w['bytes'] / w['seconds'] / 1e9:.2f} GB/s (through the writer, synced)",
-                  flush=True)
+            print(
+                f"write ({label}): {w['bytes'] / 1e9:.2f} GB in {w['seconds']:.1f} s = "
+                f"{w['bytes'] / w['seconds'] / 1e9:.2f} GB/s (through the writer, synced)",
+                flush=True,
+            )
             path = w["paths"][0]
             if shards > 1:
                 from engine.commands.merge import merge
 
                 t = time.perf_counter()
                 path = merge(out / "merged.h5", w["paths"], progress=False)["archive"]
-                print(f"merge: {time.perf_counter() - t:.1f} s (sha256 of every shard; rows "
-                      f"referenced, not copied)", flush=True)
+                print(
+                    f"merge: {time.perf_counter() - t:.1f} s (sha256 of every shard; rows "
+                    f"referenced, not copied)",
+                    flush=True,
+                )
             disk = child("disk", args, paths=w["paths"])
             for analysis in ("entropy", "pair"):
                 for cache in ("cold", "warm"):  # warm: right after the cold run
@@ -365,8 +462,12 @@ def size_args(ap: argparse.ArgumentParser) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     size_args(ap)
-    ap.add_argument("--mem-rows", type=int, default=1024, help="rows held in memory for the "
-                    "kernels' own throughput")
+    ap.add_argument(
+        "--mem-rows",
+        type=int,
+        default=1024,
+        help="rows held in memory for the kernels' own throughput",
+    )
     ap.add_argument("--dir", default=str(ROOT / "outputs" / "bench" / "scale"))
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--phase", choices=("write", "analysis", "disk"), help=argparse.SUPPRESS)
@@ -378,7 +479,9 @@ def main(argv=None) -> None:
     if args.phase is None:
         drive(args)
         return
-    result = {"write": phase_write, "analysis": phase_analysis, "disk": phase_disk}[args.phase](args)
+    result = {"write": phase_write, "analysis": phase_analysis, "disk": phase_disk}[args.phase](
+        args
+    )
     print(json.dumps(result))
 
 

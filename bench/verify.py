@@ -18,7 +18,8 @@ One process, side by side:
    the read rate; and this process's bytes read from storage, which shows a cold run was cold.
 
     python -m bench.verify                                   # the scale bench's size (~13 GB, ~3 min)
-    python -m bench.verify --prompts 2 --per-prompt 4 --steps 16 --vocab 4096 --writer-batches 1 --synced-rounds 1   # quick check
+    python -m bench.verify --prompts 2 --per-prompt 4 --steps 16 --vocab 4096 \\
+        --writer-batches 1 --synced-rounds 1                 # quick check
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def pool(args) -> list:
 
     rng = np.random.default_rng(0)
     n = args.batch
-    return [Rows(t=t, data=rng.normal(0, 3, (n, args.vocab)).astype(np.float16),
-                 tokens=rng.integers(0, args.vocab - 1, n), alive=np.ones(n, bool))
-            for t in range(args.steps)]
+    return [
+        Rows(
+            t=t,
+            data=rng.normal(0, 3, (n, args.vocab)).astype(np.float16),
+            tokens=rng.integers(0, args.vocab - 1, n),
+            alive=np.ones(n, bool),
+        )
+        for t in range(args.steps)
+    ]
 
 
 def write(path: Path, args, rows: list, hashing: bool, scored: bool = True) -> float:
@@ -55,10 +62,19 @@ def write(path: Path, args, rows: list, hashing: bool, scored: bool = True) -> f
     P, M, n = args.prompts, args.per_prompt, args.batch
     total = P * M
     t = time.perf_counter()
-    w = archive.create(path, run_key={"bench": "verify"}, config_yaml="", provenance_root={},
-                       prompts=[f"prompt {p}" for p in range(P)], n_samples=M,
-                       max_new_tokens=args.steps, model=info("base", args, "generator"),
-                       codec="fp16", window=24.0, capture_dims={})
+    w = archive.create(
+        path,
+        run_key={"bench": "verify"},
+        config_yaml="",
+        provenance_root={},
+        prompts=[f"prompt {p}" for p in range(P)],
+        n_samples=M,
+        max_new_tokens=args.steps,
+        model=info("base", args, "generator"),
+        codec="fp16",
+        window=24.0,
+        capture_dims={},
+    )
     with w:
         w.rows.hashing = hashing
         for s0 in range(0, total, n):
@@ -66,8 +82,14 @@ def write(path: Path, args, rows: list, hashing: bool, scored: bool = True) -> f
             w.write_batch(s0, list(range(s0, s0 + k)), _take(rows, k), [args.vocab - 1])
         w.finish()
     if scored:
-        mw, _ = archive.open_scored_group(path, info("aligned", args, "scored"), codec="fp16",
-                                          window=24.0, resume=False, overwrite=False)
+        mw, _ = archive.open_scored_group(
+            path,
+            info("aligned", args, "scored"),
+            codec="fp16",
+            window=24.0,
+            resume=False,
+            overwrite=False,
+        )
         with mw:
             mw.hashing = hashing
             for s0 in range(0, total, n):
@@ -83,39 +105,53 @@ def _take(rows: list, k: int):
     from engine.archive import Rows
 
     for r in rows:
-        yield r if k == len(r.alive) else Rows(t=r.t, data=r.data[:k], tokens=r.tokens[:k],
-                                               alive=r.alive[:k])
+        yield (
+            r
+            if k == len(r.alive)
+            else Rows(t=r.t, data=r.data[:k], tokens=r.tokens[:k], alive=r.alive[:k])
+        )
 
 
 def writer_overhead(args, rows: list) -> dict:
     """Phase 1: best page-cache write time with and without hashing, alternating, of an
     archive of --writer-batches batches (generator group only)."""
     path = Path(args.dir) / "writer.h5"
-    small = argparse.Namespace(**{**vars(args), "prompts": 1,
-                                  "per_prompt": args.writer_batches * args.batch})
+    small = argparse.Namespace(
+        **{**vars(args), "prompts": 1, "per_prompt": args.writer_batches * args.batch}
+    )
     times = {True: [], False: []}
     for _ in range(args.rounds):
         for hashing in (False, True):
             times[hashing].append(write(path, small, rows, hashing, scored=False))
             path.unlink()
     nbytes = small.per_prompt * args.steps * args.vocab * 2
-    return {"off": min(times[False]), "on": min(times[True]), "bytes": nbytes,
-            "all_off": times[False], "all_on": times[True]}
+    return {
+        "off": min(times[False]),
+        "on": min(times[True]),
+        "bytes": nbytes,
+        "all_off": times[False],
+        "all_on": times[True],
+    }
 
 
 def synced_writes(path: Path, args, rows: list) -> dict:
     """Phase 2: the whole archive written and synced, hashing off and on alternately
     (--synced-rounds each); the last one, hashed, is kept for verify."""
     times = {True: [], False: []}
-    for r in range(args.synced_rounds):
+    for _ in range(args.synced_rounds):
         for hashing in (False, True):
             path.unlink(missing_ok=True)
             t0 = time.perf_counter()
             write(path, args, rows, hashing)
             os.sync()
             times[hashing].append(time.perf_counter() - t0)
-    return {"off": min(times[False]), "on": min(times[True]), "all_off": times[False],
-            "all_on": times[True], "bytes": path.stat().st_size}
+    return {
+        "off": min(times[False]),
+        "on": min(times[True]),
+        "all_off": times[False],
+        "all_on": times[True],
+        "bytes": path.stat().st_size,
+    }
 
 
 def sequential_read(path: Path) -> dict:
@@ -138,9 +174,14 @@ def timed_verify(path: Path, cold: bool) -> dict:
     r = verify(path, progress=False, report=lambda line: None)
     if not r.ok:
         sys.exit(f"bench.verify: {path} does not verify: {r.summary()}")
-    return {"seconds": r.seconds, "bytes": r.bytes, "gb_per_s": r.bytes / r.seconds / 1e9,
-            "file_gb_per_s": path.stat().st_size / r.seconds / 1e9, "checks": r.checks,
-            "storage": storage_read_bytes() - read0}
+    return {
+        "seconds": r.seconds,
+        "bytes": r.bytes,
+        "gb_per_s": r.bytes / r.seconds / 1e9,
+        "file_gb_per_s": path.stat().st_size / r.seconds / 1e9,
+        "checks": r.checks,
+        "storage": storage_read_bytes() - read0,
+    }
 
 
 def hash_rate() -> float:
@@ -158,12 +199,24 @@ def hash_rate() -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.verify", description=__doc__.split("\n")[0])
     size_args(ap)
-    ap.add_argument("--writer-batches", type=int, default=4,
-                    help="batches of the page-cache writer comparison (phase 1)")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="page-cache writes with and without hashing each (phase 1)")
-    ap.add_argument("--synced-rounds", type=int, default=2,
-                    help="whole-archive synced writes with and without hashing each (phase 2)")
+    ap.add_argument(
+        "--writer-batches",
+        type=int,
+        default=4,
+        help="batches of the page-cache writer comparison (phase 1)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="page-cache writes with and without hashing each (phase 1)",
+    )
+    ap.add_argument(
+        "--synced-rounds",
+        type=int,
+        default=2,
+        help="whole-archive synced writes with and without hashing each (phase 2)",
+    )
     ap.add_argument("--dir", default=str(ROOT / "outputs" / "bench" / "verify"))
     args = ap.parse_args(argv)
     out = Path(args.dir)
@@ -172,36 +225,54 @@ def main(argv=None) -> None:
     need = 2 * args.prompts * args.per_prompt * args.steps * args.vocab * 2
     if need * 1.1 > shutil.disk_usage(out).free:
         sys.exit(f"bench.verify: needs {need / 1e9:.1f} GB free under {out}")
-    print(f"bench.verify: {args.prompts} prompts x {args.per_prompt} samples x {args.steps} steps "
-          f"x V={args.vocab}, 2 groups, fp16 = {need / 1e9:.2f} GB of logits; under {out}",
-          flush=True)
+    print(
+        f"bench.verify: {args.prompts} prompts x {args.per_prompt} samples x {args.steps} steps "
+        f"x V={args.vocab}, 2 groups, fp16 = {need / 1e9:.2f} GB of logits; under {out}",
+        flush=True,
+    )
     try:
         rows = pool(args)
         print(f"xxh3_64 in memory, one core: {hash_rate():.1f} GB/s", flush=True)
         w = writer_overhead(args, rows)
-        print(f"writer into the page cache (no sync), {w['bytes'] / 1e9:.2f} GB, best of "
-              f"{args.rounds}: hashing off {w['off']:.2f} s, on {w['on']:.2f} s -> on/off = "
-              f"{w['on'] / w['off']:.3f}  (all off: "
-              + ", ".join(f"{x:.2f}" for x in w["all_off"]) + "; all on: "
-              + ", ".join(f"{x:.2f}" for x in w["all_on"]) + ")", flush=True)
+        print(
+            f"writer into the page cache (no sync), {w['bytes'] / 1e9:.2f} GB, best of "
+            f"{args.rounds}: hashing off {w['off']:.2f} s, on {w['on']:.2f} s -> on/off = "
+            f"{w['on'] / w['off']:.3f}  (all off: "
+            + ", ".join(f"{x:.2f}" for x in w["all_off"])
+            + "; all on: "
+            + ", ".join(f"{x:.2f}" for x in w["all_on"])
+            + ")",
+            flush=True,
+        )
         path = out / "archive.h5"
         s = synced_writes(path, args, rows)
         size, off, on = s["bytes"], s["off"], s["on"]
-        print(f"writer, whole archive, synced, best of {args.synced_rounds}: {size / 1e9:.2f} GB: "
-              f"hashing off {off:.1f} s ({size / off / 1e9:.2f} GB/s), on {on:.1f} s "
-              f"({size / on / 1e9:.2f} GB/s) -> on/off = {on / off:.3f}  (all off: "
-              + ", ".join(f"{x:.1f}" for x in s["all_off"]) + "; all on: "
-              + ", ".join(f"{x:.1f}" for x in s["all_on"]) + ")", flush=True)
+        print(
+            f"writer, whole archive, synced, best of {args.synced_rounds}: {size / 1e9:.2f} GB: "
+            f"hashing off {off:.1f} s ({size / off / 1e9:.2f} GB/s), on {on:.1f} s "
+            f"({size / on / 1e9:.2f} GB/s) -> on/off = {on / off:.3f}  (all off: "
+            + ", ".join(f"{x:.1f}" for x in s["all_off"])
+            + "; all on: "
+            + ", ".join(f"{x:.1f}" for x in s["all_on"])
+            + ")",
+            flush=True,
+        )
         disk = sequential_read(path)
-        print(f"sequential read, cold: {disk['gb_per_s']:.2f} GB/s ({size / 1e9:.2f} GB in "
-              f"{disk['seconds']:.1f} s; {disk['storage'] / 1e9:.2f} GB from storage)", flush=True)
+        print(
+            f"sequential read, cold: {disk['gb_per_s']:.2f} GB/s ({size / 1e9:.2f} GB in "
+            f"{disk['seconds']:.1f} s; {disk['storage'] / 1e9:.2f} GB from storage)",
+            flush=True,
+        )
         for cold in (True, False):
             v = timed_verify(path, cold)
-            print(f"verify, {'cold' if cold else 'warm'}: {v['checks']} checksums, "
-                  f"{v['bytes'] / 1e9:.2f} GB hashed in {v['seconds']:.1f} s = "
-                  f"{v['gb_per_s']:.2f} GB/s ({v['file_gb_per_s']:.2f} GB/s of the file; "
-                  f"{v['storage'] / 1e9:.2f} GB from storage) -> "
-                  f"{v['gb_per_s'] / disk['gb_per_s']:.2f} x the cold sequential read", flush=True)
+            print(
+                f"verify, {'cold' if cold else 'warm'}: {v['checks']} checksums, "
+                f"{v['bytes'] / 1e9:.2f} GB hashed in {v['seconds']:.1f} s = "
+                f"{v['gb_per_s']:.2f} GB/s ({v['file_gb_per_s']:.2f} GB/s of the file; "
+                f"{v['storage'] / 1e9:.2f} GB from storage) -> "
+                f"{v['gb_per_s'] / disk['gb_per_s']:.2f} x the cold sequential read",
+                flush=True,
+            )
     finally:
         shutil.rmtree(out, ignore_errors=True)
         print(f"removed {out}")

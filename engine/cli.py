@@ -51,23 +51,30 @@ def check_group_choices(args: list[str], groups: tuple[str, ...], options=None) 
         available, value = options(group), ov.value()
         if isinstance(value, Glob):
             if not value.filter(available):
-                _die(f"no {group} matches {arg.partition('=')[2]}; available: {', '.join(available)}")
+                _die(
+                    f"no {group} matches {arg.partition('=')[2]}; available: {', '.join(available)}"
+                )
             continue
-        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() \
+        values = (
+            list(ov.sweep_string_iterator())
+            if ov.is_sweep_override()
             else [ov.get_value_element_as_str()]
+        )
         bad = [v for v in values if v not in available]
         if bad:
             _die(f"unknown {group} {bad[0]!r}; available: {', '.join(available)}")
 
 
 #: launcher option (conf/hydra/launcher/ or Hydra's own names) -> (plugin module, PyPI package)
-LAUNCHERS = {"local": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-             "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-             "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-             "slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-             "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-             "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-             "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+LAUNCHERS = {
+    "local": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+}
 
 
 def check_launcher(args: list[str], find_spec=None) -> None:
@@ -80,11 +87,14 @@ def check_launcher(args: list[str], find_spec=None) -> None:
         if not arg.startswith("hydra/launcher="):
             continue
         name = arg.partition("=")[2]
-        module, package = LAUNCHERS.get(name.split("_")[0] if name.startswith("ray") else name,
-                                        (None, None))
+        module, package = LAUNCHERS.get(
+            name.split("_")[0] if name.startswith("ray") else name, (None, None)
+        )
         if module and find_spec(module) is None:
-            _die(f"hydra/launcher={name} needs the package {package} "
-                 f"(.venv/bin/pip install {package})")
+            _die(
+                f"hydra/launcher={name} needs the package {package} "
+                f"(.venv/bin/pip install {package})"
+            )
 
 
 def _die(msg: str) -> None:
@@ -99,8 +109,9 @@ def parse_samples(spec: str, n: int, flag: str = "--samples") -> list[int]:
     for part in (p.strip() for p in spec.split(",")):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if m is None:
-            raise EngineError(f"{flag} {spec!r}: {part!r} is neither a sample index nor a range "
-                              f"like 10-20")
+            raise EngineError(
+                f"{flag} {spec!r}: {part!r} is neither a sample index nor a range like 10-20"
+            )
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if lo > hi:
             raise EngineError(f"{flag} {spec!r}: range {part} runs backwards")

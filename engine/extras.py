@@ -19,6 +19,7 @@ EXTRAS = {
     "text": ("torch", "transformers", "sklearn", "vaderSentiment"),
 }
 
+
 def require(extra: str | None, what: str, find_spec=None) -> None:
     """Raise EngineError (one line: what needs which extra, and the install command) when a
     module of `extra` is not installed (None: nothing beyond the core).  Who needs which:
@@ -28,5 +29,7 @@ def require(extra: str | None, what: str, find_spec=None) -> None:
     find_spec = find_spec or importlib.util.find_spec
     missing = [m for m in EXTRAS[extra] if find_spec(m) is None]
     if missing:
-        raise EngineError(f"{what} needs the '{extra}' extra ({', '.join(missing)} not "
-                          f"installed): pip install 'logit-engine[{extra}]'")
+        raise EngineError(
+            f"{what} needs the '{extra}' extra ({', '.join(missing)} not "
+            f"installed): pip install 'logit-engine[{extra}]'"
+        )

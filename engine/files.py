@@ -44,7 +44,8 @@ def staged(dst: Path, partial: Path | None = None, keep: bool = False, folder: b
         yield partial
     except BaseException:
         if not keep:
-            shutil.rmtree(partial, ignore_errors=True) if Path(partial).is_dir() \
-                else Path(partial).unlink(missing_ok=True)
+            shutil.rmtree(partial, ignore_errors=True) if Path(partial).is_dir() else Path(
+                partial
+            ).unlink(missing_ok=True)
         raise
     atomic_replace(partial, dst, replace_dir=folder)

@@ -13,13 +13,13 @@ Layer: between the archive package and the kernels; its consumers are analyses a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from engine.errors import EngineError
 from engine.archive import Archive, Block
+from engine.errors import EngineError
 from kernels import Encoded
 
 
@@ -45,8 +45,15 @@ def _stack(results: list, index: list) -> tuple[dict, np.ndarray, np.ndarray]:
     return out, sample, step
 
 
-def map_rows(archive: Archive, fn: Callable, key: str | None = None, samples=None,
-             with_tokens: bool = False, progress: bool = True, desc: str | None = None):
+def map_rows(
+    archive: Archive,
+    fn: Callable,
+    key: str | None = None,
+    samples=None,
+    with_tokens: bool = False,
+    progress: bool = True,
+    desc: str | None = None,
+):
     """fn(rows [k, vocab]) -> per-row array or record, over every stored row; with
     `with_tokens`, fn(rows, tokens [k]) gets the sampled token of each row too.
 
@@ -56,31 +63,36 @@ def map_rows(archive: Archive, fn: Callable, key: str | None = None, samples=Non
     tokens = s["tokens"] if with_tokens else None
     results, index = [], []
     n_rows = int(s["length"].sum()) if samples is None else None
-    with tqdm(total=n_rows, unit="row", disable=not progress, desc=desc or m.key,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=n_rows, unit="row", disable=not progress, desc=desc or m.key, dynamic_ncols=True
+    ) as bar:
         for block in archive.iter_rows(key, samples):
             rows = kernel_input(block, m.codec)
-            results.append(fn(rows, tokens[block.sample, block.steps]) if with_tokens
-                           else fn(rows))
+            results.append(fn(rows, tokens[block.sample, block.steps]) if with_tokens else fn(rows))
             index.append((block.sample, block.steps))
             bar.update(len(block.steps))
     return _stack(results, index)
 
 
-def map_pairs(archive: Archive, fn: Callable, p_key: str, q_key: str, samples=None,
-              progress: bool = True):
+def map_pairs(
+    archive: Archive, fn: Callable, p_key: str, q_key: str, samples=None, progress: bool = True
+):
     """fn(p_rows, q_rows, tokens) -> per-row result, over rows stored for both models."""
     mp, mq = archive.model(p_key), archive.model(q_key)
     if mp.logits.shape != mq.logits.shape:
-        raise EngineError(f"models {p_key!r} and {q_key!r} have different logit shapes "
-                          f"{mp.logits.shape} vs {mq.logits.shape}")
+        raise EngineError(
+            f"models {p_key!r} and {q_key!r} have different logit shapes "
+            f"{mp.logits.shape} vs {mq.logits.shape}"
+        )
     k = mp.chunk_steps  # common step ranges: q may store another number of steps per chunk
     tokens = archive.samples()["tokens"]
     if samples is None:  # rows both models have (a scored group may still be partial)
         samples = range(min(archive.n_complete, mp.n_complete, mq.n_complete))
     results, index = [], []
     with tqdm(disable=not progress, unit="row", desc=f"{p_key} vs {q_key}") as bar:
-        for bp, bq in zip(archive.iter_rows(p_key, samples, k), archive.iter_rows(q_key, samples, k)):
+        for bp, bq in zip(
+            archive.iter_rows(p_key, samples, k), archive.iter_rows(q_key, samples, k)
+        ):
             tok = tokens[bp.sample, bp.steps]
             results.append(fn(kernel_input(bp, mp.codec), kernel_input(bq, mq.codec), tok))
             index.append((bp.sample, bp.steps))

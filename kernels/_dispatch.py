@@ -32,14 +32,14 @@ from kernels import _numba
 from kernels.codecs import KERNEL_KIND
 
 F64 = (np.float64, ())  # the commonest output: one float64 per row
-NUMPY_KIND = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
-              np.dtype(np.float64): "f64"}
+NUMPY_KIND = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 @dataclass(frozen=True)
 class Encoded:
     """Stored logit rows as an archive keeps them: `data` [..., vocab] uint16 (bf16 bits or
     q16 codes; numpy uint16 or torch int16/uint16), with q16's per-row `scale`, `offset` [...]."""
+
     data: object
     codec: str
     scale: object = None
@@ -97,6 +97,7 @@ def tokens(t, n, vocab, device=None):
     indexes with them (an out-of-range gather is a device-side assert on CUDA)."""
     if is_torch(t):
         import torch
+
         t = t.reshape(-1)
         ints = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
         lo_hi = torch.aminmax(t.long()) if ints and t.numel() else None
@@ -114,6 +115,7 @@ def tokens(t, n, vocab, device=None):
     if device is None:
         return np.asarray(t.cpu() if is_torch(t) else t).astype(np.int64)
     import torch
+
     return torch.as_tensor(t).long().to(device)
 
 
@@ -133,8 +135,10 @@ class NumbaRows:
         else:
             data = np.asarray(x)
             if data.dtype not in NUMPY_KIND:
-                raise ValueError(f"logits must be float16/32/64 (or kernels.Encoded for "
-                                 f"bf16/q16 uint16 data), got {data.dtype}")
+                raise ValueError(
+                    f"logits must be float16/32/64 (or kernels.Encoded for "
+                    f"bf16/q16 uint16 data), got {data.dtype}"
+                )
             kind = NUMPY_KIND[data.dtype]
             if kind == "f16":
                 data = data.view(np.uint16)
@@ -217,8 +221,13 @@ class NumbaPair:
         if base is None:
             base = self.map("gamma_base", out=(np.float64, (N_COLUMNS,)))
         base = np.ascontiguousarray(base, np.float64).reshape(self.n, N_COLUMNS)
-        return _numba_map(self, _numba.fit_gamma_kernel(self.p.kind), self.p.args,
-                          (base, g_max, tol, max_iter), out)
+        return _numba_map(
+            self,
+            _numba.fit_gamma_kernel(self.p.kind),
+            self.p.args,
+            (base, g_max, tol, max_iter),
+            out,
+        )
 
 
 # ---- torch ---------------------------------------------------------------------------------
@@ -243,9 +252,15 @@ class TorchRows:
     def blocks(self):
         """(slice, decoded block [b, vocab]) covering the rows, `BLOCK_BYTES` at a time."""
         for sl in self._torch.blocks(self.n, self.vocab):
-            yield sl, self._torch.decode(
-                self.data[sl], self.codec, None if self.scale is None else self.scale[sl],
-                None if self.offset is None else self.offset[sl])
+            yield (
+                sl,
+                self._torch.decode(
+                    self.data[sl],
+                    self.codec,
+                    None if self.scale is None else self.scale[sl],
+                    None if self.offset is None else self.offset[sl],
+                ),
+            )
 
     def tokens(self, t):
         return PerRow(tokens(t, self.n, self.vocab, self.device))
@@ -255,12 +270,14 @@ class TorchRows:
 
     def per_row(self, a):
         import torch
+
         a = torch.as_tensor(a)
         return PerRow(a.reshape(1, -1).expand(self.n, -1) if a.ndim == 1 else a.reshape(self.n, -1))
 
     def map(self, name, *args, out):
-        return _torch_map(self, getattr(self._torch, name), [r.blocks() for r in (self,)],
-                          args, out)
+        return _torch_map(
+            self, getattr(self._torch, name), [r.blocks() for r in (self,)], args, out
+        )
 
     @staticmethod
     def exp(a):
@@ -269,6 +286,7 @@ class TorchRows:
     @staticmethod
     def like(a, out):
         import torch
+
         return torch.as_tensor(a, dtype=out.dtype, device=out.device)
 
 
@@ -284,14 +302,18 @@ def _torch_map(r, fn, block_iters, args, out):
     parts = [[] for _ in specs]
     for blocks in zip(*block_iters):
         sl = blocks[0][0]
-        res = fn(*(b for _, b in blocks),
-                 *(a.value[sl].to(blocks[0][1].device) if isinstance(a, PerRow) else a
-                   for a in args))
+        res = fn(
+            *(b for _, b in blocks),
+            *(a.value[sl].to(blocks[0][1].device) if isinstance(a, PerRow) else a for a in args),
+        )
         for acc, o in zip(parts, (res,) if single else res):
             acc.append(o)
-    outs = [torch.cat(acc) if acc else
-            torch.empty((0, *trail), dtype=getattr(torch, _TORCH_DTYPE[dtype]))
-            for acc, (dtype, trail) in zip(parts, specs)]
+    outs = [
+        torch.cat(acc)
+        if acc
+        else torch.empty((0, *trail), dtype=getattr(torch, _TORCH_DTYPE[dtype]))
+        for acc, (dtype, trail) in zip(parts, specs)
+    ]
     outs = [o.reshape(*r.lead, *o.shape[1:]) for o in outs]
     return outs[0] if single else tuple(outs)
 
@@ -305,8 +327,9 @@ class TorchPair:
         self.tokens, self.optional_tokens = p.tokens, p.optional_tokens
 
     def map(self, name, *args, out):
-        return _torch_map(self, getattr(self.p._torch, name),
-                          [self.p.blocks(), self.q.blocks()], args, out)
+        return _torch_map(
+            self, getattr(self.p._torch, name), [self.p.blocks(), self.q.blocks()], args, out
+        )
 
     def fit_gamma(self, g_max, tol, max_iter, base=None, *, out):
         """`base` is a numba-path shortcut; torch computes its own per block."""

@@ -33,9 +33,32 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._bits import EXP_FLOOR, bf16_bits_to_f32, exp_nonpos, f16_bits_to_f32, log_pos
-from kernels.columns import (ARGMAX_AGREE, DP, GAMMA, ITERATIONS, JS, KL, KL_AT_1, KL_PQ, KL_QP,
-                             LOG_S, LOGP_TOKEN, LOGQ_TOKEN, M1, M2, M3, P_MAX, Q_DP, Q_LOGQ,
-                             Q_TOP_RANK_IN_P, TM_LOG_S, TM_M1, TM_M2, TM_M3, TV)
+from kernels.columns import (
+    ARGMAX_AGREE,
+    DP,
+    GAMMA,
+    ITERATIONS,
+    JS,
+    KL,
+    KL_AT_1,
+    KL_PQ,
+    KL_QP,
+    LOG_S,
+    LOGP_TOKEN,
+    LOGQ_TOKEN,
+    M1,
+    M2,
+    M3,
+    P_MAX,
+    Q_DP,
+    Q_LOGQ,
+    Q_TOP_RANK_IN_P,
+    TM_LOG_S,
+    TM_M1,
+    TM_M2,
+    TM_M3,
+    TV,
+)
 from kernels.constants import FLAT_VARIANCE, SUM_BLOCK
 
 FM = {"reassoc", "contract", "nsz"}
@@ -46,6 +69,7 @@ LANES = 16  # independent running maxima in row_max
 @dataclass(frozen=True)
 class Template:
     """A kernel's Python source and its jit options; compiled per codec by `_bind`."""
+
     fn: types.FunctionType
     opts: dict
 
@@ -62,8 +86,7 @@ _HERE = Path(__file__).parent
 #: the files whose values are compiled into the kernels (module-level constants are frozen at
 #: compile time, and numba's cache checks only this file's time stamp)
 SOURCES = ("_numba.py", "_bits.py", "constants.py", "columns.py")
-SOURCE_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes()
-                                      for f in SOURCES)).hexdigest()[:12]
+SOURCE_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes() for f in SOURCES)).hexdigest()[:12]
 
 
 def _bind(templates: dict, env: dict, tag: str) -> dict:
@@ -107,8 +130,7 @@ def _dec_q16(row, j, sc, off):
     return off + F32(row[j]) * sc  # a log-probability; every kernel is shift-invariant
 
 
-DECODERS = {"f32": _dec_f32, "f64": _dec_f64, "f16": _dec_f16, "bf16": _dec_bf16,
-            "q16": _dec_q16}
+DECODERS = {"f32": _dec_f32, "f64": _dec_f64, "f16": _dec_f16, "bf16": _dec_bf16, "q16": _dec_q16}
 
 
 @njit(inline="always")
@@ -139,6 +161,7 @@ def row_max(row, sc, off):
         m = max(m, dec(row, j, sc, off))
     return m
 
+
 @template(inline="always", fastmath=FM)
 def row_argmax(row, sc, off):
     """First index of the row's largest entry, by its exact order key; 16 lanes of
@@ -166,9 +189,11 @@ def row_argmax(row, sc, off):
             a = j
     return a
 
+
 @template(inline="always", fastmath=FM)
 def row_d(row, j, sc, off, m):
     return F32(dec(row, j, sc, off) - m)
+
 
 @template(inline="always", fastmath=FM)
 def row_sum_exp(row, sc, off, m):
@@ -176,6 +201,7 @@ def row_sum_exp(row, sc, off, m):
     for j in range(row.shape[0]):
         s += exp_nonpos(row_d(row, j, sc, off, m))
     return s
+
 
 @template(inline="always", fastmath=FM)
 def online_sums(row, sc, off):
@@ -188,7 +214,7 @@ def online_sums(row, sc, off):
     s = 0.0
     t = 0.0
     for b0 in range(0, V, SUM_BLOCK):
-        blk = row[b0:min(b0 + SUM_BLOCK, V)]  # iterate a slice from 0: LLVM vectorizes this
+        blk = row[b0 : min(b0 + SUM_BLOCK, V)]  # iterate a slice from 0: LLVM vectorizes this
         bm = row_max(blk, sc, off)
         if b0 == 0 or bm > m:
             if s > 0:
@@ -210,6 +236,7 @@ def online_sums(row, sc, off):
         t += bt
     return m, s, t
 
+
 @template(inline="always", fastmath=FM)
 def moments(row, sc, off, m, g):
     """(log S, E[d], E[d^2], E[d^3]) under weights e = exp(g d), d = x - m; float32
@@ -221,7 +248,7 @@ def moments(row, sc, off, m, g):
     s2 = 0.0
     s3 = 0.0
     for b0 in range(0, V, SUM_BLOCK):
-        blk = row[b0:min(b0 + SUM_BLOCK, V)]
+        blk = row[b0 : min(b0 + SUM_BLOCK, V)]
         b = F32(0.0)
         b1 = F32(0.0)
         b2 = F32(0.0)
@@ -242,11 +269,13 @@ def moments(row, sc, off, m, g):
         s3 += b3
     return np.log(s), s1 / s, s2 / s, s3 / s
 
+
 @template(parallel=True, fastmath=FM)
 def logsumexp(data, scale, offset, out):  # out [rows] float64
     for r in prange(data.shape[0]):
         m, s, _ = online_sums(data[r], scale[r], offset[r])
         out[r] = m + np.log(s)
+
 
 @template(parallel=True, fastmath=FM)
 def log_softmax(data, scale, offset, out):  # out [rows, vocab] float32
@@ -258,11 +287,13 @@ def log_softmax(data, scale, offset, out):  # out [rows, vocab] float32
         for j in range(row.shape[0]):
             o[j] = row_d(row, j, sc, off, m) - ls
 
+
 @template(parallel=True, fastmath=FM)
 def entropy(data, scale, offset, out):  # out [rows] float64, nats
     for r in prange(data.shape[0]):
         _, s, t = online_sums(data[r], scale[r], offset[r])
         out[r] = np.log(s) - t / s  # H = log S - E[d]
+
 
 @template(parallel=True, fastmath=FM)
 def entropy_topk(data, scale, offset, k, renormalize, out):
@@ -292,6 +323,7 @@ def entropy_topk(data, scale, offset, k, renormalize, out):
             ls = np.log(row_sum_exp(row, sc, off, m))
             out[r] = (ls * s - s1) / np.exp(ls)  # -sum p (d - ls), p = e / S
 
+
 @template(parallel=True, fastmath=FM)
 def token_stats(data, scale, offset, tokens, logprob, rank):
     for r in prange(data.shape[0]):
@@ -307,6 +339,7 @@ def token_stats(data, scale, offset, tokens, logprob, rank):
         logprob[r] = dt - np.log(s)
         rank[r] = above + 1
 
+
 @template(parallel=True, fastmath=FM)
 def tempered_moments(data, scale, offset, gammas, out):
     """For each row r and each g = gammas[r, i]: out[r, i] = (log sum e, E[d], E[d^2],
@@ -316,7 +349,8 @@ def tempered_moments(data, scale, offset, gammas, out):
         m = row_max(row, sc, off)
         for i in range(gammas.shape[1]):
             out[r, i, TM_LOG_S], out[r, i, TM_M1], out[r, i, TM_M2], out[r, i, TM_M3] = moments(
-                row, sc, off, m, gammas[r, i])
+                row, sc, off, m, gammas[r, i]
+            )
 
 
 # ---- two aligned row sets p (e.g. base) and q (e.g. aligned), each in its own codec ----
@@ -360,7 +394,9 @@ def pair_stats(p, sp, op, q, sq, oq, tokens, out):
             lm = log_pos(mj) if mj > F32(1e-37) else F32(0.0)  # both ~0: terms vanish
             kl_pq += pj * (lp - lq) if pj > 0 else F32(0.0)  # lq = -inf -> +inf: true KL
             kl_qp += qj * (lq - lp) if qj > 0 else F32(0.0)
-            js += (pj * (lp - lm) if pj > 0 else F32(0.0)) + (qj * (lq - lm) if qj > 0 else F32(0.0))
+            js += (pj * (lp - lm) if pj > 0 else F32(0.0)) + (
+                qj * (lq - lm) if qj > 0 else F32(0.0)
+            )
             tv += abs(pj - qj)
         t = tokens[r]
         out[r, KL_PQ] = kl_pq
@@ -372,6 +408,7 @@ def pair_stats(p, sp, op, q, sq, oq, tokens, out):
         out[r, LOGP_TOKEN] = (d_p(rp, t, scp, ofp, mp) - np.log(Sp)) if t >= 0 else np.nan
         out[r, LOGQ_TOKEN] = (d_q(rq, t, scq, ofq, mq) - np.log(Sq)) if t >= 0 else np.nan
         out[r, Q_TOP_RANK_IN_P] = above + 1
+
 
 @template(parallel=True, fastmath=FM)
 def gamma_base(p, sp, op, q, sq, oq, out):
@@ -390,8 +427,8 @@ def gamma_base(p, sp, op, q, sq, oq, out):
         mq = dec_q(rq, 0, scq, ofq)
         t = np.zeros(7)  # S_p, M1, M2, M3 (sums of e_p d^k), S_q, sum e_q d_p, e_q d_q
         for b0 in range(0, V, SUM_BLOCK):
-            bp = rp[b0:min(b0 + SUM_BLOCK, V)]
-            bq = rq[b0:min(b0 + SUM_BLOCK, V)]
+            bp = rp[b0 : min(b0 + SUM_BLOCK, V)]
+            bq = rq[b0 : min(b0 + SUM_BLOCK, V)]
             bmp = max_p(bp, scp, ofp)
             bmq = max_q(bq, scq, ofq)
             if b0 == 0 or bmp > mp:
@@ -402,7 +439,7 @@ def gamma_base(p, sp, op, q, sq, oq, out):
                     t[0] = k * s0
                     t[1] = k * (s1 + sh * s0)
                     t[2] = k * (s2 + 2 * sh * s1 + sh * sh * s0)
-                    t[3] = k * (s3 + 3 * sh * s2 + 3 * sh * sh * s1 + sh ** 3 * s0)
+                    t[3] = k * (s3 + 3 * sh * s2 + 3 * sh * sh * s1 + sh**3 * s0)
                     t[5] = t[5] + sh * t[4]
                 mp = bmp
             if b0 == 0 or bmq > mq:
@@ -490,7 +527,7 @@ def fit_gamma(p, sp, op, basebuf, g_max, tol, max_iter, out):
                 lo = g
             else:
                 hi = g
-            f3 = m3 - 3.0 * m1 * m2 + 2.0 * m1 ** 3
+            f3 = m3 - 3.0 * m1 * m2 + 2.0 * m1**3
             den = 2.0 * f2 * f2 - f1 * f3
             step = 2.0 * f1 * f2 / den if den > 0 else f1 / f2  # 4. Halley, else Newton
             nxt = g - step
@@ -500,7 +537,7 @@ def fit_gamma(p, sp, op, basebuf, g_max, tol, max_iter, out):
                 # pass, KL by its Taylor expansion to third order.
                 nxt = min(max(nxt, lo), hi)
                 dg = nxt - g
-                kl = kl + f1 * dg + 0.5 * f2 * dg * dg + f3 * dg ** 3 / 6.0
+                kl = kl + f1 * dg + 0.5 * f2 * dg * dg + f3 * dg**3 / 6.0
                 g = nxt
                 break
             if it >= max_iter:  # 6.
@@ -516,29 +553,35 @@ def fit_gamma(p, sp, op, basebuf, g_max, tol, max_iter, out):
 
 
 HELPERS = ("row_max", "row_argmax", "row_d", "row_sum_exp", "online_sums", "moments")
-KERNELS = ("logsumexp", "log_softmax", "entropy", "entropy_topk", "token_stats",
-           "tempered_moments")
+KERNELS = ("logsumexp", "log_softmax", "entropy", "entropy_topk", "token_stats", "tempered_moments")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family(kind: str) -> dict:
     """Helpers and kernels for one input codec, by name (compiled on first call of each)."""
     env = {"dec": DECODERS[kind], "order": ORDER[kind]}
     return _bind({n: globals()[n] for n in HELPERS + KERNELS}, env, kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pair_family(kind_p: str, kind_q: str) -> dict:
     """pair_stats and gamma_base over p rows in codec kind_p and q rows in kind_q."""
     fp, fq = family(kind_p), family(kind_q)
-    env = {"dec_p": DECODERS[kind_p], "dec_q": DECODERS[kind_q], "order_p": ORDER[kind_p],
-           "max_p": fp["row_max"], "max_q": fq["row_max"], "d_p": fp["row_d"],
-           "d_q": fq["row_d"], "argmax_p": fp["row_argmax"], "argmax_q": fq["row_argmax"]}
-    return _bind({"pair_stats": pair_stats, "gamma_base": gamma_base}, env,
-                 f"{kind_p}_{kind_q}")
+    env = {
+        "dec_p": DECODERS[kind_p],
+        "dec_q": DECODERS[kind_q],
+        "order_p": ORDER[kind_p],
+        "max_p": fp["row_max"],
+        "max_q": fq["row_max"],
+        "d_p": fp["row_d"],
+        "d_q": fq["row_d"],
+        "argmax_p": fp["row_argmax"],
+        "argmax_q": fq["row_argmax"],
+    }
+    return _bind({"pair_stats": pair_stats, "gamma_base": gamma_base}, env, f"{kind_p}_{kind_q}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fit_gamma_kernel(kind_p: str):
     """fit_gamma over p rows in codec kind_p."""
     env = {"moments": family(kind_p)["moments"]}

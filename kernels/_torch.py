@@ -98,21 +98,36 @@ def pair_stats(p, q, tokens):
     kl_qp = sum64(torch.where(Q > 0, Q * (lq - lp), zero))
     M = 0.5 * (P + Q)
     lm = torch.log(torch.where(M > 0, M, torch.ones_like(M)))
-    js = 0.5 * (sum64(torch.where(P > 0, P * (lp - lm), zero))
-                + sum64(torch.where(Q > 0, Q * (lq - lm), zero)))
+    js = 0.5 * (
+        sum64(torch.where(P > 0, P * (lp - lm), zero))
+        + sum64(torch.where(Q > 0, Q * (lq - lm), zero))
+    )
     tv = 0.5 * sum64((P - Q).abs())
     top_q = lq.argmax(-1, keepdim=True)
     agree = (lp.argmax(-1, keepdim=True) == top_q)[:, 0].to(P.dtype)
-    rank = ((p > p.gather(-1, top_q)).sum(-1, dtype=torch.int32) + 1).to(P.dtype)  # p's rank of q's top token
+    rank = ((p > p.gather(-1, top_q)).sum(-1, dtype=torch.int32) + 1).to(
+        P.dtype
+    )  # p's rank of q's top token
     if tokens is None:
         dp = lpt = lqt = torch.full_like(tv, math.nan)
     else:
         t = tokens[:, None]  # checked by the caller: in [0, vocab)
         dp = (Q.gather(-1, t) - P.gather(-1, t))[:, 0]
         lpt, lqt = lp.gather(-1, t)[:, 0], lq.gather(-1, t)[:, 0]
-    return _by_column({C.KL_PQ: kl_pq, C.KL_QP: kl_qp, C.JS: js, C.TV: tv, C.ARGMAX_AGREE: agree,
-                       C.DP: dp, C.LOGP_TOKEN: lpt, C.LOGQ_TOKEN: lqt, C.Q_TOP_RANK_IN_P: rank},
-                      C.N_PAIR)
+    return _by_column(
+        {
+            C.KL_PQ: kl_pq,
+            C.KL_QP: kl_qp,
+            C.JS: js,
+            C.TV: tv,
+            C.ARGMAX_AGREE: agree,
+            C.DP: dp,
+            C.LOGP_TOKEN: lpt,
+            C.LOGQ_TOKEN: lqt,
+            C.Q_TOP_RANK_IN_P: rank,
+        },
+        C.N_PAIR,
+    )
 
 
 def _by_column(columns: dict, n: int) -> torch.Tensor:
@@ -133,8 +148,17 @@ def tempered_moments(x, gammas):
         w = torch.where(z > EXP_FLOOR, torch.exp(z - ls), torch.zeros_like(z))
         dd = torch.where(w > 0, d, torch.zeros_like(d))
         wd = w * dd
-        out.append(_by_column({C.TM_LOG_S: ls[:, 0], C.TM_M1: sum64(wd), C.TM_M2: sum64(wd * dd),
-                               C.TM_M3: sum64(wd * dd * dd)}, C.N_MOMENTS))
+        out.append(
+            _by_column(
+                {
+                    C.TM_LOG_S: ls[:, 0],
+                    C.TM_M1: sum64(wd),
+                    C.TM_M2: sum64(wd * dd),
+                    C.TM_M3: sum64(wd * dd * dd),
+                },
+                C.N_MOMENTS,
+            )
+        )
     return torch.stack(out, 1)
 
 
@@ -147,9 +171,18 @@ def gamma_base(p, q):
     q_dp = sum64(torch.where(Q > 0, Q * dp, torch.zeros_like(Q)))
     q_lq = -entropy(q)
     m = tempered_moments(p, torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device))[:, 0]
-    return _by_column({C.Q_DP: q_dp, C.Q_LOGQ: q_lq, C.LOG_S: m[:, C.TM_LOG_S],
-                       C.M1: m[:, C.TM_M1], C.M2: m[:, C.TM_M2], C.M3: m[:, C.TM_M3],
-                       C.P_MAX: mp[:, 0].to(m.dtype)}, C.N_COLUMNS)
+    return _by_column(
+        {
+            C.Q_DP: q_dp,
+            C.Q_LOGQ: q_lq,
+            C.LOG_S: m[:, C.TM_LOG_S],
+            C.M1: m[:, C.TM_M1],
+            C.M2: m[:, C.TM_M2],
+            C.M3: m[:, C.TM_M3],
+            C.P_MAX: mp[:, 0].to(m.dtype),
+        },
+        C.N_COLUMNS,
+    )
 
 
 def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
@@ -192,8 +225,9 @@ def fit_gamma(p, q, g_max=100.0, tol=1e-3, max_iter=50):
         its += active.double()
         idx = active.nonzero()[:, 0]  # one pass over the rows still iterating, not all
         m = tempered_moments(p[idx], g[idx, None].to(p.dtype))[:, 0].double()
-        ls[idx], m1[idx], m2[idx], m3[idx] = (m[:, c] for c in (C.TM_LOG_S, C.TM_M1, C.TM_M2,
-                                                                  C.TM_M3))
+        ls[idx], m1[idx], m2[idx], m3[idx] = (
+            m[:, c] for c in (C.TM_LOG_S, C.TM_M1, C.TM_M2, C.TM_M3)
+        )
     finite = torch.isfinite(q_dp)
     g = torch.where(flat_rows | ~finite, torch.full_like(g, math.nan), g)
     kl = torch.where(flat_rows, kl1, kl)

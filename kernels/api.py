@@ -25,9 +25,23 @@ from kernels import columns as C
 from kernels._dispatch import F64, Encoded, NumbaRows, pair, rows
 from kernels.codecs import CODECS
 
-__all__ = ["CODECS", "Encoded", "GammaFit", "PairStats", "TokenStats", "branching_factor",
-           "entropy", "fit_gamma", "gamma_for_entropy", "log_softmax", "logsumexp",
-           "pair_stats", "tempered_entropy", "tempered_moments", "token_stats"]
+__all__ = [
+    "CODECS",
+    "Encoded",
+    "GammaFit",
+    "PairStats",
+    "TokenStats",
+    "branching_factor",
+    "entropy",
+    "fit_gamma",
+    "gamma_for_entropy",
+    "log_softmax",
+    "logsumexp",
+    "pair_stats",
+    "tempered_entropy",
+    "tempered_moments",
+    "token_stats",
+]
 
 
 class TokenStats(NamedTuple):
@@ -132,8 +146,9 @@ def fit_gamma(p_logits, q_logits, g_max=100.0, tol=1e-3, max_iter=50, base=None)
     p and q; typically 1-3.  Rows where q has mass and p none: NaN, kl inf, 0 iterations.
     `base` (numpy path): the rows' `kernels.gamma_base(p, q)`, when the caller already has it,
     skips that pass."""
-    out = pair(p_logits, q_logits).fit_gamma(float(g_max), float(tol), int(max_iter), base,
-                                             out=(np.float64, (C.N_FIT,)))
+    out = pair(p_logits, q_logits).fit_gamma(
+        float(g_max), float(tol), int(max_iter), base, out=(np.float64, (C.N_FIT,))
+    )
     return GammaFit(*(out[..., i] for i in range(C.N_FIT)))  # columns in the fields' order
 
 

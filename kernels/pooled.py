@@ -41,16 +41,36 @@ def bootstrap_ci(values, statistic=np.mean, n_boot=2000, alpha=0.05, seed=0):
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
 
 
-def fit_gamma_pooled(p_logits, q_logits, weights=None, groups=None, n_boot=2000, alpha=0.05,
-                     seed=0, g_max=100.0, tol=1e-7, max_iter=60) -> PooledGamma:
+def fit_gamma_pooled(
+    p_logits,
+    q_logits,
+    weights=None,
+    groups=None,
+    n_boot=2000,
+    alpha=0.05,
+    seed=0,
+    g_max=100.0,
+    tol=1e-7,
+    max_iter=60,
+) -> PooledGamma:
     """Pooled gamma over rows [..., vocab] held in memory (numpy path), with a (1 - alpha)
     bootstrap interval.  `groups` [...] (e.g. the sample index of each row) makes the
     bootstrap resample whole groups; default: every row is its own group."""
     pq = pair(p_logits, q_logits, numba_only=True)
     base = _gamma_base(pq)
     rows = pq.p.flat()
-    return pooled_from_moments(base, lambda g: tempered_moments(rows, np.array([g]))[:, 0],
-                               weights, groups, n_boot, alpha, seed, g_max, tol, max_iter)
+    return pooled_from_moments(
+        base,
+        lambda g: tempered_moments(rows, np.array([g]))[:, 0],
+        weights,
+        groups,
+        n_boot,
+        alpha,
+        seed,
+        g_max,
+        tol,
+        max_iter,
+    )
 
 
 def gamma_base(p_logits, q_logits) -> np.ndarray:
@@ -64,8 +84,18 @@ def _gamma_base(pq: NumbaPair) -> np.ndarray:
     return pq.map("gamma_base", out=(np.float64, (C.N_COLUMNS,))).reshape(pq.n, C.N_COLUMNS)
 
 
-def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None, n_boot=2000,
-                        alpha=0.05, seed=0, g_max=100.0, tol=1e-7, max_iter=60) -> PooledGamma:
+def pooled_from_moments(
+    base: np.ndarray,
+    moments_at,
+    weights=None,
+    groups=None,
+    n_boot=2000,
+    alpha=0.05,
+    seed=0,
+    g_max=100.0,
+    tol=1e-7,
+    max_iter=60,
+) -> PooledGamma:
     """The pooled fit from per-row `base` (`gamma_base`, [rows, 7]) and a callable
     `moments_at(g)` -> [rows, 4] tempered moments of the same rows at g (as
     `tempered_moments(rows, [g])[:, 0]`).  Each call is one pass over p: callers holding the
@@ -96,15 +126,22 @@ def pooled_from_moments(base: np.ndarray, moments_at, weights=None, groups=None,
     kl1_rows = q_lq - q_dp + base[:, C.LOG_S]
     score = np.where(keep, w * (m[:, C.TM_M1] - q_dp), 0.0)
     curv = np.where(keep, w * (m[:, C.TM_M2] - m[:, C.TM_M1] ** 2), 0.0)
-    grp = np.arange(n) if groups is None else np.unique(np.asarray(groups).reshape(n),
-                                                        return_inverse=True)[1]
+    grp = (
+        np.arange(n)
+        if groups is None
+        else np.unique(np.asarray(groups).reshape(n), return_inverse=True)[1]
+    )
     gs = np.bincount(grp, score)
     gh = np.bincount(grp, curv)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(gs), size=(n_boot, len(gs)))
     boot = g - gs[pick].sum(1) / gh[pick].sum(1)
     wk = w[keep]
-    return PooledGamma(gamma=float(g), kl=float(np.sum(wk * kl_rows[keep]) / wk.sum()),
-                       kl_at_1=float(np.sum(wk * kl1_rows[keep]) / wk.sum()),
-                       ci_low=float(np.quantile(boot, alpha / 2)),
-                       ci_high=float(np.quantile(boot, 1 - alpha / 2)), n_rows=int(keep.sum()))
+    return PooledGamma(
+        gamma=float(g),
+        kl=float(np.sum(wk * kl_rows[keep]) / wk.sum()),
+        kl_at_1=float(np.sum(wk * kl1_rows[keep]) / wk.sum()),
+        ci_low=float(np.quantile(boot, alpha / 2)),
+        ci_high=float(np.quantile(boot, 1 - alpha / 2)),
+        n_rows=int(keep.sum()),
+    )

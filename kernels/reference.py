@@ -54,8 +54,10 @@ def pair_stats(p, q, tokens=None):
         kl_qp = np.sum(np.where(Q > 0, Q * (lq - lp), 0.0), -1)
         M = 0.5 * (P + Q)
         lm = np.log(np.where(M > 0, M, 1.0))
-        js = 0.5 * (np.sum(np.where(P > 0, P * (lp - lm), 0.0), -1)
-                    + np.sum(np.where(Q > 0, Q * (lq - lm), 0.0), -1))
+        js = 0.5 * (
+            np.sum(np.where(P > 0, P * (lp - lm), 0.0), -1)
+            + np.sum(np.where(Q > 0, Q * (lq - lm), 0.0), -1)
+        )
     tv = 0.5 * np.sum(np.abs(P - Q), -1)
     agree = (np.argmax(lp, -1) == np.argmax(lq, -1)).astype(np.float64)
     rows = np.arange(lp.shape[0])
@@ -80,8 +82,12 @@ def fit_gamma(p, q, bounds=(1e-3, 100.0)):
     """(gamma, KL at gamma, KL at 1) per row by bounded scalar minimisation in float64."""
     out = []
     for pr, qr in zip(np.asarray(p, np.float64), np.asarray(q, np.float64)):
-        res = minimize_scalar(lambda g: kl_to_tempered(pr, qr, g), bounds=bounds,
-                              method="bounded", options={"xatol": 1e-10})
+        res = minimize_scalar(
+            lambda g: kl_to_tempered(pr, qr, g),
+            bounds=bounds,
+            method="bounded",
+            options={"xatol": 1e-10},
+        )
         out.append((res.x, res.fun, kl_to_tempered(pr, qr, 1.0)))
     return tuple(np.array(c) for c in zip(*out))
 

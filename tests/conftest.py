@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from analyses.protocol import CONF as ANALYSES_CONF
-from engine.config import CONF
 from engine.commands.dump import run
+from engine.config import CONF
 
 ROOT = Path(__file__).resolve().parent.parent
 #: where tests run models: the GPU when there is one (a GPU machine's `make test` exercises it),
@@ -31,8 +31,15 @@ def compose_cfg(name: str, tmp: Path, cache: Path, overrides=()):
     under tmp, models cached in cache."""
     conf = ANALYSES_CONF if name == "analyses" else CONF
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.cache_dir={cache}",
-                                        "progress=false", *overrides])
+        return compose(
+            name,
+            overrides=[
+                f"paths.output_dir={tmp}",
+                f"paths.cache_dir={cache}",
+                "progress=false",
+                *overrides,
+            ],
+        )
 
 
 def compose_dump(tmp: Path, cache: Path, overrides=()):
@@ -43,6 +50,7 @@ def compose_dump(tmp: Path, cache: Path, overrides=()):
 def dump_cfg(tmp_path, cache_dir):
     def make(*overrides):
         return compose_dump(tmp_path, cache_dir, ["model=tiny-random", *overrides])
+
     return make
 
 
@@ -50,13 +58,22 @@ def dump_cfg(tmp_path, cache_dir):
 def tiny_archive(tmp_path_factory, cache_dir) -> Path:
     """A tiny-random archive (2 prompts x 3 samples x 12 steps, fp32), built once."""
     tmp = tmp_path_factory.mktemp("tiny")
-    cfg = compose_dump(tmp, cache_dir, ["model=tiny-random", "n_samples=3", "batch_size=2",
-                                        "max_new_tokens=12", "codec=fp32"])
+    cfg = compose_dump(
+        tmp,
+        cache_dir,
+        ["model=tiny-random", "n_samples=3", "batch_size=2", "max_new_tokens=12", "codec=fp32"],
+    )
     return Path(run(cfg)["archive"])
 
 
 def engine_cli(*args, cwd=None, timeout=300, env=None):
     """Run `python -m engine ...` in a subprocess; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

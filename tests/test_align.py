@@ -12,17 +12,24 @@ import numpy as np
 import pytest
 
 import kernels as K
+from engine.archive import Archive
 from engine.commands import align as align_mod
 from engine.commands import dump as dump_mod
 from engine.commands import score as score_mod
-from engine.archive import Archive
 from engine.errors import EngineError
 from engine.runtime.models import load_model
 from engine.runtime.settings import ModelSpec
 from tests.conftest import DEVICE, compose_cfg
 
-TINY = ["model=tiny-random", "n_samples=2", "max_new_tokens=8", "min_tokens=4", "train.epochs=1",
-        "train.batch_pairs=8", "progress=false"]
+TINY = [
+    "model=tiny-random",
+    "n_samples=2",
+    "max_new_tokens=8",
+    "min_tokens=4",
+    "train.epochs=1",
+    "train.batch_pairs=8",
+    "progress=false",
+]
 
 
 def test_label_rule_matches_a_hand_computation():
@@ -88,8 +95,21 @@ def test_build_writes_a_model_directory_with_provenance(built):
     # the candidates archive is shared by builds that differ only in labels or training
     assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 1
     prov = json.loads((path / "provenance.json").read_text())
-    for k in ("build_id", "reference", "alpha", "beta", "k", "prompts_sha256", "labels_sha256",
-              "steps", "seed", "trl", "final_loss", "reward_accuracy", "weights_sha256"):
+    for k in (
+        "build_id",
+        "reference",
+        "alpha",
+        "beta",
+        "k",
+        "prompts_sha256",
+        "labels_sha256",
+        "steps",
+        "seed",
+        "trl",
+        "final_loss",
+        "reward_accuracy",
+        "weights_sha256",
+    ):
         assert k in prov, k
     assert prov["alpha"] == 5 and prov["predicted_gamma"] == pytest.approx(1 + 5 / 0.57)
     assert prov["n_pairs"] > 150 and prov["steps"] == math.ceil(prov["n_pairs"] / 8)
@@ -118,10 +138,11 @@ def test_build_records_its_checks_and_they_pass(built):
 
 def test_corrupted_reference_logprobs_refuse_the_build(built, tmp_path_factory):
     """The candidates' stored q16 scales stretched by 2% (every log-prob gap widens, so the
-    normalised log pi_ref moves too; a constant shift would cancel): TRL's forward disagrees, the build stops with one line before
-    training, and nothing is cached."""
-    import h5py
+    normalised log pi_ref moves too; a constant shift would cancel): TRL's forward disagrees,
+    the build stops with one line before training, and nothing is cached."""
     import shutil
+
+    import h5py
 
     _, cache, tmp = built
     bad = tmp_path_factory.mktemp("align-corrupt")
@@ -183,14 +204,23 @@ def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
 
 def test_model_config_loads_the_build_and_names_the_command_when_missing(built, tmp_path):
     res, cache, _ = built
-    cfg = compose_cfg("dump", tmp_path, cache, ["model=aligned", "model.name=tiny-typ",
-                                                f"model.build={res['build_id']}"])
+    cfg = compose_cfg(
+        "dump",
+        tmp_path,
+        cache,
+        ["model=aligned", "model.name=tiny-typ", f"model.build={res['build_id']}"],
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE, cache)
     assert lm.provenance["source"] == "aligned" and lm.provenance["revision"] == res["build_id"]
     assert json.loads(lm.provenance["alignment"])["alpha"] == 5
-    ref = load_model(ModelSpec.from_node(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model), DEVICE, cache)
+    ref = load_model(
+        ModelSpec.from_node(compose_cfg("dump", tmp_path, cache, ["model=tiny-random"]).model),
+        DEVICE,
+        cache,
+    )
     assert lm.provenance["vocab_hash"] == ref.provenance["vocab_hash"]
     import torch
+
     ids = torch.tensor([[0, 72, 101, 108, 108, 111]])
     with torch.no_grad():
         diff = (lm.bridge(ids) - ref.bridge(ids)).abs().max().item()
@@ -201,8 +231,12 @@ def test_model_config_loads_the_build_and_names_the_command_when_missing(built, 
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):
-    for bad, msg in (("n_samples=3", "even"), ("beta=0", "beta"), ("alpha=-1", "alpha"),
-                     ("min_tokens=99", "min_tokens")):
+    for bad, msg in (
+        ("n_samples=3", "even"),
+        ("beta=0", "beta"),
+        ("alpha=-1", "alpha"),
+        ("min_tokens=99", "min_tokens"),
+    ):
         with pytest.raises(EngineError, match=msg):
             align(tmp_path, cache_dir, "name=bad", bad)
     assert not (cache_dir / "aligned").exists() or not list((cache_dir / "aligned").glob("*bad*"))
@@ -211,8 +245,12 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):
 def pooled_gamma(archive: str, base: str, twin: str):
     with Archive(archive) as a:
         s = a.samples()
-        p = np.concatenate([a.model(base).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)])
-        q = np.concatenate([a.model(twin).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)])
+        p = np.concatenate(
+            [a.model(base).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)]
+        )
+        q = np.concatenate(
+            [a.model(twin).rows(i, slice(0, int(s["length"][i]))) for i in range(a.n_samples)]
+        )
         groups = np.concatenate([np.full(int(n), i) for i, n in enumerate(s["length"])])
     return K.fit_gamma_pooled(p, q, groups=groups, n_boot=500, seed=0)
 
@@ -225,12 +263,35 @@ def test_typicality_twin_sharpens_more_than_its_coin_flip_control(tmp_path, cach
     rnd = align(tmp_path, cache_dir, "name=tiny-coin", "alpha=0", *train)
     assert typ["label_agrees_with_likelihood"] > 0.9
     assert 0.35 < rnd["label_agrees_with_likelihood"] < 0.65
-    held = dump_mod.run(compose_cfg("dump", tmp_path, cache_dir, [
-        "model=tiny-random", "prompts=open_ended_heldout", "n_samples=2", "max_new_tokens=8",
-        "codec=fp32", f"out={tmp_path}/held.h5"]))["archive"]
+    held = dump_mod.run(
+        compose_cfg(
+            "dump",
+            tmp_path,
+            cache_dir,
+            [
+                "model=tiny-random",
+                "prompts=open_ended_heldout",
+                "n_samples=2",
+                "max_new_tokens=8",
+                "codec=fp32",
+                f"out={tmp_path}/held.h5",
+            ],
+        )
+    )["archive"]
     for name, r in (("tiny-sharp", typ), ("tiny-coin", rnd)):
-        score_mod.run(compose_cfg("score", tmp_path, cache_dir, [
-            f"archive={held}", "model=aligned", f"model.name={name}", f"model.build={r['build_id']}"]))
+        score_mod.run(
+            compose_cfg(
+                "score",
+                tmp_path,
+                cache_dir,
+                [
+                    f"archive={held}",
+                    "model=aligned",
+                    f"model.name={name}",
+                    f"model.build={r['build_id']}",
+                ],
+            )
+        )
     g_typ = pooled_gamma(held, "tiny-random", "tiny-sharp")
     g_rnd = pooled_gamma(held, "tiny-random", "tiny-coin")
     assert g_typ.ci_low > g_rnd.ci_high, (g_typ, g_rnd)

@@ -14,34 +14,47 @@ from hydra import compose, initialize_config_dir
 
 from analyses.__main__ import run as run_analysis
 from analyses.protocol import CONF
+from engine.archive import Archive
 from engine.commands import dump as dump_mod
 from engine.commands import score as score_mod
 from engine.errors import EngineError
-from engine.archive import Archive
 from kernels import reference as R
 from tests.conftest import ROOT, compose_cfg, compose_dump
 
 
 def analysis_cfg(tmp, *overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("analyses", overrides=[f"paths.output_dir={tmp}", "progress=false", *overrides])
+        return compose(
+            "analyses", overrides=[f"paths.output_dir={tmp}", "progress=false", *overrides]
+        )
 
 
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, cache_dir):
     """tiny-random (fp32) + its tempered twin (gamma 1.7): 2 prompts x 4 samples x 12 steps."""
     tmp = tmp_path_factory.mktemp("paired")
-    path = dump_mod.run(compose_dump(tmp, cache_dir, ["model=tiny-random", "n_samples=4",
-                                                      "max_new_tokens=12", "codec=fp32"]))["archive"]
-    score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={path}", "model=tempered",
-                                                        "model.base=tiny-random", "model.gamma=1.7"]))
+    path = dump_mod.run(
+        compose_dump(
+            tmp, cache_dir, ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "codec=fp32"]
+        )
+    )["archive"]
+    score_mod.run(
+        compose_cfg(
+            "score",
+            tmp,
+            cache_dir,
+            [f"archive={path}", "model=tempered", "model.base=tiny-random", "model.gamma=1.7"],
+        )
+    )
     return path
 
 
 def decoded(a, key):
     s = a.samples()
-    return [a.model(key).rows(i, slice(0, int(s["length"][i]))).astype(np.float64)
-            for i in range(a.n_complete)]
+    return [
+        a.model(key).rows(i, slice(0, int(s["length"][i]))).astype(np.float64)
+        for i in range(a.n_complete)
+    ]
 
 
 def test_entropy_summary_matches_independent_computation(paired, tmp_path):
@@ -53,36 +66,60 @@ def test_entropy_summary_matches_independent_computation(paired, tmp_path):
             per_comp_top = [R.entropy(rows, base=2, topk=5).mean() for rows in decoded(a, key)]
             per_comp_h = [R.entropy(rows).mean() for rows in decoded(a, key)]
             got = summary["models"][key]
-            assert got["top5_entropy_bits"]["mean"] == pytest.approx(np.mean(per_comp_top), abs=1e-6)
-            assert got["top5_entropy_bits"]["std"] == pytest.approx(np.std(per_comp_top, ddof=1), abs=1e-6)
+            assert got["top5_entropy_bits"]["mean"] == pytest.approx(
+                np.mean(per_comp_top), abs=1e-6
+            )
+            assert got["top5_entropy_bits"]["std"] == pytest.approx(
+                np.std(per_comp_top, ddof=1), abs=1e-6
+            )
             assert got["top5_entropy_bits"]["n_completions"] == 8
             assert got["entropy_nats"]["mean"] == pytest.approx(np.mean(per_comp_h), abs=1e-6)
             assert 0 <= got["top5_entropy_bits"]["mean"] <= np.log2(5)
     m = summary["models"]
-    assert m["tiny-random-tempered-1.7"]["entropy_nats"]["mean"] < m["tiny-random"]["entropy_nats"]["mean"]
+    assert (
+        m["tiny-random-tempered-1.7"]["entropy_nats"]["mean"]
+        < m["tiny-random"]["entropy_nats"]["mean"]
+    )
     # the twin at power 1 is the base at power 1.7 (curves from tempered_entropy)
     curve = summary["entropy_vs_gamma"]
     assert curve["tiny-random-tempered-1.7"]["1.0"] == pytest.approx(
-        np.interp(1.7, [1.5, 2.0], [curve["tiny-random"]["1.5"], curve["tiny-random"]["2.0"]]), rel=0.05)
-    for stem in ("top5_entropy_boxplot", "per_token_top5_entropy", "per_token_top5_probabilities",
-                 "entropy_vs_gamma"):
-        assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (tmp_path / f"{stem}.svg").exists()
+        np.interp(1.7, [1.5, 2.0], [curve["tiny-random"]["1.5"], curve["tiny-random"]["2.0"]]),
+        rel=0.05,
+    )
+    for stem in (
+        "top5_entropy_boxplot",
+        "per_token_top5_entropy",
+        "per_token_top5_probabilities",
+        "entropy_vs_gamma",
+    ):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (
+            tmp_path / f"{stem}.svg"
+        ).exists()
     assert (tmp_path / "per_step.csv").read_text().count("\n") == 1 + 2 * 8 * 12
     assert res["summary"] == str(tmp_path / "summary.json")
 
 
 def test_pair_report_matches_independent_computation(paired, tmp_path):
-    run_analysis(analysis_cfg(tmp_path, "analysis=pair", f"archive={paired}", "analysis.n_boot=300"))
+    run_analysis(
+        analysis_cfg(tmp_path, "analysis=pair", f"archive={paired}", "analysis.n_boot=300")
+    )
     s = json.loads((tmp_path / "summary.json").read_text())
     assert (s["base"], s["aligned"]) == ("tiny-random", "tiny-random-tempered-1.7")
     with Archive(paired) as a:
-        p, q = np.concatenate(decoded(a, "tiny-random")), np.concatenate(decoded(a, "tiny-random-tempered-1.7"))
+        p, q = (
+            np.concatenate(decoded(a, "tiny-random")),
+            np.concatenate(decoded(a, "tiny-random-tempered-1.7")),
+        )
         smp = a.samples()
-        toks = np.concatenate([smp["tokens"][i, : int(smp["length"][i])] for i in range(a.n_complete)])
+        toks = np.concatenate(
+            [smp["tokens"][i, : int(smp["length"][i])] for i in range(a.n_complete)]
+        )
         kl, kl_qp, js, tv, agree, dp = R.pair_stats(p, q, toks)[:6]
         assert s["n_rows"] == len(p) == 96
         assert s["kl_base_aligned"]["mean"] == pytest.approx(kl.mean(), rel=1e-5)
-        assert s["kl_base_aligned"]["stderr"] == pytest.approx(kl.std(ddof=1) / np.sqrt(96), rel=1e-4)
+        assert s["kl_base_aligned"]["stderr"] == pytest.approx(
+            kl.std(ddof=1) / np.sqrt(96), rel=1e-4
+        )
         assert s["kl_base_aligned"]["percentiles"]["50"] == pytest.approx(np.median(kl), rel=1e-4)
         assert s["same_top_p"]["mean"] == 1.0  # tempering keeps the argmax
         assert s["delta_p_sampled"]["mean"] == pytest.approx(dp.mean(), abs=1e-6)
@@ -101,7 +138,9 @@ def test_pair_report_matches_independent_computation(paired, tmp_path):
             sel = np.flatnonzero(smp["prompt_index"] == pi)
             x = np.array([lp_p[sample == i].sum() for i in sel])
             y = np.array([lp_q[sample == i].sum() for i in sel])
-            assert g["sequence_level"][text]["gamma"] == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-6)
+            assert g["sequence_level"][text]["gamma"] == pytest.approx(
+                np.polyfit(x, y, 1)[0], rel=1e-6
+            )
     for stem in ("kl_by_position", "gamma_histogram", "gamma_by_position_and_entropy"):
         assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.svg").exists()
 
@@ -113,26 +152,54 @@ def test_pair_needs_a_scored_archive(tiny_archive, tmp_path):
 
 def test_multirun_entropy_and_pair_in_a_subprocess(paired, tmp_path):
     """Two jobs in parallel through the joblib launcher config (conf/hydra/launcher/local)."""
-    res = subprocess.run([sys.executable, "-m", "analyses", "-m", "hydra/launcher=local",
-                          "analysis=entropy,pair",
-                          f"archive={paired}", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analyses",
+            "-m",
+            "hydra/launcher=local",
+            "analysis=entropy,pair",
+            f"archive={paired}",
+            "progress=false",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     stem = Path(paired).stem  # folders say which archive each job read
-    assert [p.parent.name for p in summaries] == [f"0_analysis=entropy,archive={stem}",
-                                                  f"1_analysis=pair,archive={stem}"]
+    assert [p.parent.name for p in summaries] == [
+        f"0_analysis=entropy,archive={stem}",
+        f"1_analysis=pair,archive={stem}",
+    ]
     # the terminal shows each job's headline numbers and every file it wrote
     assert "pooled gamma 1.7" in res.stdout and "top-5 entropy" in res.stdout, res.stdout
     assert "files: " in res.stdout and "per_step.csv" in res.stdout
-    assert json.loads(summaries[1].read_text())["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+    assert json.loads(summaries[1].read_text())["gamma"]["pooled"]["gamma"] == pytest.approx(
+        1.7, abs=1e-4
+    )
 
 
 def test_unknown_analysis_is_one_line(tmp_path, tiny_archive):
-    res = subprocess.run([sys.executable, "-m", "analyses", "analysis=nope", f"archive={tiny_archive}",
-                          f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analyses",
+            "analysis=nope",
+            f"archive={tiny_archive}",
+            f"hydra.run.dir={tmp_path}/h",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.strip().startswith("error: unknown analysis 'nope'")
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -146,8 +213,12 @@ def test_analysis_sweeps_are_checked_name_by_name(capsys):
 
     check_analysis_choices(["-m", "analysis=entropy,pair", "archive=a.h5,b.h5"])
     check_analysis_choices(["-m", "analysis=glob(p*)", "analysis.seed=1"])
-    for bad in ("analysis=nope", "analysis=entropy,nope", "analysis=choice(nope)",
-                "analysis=glob(zz*)"):
+    for bad in (
+        "analysis=nope",
+        "analysis=entropy,nope",
+        "analysis=choice(nope)",
+        "analysis=glob(zz*)",
+    ):
         with pytest.raises(SystemExit) as exc:
             check_analysis_choices(["-m", bad])
         err = capsys.readouterr().err
@@ -172,9 +243,22 @@ def test_recovery_time_on_planted_series():
 def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
     from engine.commands import perturb as perturb_mod
 
-    pcfg = compose_cfg("perturb", tmp_path, cache_dir, [
-        f"source={paired}", "model=tiny-random", "parents=[0]", "cut_after=null", "cut_at=3",
-        "edit.replace=[' was',' was not']", "n_samples=3", "max_new_tokens=6", f"out={tmp_path}/p.h5"])
+    pcfg = compose_cfg(
+        "perturb",
+        tmp_path,
+        cache_dir,
+        [
+            f"source={paired}",
+            "model=tiny-random",
+            "parents=[0]",
+            "cut_after=null",
+            "cut_at=3",
+            "edit.replace=[' was',' was not']",
+            "n_samples=3",
+            "max_new_tokens=6",
+            f"out={tmp_path}/p.h5",
+        ],
+    )
     path = perturb_mod.run(pcfg)["archive"]
     out = tmp_path / "att"
     run_analysis(analysis_cfg(out, "analysis=attractor", f"archive={path}", "analysis.window=2"))
@@ -185,13 +269,19 @@ def test_attractor_report_on_a_perturb_archive(paired, tmp_path, cache_dir):
     with Archive(path) as a:
         smp = a.samples()
         n = min(int(smp["length"][3]), int(smp["length"][0]))
-        kl = R.pair_stats(a.model().rows(3, slice(0, n)).astype(np.float64),
-                          a.model().rows(0, slice(0, n)).astype(np.float64))[0]
-        base = R.pair_stats(a.model().rows(0, slice(0, n)).astype(np.float64),
-                            a.model().rows(1, slice(0, n)).astype(np.float64))[0]
+        kl = R.pair_stats(
+            a.model().rows(3, slice(0, n)).astype(np.float64),
+            a.model().rows(0, slice(0, n)).astype(np.float64),
+        )[0]
+        base = R.pair_stats(
+            a.model().rows(0, slice(0, n)).astype(np.float64),
+            a.model().rows(1, slice(0, n)).astype(np.float64),
+        )[0]
     curve = list(s["trajectory_divergence_by_step"].values())[0]
     assert np.isfinite(curve["0"]) and curve["0"] > 0  # the edit changes the first distribution
-    assert list(s["trajectory_divergence_control_vs_control_by_step"].values())[0]["0"] == pytest.approx(0, abs=1e-6)
+    assert list(s["trajectory_divergence_control_vs_control_by_step"].values())[0][
+        "0"
+    ] == pytest.approx(0, abs=1e-6)
     assert s["influence"] is None and "counterpart=true" in s["influence_note"]
     rows = (out / "per_step.csv").read_text().splitlines()
     first = [r for r in rows[1:] if r.startswith("1,3,0,")]  # prompt 1, sample 3, control 0
@@ -213,9 +303,9 @@ def test_distinct_n_and_ead_by_hand():
     seqs = [[1, 2, 3, 1], [1, 2, 4]]
     # unigrams: 1,2,3,1,1,2,4 -> C=7, unique {1,2,3,4}=4; bigrams: (1,2),(2,3),(3,1),(1,2),(2,4) -> C=5, unique 4
     d1, e1 = distinct_and_ead(seqs, 1, V=10)
-    assert d1 == pytest.approx(4 / 7) and e1 == pytest.approx(4 / (10 * (1 - 0.9 ** 7)))
+    assert d1 == pytest.approx(4 / 7) and e1 == pytest.approx(4 / (10 * (1 - 0.9**7)))
     d2, e2 = distinct_and_ead(seqs, 2, V=10)
-    assert d2 == pytest.approx(4 / 5) and e2 == pytest.approx(4 / (10 * (1 - 0.9 ** 5)))
+    assert d2 == pytest.approx(4 / 5) and e2 == pytest.approx(4 / (10 * (1 - 0.9**5)))
     assert np.isnan(distinct_and_ead([[1]], 2, V=10)[0])
     cos = pairwise_cos([[1, 0], [0, 1], [1, 1]])
     assert cos == pytest.approx([0.0, 1 / np.sqrt(2), 1 / np.sqrt(2)])
@@ -225,8 +315,13 @@ def test_embeddings_are_unit_and_identical_texts_have_zero_diversity():
     from analyses.diversity import metrics
     from analyses.lib.embeddings import embed
 
-    e = embed(["Grace Hopper was a computer scientist.", "Grace Hopper was a computer scientist.",
-               "I like pizza with olives."])
+    e = embed(
+        [
+            "Grace Hopper was a computer scientist.",
+            "Grace Hopper was a computer scientist.",
+            "I like pizza with olives.",
+        ]
+    )
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     same = metrics(["a b c", "a b c"], [[1, 2, 3], [1, 2, 3]], e[:2], V=50, max_n=2)
     assert same["sentbert_diversity"] == pytest.approx(0, abs=1e-5)
@@ -242,7 +337,10 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     with Archive(paired) as a:
         smp = a.samples()
         for p, text in enumerate(a.prompts):
-            seqs = [smp["tokens"][i, : int(smp["length"][i])] for i in np.flatnonzero(smp["prompt_index"] == p)]
+            seqs = [
+                smp["tokens"][i, : int(smp["length"][i])]
+                for i in np.flatnonzero(smp["prompt_index"] == p)
+            ]
             d3, e3 = distinct_and_ead([list(q) for q in seqs], 3, 258)
             assert s["per_input"][text]["distinct_tokens"]["3"] == pytest.approx(d3)
             assert s["per_input"][text]["ead_tokens"]["3"] == pytest.approx(e3)
@@ -251,12 +349,15 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
     # vectors: recompute it independently for every input, and the mean over inputs
     from analyses.lib.embeddings import embed
+
     with Archive(paired) as a:
         smp, text = a.samples(), a.model().text
         per = []
         for p, ptext in enumerate(a.prompts):
             idx = np.flatnonzero(smp["prompt_index"] == p)
-            e = embed([text(smp["tokens"][i, : int(smp["length"][i])]) for i in idx]).astype(np.float64)
+            e = embed([text(smp["tokens"][i, : int(smp["length"][i])]) for i in idx]).astype(
+                np.float64
+            )
             cos = [float(e[i] @ e[j]) for i in range(len(idx)) for j in range(i + 1, len(idx))]
             per.append(1 - np.mean(cos))
             assert s["per_input"][ptext]["sentbert_diversity"] == pytest.approx(per[-1], abs=1e-5)
@@ -303,7 +404,8 @@ def test_kirk_word_level_metrics_follow_the_released_code():
     # ((i,am),(am,going),(lets,go),(go,i),(i,i)) -> 5; n=3: 4 trigrams, unique 3; n>=4: 1, 1
     grams = {1: (5, 10), 2: (5, 7), 3: (3, 4), 4: (1, 1), 5: (0, 0)}
     dist = np.mean([u / c if c else 0.0 for u, c in grams.values()])
-    ead = np.mean([u / (KIRK_V * (1 - ((KIRK_V - 1) / KIRK_V) ** c)) if c else 0.0
-                   for u, c in grams.values()])
+    ead = np.mean(
+        [u / (KIRK_V * (1 - ((KIRK_V - 1) / KIRK_V) ** c)) if c else 0.0 for u, c in grams.values()]
+    )
     d, e = kirk_word_metrics(texts)
     assert d == pytest.approx(dist) and e == pytest.approx(ead)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from analyses.__main__ import run as run_analysis
-from engine.commands import answers, dump, score
 from engine.archive import Archive
+from engine.commands import answers, dump, score
 from engine.errors import EngineError
 from engine.runtime.models import load_model
-from engine.runtime.settings import ModelSpec
 from engine.runtime.sampling import forward_logits
+from engine.runtime.settings import ModelSpec
 from tests.conftest import DEVICE, compose_cfg
 from tests.test_analyses import analysis_cfg
 
@@ -25,8 +25,10 @@ def planted_candidates(lm):
     joint probability of at least 0.02, and those first tokens."""
     tok = lm.tokenizer
     ids = tok(PROMPT)["input_ids"]
-    roundtrip = (lambda i: tok(tok.decode([i]), add_special_tokens=False)["input_ids"] == [i])
-    dist = (lambda x: torch.softmax(forward_logits(lm.bridge, torch.tensor([x], device=lm.device))[0, -1].float(), -1))
+    roundtrip = lambda i: tok(tok.decode([i]), add_special_tokens=False)["input_ids"] == [i]
+    dist = lambda x: torch.softmax(
+        forward_logits(lm.bridge, torch.tensor([x], device=lm.device))[0, -1].float(), -1
+    )
     p0 = dist(ids)
     first = [i for i in torch.argsort(p0, descending=True).tolist() if roundtrip(i)][:12]
     joint = torch.stack([p0[c] * dist(ids + [c]) for c in first])  # [first, terminator]
@@ -41,24 +43,51 @@ def test_exact_distribution_matches_sampled_frequencies(tmp_path, cache_dir):
     """4000 sampled answers: each candidate's frequency is within 4 binomial standard errors
     of its exact probability (from the stored logits), and the KL to the exact distribution
     sits at the multinomial noise level."""
-    dcfg = compose_cfg("dump", tmp_path, cache_dir, ["model=tiny-random", "prompts=file",
-                                                     f"prompts.file={tmp_path}/p.txt"])
+    dcfg = compose_cfg(
+        "dump",
+        tmp_path,
+        cache_dir,
+        ["model=tiny-random", "prompts=file", f"prompts.file={tmp_path}/p.txt"],
+    )
     (tmp_path / "p.txt").write_text(PROMPT + "\n")
     lm = load_model(ModelSpec.from_node(dcfg.model), DEVICE)
     cands, term = planted_candidates(lm)
-    acfg = compose_cfg("answers", tmp_path, cache_dir, [
-        "model=tiny-random", "candidates.reference=null", "chat_template=false",
-        f"out={tmp_path}/ans.h5"])
+    acfg = compose_cfg(
+        "answers",
+        tmp_path,
+        cache_dir,
+        [
+            "model=tiny-random",
+            "candidates.reference=null",
+            "chat_template=false",
+            f"out={tmp_path}/ans.h5",
+        ],
+    )
     acfg.candidates.prompt, acfg.candidates.terminator = PROMPT, term  # any bytes: no quoting
     acfg.candidates.candidates = cands
     path = answers.run(acfg, model=lm)["archive"]
     N = 4000
-    scfg = compose_cfg("dump", tmp_path, cache_dir, [
-        "model=tiny-random", "prompts=file", f"prompts.file={tmp_path}/p.txt", f"n_samples={N}",
-        "max_new_tokens=2", "batch_size=200", "codec=q16", f"out={tmp_path}/samples.h5"])
+    scfg = compose_cfg(
+        "dump",
+        tmp_path,
+        cache_dir,
+        [
+            "model=tiny-random",
+            "prompts=file",
+            f"prompts.file={tmp_path}/p.txt",
+            f"n_samples={N}",
+            "max_new_tokens=2",
+            "batch_size=200",
+            "codec=q16",
+            f"out={tmp_path}/samples.h5",
+        ],
+    )
     samples = dump.run(scfg, model=lm)["archive"]
-    s = run_analysis(analysis_cfg(tmp_path / "a", "analysis=answers", f"archive={path}",
-                                  f"analysis.samples={samples}"))
+    s = run_analysis(
+        analysis_cfg(
+            tmp_path / "a", "analysis=answers", f"archive={path}", f"analysis.samples={samples}"
+        )
+    )
     from analyses.answers import candidate_logp
 
     with Archive(path) as a, Archive(samples) as b:
@@ -74,7 +103,9 @@ def test_exact_distribution_matches_sampled_frequencies(tmp_path, cache_dir):
     assert last["n"] == N and last["kl_sampled_to_exact"] <= 3 * last["kl_multinomial_noise_95"]
 
 
-def test_exact_sequence_gamma_recovers_a_token_tempering_only_for_single_step_answers(tmp_path, cache_dir):
+def test_exact_sequence_gamma_recovers_a_token_tempering_only_for_single_step_answers(
+    tmp_path, cache_dir
+):
     """The tempered twin raises every next-token distribution to gamma (token level).  Over a
     set of one-token answers (terminator null) the sequence-level distribution over the set is
     then exactly base**gamma renormalised, so the exact sequence gamma equals the planted 1.7;
@@ -83,15 +114,33 @@ def test_exact_sequence_gamma_recovers_a_token_tempering_only_for_single_step_an
     single = [chr(c) for c in range(ord("a"), ord("a") + 8)]
     out = {}
     for term in ("null", "'.'"):
-        acfg = compose_cfg("answers", tmp_path, cache_dir, [
-            "model=tiny-random", "candidates.prompt='Hello'", f"candidates.candidates={single}",
-            f"candidates.terminator={term}", "candidates.reference=null", "chat_template=false",
-            "codec=fp32",  # fp16 rounding of logits near 100 moves gamma by ~1e-3
-            f"out={tmp_path}/g{len(out)}.h5"])
+        acfg = compose_cfg(
+            "answers",
+            tmp_path,
+            cache_dir,
+            [
+                "model=tiny-random",
+                "candidates.prompt='Hello'",
+                f"candidates.candidates={single}",
+                f"candidates.terminator={term}",
+                "candidates.reference=null",
+                "chat_template=false",
+                "codec=fp32",  # fp16 rounding of logits near 100 moves gamma by ~1e-3
+                f"out={tmp_path}/g{len(out)}.h5",
+            ],
+        )
         path = answers.run(acfg)["archive"]
-        score.run(compose_cfg("score", tmp_path, cache_dir, [f"archive={path}", "model=tempered",
-                                                             "model.base=tiny-random", "model.gamma=1.7"]))
-        s = run_analysis(analysis_cfg(tmp_path / f"a{len(out)}", "analysis=answers", f"archive={path}"))
+        score.run(
+            compose_cfg(
+                "score",
+                tmp_path,
+                cache_dir,
+                [f"archive={path}", "model=tempered", "model.base=tiny-random", "model.gamma=1.7"],
+            )
+        )
+        s = run_analysis(
+            analysis_cfg(tmp_path / f"a{len(out)}", "analysis=answers", f"archive={path}")
+        )
         out[term] = next(iter(s["pairs"].values()))
     assert out["null"]["gamma_sequence_level_exact"] == pytest.approx(1.7, abs=1e-4)
     assert out["null"]["gamma_per_step_pooled"]["gamma"] == pytest.approx(1.7, abs=1e-3)
@@ -99,13 +148,22 @@ def test_exact_sequence_gamma_recovers_a_token_tempering_only_for_single_step_an
     assert abs(out["'.'"]["gamma_sequence_level_exact"] - 1.7) > 1e-3  # not the same thing
 
 
-@pytest.mark.parametrize("override, msg", [
-    ("candidates.candidates=[a,b,a]", "listed twice"),
-    ("candidates.reference={zz: 1}", "not a candidate"),
-    ("candidates.terminator=null", "prefix of"),
-])
+@pytest.mark.parametrize(
+    "override, msg",
+    [
+        ("candidates.candidates=[a,b,a]", "listed twice"),
+        ("candidates.reference={zz: 1}", "not a candidate"),
+        ("candidates.terminator=null", "prefix of"),
+    ],
+)
 def test_bad_candidate_files_get_one_clear_error(tmp_path, cache_dir, override, msg):
-    base = ["model=tiny-random", "candidates.prompt='Hi'", "candidates.candidates=[ab,abc]",
-            "candidates.reference=null", "chat_template=false", f"out={tmp_path}/x.h5"]
+    base = [
+        "model=tiny-random",
+        "candidates.prompt='Hi'",
+        "candidates.candidates=[ab,abc]",
+        "candidates.reference=null",
+        "chat_template=false",
+        f"out={tmp_path}/x.h5",
+    ]
     with pytest.raises(EngineError, match=msg):
         answers.run(compose_cfg("answers", tmp_path, cache_dir, [*base, override]))

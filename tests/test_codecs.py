@@ -13,10 +13,11 @@ RNG = np.random.default_rng(7)
 
 def rows(v=4096):
     x = RNG.standard_normal((6, v)) * 4
-    x[1] *= 20                       # large magnitudes (|x| up to ~300)
-    x[2] = 0.0                       # all equal
-    x[3] = -1e4; x[3, 5] = 30.0      # one-hot-like
-    x[4, ::3] = -np.inf              # masked tokens
+    x[1] *= 20  # large magnitudes (|x| up to ~300)
+    x[2] = 0.0  # all equal
+    x[3] = -1e4
+    x[3, 5] = 30.0  # one-hot-like
+    x[4, ::3] = -np.inf  # masked tokens
     return x
 
 

@@ -24,10 +24,13 @@ from tests.conftest import ROOT
 
 CORE_LOCK = ROOT / "requirements" / "core.lock"
 V4 = ROOT / "tests" / "data" / "v4-d9aa91f.h5"
-OFFLINE = re.compile(r"Network connectivity is disabled|Failed to fetch|error sending request|"
-                     r"dns error|NewConnectionError|Failed to establish a new connection|"
-                     r"Temporary failure in name resolution|Could not find a version|"
-                     r"No matching distribution|ProxyError", re.IGNORECASE)
+OFFLINE = re.compile(
+    r"Network connectivity is disabled|Failed to fetch|error sending request|"
+    r"dns error|NewConnectionError|Failed to establish a new connection|"
+    r"Temporary failure in name resolution|Could not find a version|"
+    r"No matching distribution|ProxyError",
+    re.IGNORECASE,
+)
 
 #: a sharded run of two shards written through the archive writer from numpy arrays alone
 WRITE_SHARDS = """
@@ -71,25 +74,51 @@ def _install(venv: Path) -> str:
     py = venv / "bin" / "python"
     uv = _uv()
     if uv:
-        steps = [[uv, "venv", "-q", "--python", sys.executable, str(venv)],
-                 [uv, "pip", "install", "-q", "--python", str(py), "--no-deps",
-                  "--require-hashes", "-r", str(CORE_LOCK)],
-                 [uv, "pip", "install", "-q", "--python", str(py), "--no-deps", "-e", str(ROOT)]]
+        steps = [
+            [uv, "venv", "-q", "--python", sys.executable, str(venv)],
+            [
+                uv,
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                str(py),
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(CORE_LOCK),
+            ],
+            [uv, "pip", "install", "-q", "--python", str(py), "--no-deps", "-e", str(ROOT)],
+        ]
     else:
-        steps = [[sys.executable, "-m", "venv", str(venv)],
-                 [str(py), "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
-                  str(CORE_LOCK)],
-                 [str(py), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)]]
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(CORE_LOCK),
+            ],
+            [str(py), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+        ]
     for step in steps:
         res = subprocess.run(step, capture_output=True, text=True, timeout=600)
         if res.returncode and uv and step[1] == "pip":  # offline: uv's cache alone
-            res = subprocess.run([*step[:3], "--offline", *step[3:]], capture_output=True,
-                                 text=True, timeout=600)
+            res = subprocess.run(
+                [*step[:3], "--offline", *step[3:]], capture_output=True, text=True, timeout=600
+            )
         if res.returncode:
             out = res.stdout + res.stderr
             if OFFLINE.search(out):
-                pytest.skip(f"no network and no cached wheels for the core install "
-                            f"({'uv' if uv else 'pip'}): {out.strip().splitlines()[-1]}")
+                pytest.skip(
+                    f"no network and no cached wheels for the core install "
+                    f"({'uv' if uv else 'pip'}): {out.strip().splitlines()[-1]}"
+                )
             pytest.fail(f"{' '.join(step[:4])}... failed:\n{out[-3000:]}")
     return "uv" if uv else "pip"
 
@@ -102,9 +131,12 @@ def test_the_core_install_reads_and_analyses_archives_without_torch(tmp_path):
     def run(*args, cwd=tmp_path):
         return subprocess.run([py, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
-    res = run("-c", "import importlib.util as u, engine; print(engine.__file__); "
-                    "print([m for m in ('torch', 'transformers', 'transformer_lens', 'trl', "
-                    "'sklearn', 'datasets') if u.find_spec(m)])")
+    res = run(
+        "-c",
+        "import importlib.util as u, engine; print(engine.__file__); "
+        "print([m for m in ('torch', 'transformers', 'transformer_lens', 'trl', "
+        "'sklearn', 'datasets') if u.find_spec(m)])",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines() == [str(ROOT / "engine" / "__init__.py"), "[]"], res.stdout
 
@@ -123,11 +155,20 @@ def test_the_core_install_reads_and_analyses_archives_without_torch(tmp_path):
     res = run("-m", "engine", "inspect", str(V4))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "models   2 (generator: tiny-random)" in res.stdout, res.stdout
-    for analysis, keys in (("entropy", {"models", "topk", "entropy_vs_gamma", "figures"}),
-                           ("pair", {"base", "aligned", "kl_base_aligned", "gamma", "n_rows"})):
+    for analysis, keys in (
+        ("entropy", {"models", "topk", "entropy_vs_gamma", "figures"}),
+        ("pair", {"base", "aligned", "kl_base_aligned", "gamma", "n_rows"}),
+    ):
         out = tmp_path / analysis
-        res = run("-m", "analyses", f"analysis={analysis}", f"archive={V4}", "progress=false",
-                  f"paths.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra' / analysis}")
+        res = run(
+            "-m",
+            "analyses",
+            f"analysis={analysis}",
+            f"archive={V4}",
+            "progress=false",
+            f"paths.output_dir={out}",
+            f"hydra.run.dir={tmp_path / 'hydra' / analysis}",
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["analysis"] == analysis and summary["archive"] == str(V4), summary.keys()
@@ -136,15 +177,27 @@ def test_the_core_install_reads_and_analyses_archives_without_torch(tmp_path):
         if analysis == "entropy":
             assert set(summary["models"]) == {"tiny-random", "tiny-random-tempered-1.5"}
         else:
-            assert (summary["base"], summary["aligned"]) == ("tiny-random",
-                                                             "tiny-random-tempered-1.5")
+            assert (summary["base"], summary["aligned"]) == (
+                "tiny-random",
+                "tiny-random-tempered-1.5",
+            )
             assert summary["n_rows"] == 20
 
     # what needs an extra says which, in one line, and does not start
-    for args, extra in ((["-m", "engine", "dump", "model=tiny-random"], "run"),
-                        (["-m", "engine", "align"], "align"),
-                        (["-m", "analyses", "analysis=diversity", f"archive={V4}",
-                          f"hydra.run.dir={tmp_path / 'hydra' / 'diversity'}"], "text")):
+    for args, extra in (
+        (["-m", "engine", "dump", "model=tiny-random"], "run"),
+        (["-m", "engine", "align"], "align"),
+        (
+            [
+                "-m",
+                "analyses",
+                "analysis=diversity",
+                f"archive={V4}",
+                f"hydra.run.dir={tmp_path / 'hydra' / 'diversity'}",
+            ],
+            "text",
+        ),
+    ):
         res = run(*args)
         assert res.returncode == 2, (args, res.stderr[-2000:])
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
@@ -152,19 +205,28 @@ def test_the_core_install_reads_and_analyses_archives_without_torch(tmp_path):
 
 
 def test_require_names_the_missing_modules_and_the_extra():
-    from engine.errors import EngineError
     from analyses.protocol import EXTRAS as ANALYSIS_EXTRAS
     from engine.commands import VERBS
+    from engine.errors import EngineError
     from engine.extras import EXTRAS, require
 
     for extra in EXTRAS:  # `make setup` installs every extra
         require(extra, "here")
     with pytest.raises(EngineError) as exc:
-        require("run", "python -m engine dump",
-                find_spec=lambda m: None if m in ("gguf", "torch") else object())
-    assert str(exc.value) == ("python -m engine dump needs the 'run' extra (torch, gguf not "
-                              "installed): pip install 'logit-engine[run]'")
+        require(
+            "run",
+            "python -m engine dump",
+            find_spec=lambda m: None if m in ("gguf", "torch") else object(),
+        )
+    assert str(exc.value) == (
+        "python -m engine dump needs the 'run' extra (torch, gguf not "
+        "installed): pip install 'logit-engine[run]'"
+    )
     # every verb that loads a model names its extra; the verbs that read archives need none
-    assert {v.name for v in VERBS.values() if v.extra} == {v.name for v in VERBS.values() if v.hydra}
-    assert all(e in EXTRAS for e in [*(v.extra for v in VERBS.values() if v.extra),
-                                     *ANALYSIS_EXTRAS.values()])
+    assert {v.name for v in VERBS.values() if v.extra} == {
+        v.name for v in VERBS.values() if v.hydra
+    }
+    assert all(
+        e in EXTRAS
+        for e in [*(v.extra for v in VERBS.values() if v.extra), *ANALYSIS_EXTRAS.values()]
+    )

@@ -97,8 +97,13 @@ def test_documented_command_works_as_written(doc, cmd):
     elif module == "analyses":
         assert compose_all("analyses", args) >= 1
     elif module.startswith("bench."):
-        res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr[-1000:]
         for flag in (a.split("=")[0] for a in args if a.startswith("--")):
             assert flag in res.stdout, (flag, module)

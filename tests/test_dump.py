@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.archive import Archive
 from engine.commands import dump as dump_mod
+from engine.errors import EngineError
 from engine.runtime import output
 from engine.runtime import run as run_mod
-from engine.errors import EngineError
 from engine.runtime.models import load_model, tiny_random_model
 from engine.runtime.settings import ModelSpec
-from engine.archive import Archive
 from tests.conftest import DEVICE
 
 
@@ -37,8 +37,16 @@ def test_archive_layout_and_provenance(tiny_archive):
         m = a.model()
         assert m.logits.shape == (6, 12, 258) and m.codec == "fp32"
         assert m.logits.chunks == (1, 12, 258)
-        for k in ("source", "name", "revision", "weights_sha256", "tokenizer_name",
-                  "vocab_hash", "dtype", "vocab_size"):
+        for k in (
+            "source",
+            "name",
+            "revision",
+            "weights_sha256",
+            "tokenizer_name",
+            "vocab_hash",
+            "dtype",
+            "vocab_size",
+        ):
             assert k in m.provenance, k
         for k in ("config_yaml", "packages", "git_commit", "created", "format_version"):
             assert k in a.f.attrs, k
@@ -53,8 +61,13 @@ def test_logits_equal_teacher_forced_hf_forward(tiny_archive):
             prompt = m.group["prompt_tokens"][int(s["prompt_index"][i])]
             ref = hf_teacher_forced(prompt, s["tokens"][i, :n])
             got = m.rows(i, slice(0, n)).astype(np.float64)
-            np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0,
-                                       err_msg=f"sample {i}: max_diff={np.abs(got-ref).max()}")
+            np.testing.assert_allclose(
+                got,
+                ref,
+                atol=2e-5,
+                rtol=0,
+                err_msg=f"sample {i}: max_diff={np.abs(got - ref).max()}",
+            )
             # the sampled token is one the model gave non-negligible probability (pure
             # sampling at T = 1: a token below 1e-6 appears once in a million draws)
             toks = s["tokens"][i, :n]
@@ -66,15 +79,23 @@ def test_same_config_and_seed_give_same_content(dump_cfg, tmp_path):
     a = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=6", f"out={tmp_path}/a.h5"))
     b = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=6", f"out={tmp_path}/b.h5"))
     c = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=6", "seed=1", f"out={tmp_path}/c.h5"))
-    with h5py.File(a["archive"]) as fa, h5py.File(b["archive"]) as fb, h5py.File(c["archive"]) as fc:
+    with (
+        h5py.File(a["archive"]) as fa,
+        h5py.File(b["archive"]) as fb,
+        h5py.File(c["archive"]) as fc,
+    ):
         for name in ("samples/tokens", "samples/length", "models/tiny-random/logits"):
             assert np.array_equal(fa[name][()], fb[name][()]), name
         assert not np.array_equal(fa["samples/tokens"][()], fc["samples/tokens"][()])
 
 
 def test_batch_size_does_not_change_tokens(dump_cfg, tmp_path):
-    a = dump_mod.run(dump_cfg("n_samples=3", "batch_size=1", "max_new_tokens=8", f"out={tmp_path}/a.h5"))
-    b = dump_mod.run(dump_cfg("n_samples=3", "batch_size=3", "max_new_tokens=8", f"out={tmp_path}/b.h5"))
+    a = dump_mod.run(
+        dump_cfg("n_samples=3", "batch_size=1", "max_new_tokens=8", f"out={tmp_path}/a.h5")
+    )
+    b = dump_mod.run(
+        dump_cfg("n_samples=3", "batch_size=3", "max_new_tokens=8", f"out={tmp_path}/b.h5")
+    )
     with Archive(a["archive"]) as fa, Archive(b["archive"]) as fb:
         assert np.array_equal(fa.samples()["tokens"], fb.samples()["tokens"])
         np.testing.assert_allclose(fa.model().rows(2), fb.model().rows(2), atol=1e-2)
@@ -82,8 +103,9 @@ def test_batch_size_does_not_change_tokens(dump_cfg, tmp_path):
 
 def test_eos_ends_samples_and_rows_are_padded(dump_cfg, tmp_path):
     """Treat the tiny model's most frequent tokens as EOS so samples end early."""
-    cfg = dump_cfg("n_samples=4", "batch_size=4", "max_new_tokens=30", "codec=fp16",
-                   f"out={tmp_path}/eos.h5")
+    cfg = dump_cfg(
+        "n_samples=4", "batch_size=4", "max_new_tokens=30", "codec=fp16", f"out={tmp_path}/eos.h5"
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     lm.eos_ids = tuple(range(2, 258, 3))  # a third of the vocabulary ends a sample
     res = dump_mod.run(cfg, model=lm)
@@ -105,8 +127,14 @@ def test_eos_ends_samples_and_rows_are_padded(dump_cfg, tmp_path):
 
 
 def test_capture_stores_residual_stream(dump_cfg, tmp_path):
-    res = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=5",
-                                "capture=[blocks.0.hook_resid_post]", f"out={tmp_path}/cap.h5"))
+    res = dump_mod.run(
+        dump_cfg(
+            "n_samples=2",
+            "max_new_tokens=5",
+            "capture=[blocks.0.hook_resid_post]",
+            f"out={tmp_path}/cap.h5",
+        )
+    )
     model, _ = tiny_random_model(0, torch.float32)
     with Archive(res["archive"]) as a:
         s, m = a.samples(), a.model()
@@ -125,14 +153,24 @@ def test_q16_and_bf16_archives_decode_within_tolerance(dump_cfg, tmp_path, tiny_
     with Archive(tiny_archive) as ref:
         exact = ref.model().rows(0)
     for codec, tol in (("bf16", np.abs(exact).max() * 2.0**-8), ("q16", 2e-4)):
-        res = dump_mod.run(dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=12",
-                                    f"codec={codec}", f"out={tmp_path}/{codec}.h5"))
+        res = dump_mod.run(
+            dump_cfg(
+                "n_samples=3",
+                "batch_size=2",
+                "max_new_tokens=12",
+                f"codec={codec}",
+                f"out={tmp_path}/{codec}.h5",
+            )
+        )
         with Archive(res["archive"]) as a:
             got = a.model().rows(0).astype(np.float64)
         want = exact.astype(np.float64)
         if codec == "q16":  # q16 stores log-probabilities
-            want = want - np.log(np.exp(want - want.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            want = (
+                want
+                - np.log(np.exp(want - want.max(1, keepdims=True)).sum(1, keepdims=True))
                 - want.max(1, keepdims=True)
+            )
             inside = want >= want.max(1, keepdims=True) - 24
             assert np.abs(got - want)[inside].max() <= tol
         else:
@@ -162,6 +200,7 @@ def test_leftover_partial_needs_resume_or_overwrite(dump_cfg, tmp_path):
 
 def test_resume_refuses_different_settings(dump_cfg, tmp_path, monkeypatch):
     out = tmp_path / "z.h5"
+
     def crash(*a):
         raise RuntimeError("simulated crash before the final rename")
 
@@ -171,15 +210,23 @@ def test_resume_refuses_different_settings(dump_cfg, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "z.h5.partial").exists() and not out.exists()
     with pytest.raises(EngineError, match="different settings.*seed"):
-        dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=3", "seed=5", f"out={out}",
-                              "resume=true"))
+        dump_mod.run(
+            dump_cfg("n_samples=2", "max_new_tokens=3", "seed=5", f"out={out}", "resume=true")
+        )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("n_samples=0", "n_samples"), ("temperature=0", "temperature"),
-    ("temperature=-1", "temperature"), ("max_new_tokens=-1", "max_new_tokens"),
-    ("top_p=0", "top_p"), ("codec=int8", "codec"), ("batch_size=0", "batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("n_samples=0", "n_samples"),
+        ("temperature=0", "temperature"),
+        ("temperature=-1", "temperature"),
+        ("max_new_tokens=-1", "max_new_tokens"),
+        ("top_p=0", "top_p"),
+        ("codec=int8", "codec"),
+        ("batch_size=0", "batch_size"),
+    ],
+)
 def test_bad_settings_raise_before_loading(dump_cfg, tmp_path, override, message, monkeypatch):
     monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(EngineError, match=message):

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 import kernels as K
-from engine.archive import Archive, format as F
+from engine.archive import Archive
+from engine.archive import format as F
 from engine.commands.inspect import main as inspect_main
 
 DATA = Path(__file__).parent / "data"
@@ -54,7 +55,10 @@ def test_old_archive_reads_through_current_reader(path, capsys):
                 n = int(s["length"][i])
                 raw = g["logits"][i, :n]
                 if m.codec == "q16":  # the spec's own decoding, by hand
-                    want = g["logits_offset"][i, :n][:, None] + raw.astype(np.float32) * g["logits_scale"][i, :n][:, None]
+                    want = (
+                        g["logits_offset"][i, :n][:, None]
+                        + raw.astype(np.float32) * g["logits_scale"][i, :n][:, None]
+                    )
                 else:
                     want = raw.astype(np.float32)
                 np.testing.assert_array_equal(m.rows(i, slice(0, n)), want)
@@ -68,7 +72,10 @@ def test_old_archive_reads_through_current_reader(path, capsys):
             np.testing.assert_allclose(gam, 1.5, atol=0.02)  # fp16 base vs q16 twin: codec noise
         lin = a.lineage()
         if "perturb" in path.name:
-            assert lin["variant"] == ["control", "edit"] and lin["control_prompt"].tolist() == [0, 0]
+            assert lin["variant"] == ["control", "edit"] and lin["control_prompt"].tolist() == [
+                0,
+                0,
+            ]
             assert lin["source_archive"].endswith("v1-eccb3f7.h5")
         else:
             assert lin is None
@@ -92,8 +99,7 @@ def test_old_archives_have_no_checksums_and_verify_says_so_in_one_line(path, cap
     from engine.commands.verify import main as verify_main
 
     with Archive(path) as a:
-        assert all(m.checksum_columns is None and m.self_check is None
-                   for m in a.models.values())
+        assert all(m.checksum_columns is None and m.self_check is None for m in a.models.values())
     with pytest.raises(SystemExit) as exc:
         verify_main([str(path), "--no-progress"])
     err = capsys.readouterr().err
@@ -113,8 +119,9 @@ def test_the_specs_plain_h5py_example_runs_on_every_codec_and_version(codec, dum
     from engine.commands import dump as dump_mod
     from kernels import reference as R
 
-    new = dump_mod.run(dump_cfg("n_samples=1", "max_new_tokens=3", f"codec={codec}",
-                                f"out={tmp_path}/{codec}.h5"))["archive"]
+    new = dump_mod.run(
+        dump_cfg("n_samples=1", "max_new_tokens=3", f"codec={codec}", f"out={tmp_path}/{codec}.h5")
+    )["archive"]
     for path in [new, *FIXTURES]:
         scope: dict = {}
         exec(_spec_snippet().replace('"logits.h5"', repr(str(path))), scope)  # noqa: S102

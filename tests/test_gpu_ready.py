@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.runtime import run as R
+from engine.archive import Archive
+from engine.archive import format as F
 from engine.commands import dump
-from engine.archive import Archive, format as F
 from engine.errors import EngineError
+from engine.runtime import run as R
 from engine.runtime.models import load_model
-from engine.runtime.settings import ModelSpec
 from engine.runtime.sampling import LOGITS_HOOK
+from engine.runtime.settings import ModelSpec
 from tests.conftest import DEVICE, ROOT
 
 
@@ -40,14 +41,20 @@ def poison(lm, row: int, step: int):
             logits = logits.clone()
             logits[row, -1, 3] = float("nan")
         return logits
+
     lm.bridge.add_hook(LOGITS_HOOK, hook, is_permanent=True)
     return calls
 
 
 # ---- non-finite logits ------------------------------------------------------------------------
 def test_nonfinite_logits_fail_with_one_line_naming_sample_step_and_model(dump_cfg, tmp_path):
-    cfg = dump_cfg("n_samples=4", "batch_size=4", "max_new_tokens=6", prompt_file(tmp_path, "Hi"),
-                   f"out={tmp_path}/nan.h5")
+    cfg = dump_cfg(
+        "n_samples=4",
+        "batch_size=4",
+        "max_new_tokens=6",
+        prompt_file(tmp_path, "Hi"),
+        f"out={tmp_path}/nan.h5",
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     poison(lm, row=1, step=2)
     with pytest.raises(EngineError) as e:
@@ -60,8 +67,13 @@ def test_nonfinite_logits_fail_with_one_line_naming_sample_step_and_model(dump_c
 
 
 def test_nonfinite_logits_recorded_end_that_sample_only(dump_cfg, tmp_path):
-    common = ("n_samples=4", "batch_size=4", "max_new_tokens=6", "codec=fp32",
-              prompt_file(tmp_path, "Hi"))
+    common = (
+        "n_samples=4",
+        "batch_size=4",
+        "max_new_tokens=6",
+        "codec=fp32",
+        prompt_file(tmp_path, "Hi"),
+    )
     clean = dump.run(dump_cfg(*common, f"out={tmp_path}/clean.h5"))["archive"]
     cfg = dump_cfg(*common, "on_nonfinite=record", f"out={tmp_path}/rec.h5")
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
@@ -96,8 +108,9 @@ def test_draws_are_cpu_side_and_reproduce_from_stored_logits(dump_cfg, tmp_path,
             super().__init__(*args, **kw)
 
     monkeypatch.setattr(S.torch, "Generator", Spy)
-    cfg = dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=6", "codec=fp32",
-                   f"out={tmp_path}/d.h5")
+    cfg = dump_cfg(
+        "n_samples=3", "batch_size=2", "max_new_tokens=6", "codec=fp32", f"out={tmp_path}/d.h5"
+    )
     path = dump.run(cfg)["archive"]
     monkeypatch.setattr(S.torch, "Generator", real)
     assert made and all(d is None for d in made), made  # default: the CPU's MT19937
@@ -113,8 +126,9 @@ def test_draws_are_cpu_side_and_reproduce_from_stored_logits(dump_cfg, tmp_path,
 
 # ---- dtypes -----------------------------------------------------------------------------------
 def test_bf16_model_dtype_is_what_runs_and_what_provenance_says(dump_cfg, tmp_path):
-    cfg = dump_cfg("model.dtype=bfloat16", "n_samples=2", "max_new_tokens=5",
-                   f"out={tmp_path}/bf.h5")
+    cfg = dump_cfg(
+        "model.dtype=bfloat16", "n_samples=2", "max_new_tokens=5", f"out={tmp_path}/bf.h5"
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     assert {p.dtype for p in lm.bridge.parameters()} == {torch.bfloat16}
     assert lm.bridge.cfg.dtype == torch.bfloat16  # the bridge was told (it said float32)
@@ -145,7 +159,9 @@ def test_tempered_twin_multiplies_in_float32(dump_cfg, monkeypatch):
 
     base_spec = ModelSpec.from_node(dump_cfg("model.dtype=bfloat16").model)
     monkeypatch.setattr(models, "model_config", lambda name: base_spec)
-    tw = load_model(ModelSpec.from_node(dump_cfg("model=tempered", "model.gamma=1.37").model), DEVICE)
+    tw = load_model(
+        ModelSpec.from_node(dump_cfg("model=tempered", "model.gamma=1.37").model), DEVICE
+    )
     base = load_model(base_spec, DEVICE)
     ids = torch.tensor([[0, 40, 41, 42]], device=tw.device)
     got = forward_logits(tw.bridge, ids)
@@ -157,9 +173,9 @@ def test_tempered_twin_multiplies_in_float32(dump_cfg, monkeypatch):
 def test_gguf_cache_is_float32_whatever_dtype_loads_first(tmp_path, monkeypatch):
     """The dequantization cache was keyed by the file alone and written in the first load's
     dtype, so a bf16 first load left bf16-rounded weights for every later float32 run."""
-    from engine.runtime import models
     import dataclasses
 
+    from engine.runtime import models
     from engine.runtime.settings import model_config
 
     gguf = tmp_path / "m.gguf"
@@ -171,8 +187,11 @@ def test_gguf_cache_is_float32_whatever_dtype_loads_first(tmp_path, monkeypatch)
             asked.append(dtype)
             return models.tiny_random_model(0, dtype)
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        return (AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype).eval(),
-                AutoTokenizer.from_pretrained(name_or_dir))
+
+        return (
+            AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype).eval(),
+            AutoTokenizer.from_pretrained(name_or_dir),
+        )
 
     monkeypatch.setattr(models, "_load_hf", fake_load)
     spec = dataclasses.replace(model_config("gguf"), path=str(gguf), dtype="bfloat16")
@@ -182,9 +201,13 @@ def test_gguf_cache_is_float32_whatever_dtype_loads_first(tmp_path, monkeypatch)
     assert asked == [torch.float32]  # dequantized once, in float32
     assert p16["dtype"] == "bfloat16" and p32["dtype"] == "float32"
     ref, _ = models.tiny_random_model(0, torch.float32)
-    for (k, v), w in zip(sorted(m32.state_dict().items()), [ref.state_dict()[k] for k in sorted(ref.state_dict())]):
+    for (k, v), w in zip(
+        sorted(m32.state_dict().items()), [ref.state_dict()[k] for k in sorted(ref.state_dict())]
+    ):
         assert torch.equal(v, w), k  # float32 weights exact, not bf16-rounded
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"m-{p32['weights_sha256'][:16]}-float32"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+        f"m-{p32['weights_sha256'][:16]}-float32"
+    ]
 
 
 # ---- host syncs, the writer thread ------------------------------------------------------------
@@ -200,9 +223,16 @@ def test_one_host_sync_per_step(dump_cfg, tmp_path, monkeypatch):
             if count["on"] and threading.get_ident() == main:
                 count["n"] += 1
             return _real(self, *a, **kw)
+
         monkeypatch.setattr(torch.Tensor, name, wrapped)
-    cfg = dump_cfg("n_samples=4", "batch_size=2", "max_new_tokens=8", "q16_window=24",
-                   "codec=q16", f"out={tmp_path}/s.h5")
+    cfg = dump_cfg(
+        "n_samples=4",
+        "batch_size=2",
+        "max_new_tokens=8",
+        "q16_window=24",
+        "codec=q16",
+        f"out={tmp_path}/s.h5",
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     real_sample_all = R.sample_all
 
@@ -212,6 +242,7 @@ def test_one_host_sync_per_step(dump_cfg, tmp_path, monkeypatch):
             return real_sample_all(*a, **kw)
         finally:
             count["on"] = False
+
     monkeypatch.setattr(R, "sample_all", counted)
     monkeypatch.setattr(dump.R, "sample_all", counted)
     real_check, checks = R.self_check, []
@@ -223,17 +254,23 @@ def test_one_host_sync_per_step(dump_cfg, tmp_path, monkeypatch):
             return checks[-1]
         finally:
             count["on"] = True
+
     monkeypatch.setattr(R, "self_check", uncounted)
     path = dump.run(cfg, model=lm)["archive"]
     with Archive(path) as a:
-        steps = sum(int(a.samples()["length"][s0:s0 + 2].max()) for s0 in range(0, 8, 2))
+        steps = sum(int(a.samples()["length"][s0 : s0 + 2].max()) for s0 in range(0, 8, 2))
     assert count["n"] <= steps, (count["n"], steps)
     assert len(checks) == 1 and checks[0] is not None  # ... and it did run, once
 
 
 def test_writer_thread_leaves_the_archive_unchanged(dump_cfg, tmp_path):
-    common = ("n_samples=3", "batch_size=2", "max_new_tokens=7", "codec=q16",
-              "capture=[blocks.0.hook_resid_post]")
+    common = (
+        "n_samples=3",
+        "batch_size=2",
+        "max_new_tokens=7",
+        "codec=q16",
+        "capture=[blocks.0.hook_resid_post]",
+    )
     a = dump.run(dump_cfg(*common, "write_thread=true", f"out={tmp_path}/t.h5"))["archive"]
     b = dump.run(dump_cfg(*common, "write_thread=false", f"out={tmp_path}/s.h5"))["archive"]
     with h5py.File(a) as fa, h5py.File(b) as fb:
@@ -242,7 +279,7 @@ def test_writer_thread_leaves_the_archive_unchanged(dump_cfg, tmp_path):
         assert len(names) > 10
         for n in names:
             x, y = fa[n][()], fb[n][()]
-            if getattr(x, "dtype", None) == object:  # vlen rows: compare each
+            if getattr(x, "dtype", None) == np.dtype(object):  # vlen rows: compare each
                 assert all(np.array_equal(u, v) for u, v in zip(x, y)), n
             else:
                 assert np.array_equal(x, y), n
@@ -254,6 +291,7 @@ def test_out_of_memory_names_a_batch_size_that_fits(dump_cfg, tmp_path, monkeypa
     def oom(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.70 GiB")
         yield  # pragma: no cover
+
     monkeypatch.setattr(R, "generate", oom)
     with pytest.raises(EngineError, match=r"batch of 4 rows does not fit.*batch_size=2"):
         dump.run(cfg)
@@ -307,10 +345,29 @@ def test_gpu_bench_runs_where_there_is_no_gpu():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--model", "tiny-random",
-                        "--n-samples", "2", "--batch-size", "2", "--max-new-tokens", "4",
-                        "--kernel-rows", "4", "--device", DEVICE],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "--model",
+            "tiny-random",
+            "--n-samples",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--kernel-rows",
+            "4",
+            "--device",
+            DEVICE,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "host syncs per step (sampling thread): 1.00" in r.stdout, r.stdout
     assert "fit_gamma fp32" in r.stdout
@@ -320,10 +377,21 @@ def test_score_refuses_nonfinite_logits_with_one_line(dump_cfg, tmp_path):
     from engine.commands import score
     from tests.conftest import compose_cfg
 
-    path = dump.run(dump_cfg("n_samples=2", "batch_size=2", "max_new_tokens=5",
-                             prompt_file(tmp_path, "Hi"), f"out={tmp_path}/s.h5"))["archive"]
-    cfg = compose_cfg("score", tmp_path, tmp_path / "cache",
-                      ["model=tiny-random", "model.key=other", f"archive={path}"])
+    path = dump.run(
+        dump_cfg(
+            "n_samples=2",
+            "batch_size=2",
+            "max_new_tokens=5",
+            prompt_file(tmp_path, "Hi"),
+            f"out={tmp_path}/s.h5",
+        )
+    )["archive"]
+    cfg = compose_cfg(
+        "score",
+        tmp_path,
+        tmp_path / "cache",
+        ["model=tiny-random", "model.key=other", f"archive={path}"],
+    )
     lm = load_model(ModelSpec.from_node(cfg.model), DEVICE)
     lm.key = "other"
 
@@ -331,6 +399,7 @@ def test_score_refuses_nonfinite_logits_with_one_line(dump_cfg, tmp_path):
         logits = logits.clone()
         logits[1, 2, 7] = float("inf")
         return logits
+
     lm.bridge.add_hook(LOGITS_HOOK, hook, is_permanent=True)
     with pytest.raises(EngineError) as e:
         score.run(cfg, model=lm)

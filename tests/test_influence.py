@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from analyses.__main__ import run as run_analysis
-from engine.commands import dump, perturb, score
 from engine.archive import Archive
+from engine.commands import dump, perturb, score
 from engine.errors import EngineError
 from engine.runtime.models import load_model
 from engine.runtime.settings import ModelSpec
@@ -34,6 +34,7 @@ def windowed(cfg):
         qpos = torch.arange(k - q, k, device=scores.device)[:, None]
         kpos = torch.arange(k, device=scores.device)[None, :]
         return scores.masked_fill(qpos - kpos >= W, float("-inf"))
+
     for layer in range(LAYERS):
         lm.bridge.add_hook(f"blocks.{layer}.attn.hook_attn_scores", window, is_permanent=True)
     return lm
@@ -44,17 +45,42 @@ def planted(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("influence")
     (tmp / "p.txt").write_text("Grace Hopper was\n")
     common = ["model=tiny-random", "codec=fp32"]
-    dcfg = compose_cfg("dump", tmp, cache_dir, [*common, "prompts=file", f"prompts.file={tmp}/p.txt",
-                                                "n_samples=2", "max_new_tokens=8", f"out={tmp}/src.h5"])
+    dcfg = compose_cfg(
+        "dump",
+        tmp,
+        cache_dir,
+        [
+            *common,
+            "prompts=file",
+            f"prompts.file={tmp}/p.txt",
+            "n_samples=2",
+            "max_new_tokens=8",
+            f"out={tmp}/src.h5",
+        ],
+    )
     lm = windowed(dcfg)
     src = dump.run(dcfg, model=lm)["archive"]
     # kept completion: 3 tokens after the edit, so at step t the edit lies 4 + t tokens back
-    pcfg = compose_cfg("perturb", tmp, cache_dir, [
-        *common, f"source={src}", "parents=[0]", "cut_after=null", "cut_at=3",
-        "edit.replace=[' was',' was not']", "n_samples=4", "max_new_tokens=12", f"out={tmp}/p.h5"])
+    pcfg = compose_cfg(
+        "perturb",
+        tmp,
+        cache_dir,
+        [
+            *common,
+            f"source={src}",
+            "parents=[0]",
+            "cut_after=null",
+            "cut_at=3",
+            "edit.replace=[' was',' was not']",
+            "n_samples=4",
+            "max_new_tokens=12",
+            f"out={tmp}/p.h5",
+        ],
+    )
     path = perturb.run(pcfg, model=lm)["archive"]
-    scfg = compose_cfg("score", tmp, cache_dir, ["model=tiny-random", f"archive={path}",
-                                                 "counterpart=true"])
+    scfg = compose_cfg(
+        "score", tmp, cache_dir, ["model=tiny-random", f"archive={path}", "counterpart=true"]
+    )
     score.run(scfg, model=lm)
     out = tmp / "att"
     run_analysis(analysis_cfg(out, "analysis=attractor", f"archive={path}", "analysis.window=2"))
@@ -69,7 +95,11 @@ def test_influence_vanishes_exactly_where_the_window_ends(planted):
     curve = np.array(v["kl_by_step"])
     with Archive(path) as a:  # tokens the two prefixes share at their end (re-tokenised text)
         c, e = a.model().prompt_tokens(0), a.model().prompt_tokens(1)
-    same = next(j for j in range(min(len(c), len(e)) + 1) if j == min(len(c), len(e)) or c[-1 - j] != e[-1 - j])
+    same = next(
+        j
+        for j in range(min(len(c), len(e)) + 1)
+        if j == min(len(c), len(e)) or c[-1 - j] != e[-1 - j]
+    )
     inside = FIELD - same  # step t sees the prefixes' last FIELD - t tokens
     assert (curve[:inside] > 1e-3).all(), curve  # the edit is seen
     assert 0 < inside < len(curve)
@@ -93,14 +123,24 @@ def test_influence_matches_a_float64_recomputation(planted):
         curves = []
         for i in range(M, 2 * M):  # edited continuations: own rows read the edited prefix
             n = int(smp["length"][i])
-            curves.append(R.pair_stats(own.rows(i, slice(0, n)).astype(np.float64),
-                                       cp.rows(i, slice(0, n)).astype(np.float64))[0])
+            curves.append(
+                R.pair_stats(
+                    own.rows(i, slice(0, n)).astype(np.float64),
+                    cp.rows(i, slice(0, n)).astype(np.float64),
+                )[0]
+            )
         for i in range(0, M):  # control continuations: the counterpart read the edited prefix
             n = int(smp["length"][i])
-            curves.append(R.pair_stats(cp.rows(i, slice(0, n)).astype(np.float64),
-                                       own.rows(i, slice(0, n)).astype(np.float64))[0])
+            curves.append(
+                R.pair_stats(
+                    cp.rows(i, slice(0, n)).astype(np.float64),
+                    own.rows(i, slice(0, n)).astype(np.float64),
+                )[0]
+            )
         # the counterpart group read each prompt's partner, token for token
-        assert cp.prompt_tokens(0) == own.prompt_tokens(1) and cp.prompt_tokens(1) == own.prompt_tokens(0)
+        assert cp.prompt_tokens(0) == own.prompt_tokens(1) and cp.prompt_tokens(
+            1
+        ) == own.prompt_tokens(0)
     T = max(len(c) for c in curves)
     want = [np.mean([c[t] for c in curves if len(c) > t]) for t in range(T)]
     # the kernels' float32 KL terms resolve 1e-6 nats (analyses.lib.influence.KL_RESOLUTION)
@@ -108,9 +148,15 @@ def test_influence_matches_a_float64_recomputation(planted):
     assert min(want) < 1e-9  # in float64, past the window I(t) is zero up to KV-cache numerics
 
 
-def test_counterpart_needs_a_perturbation_archive_and_its_generator(tiny_archive, tmp_path, cache_dir):
-    cfg = compose_cfg("score", tmp_path, cache_dir, ["model=tiny-random", f"archive={tiny_archive}",
-                                                     "counterpart=true"])
+def test_counterpart_needs_a_perturbation_archive_and_its_generator(
+    tiny_archive, tmp_path, cache_dir
+):
+    cfg = compose_cfg(
+        "score",
+        tmp_path,
+        cache_dir,
+        ["model=tiny-random", f"archive={tiny_archive}", "counterpart=true"],
+    )
     with pytest.raises(EngineError, match="perturb"):
         score.run(cfg)
 

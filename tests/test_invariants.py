@@ -14,12 +14,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine.commands import dump as dump_mod
-from engine.runtime.settings import ModelSpec
-from engine.runtime import sampling
-from engine.runtime import selfcheck
 from engine.archive import Archive
+from engine.commands import dump as dump_mod
 from engine.errors import EngineError
+from engine.runtime import sampling, selfcheck
+from engine.runtime.settings import ModelSpec
 from kernels.reference import log_softmax
 
 
@@ -31,8 +30,10 @@ class Forgetful(DynamicCache):
         if layer_idx >= len(self.layers) or self.get_seq_length(layer_idx) == 0:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
-        return (torch.cat([layer.keys, key_states], -2),
-                torch.cat([layer.values, value_states], -2))
+        return (
+            torch.cat([layer.keys, key_states], -2),
+            torch.cat([layer.values, value_states], -2),
+        )
 
 
 class Empty(DynamicCache):
@@ -46,10 +47,12 @@ def _outputs(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".h5", ".partial"))
 
 
-def test_a_cache_that_forgets_decoded_tokens_stops_the_dump_at_step_1(dump_cfg, tmp_path,
-                                                                      monkeypatch):
-    monkeypatch.setattr(sampling, "new_cache", lambda bridge: Forgetful(
-        config=bridge.original_model.config))
+def test_a_cache_that_forgets_decoded_tokens_stops_the_dump_at_step_1(
+    dump_cfg, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        sampling, "new_cache", lambda bridge: Forgetful(config=bridge.original_model.config)
+    )
     cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "out=" + str(tmp_path / "a.h5"))
     with pytest.raises(EngineError) as err:
         dump_mod.run(cfg)
@@ -60,11 +63,13 @@ def test_a_cache_that_forgets_decoded_tokens_stops_the_dump_at_step_1(dump_cfg, 
     assert not (tmp_path / "a.h5").exists()  # nothing renamed
 
 
-def test_a_cache_the_model_never_fills_stops_the_dump_before_the_first_row(dump_cfg, tmp_path,
-                                                                           monkeypatch):
+def test_a_cache_the_model_never_fills_stops_the_dump_before_the_first_row(
+    dump_cfg, tmp_path, monkeypatch
+):
     """The mocked stale cache of a release whose model ignores the cache it is handed."""
-    monkeypatch.setattr(sampling, "new_cache", lambda bridge: Empty(
-        config=bridge.original_model.config))
+    monkeypatch.setattr(
+        sampling, "new_cache", lambda bridge: Empty(config=bridge.original_model.config)
+    )
     cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "out=" + str(tmp_path / "a.h5"))
     with pytest.raises(EngineError, match=r"holds 0 positions after step 0"):
         dump_mod.run(cfg)
@@ -72,12 +77,14 @@ def test_a_cache_the_model_never_fills_stops_the_dump_before_the_first_row(dump_
 
 
 def test_without_the_cache_check_the_self_check_still_refuses_context_free_rows(
-        dump_cfg, tmp_path, monkeypatch):
+    dump_cfg, tmp_path, monkeypatch
+):
     """Second layer: with the cache check switched off, the context-free rows are written,
     and the self-check after the first batch stops the run; the partial stays, with the
     measured difference recorded in its model group."""
-    monkeypatch.setattr(sampling, "new_cache", lambda bridge: Forgetful(
-        config=bridge.original_model.config))
+    monkeypatch.setattr(
+        sampling, "new_cache", lambda bridge: Forgetful(config=bridge.original_model.config)
+    )
     monkeypatch.setattr(sampling, "check_cache", lambda *a: None)
     out = tmp_path / "a.h5"
     cfg = dump_cfg("n_samples=2", "max_new_tokens=8", "codec=q16", f"out={out}")
@@ -93,8 +100,7 @@ def test_without_the_cache_check_the_self_check_still_refuses_context_free_rows(
 
 
 def test_a_good_dump_records_its_self_check_within_the_bound(dump_cfg, tmp_path):
-    res = dump_mod.run(dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=10",
-                                "codec=fp16"))
+    res = dump_mod.run(dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=10", "codec=fp16"))
     with Archive(res["archive"]) as a:
         c = a.model().self_check
         length = a.samples()["length"]
@@ -104,8 +110,7 @@ def test_a_good_dump_records_its_self_check_within_the_bound(dump_cfg, tmp_path)
     assert res["self_check"]["max_abs_diff"] == pytest.approx(c["max_abs_diff"])
 
 
-def test_stored_rows_that_are_not_the_models_fail_the_self_check(dump_cfg, tmp_path,
-                                                                 monkeypatch):
+def test_stored_rows_that_are_not_the_models_fail_the_self_check(dump_cfg, tmp_path, monkeypatch):
     """Rows scaled by 1.05 on their way to the writer (every log-prob gap off by 5%)."""
     from engine.runtime import overlap
 
@@ -115,8 +120,7 @@ def test_stored_rows_that_are_not_the_models_fail_the_self_check(dump_cfg, tmp_p
         return real(codec, logits * 1.05, window)
 
     monkeypatch.setattr(overlap, "encode", skewed)
-    cfg = dump_cfg("n_samples=2", "max_new_tokens=6", "codec=fp32",
-                   "out=" + str(tmp_path / "a.h5"))
+    cfg = dump_cfg("n_samples=2", "max_new_tokens=6", "codec=fp32", "out=" + str(tmp_path / "a.h5"))
     with pytest.raises(EngineError, match="self-check failed"):
         dump_mod.run(cfg)
     assert not (tmp_path / "a.h5").exists() and (tmp_path / "a.h5.partial").exists()
@@ -133,8 +137,12 @@ def test_the_bound_covers_each_codec_and_is_tight(codec):
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(64, 4096, generator=g, dtype=torch.float64) * 32 - 16).float()
     data, scale, offset = encode(codec, x, 24.0)
-    dec = codecs.decode(codec, to_numpy(codec, data), None if scale is None else scale.numpy(),
-                        None if offset is None else offset.numpy()).astype(np.float64)
+    dec = codecs.decode(
+        codec,
+        to_numpy(codec, data),
+        None if scale is None else scale.numpy(),
+        None if offset is None else offset.numpy(),
+    ).astype(np.float64)
     stored = dec if codec == "q16" else log_softmax(dec)
     forced = log_softmax(x.double().numpy())
     floor = offset.double().numpy() if codec == "q16" else None  # clamped at the window

@@ -73,8 +73,9 @@ print(json.dumps({
 
 def _run(cache_dir, **env):
     full = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "PYTHONPATH": ROOT, **env}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=full, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=full, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -87,8 +88,10 @@ def test_cached_parallel_kernels_load_in_fresh_processes(tmp_path):
     assert set(first["per_threads"]) == {"1", "2"}
     assert first["per_threads"]["1"] == first["per_threads"]["2"] == first["digest"]
     loaded = []
-    for env in ({"NUMBA_NUM_THREADS": "1"},
-                {"NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "workqueue"}):
+    for env in (
+        {"NUMBA_NUM_THREADS": "1"},
+        {"NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "workqueue"},
+    ):
         again = _run(tmp_path, **env)
         assert again["misses"] == 0 and again["hits"] == again["kernels"], env  # loaded
         loaded.append(again)

@@ -72,8 +72,9 @@ def test_noisy_planted_gamma_is_inside_bootstrap_interval(gamma):
     wrong gamma is outside it."""
     rng = np.random.default_rng(int(gamma * 100))
     p = (rng.standard_normal((400, 2000)) * 2).astype(np.float32)
-    q = (gamma * R.log_softmax(p.astype(np.float64))
-         + rng.standard_normal(p.shape) * 0.3).astype(np.float32)
+    q = (gamma * R.log_softmax(p.astype(np.float64)) + rng.standard_normal(p.shape) * 0.3).astype(
+        np.float32
+    )
     fit = K.fit_gamma_pooled(p, q, n_boot=1000, seed=1)
     assert fit.ci_low <= gamma <= fit.ci_high, fit
     assert fit.ci_high - fit.ci_low < 0.05 * gamma
@@ -92,8 +93,9 @@ def test_grouped_bootstrap_widens_the_interval_for_correlated_rows():
     g_row = np.repeat(gamma + rng.normal(0, 0.05, n_groups), per)[:, None]
     q = (g_row * R.log_softmax(p.astype(np.float64))).astype(np.float32)
     rows = K.fit_gamma_pooled(p, q, n_boot=1000, seed=1)
-    grouped = K.fit_gamma_pooled(p, q, groups=np.repeat(np.arange(n_groups), per), n_boot=1000,
-                                 seed=1)
+    grouped = K.fit_gamma_pooled(
+        p, q, groups=np.repeat(np.arange(n_groups), per), n_boot=1000, seed=1
+    )
     assert grouped.gamma == pytest.approx(rows.gamma)
     assert grouped.ci_high - grouped.ci_low > 2 * (rows.ci_high - rows.ci_low), (rows, grouped)
     assert grouped.ci_low <= gamma <= grouped.ci_high, grouped
@@ -106,10 +108,32 @@ def test_pooled_gamma_matches_brute_force_minimum():
     w = rng.uniform(0.5, 2, 20)
     fit = K.fit_gamma_pooled(p, q, weights=w, n_boot=10)
     grid = np.linspace(1.0, 2.6, 1601)
-    obj = [np.sum(w * np.array([R.kl_to_tempered(a, b, g) for a, b in zip(p.astype(np.float64), q.astype(np.float64))])) for g in grid[::40]]
+    obj = [
+        np.sum(
+            w
+            * np.array(
+                [
+                    R.kl_to_tempered(a, b, g)
+                    for a, b in zip(p.astype(np.float64), q.astype(np.float64))
+                ]
+            )
+        )
+        for g in grid[::40]
+    ]
     g0 = grid[::40][int(np.argmin(obj))]
     assert abs(fit.gamma - g0) <= 0.04
-    kl_at = np.sum(w * np.array([R.kl_to_tempered(a, b, fit.gamma) for a, b in zip(p.astype(np.float64), q.astype(np.float64))])) / w.sum()
+    kl_at = (
+        np.sum(
+            w
+            * np.array(
+                [
+                    R.kl_to_tempered(a, b, fit.gamma)
+                    for a, b in zip(p.astype(np.float64), q.astype(np.float64))
+                ]
+            )
+        )
+        / w.sum()
+    )
     assert fit.kl == pytest.approx(kl_at, rel=1e-5)
 
 
@@ -123,7 +147,9 @@ def test_gamma_for_entropy_inverts_tempered_entropy(x, g):
     target = K.tempered_entropy(x, [g])[:, 0]
     got = K.gamma_for_entropy(x, target)
     assert np.all(np.isfinite(got)), got  # every target comes from a finite power: invertible
-    back = np.array([K.tempered_entropy(x[i:i + 1], [float(got[i])])[0, 0] for i in range(len(x))])
+    back = np.array(
+        [K.tempered_entropy(x[i : i + 1], [float(got[i])])[0, 0] for i in range(len(x))]
+    )
     np.testing.assert_allclose(back, target, atol=1e-5)
     h = K.tempered_entropy(x, [0.5, 1.0, 2.0, 4.0])
     assert np.all(np.diff(h, axis=-1) <= 1e-6)  # entropy falls as the power rises
@@ -143,12 +169,14 @@ def test_pooled_fit_from_streamed_moments_equals_in_memory_fit():
     q = (1.3 * p + rng.standard_normal(p.shape) * 0.5).astype(np.float32)
     groups = np.repeat(np.arange(12), 5)
     ref = K.fit_gamma_pooled(p, q, groups=groups, n_boot=300, seed=2)
-    base = np.concatenate([K.gamma_base(p[i:i + 7], q[i:i + 7]) for i in range(0, 60, 7)])
+    base = np.concatenate([K.gamma_base(p[i : i + 7], q[i : i + 7]) for i in range(0, 60, 7)])
     calls = []
 
     def moments_at(g):
         calls.append(g)
-        return np.concatenate([K.tempered_moments(p[i:i + 7], [g])[:, 0] for i in range(0, 60, 7)])
+        return np.concatenate(
+            [K.tempered_moments(p[i : i + 7], [g])[:, 0] for i in range(0, 60, 7)]
+        )
 
     got = K.pooled_from_moments(base, moments_at, groups=groups, n_boot=300, seed=2)
     assert got == pytest.approx(ref, rel=1e-12)

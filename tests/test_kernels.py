@@ -10,7 +10,8 @@ import torch
 
 import kernels as K
 from engine.archive import codecs
-from engine.runtime.encode import encode as encode_codec, to_numpy
+from engine.runtime.encode import encode as encode_codec
+from engine.runtime.encode import to_numpy
 from kernels import reference as R
 
 RNG = np.random.default_rng(0)
@@ -41,7 +42,9 @@ def encode(x64: np.ndarray, codec: str):
     if codec in ("fp32", "fp16", "t_fp32", "t_fp16"):
         dt = np.float32 if codec.endswith("fp32") else np.float16
         stored = np.clip(x64, -60000, 60000).astype(dt)
-        return (torch.from_numpy(stored) if codec.startswith("t_") else stored), stored.astype(np.float64)
+        return (torch.from_numpy(stored) if codec.startswith("t_") else stored), stored.astype(
+            np.float64
+        )
     base = codec.removeprefix("t_")
     data, scale, offset = encode_codec(base, t.float())
     sc = None if scale is None else scale.numpy()
@@ -72,10 +75,16 @@ SINGLE = {
     "entropy": (K.entropy, R.entropy, 2e-6),
     "entropy_bits": (lambda x: K.entropy(x, base=2), lambda x: R.entropy(x, base=2), 3e-6),
     "top5_entropy": (lambda x: K.entropy(x, topk=5), lambda x: R.entropy(x, topk=5), 2e-6),
-    "top5_partial": (lambda x: K.entropy(x, topk=5, renormalize=False),
-                     lambda x: R.entropy(x, topk=5, renormalize=False), 2e-6),
-    "tempered_entropy": (lambda x: K.tempered_entropy(x, [0.5, 1.0, 2.0]),
-                         lambda x: R.tempered_entropy(x, [0.5, 1.0, 2.0]), 5e-6),
+    "top5_partial": (
+        lambda x: K.entropy(x, topk=5, renormalize=False),
+        lambda x: R.entropy(x, topk=5, renormalize=False),
+        2e-6,
+    ),
+    "tempered_entropy": (
+        lambda x: K.tempered_entropy(x, [0.5, 1.0, 2.0]),
+        lambda x: R.tempered_entropy(x, [0.5, 1.0, 2.0]),
+        5e-6,
+    ),
 }
 
 
@@ -160,13 +169,16 @@ def test_fit_gamma_unidentified_rows_are_nan_not_errors():
 # Not strict: the cause is suspected to be FMA contraction of q16's `off + code * scale` in
 # some numba loops and not others (the decoded row max is 1 ulp off), which depends on the CPU.
 Q16_FIT_XFAIL = pytest.mark.xfail(
-    strict=False, reason="numba's q16 fit at large gamma is ~1e-4 relative off (gamma 7.7988 "
+    strict=False,
+    reason="numba's q16 fit at large gamma is ~1e-4 relative off (gamma 7.7988 "
     "where torch and the float64 reference give 7.7996; log S at g = 7.8: 3.5636e-4 against "
-    "3.5898e-4): an issue of the numba q16 decode, not of the stopping rule")
+    "3.5898e-4): an issue of the numba q16 decode, not of the stopping rule",
+)
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16",
-                                   pytest.param("q16", marks=Q16_FIT_XFAIL)])
+@pytest.mark.parametrize(
+    "codec", ["fp32", "fp16", "bf16", pytest.param("q16", marks=Q16_FIT_XFAIL)]
+)
 def test_fit_gamma_backends_follow_one_stopping_rule(codec):
     """numba and torch (CPU) fit gamma by the same rule (`kernels.api.fit_gamma`): on the same
     stored rows they give the same gamma and KL to float32 noise and the same iteration
@@ -203,8 +215,10 @@ def test_fit_gamma_backends_treat_unidentified_rows_alike():
     ahead[3] = 0
     p = np.stack([flat, one_hot, masked, ahead])
     q = np.stack([flat + np.arange(100, dtype=np.float32) / 50, one_hot, flat, one_hot])
-    got = [[as_np(x) for x in K.fit_gamma(a, b)] for a, b in
-           ((p, q), (torch.from_numpy(p), torch.from_numpy(q)))]
+    got = [
+        [as_np(x) for x in K.fit_gamma(a, b)]
+        for a, b in ((p, q), (torch.from_numpy(p), torch.from_numpy(q)))
+    ]
     for g, kl, kl1, its in got:
         assert np.isnan(g).all() and np.array_equal(its[:3], [0, 0, 0]) and its[3] > 10
         assert kl[0] == kl1[0] > 0 and kl[1] == kl1[1] == pytest.approx(0, abs=1e-9)
@@ -217,8 +231,9 @@ def test_fit_gamma_stops_when_the_bracket_is_float32_noise():
     narrow, instead of bisecting to max_iter (numba did, 50 passes a row)."""
     rng = np.random.default_rng(11)
     p = (rng.standard_normal((20, 3000)) * 3).astype(np.float32)
-    q = (1.7 * R.log_softmax(p.astype(np.float64))
-         + rng.standard_normal(p.shape) * 0.3).astype(np.float32)
+    q = (1.7 * R.log_softmax(p.astype(np.float64)) + rng.standard_normal(p.shape) * 0.3).astype(
+        np.float32
+    )
     for a, b in ((p, q), (torch.from_numpy(p), torch.from_numpy(q))):
         f = K.fit_gamma(a, b, tol=1e-10)
         assert as_np(f.iterations).max() < 30
@@ -256,6 +271,7 @@ def test_float16_input_is_not_copied_to_float32(monkeypatch):
             seen["base"] = data.base if data.base is not None else data
             seen["dtype"] = data.dtype
             return fam["entropy"](data, *rest)
+
         return {**fam, "entropy": entropy}
 
     monkeypatch.setattr(_numba, "family", spy)
@@ -264,21 +280,29 @@ def test_float16_input_is_not_copied_to_float32(monkeypatch):
     assert seen["dtype"] == np.uint16 and np.shares_memory(seen["base"], x)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (np.zeros((2, 3), np.int32), "float16/32/64"),
-    (np.zeros((2, 0), np.float32), "non-empty"),
-    (np.zeros((2, 3), np.uint16), "Encoded"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (np.zeros((2, 3), np.int32), "float16/32/64"),
+        (np.zeros((2, 0), np.float32), "non-empty"),
+        (np.zeros((2, 3), np.uint16), "Encoded"),
+    ],
+)
 def test_bad_input_raises_value_error(bad, msg):
     with pytest.raises(ValueError, match=msg):
         K.entropy(bad)
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-@pytest.mark.parametrize("bad, msg", [([0, 5], r"in \[0, 5\), got \[0, 5\]"),
-                                      ([-1, 2], r"in \[0, 5\), got \[-1, 2\]"),
-                                      ([0.0, 1.0], "must be integers"),
-                                      ([0], "one token per row")])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ([0, 5], r"in \[0, 5\), got \[0, 5\]"),
+        ([-1, 2], r"in \[0, 5\), got \[-1, 2\]"),
+        ([0.0, 1.0], "must be integers"),
+        ([0], "one token per row"),
+    ],
+)
 def test_token_ids_one_rule_for_both_backends(backend, bad, msg):
     """The torch path gathered unchecked ids (a device-side assert on CUDA) and pair_stats
     clamped -1 to token 0; both backends now raise the same ValueError."""
@@ -361,8 +385,13 @@ def test_planted_gamma_recovered_on_wide_rows(codec, gamma):
 def test_gamma_for_entropy_on_wide_rows(gamma):
     x64 = wide_rows(n=2)
     target = R.tempered_entropy(x64, [gamma])[:, 0]
-    close(K.gamma_for_entropy(x64.astype(np.float32), target), np.full(2, gamma), 1e-4,
-          rtol=1e-4, what=f"gamma={gamma}")
+    close(
+        K.gamma_for_entropy(x64.astype(np.float32), target),
+        np.full(2, gamma),
+        1e-4,
+        rtol=1e-4,
+        what=f"gamma={gamma}",
+    )
 
 
 def test_torch_kernels_make_no_float64_copy_of_the_rows():

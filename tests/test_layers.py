@@ -32,9 +32,14 @@ print("TORCH_LOADED=" + str("torch" in sys.modules))
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(exe), "--config", str(root / ".importlinter"), "--no-cache"],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    return subprocess.run(
+        [str(exe), "--config", str(root / ".importlinter"), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
 
 
 def test_import_linter_contracts_hold():
@@ -53,16 +58,18 @@ def test_a_new_runtime_module_imported_by_the_archive_breaks_the_contracts(tmp_p
     import shutil
 
     for pkg in ("engine", "kernels", "analyses"):
-        shutil.copytree(ROOT / pkg, tmp_path / pkg,
-                        ignore=shutil.ignore_patterns("__pycache__", "conf"))
+        shutil.copytree(
+            ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "conf")
+        )
     shutil.copy(ROOT / ".importlinter", tmp_path)
     (tmp_path / "engine" / "runtime" / "brand_new.py").write_text("X = 1\n")
     assert _lint_imports(tmp_path).returncode == 0
     text = tmp_path / "engine" / "archive" / "text.py"
     text.write_text(text.read_text() + "\nfrom engine.runtime import brand_new  # noqa\n")
     res = _lint_imports(tmp_path)
-    assert res.returncode != 0 and "engine.archive.text -> engine.runtime.brand_new" in res.stdout, \
-        res.stdout[-3000:]
+    assert (
+        res.returncode != 0 and "engine.archive.text -> engine.runtime.brand_new" in res.stdout
+    ), res.stdout[-3000:]
 
 
 def test_every_verb_is_registered_once_and_lies_in_commands():
@@ -79,29 +86,53 @@ def test_every_verb_is_registered_once_and_lies_in_commands():
 
 
 def _run_without_torch(module: str, argv: list[str], tmp_path) -> str:
-    res = subprocess.run([sys.executable, "-c", NO_TORCH.format(argv=argv, module=module)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", NO_TORCH.format(argv=argv, module=module)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
 
 def test_inspect_verify_and_entropy_analysis_never_import_torch(tiny_archive, tmp_path):
-    out = _run_without_torch("engine", ["engine", "inspect", str(tiny_archive), "--render",
-                                        "--limit", "1"], tmp_path)
+    out = _run_without_torch(
+        "engine", ["engine", "inspect", str(tiny_archive), "--render", "--limit", "1"], tmp_path
+    )
     assert "TORCH_LOADED=False" in out, out[-2000:]
-    out = _run_without_torch("engine", ["engine", "verify", str(tiny_archive), "--no-progress"],
-                             tmp_path)
+    out = _run_without_torch(
+        "engine", ["engine", "verify", str(tiny_archive), "--no-progress"], tmp_path
+    )
     assert "TORCH_LOADED=False" in out and "all match" in out, out[-2000:]
-    out = _run_without_torch("analyses", ["analyses", "analysis=entropy", f"archive={tiny_archive}",
-                                          "progress=false", f"hydra.run.dir={tmp_path}/a"], tmp_path)
+    out = _run_without_torch(
+        "analyses",
+        [
+            "analyses",
+            "analysis=entropy",
+            f"archive={tiny_archive}",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}/a",
+        ],
+        tmp_path,
+    )
     assert "TORCH_LOADED=False" in out, out[-2000:]
 
 
 #: per config root (engine/conf; analyses/conf, which reads paths/ and hydra/ from engine/conf):
 #: its groups, each with a primary config that composes it, and its primary configs
-GROUP_PRIMARY = {CONF: {"model": "dump", "prompts": "dump", "paths": "dump", "run": "dump",
-                        "sampling": "dump", "candidates": "answers"},
-                 protocol.CONF: {"analysis": "analyses"}}
+GROUP_PRIMARY = {
+    CONF: {
+        "model": "dump",
+        "prompts": "dump",
+        "paths": "dump",
+        "run": "dump",
+        "sampling": "dump",
+        "candidates": "answers",
+    },
+    protocol.CONF: {"analysis": "analyses"},
+}
 PRIMARY = {CONF: ("dump", "score", "perturb", "align", "answers"), protocol.CONF: ("analyses",)}
 OPTIONS = {CONF: options, protocol.CONF: protocol.options}
 
@@ -109,8 +140,11 @@ OPTIONS = {CONF: options, protocol.CONF: protocol.options}
 def test_every_option_of_every_config_group_composes(tmp_path):
     n = 0
     for conf, group_primary in GROUP_PRIMARY.items():
-        groups = [p.name for p in conf.iterdir() if p.is_dir() and p.name != "hydra"
-                  and not p.name.startswith("__")]
+        groups = [
+            p.name
+            for p in conf.iterdir()
+            if p.is_dir() and p.name != "hydra" and not p.name.startswith("__")
+        ]
         assert set(groups) == set(group_primary), "a new config group needs a primary config here"
         for group in groups:
             for option in OPTIONS[conf](group):
@@ -119,8 +153,10 @@ def test_every_option_of_every_config_group_composes(tmp_path):
                 raw = OmegaConf.load(conf / group / f"{option}.yaml")
                 given = [f"{group}.{k}=probe" for k in raw.keys() if OmegaConf.is_missing(raw, k)]
                 with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-                    cfg = compose(group_primary[group], overrides=[f"{group}={option}", *given,
-                                                                   f"paths.output_dir={tmp_path}"])
+                    cfg = compose(
+                        group_primary[group],
+                        overrides=[f"{group}={option}", *given, f"paths.output_dir={tmp_path}"],
+                    )
                 plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
                 assert plain, (group, option)
                 n += 1
@@ -156,12 +192,27 @@ def test_every_analysis_is_registered_declared_and_configured():
 
 
 def test_sweep_syntax_runs_and_unknown_names_get_one_line(tmp_path):
-    res = engine_cli("dump", "-m", "model=tiny-random,tiny-random", "seed=1,2", "n_samples=1",
-                     "max_new_tokens=2", "progress=false", f"hydra.sweep.dir={tmp_path}/m")
+    res = engine_cli(
+        "dump",
+        "-m",
+        "model=tiny-random,tiny-random",
+        "seed=1,2",
+        "n_samples=1",
+        "max_new_tokens=2",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path}/m",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list((tmp_path / "m").glob("*/logits.h5"))) == 4
-    res = engine_cli("dump", "-m", "model=glob(tiny-*)", "n_samples=1", "max_new_tokens=2",
-                     "progress=false", f"hydra.sweep.dir={tmp_path}/g")
+    res = engine_cli(
+        "dump",
+        "-m",
+        "model=glob(tiny-*)",
+        "n_samples=1",
+        "max_new_tokens=2",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path}/g",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list((tmp_path / "g").glob("*/logits.h5"))) == 1
     for bad in ("model=nope", "model=tiny-random,nope", "model=choice(nope)", "model=glob(zz*)"):
@@ -175,9 +226,23 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     reads paths/ from engine/conf through Hydra's search path), run from another directory with
     the installed package, not the checkout."""
     site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                          "--no-build-isolation", "--target", str(site), str(ROOT)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (site / "engine" / "conf" / "dump.yaml").is_file()
     assert (site / "analyses" / "conf" / "analyses.yaml").is_file()
@@ -185,24 +250,40 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
-    code = ("import engine, sys; print(engine.__file__); sys.argv = ['engine', 'dump', "
-            "'model=tiny-random', 'n_samples=2', 'max_new_tokens=4', 'out=x.h5', "
-            "'progress=false']; from engine.__main__ import main; main()")
-    res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
-                         text=True, timeout=300)
+    code = (
+        "import engine, sys; print(engine.__file__); sys.argv = ['engine', 'dump', "
+        "'model=tiny-random', 'n_samples=2', 'max_new_tokens=4', 'out=x.h5', "
+        "'progress=false']; from engine.__main__ import main; main()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.splitlines()[0].startswith(str(site)), res.stdout
     assert (work / "x.h5").is_file()
-    info = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json, h5py; f = h5py.File('x.h5'); "
-         "print(json.dumps({'complete': int(f.attrs['complete'])}))"],
-        cwd=work, capture_output=True, text=True, env=env).stdout)
+    info = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, h5py; f = h5py.File('x.h5'); "
+                "print(json.dumps({'complete': int(f.attrs['complete'])}))",
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+    )
     assert info == {"complete": 1}
-    code = ("import analyses, sys; print(analyses.__file__); sys.argv = ['analyses', "
-            "'analysis=entropy', 'archive=x.h5', 'progress=false', 'hydra.run.dir=a']; "
-            "from analyses.__main__ import main; main()")
-    res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
-                         text=True, timeout=300)
+    code = (
+        "import analyses, sys; print(analyses.__file__); sys.argv = ['analyses', "
+        "'analysis=entropy', 'archive=x.h5', 'progress=false', 'hydra.run.dir=a']; "
+        "from analyses.__main__ import main; main()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.splitlines()[0].startswith(str(site)), res.stdout
     assert "not available" not in res.stderr, res.stderr[-3000:]  # the search path was found

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kernels as K
+from engine.archive import Archive
 from engine.archive import writer as archive_mod
 from engine.commands import dump as dump_mod
 from engine.commands import perturb as perturb_mod
@@ -14,7 +15,6 @@ from engine.commands import score as score_mod
 from engine.errors import EngineError
 from engine.runtime.models import load_model
 from engine.runtime.settings import ModelSpec
-from engine.archive import Archive
 from engine.stream import map_pairs
 from tests.conftest import DEVICE, compose_cfg
 
@@ -22,13 +22,21 @@ from tests.conftest import DEVICE, compose_cfg
 @pytest.fixture
 def source(dump_cfg, tmp_path):
     """Fresh fp32 tiny-random archive: 2 prompts x 3 samples x 10 steps."""
-    return dump_mod.run(dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=10",
-                                 "codec=fp32", f"out={tmp_path}/src.h5"))["archive"]
+    return dump_mod.run(
+        dump_cfg(
+            "n_samples=3",
+            "batch_size=2",
+            "max_new_tokens=10",
+            "codec=fp32",
+            f"out={tmp_path}/src.h5",
+        )
+    )["archive"]
 
 
 def score(tmp_path, cache_dir, archive, *overrides):
-    return score_mod.run(compose_cfg("score", tmp_path, cache_dir,
-                                     [f"archive={archive}", *overrides]))
+    return score_mod.run(
+        compose_cfg("score", tmp_path, cache_dir, [f"archive={archive}", *overrides])
+    )
 
 
 TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7"]
@@ -46,14 +54,26 @@ def test_tempered_twin_pairs_every_step_and_its_gamma_is_recovered(source, tmp_p
         s = a.samples()
         for i in range(a.n_samples):
             n = int(s["length"][i])
-            np.testing.assert_allclose(twin.rows(i, slice(0, n)), 1.7 * a.model().rows(i, slice(0, n)),
-                                       atol=2e-4, rtol=1e-5)
-        out, sample, step = map_pairs(a, lambda p, q, t: K.fit_gamma(p, q), "tiny-random",
-                                      "tiny-random-tempered-1.7", progress=False)
+            np.testing.assert_allclose(
+                twin.rows(i, slice(0, n)),
+                1.7 * a.model().rows(i, slice(0, n)),
+                atol=2e-4,
+                rtol=1e-5,
+            )
+        out, sample, step = map_pairs(
+            a,
+            lambda p, q, t: K.fit_gamma(p, q),
+            "tiny-random",
+            "tiny-random-tempered-1.7",
+            progress=False,
+        )
         assert len(out["gamma"]) == int(s["length"].sum())
         np.testing.assert_allclose(out["gamma"], 1.7, atol=1e-4)
-        pooled = K.fit_gamma_pooled(np.concatenate([a.model().rows(i) for i in range(6)]),
-                                    np.concatenate([twin.rows(i) for i in range(6)]), n_boot=200)
+        pooled = K.fit_gamma_pooled(
+            np.concatenate([a.model().rows(i) for i in range(6)]),
+            np.concatenate([twin.rows(i) for i in range(6)]),
+            n_boot=200,
+        )
         assert pooled.gamma == pytest.approx(1.7, abs=1e-4)
 
 
@@ -64,9 +84,12 @@ def test_scoring_the_generator_reproduces_its_logits(source, tmp_path, cache_dir
         for i in range(a.n_samples):
             n = int(s["length"][i])
             got, want = a.model("rescored").rows(i, slice(0, n)), a.model().rows(i, slice(0, n))
-            assert np.abs(got - want).max() < 2e-5, f"sample {i}: max_diff={np.abs(got - want).max()}"
-        assert np.array_equal(a.model("rescored").group["prompt_tokens"][0],
-                              a.model().group["prompt_tokens"][0])
+            assert np.abs(got - want).max() < 2e-5, (
+                f"sample {i}: max_diff={np.abs(got - want).max()}"
+            )
+        assert np.array_equal(
+            a.model("rescored").group["prompt_tokens"][0], a.model().group["prompt_tokens"][0]
+        )
 
 
 def test_score_refuses_the_generator_key_and_existing_groups(source, tmp_path, cache_dir):
@@ -83,7 +106,9 @@ def test_score_refuses_the_generator_key_and_existing_groups(source, tmp_path, c
 
 def test_score_refuses_mismatched_tokenizers(source, tmp_path, cache_dir):
     def other_vocab(*overrides):
-        cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={source}", *TEMPERED, *overrides])
+        cfg = compose_cfg(
+            "score", tmp_path, cache_dir, [f"archive={source}", *TEMPERED, *overrides]
+        )
         lm = load_model(ModelSpec.from_node(cfg.model), DEVICE, cache_dir)
         lm.provenance = {**lm.provenance, "vocab_hash": "0" * 64, "tokenizer_name": "other"}
         return score_mod.run(cfg, model=lm)
@@ -129,14 +154,35 @@ def test_interrupted_scoring_resumes_to_the_same_rows(source, tmp_path, cache_di
 
 
 def perturb(tmp_path, cache_dir, src, *overrides):
-    return perturb_mod.run(compose_cfg("perturb", tmp_path, cache_dir, [
-        f"source={src}", "model=tiny-random", "n_samples=3", "batch_size=3",
-        "max_new_tokens=5", f"out={tmp_path}/pert.h5", *overrides]))
+    return perturb_mod.run(
+        compose_cfg(
+            "perturb",
+            tmp_path,
+            cache_dir,
+            [
+                f"source={src}",
+                "model=tiny-random",
+                "n_samples=3",
+                "batch_size=3",
+                "max_new_tokens=5",
+                f"out={tmp_path}/pert.h5",
+                *overrides,
+            ],
+        )
+    )
 
 
 def test_perturb_edit_lineage_and_matched_controls(source, tmp_path, cache_dir):
-    res = perturb(tmp_path, cache_dir, source, "parents=[0,1]", "cut_after=null", "cut_at=3",
-                  "edit.replace=[' was',' was not']", "edit.delete=1")
+    res = perturb(
+        tmp_path,
+        cache_dir,
+        source,
+        "parents=[0,1]",
+        "cut_after=null",
+        "cut_at=3",
+        "edit.replace=[' was',' was not']",
+        "edit.delete=1",
+    )
     with Archive(res["archive"]) as a, Archive(source) as src:
         lin = a.f["lineage"]
         assert lin["parent_sample"][()].tolist() == [0, 0, 1, 1]
@@ -170,17 +216,23 @@ def test_perturb_fork_takes_the_ranked_alternative(source, tmp_path, cache_dir):
         row = src.model().rows(1, 2)
         sampled = int(ss["tokens"][1, 2])
         others = [int(i) for i in np.argsort(-row, kind="stable") if i != sampled]
-        control, fork = list(a.model().group["prompt_tokens"][0]), list(a.model().group["prompt_tokens"][1])
+        control, fork = (
+            list(a.model().group["prompt_tokens"][0]),
+            list(a.model().group["prompt_tokens"][1]),
+        )
         assert control[-1] == sampled and fork[-1] == others[1]
         assert control[:-1] == fork[:-1]
 
 
-@pytest.mark.parametrize("overrides, msg", [
-    (["parents=[99]"], "out of range"),
-    (["cut_after='zzz'"], "does not occur"),
-    (["edit.replace=['qqq','x']", "cut_after=null", "cut_at=2"], "does not occur"),
-    (["fork={step: 99, rank: 1}"], "fork.step"),
-])
+@pytest.mark.parametrize(
+    "overrides, msg",
+    [
+        (["parents=[99]"], "out of range"),
+        (["cut_after='zzz'"], "does not occur"),
+        (["edit.replace=['qqq','x']", "cut_after=null", "cut_at=2"], "does not occur"),
+        (["fork={step: 99, rank: 1}"], "fork.step"),
+    ],
+)
 def test_perturb_bad_input(source, tmp_path, cache_dir, overrides, msg):
     with pytest.raises(EngineError, match=msg):
         perturb(tmp_path, cache_dir, source, *overrides)

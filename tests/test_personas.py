@@ -12,12 +12,12 @@ from scipy.stats import entropy as scipy_entropy
 
 from analyses.__main__ import run as run_analysis
 from analyses.lib.persona_parse import lead_field, parse, sentences
+from engine.archive import Archive
 from engine.commands import dump as dump_mod
-from engine.runtime import models
 from engine.commands import score as score_mod
 from engine.errors import EngineError
+from engine.runtime import models
 from engine.runtime.prompts import render
-from engine.archive import Archive
 from tests.conftest import compose_cfg, compose_dump
 from tests.test_analyses import analysis_cfg
 
@@ -25,29 +25,50 @@ CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant
 
 
 def test_parser_reads_decorated_forms():
-    p = parse("1. **First Name:** Emily\n2. **Last Name:** Chen\n3. **Gender:** Woman\n"
-              "4. **Age:** 34 years old\n- Nationality - American\n* Ethnic background: Asian-American\n"
-              "**Personality type:** INFJ-A (Advocate)\nReview: \"I love it! As a busy professional, "
-              "it is a game changer.\nI highly recommend it.\"")
+    p = parse(
+        "1. **First Name:** Emily\n2. **Last Name:** Chen\n3. **Gender:** Woman\n"
+        "4. **Age:** 34 years old\n- Nationality - American\n* Ethnic background: Asian-American\n"
+        '**Personality type:** INFJ-A (Advocate)\nReview: "I love it! As a busy professional, '
+        'it is a game changer.\nI highly recommend it."'
+    )
     assert p.complete
-    assert p.values == {"first_name": "Emily", "last_name": "Chen", "gender": "female", "age": 34,
-                        "nationality": "American", "ethnicity": "Asian-American", "mbti": "INFJ",
-                        "review": "I love it! As a busy professional, it is a game changer.\n"
-                                  "I highly recommend it."}
-    assert sentences(p.values["review"]) == ["I love it!", "As a busy professional, it is a game changer.",
-                                             "I highly recommend it."]
+    assert p.values == {
+        "first_name": "Emily",
+        "last_name": "Chen",
+        "gender": "female",
+        "age": 34,
+        "nationality": "American",
+        "ethnicity": "Asian-American",
+        "mbti": "INFJ",
+        "review": "I love it! As a busy professional, it is a game changer.\n"
+        "I highly recommend it.",
+    }
+    assert sentences(p.values["review"]) == [
+        "I love it!",
+        "As a busy professional, it is a game changer.",
+        "I highly recommend it.",
+    ]
     assert sentences("<the customer's review>\nGreat machine. Ok.") == ["Great machine."]
 
 
 def test_parser_states_and_fallbacks():
     p = parse("Name: Ana Maria Lopez\nSex: F\nAge: thirty\nMBTI: outgoing\nReview: <the review>")
     assert p.values == {"first_name": "Ana", "last_name": "Maria Lopez", "gender": "female"}
-    assert p.status == {"first_name": "ok", "last_name": "ok", "gender": "ok", "age": "invalid",
-                        "nationality": "missing", "ethnicity": "missing", "mbti": "invalid",
-                        "review": "invalid"}
+    assert p.status == {
+        "first_name": "ok",
+        "last_name": "ok",
+        "gender": "ok",
+        "age": "invalid",
+        "nationality": "missing",
+        "ethnicity": "missing",
+        "mbti": "invalid",
+        "review": "invalid",
+    }
     # the prompt ended on "First name:", so the completion starts inside that field
-    assert parse(" Emily\nLast name: Chen", lead="first_name").values == {"first_name": "Emily",
-                                                                          "last_name": "Chen"}
+    assert parse(" Emily\nLast name: Chen", lead="first_name").values == {
+        "first_name": "Emily",
+        "last_name": "Chen",
+    }
     assert parse("\n\n Emily\nLast name: Chen", lead="first_name").values["first_name"] == "Emily"
     # no lead, but a bare first line followed by the next field's label
     assert parse("Emily\nLast name: Chen").values["first_name"] == "Emily"
@@ -92,18 +113,37 @@ def test_persona_prompts_use_auto_and_score_inherits_it(tmp_path, cache_dir, mon
         return tok
 
     monkeypatch.setattr(models, "tiny_random_tokenizer", with_template)
-    cfg = compose_dump(tmp_path, cache_dir, ["model=tiny-random", "prompts=personas",
-                                             "n_samples=2", "max_new_tokens=3", "codec=fp32"])
+    cfg = compose_dump(
+        tmp_path,
+        cache_dir,
+        ["model=tiny-random", "prompts=personas", "n_samples=2", "max_new_tokens=3", "codec=fp32"],
+    )
     assert cfg.chat_template == "auto"
     src = dump_mod.run(cfg)["archive"]
-    score_mod.run(compose_cfg("score", tmp_path, cache_dir, [f"archive={src}", "model=tiny-random",
-                                                             "model.key=inherits"]))
-    score_mod.run(compose_cfg("score", tmp_path, cache_dir, [f"archive={src}", "model=tiny-random",
-                                                             "model.key=raw", "chat_template=false"]))
+    score_mod.run(
+        compose_cfg(
+            "score",
+            tmp_path,
+            cache_dir,
+            [f"archive={src}", "model=tiny-random", "model.key=inherits"],
+        )
+    )
+    score_mod.run(
+        compose_cfg(
+            "score",
+            tmp_path,
+            cache_dir,
+            [f"archive={src}", "model=tiny-random", "model.key=raw", "chat_template=false"],
+        )
+    )
     with Archive(src) as a:
-        shown = [a.model(k).group["prompt_text"].asstr()[0] for k in ("tiny-random", "inherits", "raw")]
+        shown = [
+            a.model(k).group["prompt_text"].asstr()[0] for k in ("tiny-random", "inherits", "raw")
+        ]
         assert shown[0].startswith("<|user|>Create one customer persona") and shown[0] == shown[1]
-        assert shown[2].startswith("<s>Create one customer persona") and shown[2].endswith("First name:")
+        assert shown[2].startswith("<s>Create one customer persona") and shown[2].endswith(
+            "First name:"
+        )
         assert a.model().chat_template is True and a.model("inherits").chat_template is True
         assert a.model("raw").chat_template is False
 
@@ -123,9 +163,11 @@ PLANTED = [
     "I don't want to fill this in.",
 ]
 PLANTED.append(PLANTED[0])  # written with an EOS token, which the analysis must drop
-REVIEWS = {0: "I highly recommend this coffee machine. It keeps my coffee warm.",
-           1: "I highly recommend this coffee machine! The smartwatch app never connects.",
-           2: "The smartwatch app never connects. Terrible product, I hate it."}
+REVIEWS = {
+    0: "I highly recommend this coffee machine. It keeps my coffee warm.",
+    1: "I highly recommend this coffee machine! The smartwatch app never connects.",
+    2: "The smartwatch app never connects. Terrible product, I hate it.",
+}
 REVIEWS[5] = REVIEWS[0]
 EXPECTED = {  # attribute: (counts of the parsed values, invalid, missing)
     "first_name": ({"Emily": 3, "Sarah": 1}, 2, 0),
@@ -145,8 +187,17 @@ def planted(tmp_path_factory, cache_dir):
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in PLANTED]
     ids[5] = ids[5] + [tok.eos_token_id]
     T = max(map(len, ids))
-    cfg = compose_dump(tmp, cache_dir, ["model=tiny-random", "prompts=personas", "n_samples=6",
-                                        "batch_size=6", f"max_new_tokens={T}"])
+    cfg = compose_dump(
+        tmp,
+        cache_dir,
+        [
+            "model=tiny-random",
+            "prompts=personas",
+            "n_samples=6",
+            "batch_size=6",
+            f"max_new_tokens={T}",
+        ],
+    )
     path = dump_mod.run(cfg)["archive"]
     with h5py.File(path, "r+") as f:
         s = f["samples"]
@@ -170,15 +221,24 @@ def test_personas_report_matches_the_planted_truth(planted, tmp_path):
         got = s["attributes"][name]
         assert {str(v): k for v, k in got["counts"]} == {str(v): k for v, k in counts.items()}
         n = sum(counts.values())
-        assert s["parse"][name] == {"ok": n, "invalid": invalid, "missing": missing,
-                                    "failure_rate": pytest.approx((6 - n) / 6)}
+        assert s["parse"][name] == {
+            "ok": n,
+            "invalid": invalid,
+            "missing": missing,
+            "failure_rate": pytest.approx((6 - n) / 6),
+        }
         H = scipy_entropy(list(counts.values()))
         cap = min(n, {"mbti": 16, "age": 121}.get(name, n))
         assert got["distinct"] == len(counts) and got["n"] == n
         assert got["entropy_nats"] == pytest.approx(H, abs=1e-12)
         assert got["normalized_entropy"] == pytest.approx(H / np.log(cap), abs=1e-12)
         assert got["evenness"] == pytest.approx(H / np.log(len(counts)), abs=1e-12)
-    assert s["parse"]["review"] == {"ok": 4, "invalid": 0, "missing": 2, "failure_rate": pytest.approx(2 / 6)}
+    assert s["parse"]["review"] == {
+        "ok": 4,
+        "invalid": 0,
+        "missing": 2,
+        "failure_rate": pytest.approx(2 / 6),
+    }
     ages = [34, 29, 34, 34]
     assert s["age"]["mean"] == pytest.approx(np.mean(ages)) and s["age"]["max"] == 34
     texts = [REVIEWS[i] for i in (0, 1, 2, 5)]
@@ -225,7 +285,9 @@ def test_personas_on_an_archive_without_forms_counts_every_failure(tiny_archive,
         run_analysis(analysis_cfg(tmp_path, "analysis=personas", f"archive={tiny_archive}"))
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["n_personas"] == 6 and s["complete_forms"] == 0
-    assert all(v == {"ok": 0, "invalid": 0, "missing": 6, "failure_rate": 1.0} for v in s["parse"].values())
+    assert all(
+        v == {"ok": 0, "invalid": 0, "missing": 6, "failure_rate": 1.0} for v in s["parse"].values()
+    )
     assert s["reviews"]["n"] == 0 and s["sentences"]["n"] == 0
     assert "dumped with prompts=personas" in caplog.text
 
@@ -251,7 +313,9 @@ def test_real_smollm2_persona_answers_start_in_the_first_field():
     assert lead_field("Review: <the review>\n\nFirst name:") == "first_name"  # raw text too
 
 
-def test_personas_warns_only_when_the_prompts_are_not_the_persona_set(tiny_archive, tmp_path, caplog):
+def test_personas_warns_only_when_the_prompts_are_not_the_persona_set(
+    tiny_archive, tmp_path, caplog
+):
     from analyses.__main__ import run as run_analysis
     from tests.test_analyses import analysis_cfg
 

@@ -24,31 +24,66 @@ def runs(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("report")
     arch = {}
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED)):
-        arch[key] = dump_mod.run(compose_cfg("dump", tmp, cache_dir, [
-            *model, "n_samples=3", "max_new_tokens=10", "codec=fp32", f"out={tmp}/{key}.h5"]))["archive"]
+        arch[key] = dump_mod.run(
+            compose_cfg(
+                "dump",
+                tmp,
+                cache_dir,
+                [*model, "n_samples=3", "max_new_tokens=10", "codec=fp32", f"out={tmp}/{key}.h5"],
+            )
+        )["archive"]
     score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *TEMPERED]))
-    score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[TWIN]}", "model=tiny-random"]))
+    score_mod.run(
+        compose_cfg("score", tmp, cache_dir, [f"archive={arch[TWIN]}", "model=tiny-random"])
+    )
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED)):
-        arch[key + "-perturb"] = perturb_mod.run(compose_cfg("perturb", tmp, cache_dir, [
-            f"source={arch[key]}", *model, "parents=[0]", "cut_after=null", "cut_at=3",
-            "edit.replace=null", "edit.insert=X", "n_samples=3", "max_new_tokens=6",
-            f"out={tmp}/{key}-perturb.h5"]))["archive"]
+        arch[key + "-perturb"] = perturb_mod.run(
+            compose_cfg(
+                "perturb",
+                tmp,
+                cache_dir,
+                [
+                    f"source={arch[key]}",
+                    *model,
+                    "parents=[0]",
+                    "cut_after=null",
+                    "cut_at=3",
+                    "edit.replace=null",
+                    "edit.insert=X",
+                    "n_samples=3",
+                    "max_new_tokens=6",
+                    f"out={tmp}/{key}-perturb.h5",
+                ],
+            )
+        )["archive"]
     sweep = tmp / "analyses"
     for i, (analysis, archive, extra) in enumerate(
-            [("entropy", arch[BASE], []), ("entropy", arch[TWIN], []),
-             ("pair", arch[BASE], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
-             ("pair", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
-             ("attractor", arch[BASE + "-perturb"], []), ("attractor", arch[TWIN + "-perturb"], [])]):
-        run_analysis(compose_cfg("analyses", sweep / f"{i}_{analysis}", cache_dir,
-                                 [f"analysis={analysis}", f"archive={archive}", *extra]))
+        [
+            ("entropy", arch[BASE], []),
+            ("entropy", arch[TWIN], []),
+            ("pair", arch[BASE], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            ("pair", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            ("attractor", arch[BASE + "-perturb"], []),
+            ("attractor", arch[TWIN + "-perturb"], []),
+        ]
+    ):
+        run_analysis(
+            compose_cfg(
+                "analyses",
+                sweep / f"{i}_{analysis}",
+                cache_dir,
+                [f"analysis={analysis}", f"archive={archive}", *extra],
+            )
+        )
     return tmp, sweep
 
 
 def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     tmp, sweep = runs
     out = tmp / "report"
-    res = run_analysis(compose_cfg("analyses", out, cache_dir, ["analysis=report",
-                                                                f"analysis.runs=[{sweep}]"]))
+    res = run_analysis(
+        compose_cfg("analyses", out, cache_dir, ["analysis=report", f"analysis.runs=[{sweep}]"])
+    )
     assert res["base"] == BASE and res["aligned"] == TWIN and res["n_sources"] == 6
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["cited"]) >= 20
@@ -60,6 +95,7 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     import re
+
     images = re.findall(r"<img src='([^']+)'", page)
     assert len(images) >= 6 and len(images) == len(rep["images"])
     for src in images:
@@ -69,9 +105,12 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     # the headline numbers, as shown, from the summaries: top-5 entropy of each model on its
     # own completions, and the planted gamma 1.7 recovered by the pooled per-step fit
     for key in (BASE, TWIN):
-        ent = next(json.loads(p.read_text()) for p in sweep.rglob("summary.json")
-                   if json.loads(p.read_text())["analysis"] == "entropy"
-                   and json.loads(p.read_text())["generator"] == key)
+        ent = next(
+            json.loads(p.read_text())
+            for p in sweep.rglob("summary.json")
+            if json.loads(p.read_text())["analysis"] == "entropy"
+            and json.loads(p.read_text())["generator"] == key
+        )
         assert f"{ent['models'][key]['top5_entropy_bits']['mean']:.3f}" in page
     row = res["rows"]["pooled per-step γ [95% CI], on the completions of each model"]
     assert row["base"].startswith("1.70") and row["aligned"].startswith("1.70")
@@ -81,5 +120,11 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
 def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineError, match="no summary.json"):
-        run_analysis(compose_cfg("analyses", tmp_path / "r", cache_dir, [
-            "analysis=report", f"analysis.runs=[{tmp_path / 'empty'}]"]))
+        run_analysis(
+            compose_cfg(
+                "analyses",
+                tmp_path / "r",
+                cache_dir,
+                ["analysis=report", f"analysis.runs=[{tmp_path / 'empty'}]"],
+            )
+        )

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from engine.commands import dump as dump_mod
-from engine.runtime.settings import ModelSpec
-from engine.runtime import models
-from engine.errors import EngineError
 from engine.archive import Archive
+from engine.commands import dump as dump_mod
+from engine.errors import EngineError
+from engine.runtime import models
+from engine.runtime.settings import ModelSpec
 from tests.conftest import DEVICE, compose_dump
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smol_archive(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("smol")
-    cfg = compose_dump(tmp, cache_dir, ["n_samples=2", "batch_size=2", "max_new_tokens=16",
-                                        "codec=fp32", "prompts=grace_hopper"])
+    cfg = compose_dump(
+        tmp,
+        cache_dir,
+        ["n_samples=2", "batch_size=2", "max_new_tokens=16", "codec=fp32", "prompts=grace_hopper"],
+    )
     return Path(dump_mod.run(cfg)["archive"])
 
 
@@ -48,8 +51,9 @@ def test_smollm2_logits_equal_hf_forward(smol_archive, cache_dir):
     from transformers import AutoModelForCausalLM
 
     hf_dir = next(Path(cache_dir).glob("SmolLM2-135M-Instruct.Q4_1-*"))
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with Archive(smol_archive) as a:
         s, m = a.samples(), a.model()
         assert m.provenance["source"] == "smollm2" and m.vocab_size == 49152
@@ -67,8 +71,11 @@ def test_smollm2_logits_equal_hf_forward(smol_archive, cache_dir):
 
 
 def test_chat_template_is_recorded(tmp_path, cache_dir):
-    cfg = compose_dump(tmp_path, cache_dir, ["n_samples=1", "max_new_tokens=2",
-                                             "prompts=grace_hopper", "chat_template=true"])
+    cfg = compose_dump(
+        tmp_path,
+        cache_dir,
+        ["n_samples=1", "max_new_tokens=2", "prompts=grace_hopper", "chat_template=true"],
+    )
     with Archive(dump_mod.run(cfg)["archive"]) as a:
         seen = a.model().group["prompt_text"].asstr()[0]
     assert "<|im_start|>user\nGrace Hopper was<|im_end|>" in seen
@@ -78,12 +85,12 @@ def test_chat_template_is_recorded(tmp_path, cache_dir):
 def test_scoring_smollm2_on_a_tiny_random_archive_is_refused(tiny_archive, tmp_path, cache_dir):
     """A real tokenizer mismatch (49152-token BPE vs 258-token bytes): one clear refusal."""
     from engine.commands import score as score_mod
-
     from tests.test_pairs import compose_cfg
 
     before = tiny_archive.read_bytes()
-    cfg = compose_cfg("score", tmp_path, cache_dir, [f"archive={tiny_archive}",
-                                                    "model=smollm2-135m-instruct"])
+    cfg = compose_cfg(
+        "score", tmp_path, cache_dir, [f"archive={tiny_archive}", "model=smollm2-135m-instruct"]
+    )
     with pytest.raises(EngineError, match="tokenizer mismatch"):
         score_mod.run(cfg)
     assert tiny_archive.read_bytes() == before

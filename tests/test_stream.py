@@ -4,16 +4,23 @@ import numpy as np
 import pytest
 
 import kernels as K
-from engine.commands import dump as dump_mod
 from engine.archive import Archive
+from engine.commands import dump as dump_mod
 from engine.stream import map_rows
 from kernels import reference as R
 
 
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "q16"])
 def test_map_rows_entropy_and_token_stats(dump_cfg, tmp_path, codec):
-    res = dump_mod.run(dump_cfg("n_samples=3", "batch_size=2", "max_new_tokens=9",
-                                f"codec={codec}", f"out={tmp_path}/{codec}.h5"))
+    res = dump_mod.run(
+        dump_cfg(
+            "n_samples=3",
+            "batch_size=2",
+            "max_new_tokens=9",
+            f"codec={codec}",
+            f"out={tmp_path}/{codec}.h5",
+        )
+    )
     with Archive(res["archive"]) as a:
         out, sample, step = map_rows(a, K.entropy, progress=False)
         s, m = a.samples(), a.model()
@@ -26,8 +33,10 @@ def test_map_rows_entropy_and_token_stats(dump_cfg, tmp_path, codec):
         ts, sample, step = map_rows(a, K.token_stats, with_tokens=True, progress=False)
         i = a.n_samples - 1
         sel = sample == i
-        lp, rank = R.token_stats(m.rows(i, slice(0, int(s["length"][i]))).astype(np.float64),
-                                 s["tokens"][i, : int(s["length"][i])])
+        lp, rank = R.token_stats(
+            m.rows(i, slice(0, int(s["length"][i]))).astype(np.float64),
+            s["tokens"][i, : int(s["length"][i])],
+        )
         np.testing.assert_allclose(ts["logprob"][sel], lp, atol=3e-5)
         assert np.array_equal(ts["rank"][sel], rank)
 
@@ -49,8 +58,9 @@ def test_map_rows_reads_whole_chunks(tiny_archive, monkeypatch):
     assert all(t0 % k == 0 and n <= k for t0, n in seen)
 
 
-def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, tmp_path,
-                                                                       cache_dir, monkeypatch):
+def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(
+    dump_cfg, tmp_path, cache_dir, monkeypatch
+):
     """A model scored with codec=fp32 on an fp16 archive stores half as many steps per chunk
     (at V = 49152: 10 against 16).  Planted here with a small chunk target (fp16: 6 steps,
     fp32: 3 steps per chunk); map_pairs must pair the same (sample, step) rows, and the pair
@@ -58,22 +68,35 @@ def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, 
     import json
 
     from analyses.__main__ import run as run_analysis
-    from engine.commands import score as score_mod
     from engine.archive import format as F
+    from engine.commands import score as score_mod
     from engine.stream import map_pairs
     from tests.conftest import compose_cfg
 
     monkeypatch.setattr(F, "CHUNK_TARGET_BYTES", 258 * 4 * 3)
-    res = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=14", "codec=fp16",
-                                f"out={tmp_path}/mixed.h5"))
-    score_mod.run(compose_cfg("score", tmp_path, cache_dir, [
-        f"archive={res['archive']}", "model=tempered", "model.base=tiny-random",
-        "model.gamma=1.3", "codec=fp32"]))
+    res = dump_mod.run(
+        dump_cfg("n_samples=2", "max_new_tokens=14", "codec=fp16", f"out={tmp_path}/mixed.h5")
+    )
+    score_mod.run(
+        compose_cfg(
+            "score",
+            tmp_path,
+            cache_dir,
+            [
+                f"archive={res['archive']}",
+                "model=tempered",
+                "model.base=tiny-random",
+                "model.gamma=1.3",
+                "codec=fp32",
+            ],
+        )
+    )
     key = "tiny-random-tempered-1.3"
     with Archive(res["archive"]) as a:
         assert a.model().chunk_steps == 5 and a.model(key).chunk_steps == 3  # 14 steps evened out
-        out, sample, step = map_pairs(a, lambda p, q, t: K.pair_stats(p, q, t), "tiny-random", key,
-                                      progress=False)
+        out, sample, step = map_pairs(
+            a, lambda p, q, t: K.pair_stats(p, q, t), "tiny-random", key, progress=False
+        )
         s = a.samples()
         assert len(sample) == int(s["length"].sum())
         for i in range(a.n_samples):
@@ -81,9 +104,14 @@ def test_map_pairs_pairs_groups_stored_with_different_steps_per_chunk(dump_cfg, 
             p, q = a.model().rows(i, slice(0, n)), a.model(key).rows(i, slice(0, n))
             sel = sample == i
             assert step[sel].tolist() == list(range(n))
-            np.testing.assert_allclose(out["kl_pq"][sel], R.pair_stats(p.astype(np.float64), q.astype(np.float64))[0],
-                                       atol=1e-5)
-    cfg = compose_cfg("analyses", tmp_path / "pair", cache_dir, ["analysis=pair", f"archive={res['archive']}"])
+            np.testing.assert_allclose(
+                out["kl_pq"][sel],
+                R.pair_stats(p.astype(np.float64), q.astype(np.float64))[0],
+                atol=1e-5,
+            )
+    cfg = compose_cfg(
+        "analyses", tmp_path / "pair", cache_dir, ["analysis=pair", f"archive={res['archive']}"]
+    )
     summary = run_analysis(cfg)
     assert json.loads((tmp_path / "pair" / "summary.json").read_text())["aligned"] == key
     assert summary["aligned"] == key
@@ -103,8 +131,9 @@ def gzip_archive(tiny_archive, tmp_path):
         g = dst["models/tiny-random"]
         data, attrs = g["logits"][()], dict(g["logits"].attrs)
         del g["logits"]
-        ds = g.create_dataset("logits", data=data, chunks=src["models/tiny-random/logits"].chunks,
-                              compression="gzip")
+        ds = g.create_dataset(
+            "logits", data=data, chunks=src["models/tiny-random/logits"].chunks, compression="gzip"
+        )
         for k, v in attrs.items():
             ds.attrs[k] = v
     return packed
@@ -136,11 +165,15 @@ def test_iter_rows_asks_for_the_next_chunks_ahead(gzip_archive, monkeypatch):
     from engine.archive import chunks
 
     advised, spans = [], []
-    monkeypatch.setattr(chunks.os, "posix_fadvise",
-                        lambda fd, off, n, advice: advised.append((off, n, advice)))
+    monkeypatch.setattr(
+        chunks.os, "posix_fadvise", lambda fd, off, n, advice: advised.append((off, n, advice))
+    )
     real_call = reader.Readahead.__call__
-    monkeypatch.setattr(reader.Readahead, "__call__",
-                        lambda self, *span: (spans.append(span), real_call(self, *span))[1])
+    monkeypatch.setattr(
+        reader.Readahead,
+        "__call__",
+        lambda self, *span: (spans.append(span), real_call(self, *span))[1],
+    )
     with Archive(gzip_archive) as a:
         ds, want = a.model().logits, []
         blocks = list(a.iter_rows())
@@ -149,12 +182,13 @@ def test_iter_rows_asks_for_the_next_chunks_ahead(gzip_archive, monkeypatch):
             assert n_before >= len(blocks) + min(j + 1 + reader.READAHEAD_BLOCKS, len(blocks))
             info = ds.id.get_chunk_info_by_coord((b.sample, int(b.steps[0]), 0))
             want.append((info.byte_offset, info.size, os.POSIX_FADV_WILLNEED))
-    assert sorted(want) == sorted(advised[len(advised) // 2:])  # the second pass's advice
+    assert sorted(want) == sorted(advised[len(advised) // 2 :])  # the second pass's advice
 
 
 @pytest.mark.parametrize("codec", ["fp16", "fp32", "bf16", "q16"])
-def test_streamed_blocks_are_views_of_the_files_pages_equal_to_hdf5_reads(dump_cfg, tmp_path,
-                                                                          codec, monkeypatch):
+def test_streamed_blocks_are_views_of_the_files_pages_equal_to_hdf5_reads(
+    dump_cfg, tmp_path, codec, monkeypatch
+):
     """Uncompressed chunks stream as zero-copy views of the file (chunks.Mapped), byte for
     byte what HDF5 reads at the same place, blocks of a chunk's middle included, also when
     held after their pages were released (MADV_DONTNEED: they are paged in again); a block
@@ -167,8 +201,9 @@ def test_streamed_blocks_are_views_of_the_files_pages_equal_to_hdf5_reads(dump_c
 
     monkeypatch.setattr(F, "CHUNK_TARGET_BYTES", 258 * 4 * 3)  # several chunks per sample
     monkeypatch.setattr(chunks, "RELEASE_BYTES", mmap.PAGESIZE)  # release after every page
-    res = dump_mod.run(dump_cfg("n_samples=2", "max_new_tokens=11", f"codec={codec}",
-                                f"out={tmp_path}/{codec}.h5"))
+    res = dump_mod.run(
+        dump_cfg("n_samples=2", "max_new_tokens=11", f"codec={codec}", f"out={tmp_path}/{codec}.h5")
+    )
     with Archive(res["archive"]) as a:
         m = a.model()
         k = m.chunk_steps
@@ -180,7 +215,7 @@ def test_streamed_blocks_are_views_of_the_files_pages_equal_to_hdf5_reads(dump_c
                 owner = owner.base
             owner = owner.obj if isinstance(owner, memoryview) else owner
             assert isinstance(owner, mmap.mmap), "not a view of the file"
-            np.testing.assert_array_equal(b.raw, m.logits[b.sample, b.steps[0]:b.steps[-1] + 1])
+            np.testing.assert_array_equal(b.raw, m.logits[b.sample, b.steps[0] : b.steps[-1] + 1])
             n += len(b.steps)
         assert n == int(a.samples()["length"].sum())
         mapped = Mapped(m.logits, k)

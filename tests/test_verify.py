@@ -19,24 +19,39 @@ import pytest
 import xxhash
 
 from engine import archive
-from engine.commands import dump as dump_mod
-from engine.commands import score as score_mod
 from engine.archive import Archive, ModelInfo, Rows
 from engine.archive import format as F
 from engine.cli import parse_samples
-from engine.errors import EngineError
+from engine.commands import dump as dump_mod
+from engine.commands import score as score_mod
 from engine.commands.merge import merge
 from engine.commands.verify import main as verify_main
 from engine.commands.verify import verify
+from engine.errors import EngineError
 from tests.conftest import ROOT, compose_cfg, compose_dump, engine_cli
 
 #: every per-sample dataset kind: q16 (scale, offset) and a captured hook
-SETTINGS = ["model=tiny-random", "n_samples=3", "batch_size=2", "max_new_tokens=7", "codec=q16",
-            "capture=[blocks.0.hook_resid_post]"]
+SETTINGS = [
+    "model=tiny-random",
+    "n_samples=3",
+    "batch_size=2",
+    "max_new_tokens=7",
+    "codec=q16",
+    "capture=[blocks.0.hook_resid_post]",
+]
 #: a scored group in another codec (fp16)
-TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7", "batch_size=2",
-            "codec=fp16"]
-GEN, SCORED, HOOK = "tiny-random", "tiny-random-tempered-1.7", "activations/blocks.0.hook_resid_post"
+TEMPERED = [
+    "model=tempered",
+    "model.base=tiny-random",
+    "model.gamma=1.7",
+    "batch_size=2",
+    "codec=fp16",
+]
+GEN, SCORED, HOOK = (
+    "tiny-random",
+    "tiny-random-tempered-1.7",
+    "activations/blocks.0.hook_resid_post",
+)
 V4 = Path(__file__).parent / "data" / "v4-d9aa91f.h5"
 
 
@@ -56,8 +71,9 @@ def scored(tmp_path_factory, cache_dir) -> Path:
 def shards(tmp_path_factory, cache_dir) -> list[Path]:
     """The same run as 2 shards, each scored."""
     tmp = tmp_path_factory.mktemp("vshards")
-    return [dump_and_score(tmp / f"shard{i}", cache_dir, f"shard={i}", "num_shards=2")
-            for i in range(2)]
+    return [
+        dump_and_score(tmp / f"shard{i}", cache_dir, f"shard={i}", "num_shards=2") for i in range(2)
+    ]
 
 
 def recomputed(path: Path, key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -66,8 +82,13 @@ def recomputed(path: Path, key: str) -> tuple[list[str], np.ndarray, np.ndarray]
     with h5py.File(path, "r") as f:
         g, lengths = f["models"][key], f["samples/length"][()]
         cols = json.loads(g["checksums"].attrs["columns"])
-        want = np.array([[xxhash.xxh3_64_intdigest(g[c][i, :lengths[i]].tobytes()) for c in cols]
-                         for i in range(len(lengths))], dtype=np.uint64)
+        want = np.array(
+            [
+                [xxhash.xxh3_64_intdigest(g[c][i, : lengths[i]].tobytes()) for c in cols]
+                for i in range(len(lengths))
+            ],
+            dtype=np.uint64,
+        )
         return cols, g["checksums"][()], want
 
 
@@ -76,7 +97,7 @@ def flip(path: Path, dataset: str, sample: int, step: int = 0, col: int = 3, bit
     [sample, step] of a 2-d dataset) of `dataset`, located through HDF5's chunk index."""
     with h5py.File(path, "r") as f:
         ds = f[dataset]
-        index = (sample, step, col)[:ds.ndim]
+        index = (sample, step, col)[: ds.ndim]
         info = ds.id.get_chunk_info_by_coord(tuple(i - i % c for i, c in zip(index, ds.chunks)))
         within = np.ravel_multi_index(tuple(i % c for i, c in zip(index, ds.chunks)), ds.chunks)
         offset = info.byte_offset + (int(within) + 1) * ds.dtype.itemsize - 1
@@ -121,21 +142,43 @@ def synthetic(path: Path, hashing: bool = True) -> tuple[np.ndarray, int]:
     every sample has ended), q16 with an activation hook."""
     V, T, d, n = 258, 11, 6, 3
     rng = np.random.default_rng(0)
-    info = ModelInfo(key="synth", provenance={"source": "synthetic"}, vocab_size=V,
-                     prompt_text=["p"], prompt_tokens=[[1, 2]], vocab_strings=[""] * V,
-                     tokenizer_json="")
+    info = ModelInfo(
+        key="synth",
+        provenance={"source": "synthetic"},
+        vocab_size=V,
+        prompt_text=["p"],
+        prompt_tokens=[[1, 2]],
+        vocab_strings=[""] * V,
+        tokenizer_json="",
+    )
     lengths = np.array([9, 4, 0])
-    w = archive.create(path, run_key={"synthetic": 1}, config_yaml="", provenance_root={},
-                       prompts=["p"], n_samples=n, max_new_tokens=T, model=info, codec="q16",
-                       window=24.0, capture_dims={"hook": d})
+    w = archive.create(
+        path,
+        run_key={"synthetic": 1},
+        config_yaml="",
+        provenance_root={},
+        prompts=["p"],
+        n_samples=n,
+        max_new_tokens=T,
+        model=info,
+        codec="q16",
+        window=24.0,
+        capture_dims={"hook": d},
+    )
     w.rows.hashing = hashing
 
     def steps():
         for t in range(int(lengths.max())):
-            yield Rows(t=t, data=rng.integers(0, 65535, (n, V), dtype=np.uint16),
-                       tokens=np.full(n, 7), alive=t < lengths,
-                       scale=rng.random(n, dtype=np.float32), offset=-rng.random(n, dtype=np.float32),
-                       acts={"hook": rng.random((n, d), dtype=np.float32)})
+            yield Rows(
+                t=t,
+                data=rng.integers(0, 65535, (n, V), dtype=np.uint16),
+                tokens=np.full(n, 7),
+                alive=t < lengths,
+                scale=rng.random(n, dtype=np.float32),
+                offset=-rng.random(n, dtype=np.float32),
+                acts={"hook": rng.random((n, d), dtype=np.float32)},
+            )
+
     with w:
         w.write_batch(0, [0, 1, 2], steps(), eos_ids=[999])
         w.finish()
@@ -163,7 +206,9 @@ def test_writer_hashes_steps_below_length_across_chunks(tmp_path, monkeypatch):
     flip(path, "models/synth/logits_scale", 1, step=4)
     assert verify(path, progress=False).ok
     flip(path, "models/synth/logits", 1, step=3)  # step 3 < length 4
-    assert [(m.sample, m.dataset) for m in verify(path, progress=False).mismatches] == [(1, "logits")]
+    assert [(m.sample, m.dataset) for m in verify(path, progress=False).mismatches] == [
+        (1, "logits")
+    ]
 
 
 def test_hashing_off_leaves_zeros_and_verify_says_so(tmp_path):
@@ -185,9 +230,16 @@ def test_a_clean_archive_verifies(scored, capsys):
     assert rc == 0 and "15 checksums of 3 samples" in out[0]
 
 
-@pytest.mark.parametrize("key, dataset, sample", [(GEN, "logits", 4), (GEN, "logits_scale", 2),
-                                                  (GEN, "logits_offset", 0), (GEN, HOOK, 5),
-                                                  (SCORED, "logits", 1)])
+@pytest.mark.parametrize(
+    "key, dataset, sample",
+    [
+        (GEN, "logits", 4),
+        (GEN, "logits_scale", 2),
+        (GEN, "logits_offset", 0),
+        (GEN, HOOK, 5),
+        (SCORED, "logits", 1),
+    ],
+)
 def test_one_flipped_byte_is_named_and_nothing_else(scored, tmp_path, capsys, key, dataset, sample):
     path = tmp_path / "damaged.h5"
     shutil.copy(scored, path)
@@ -208,13 +260,20 @@ def test_bad_input_is_one_line_with_status_2(scored, tmp_path, capsys):
     with h5py.File(partial, "r+") as f:
         f.attrs.modify("complete", np.int8(0))
     (tmp_path / "junk.h5").write_bytes(b"not hdf5" * 100)
-    cases = [(tmp_path / "none.h5", "archive not found"), (tmp_path / "junk.h5", "cannot read"),
-             (partial, "is incomplete"), (V4, "no checksums (format version 4)")]
+    cases = [
+        (tmp_path / "none.h5", "archive not found"),
+        (tmp_path / "junk.h5", "cannot read"),
+        (partial, "is incomplete"),
+        (V4, "no checksums (format version 4)"),
+    ]
     for path, needle in cases:
         rc, out, err = run_verify(capsys, path)
         assert rc == 2 and not out and err.count("\n") == 1 and needle in err, (path, err)
-    for spec, needle in (("6", "sample 6 out of range (0..5)"), ("a", "neither a sample index"),
-                         ("4-2", "runs backwards")):
+    for spec, needle in (
+        ("6", "sample 6 out of range (0..5)"),
+        ("a", "neither a sample index"),
+        ("4-2", "runs backwards"),
+    ):
         rc, _, err = run_verify(capsys, scored, "--samples", spec)
         assert rc == 2 and needle in err, err
     r = engine_cli("verify", str(V4))  # the real entry point: no traceback
@@ -232,8 +291,9 @@ def test_parse_samples():
 # ---- merge ----------------------------------------------------------------------------------
 def test_merge_carries_the_checksums_and_the_merged_file_verifies(shards, tmp_path, capsys):
     virtual = merge(tmp_path / "virtual.h5", [str(s) for s in shards], progress=False)["archive"]
-    copied = merge(tmp_path / "copied.h5", [str(s) for s in shards], copy=True,
-                   progress=False)["archive"]
+    copied = merge(tmp_path / "copied.h5", [str(s) for s in shards], copy=True, progress=False)[
+        "archive"
+    ]
     for key in (GEN, SCORED):
         parts = [recomputed(s, key)[1] for s in shards]
         for out in (virtual, copied):
@@ -255,8 +315,11 @@ def test_merge_carries_the_checksums_and_the_merged_file_verifies(shards, tmp_pa
         assert run_verify(capsys, copied)[0] == 0
         # ... and a copy from the damaged shard is refused with one line, leaving nothing
         out = tmp_path / "refused.h5"
-        with pytest.raises(EngineError, match=f"sample 1 \\(sample {start + 1} of the run\\) of "
-                                              f"model '{GEN}' does not match its checksum"):
+        with pytest.raises(
+            EngineError,
+            match=f"sample 1 \\(sample {start + 1} of the run\\) of "
+            f"model '{GEN}' does not match its checksum",
+        ):
             merge(out, [str(s) for s in shards], copy=True, progress=False)
         assert not out.exists() and not Path(f"{out}.partial").exists()
         r = engine_cli("merge", "--copy", "--no-progress", str(out), *map(str, shards))
@@ -282,8 +345,12 @@ def test_self_check_slot_is_fixed_size_rewritten_in_place(tmp_path):
         mw.record_self_check(sample=0, steps=11, max_abs_diff=3e-5, bound=1e-3)  # rewritten
         assert f["models/synth"].attrs[F.SELF_CHECK].shape == (4,)
     with Archive(path) as a:
-        assert a.model().self_check == {"sample": 0, "steps": 11, "max_abs_diff": 3e-5,
-                                        "bound": 1e-3}
+        assert a.model().self_check == {
+            "sample": 0,
+            "steps": 11,
+            "max_abs_diff": 3e-5,
+            "bound": 1e-3,
+        }
         assert "self_check" not in a.model().provenance
     with Archive(V4) as a:  # before version 5: no slot, no checksums
         assert all(m.self_check is None and m.checksum_columns is None for m in a.models.values())
@@ -292,6 +359,7 @@ def test_self_check_slot_is_fixed_size_rewritten_in_place(tmp_path):
 def test_merged_self_check_is_the_first_shards_with_the_runs_sample(shards, tmp_path):
     """The first shard that recorded a check gives the merged group's (shard 0's is the single
     run's own), its sample index made the run's; merged_from keeps every shard's."""
+
     def merged(checks: list) -> tuple[dict | None, list]:
         d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
         copies = []
@@ -321,13 +389,41 @@ def test_merged_self_check_is_the_first_shards_with_the_runs_sample(shards, tmp_
 
 def test_verify_bench_stays_runnable(tmp_path):
     """bench/verify.py at toy size: writes with and without hashing, reads, verifies, cleans up."""
-    r = subprocess.run([sys.executable, "-m", "bench.verify", "--prompts", "2", "--per-prompt",
-                        "3", "--steps", "8", "--vocab", "512", "--writer-batches", "1",
-                        "--rounds", "1", "--synced-rounds", "1", "--dir", str(tmp_path / "v")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.verify",
+            "--prompts",
+            "2",
+            "--per-prompt",
+            "3",
+            "--steps",
+            "8",
+            "--vocab",
+            "512",
+            "--writer-batches",
+            "1",
+            "--rounds",
+            "1",
+            "--synced-rounds",
+            "1",
+            "--dir",
+            str(tmp_path / "v"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    for line in ("writer into the page cache", "writer, whole archive, synced",
-                 "sequential read, cold", "verify, cold: 12 checksums", "verify, warm"):
+    for line in (
+        "writer into the page cache",
+        "writer, whole archive, synced",
+        "sequential read, cold",
+        "verify, cold: 12 checksums",
+        "verify, warm",
+    ):
         assert line in r.stdout, r.stdout
     assert r.stdout.count("on/off = ") == 2 and not (tmp_path / "v").exists()
 
@@ -342,10 +438,12 @@ def test_an_unreadable_sample_is_reported_and_the_rest_verified(scored, capsys, 
             if block.sample == 3 and key == GEN:
                 raise OSError("Can't read data (wrong B-tree signature)")
             yield block
+
     monkeypatch.setattr(Archive, "iter_rows", failing)
     rc, out, _ = run_verify(capsys, scored)
     assert rc == 1
     bad = [line for line in out if line.startswith(("UNREADABLE", "MISMATCH"))]
-    assert bad == [f"UNREADABLE sample 3 model {GEN} (unreadable: Can't read data (wrong "
-                   f"B-tree signature))"], out
+    assert bad == [
+        f"UNREADABLE sample 3 model {GEN} (unreadable: Can't read data (wrong B-tree signature))"
+    ], out
     assert "DAMAGED" in out[-1]

@@ -29,5 +29,6 @@ def tsne_xy(emb, seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     n = len(emb)
-    return TSNE(n_components=2, perplexity=max(2.0, min(30.0, (n - 1) / 3)), random_state=seed,
-                init="pca").fit_transform(emb)
+    return TSNE(
+        n_components=2, perplexity=max(2.0, min(30.0, (n - 1) / 3)), random_state=seed, init="pca"
+    ).fit_transform(emb)

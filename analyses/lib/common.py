@@ -61,8 +61,10 @@ def save_figure(fig, out: Path, stem: str) -> list[str]:
 
 def mean_std(x) -> dict:
     x = np.asarray(x, np.float64)
-    return {"mean": float(x.mean()) if x.size else float("nan"),
-            "std": float(x.std(ddof=1)) if x.size > 1 else float("nan")}
+    return {
+        "mean": float(x.mean()) if x.size else float("nan"),
+        "std": float(x.std(ddof=1)) if x.size > 1 else float("nan"),
+    }
 
 
 def finite_rows(r: dict, sample: np.ndarray, step: np.ndarray, field: str):
@@ -70,8 +72,12 @@ def finite_rows(r: dict, sample: np.ndarray, step: np.ndarray, field: str):
     logits, or none finite (archives written by this engine hold none: `on_nonfinite`).
     Returns (r, sample, step, number skipped), the count for the summary."""
     keep = ~np.isnan(np.asarray(r[field], dtype=np.float64))
-    return ({k: np.asarray(v)[keep] for k, v in r.items()}, sample[keep], step[keep],
-            int((~keep).sum()))
+    return (
+        {k: np.asarray(v)[keep] for k, v in r.items()},
+        sample[keep],
+        step[keep],
+        int((~keep).sum()),
+    )
 
 
 def sweep_dirname(overrides: str) -> str:

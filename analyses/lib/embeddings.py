@@ -31,8 +31,9 @@ def embed(texts: list[str], batch: int = 32) -> np.ndarray:
     tok, model = _model()
     out = []
     for i in range(0, len(texts), batch):
-        b = tok(texts[i:i + batch], padding=True, truncation=True, max_length=256,
-                return_tensors="pt")
+        b = tok(
+            texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt"
+        )
         with torch.inference_mode():
             h = model(**b).last_hidden_state  # [batch, pos, 384]
         mask = b["attention_mask"][..., None].to(h.dtype)

@@ -26,7 +26,6 @@ from engine.archive import Archive, ModelView, codecs
 from engine.archive.format import COUNTERPART_SUFFIX
 from kernels import bootstrap_ci
 
-
 #: nats: below this, KL values are float32 rounding of the kernel's sums.  KL(p || q) of two
 #: rows of one context that differ only in the forwards' last bits is ~1e-10 in truth, but its
 #: float32 terms p (log p - log q) cancel: measured up to 1.3e-6 (either sign) on tiny-random
@@ -107,21 +106,32 @@ def summarise(c: dict, threshold: float, n_boot: int, seed: int) -> dict:
     band = []
     for t in range(T):
         at = np.array([k[t] for k in kl if len(k) > t])
-        band.append(list(bootstrap_ci(at, n_boot=n_boot, seed=seed)) if len(at) > 1 else [at[0], at[0]])
+        band.append(
+            list(bootstrap_ci(at, n_boot=n_boot, seed=seed)) if len(at) > 1 else [at[0], at[0]]
+        )
     settle = np.array([settle_step(k, threshold) for k in kl])
     dlp = np.array(c["delta_logp"])
     edited = np.array(c["edited"])
-    stat = (lambda x: {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
-                       "n": int(len(x))} if len(x) else {"mean": float("nan"), "std": float("nan"), "n": 0})
+    stat = lambda x: (
+        {
+            "mean": float(np.mean(x)),
+            "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
+            "n": int(len(x)),
+        }
+        if len(x)
+        else {"mean": float("nan"), "std": float("nan"), "n": 0}
+    )
     return {
         "kl_by_step": mean.tolist(),
         "kl_band95_by_step": band,
         "kl_reverse_by_step": ragged_mean(c["kl_reverse"]).tolist(),
         "js_by_step": ragged_mean(c["js"]).tolist(),
         "settle_step_mean_curve": settle_step(mean, threshold),
-        "settle_step": {"median": float(np.nanmedian(settle)) if np.isfinite(settle).any() else float("nan"),
-                        "censored_share": float(np.mean(~np.isfinite(settle))),
-                        "n_continuations": int(len(settle))},
+        "settle_step": {
+            "median": float(np.nanmedian(settle)) if np.isfinite(settle).any() else float("nan"),
+            "censored_share": float(np.mean(~np.isfinite(settle))),
+            "n_continuations": int(len(settle)),
+        },
         "area": stat([float(np.sum(k)) for k in kl]),
         "half_life_steps": half_life(mean, threshold),
         "delta_logp_edited_continuations": stat(dlp[edited]),
@@ -138,12 +148,19 @@ def influence(a: Archive, lin: dict, floors: float, n_boot: int, seed: int) -> d
     # fp32 rows: the kernels' float32 KL terms (|error| ~1e-7) and the sampler's KV-cached vs
     # teacher-forced numerics, not the codec, set the floor
     threshold = max(floors * floor, KL_RESOLUTION)
-    out = {"noise_floor": floor, "threshold": threshold, "threshold_floors": floors,
-           "counterpart_group": cp.key, "variants": {}}
+    out = {
+        "noise_floor": floor,
+        "threshold": threshold,
+        "threshold_floors": floors,
+        "counterpart_group": cp.key,
+        "variants": {},
+    }
     for v, name in enumerate(lin["variant"]):
         if name == "control":
             continue
         c = pair_curves(a, cp, v, int(lin["control_prompt"][v]))
         if c["kl"]:
-            out["variants"][f"prompt {v} ({name}: {lin['edit'][v]})"] = summarise(c, threshold, n_boot, seed)
+            out["variants"][f"prompt {v} ({name}: {lin['edit'][v]})"] = summarise(
+                c, threshold, n_boot, seed
+            )
     return out

@@ -31,28 +31,47 @@ ALIASES = {
     "age": ("age",),
     "nationality": ("nationality", "citizenship", "country"),
     "ethnicity": ("ethnicity", "ethnic background", "ethnic group", "race"),
-    "mbti": ("mbti type", "mbti", "mbti personality type", "personality type", "personality",
-             "myers-briggs type", "myers briggs type", "myers-briggs personality type"),
+    "mbti": (
+        "mbti type",
+        "mbti",
+        "mbti personality type",
+        "personality type",
+        "personality",
+        "myers-briggs type",
+        "myers briggs type",
+        "myers-briggs personality type",
+    ),
     "review": ("review", "customer review", "product review", "the review"),
 }
 LABEL_OF = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
 
 # optional list marker or quote, optional markdown, a label, markdown, then ':' (or ' - ')
-LINE = re.compile(r"^\s*(?:[-*•>]+\s*|\d{1,2}[.)]\s*)?[*_#\s]*(?P<label>[A-Za-z][A-Za-z '-]{0,40}?)"
-                  r"\s*[*_]*\s*(?::|\s[-–—]\s)\s*[*_]*\s*(?P<value>.*)$")
+LINE = re.compile(
+    r"^\s*(?:[-*•>]+\s*|\d{1,2}[.)]\s*)?[*_#\s]*(?P<label>[A-Za-z][A-Za-z '-]{0,40}?)"
+    r"\s*[*_]*\s*(?::|\s[-–—]\s)\s*[*_]*\s*(?P<value>.*)$"
+)
 PLACEHOLDER = re.compile(r"^[<\[{(].*[>\]})]$|^(?:n/?a|none|unknown|\.+|_+|-+|\?+)$", re.I)
 MBTI = re.compile(r"\b([EI][NS][TF][JP])(?:-[AT])?\b", re.I)
 NAME = re.compile(r"^[^\W\d_][^\W\d_ .'’-]*(?:[ .'’-]+[^\W\d_]+)*\.?$")  # letters, . ' - and spaces
 LETTER = re.compile(r"[^\W\d_]")  # any Unicode letter
 AGE = re.compile(r"(?<!\d)(\d{1,3})(?!\d)")
-GENDER = {"f": "female", "w": "female", "woman": "female", "girl": "female", "female": "female",
-          "m": "male", "man": "male", "boy": "male", "male": "male"}
+GENDER = {
+    "f": "female",
+    "w": "female",
+    "woman": "female",
+    "girl": "female",
+    "female": "female",
+    "m": "male",
+    "man": "male",
+    "boy": "male",
+    "male": "male",
+}
 
 
 @dataclass
 class Persona:
-    values: dict = field(default_factory=dict)   # field -> normalised value (ok fields only)
-    status: dict = field(default_factory=dict)   # field -> "ok" | "invalid" | "missing"
+    values: dict = field(default_factory=dict)  # field -> normalised value (ok fields only)
+    status: dict = field(default_factory=dict)  # field -> "ok" | "invalid" | "missing"
 
     @property
     def complete(self) -> bool:
@@ -93,8 +112,10 @@ def normalise(name: str, value: str):
         v = short(value, 3)
         return GENDER.get(v.lower(), v.lower()) if v else None
     if name == "review":  # keeps its line breaks and final punctuation
-        v = "\n".join(" ".join(line.replace("**", " ").split()) for line in value.strip().split("\n"))
-        v = v.strip(" *_`\"“”\n")
+        v = "\n".join(
+            " ".join(line.replace("**", " ").split()) for line in value.strip().split("\n")
+        )
+        v = v.strip(' *_`"“”\n')
         return v if LETTER.search(v) and not PLACEHOLDER.match(v) else None
     if name in ("first_name", "last_name"):
         v = short(value, 3)
@@ -173,5 +194,5 @@ def sentences(review: str) -> list[str]:
     """Split a review into sentences (., ! or ? followed by space, or line breaks); sentences of
     fewer than two words and template placeholders (`<the customer's review>`) are left out."""
     parts = re.split(r"(?<=[.!?])[\"”’')\]]*\s+|\n+", review)
-    out = [s.strip(" -*•\"”“") for s in parts]
+    out = [s.strip(' -*•"”“') for s in parts]
     return [s for s in out if len(re.findall(r"[^\W\d_]+", s)) >= 2 and not PLACEHOLDER.match(s)]

@@ -29,7 +29,7 @@ def digest(rows: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(rows)
 
 
-def stream() -> "xxhash.xxh3_64":
+def stream() -> xxhash.xxh3_64:
     """A streaming hasher: `update(rows)` in step order gives `digest` of the concatenation."""
     return xxhash.xxh3_64()
 
@@ -52,6 +52,8 @@ def columns(group: h5py.Group) -> list[str] | None:
         return None
     algorithm = str(ds.attrs.get("algorithm", ""))
     if algorithm != F.CHECKSUM_ALGORITHM:
-        raise EngineError(f"{group.name}/{F.CHECKSUMS} uses algorithm {algorithm!r}; this engine "
-                          f"knows {F.CHECKSUM_ALGORITHM!r}")
+        raise EngineError(
+            f"{group.name}/{F.CHECKSUMS} uses algorithm {algorithm!r}; this engine "
+            f"knows {F.CHECKSUM_ALGORITHM!r}"
+        )
     return list(json.loads(ds.attrs[F.CHECKSUM_COLUMNS]))

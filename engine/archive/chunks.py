@@ -124,8 +124,11 @@ class Mapped:
         self.row_bytes = V * ds.dtype.itemsize
 
         def usable(src):
-            return (src.id.get_create_plist().get_nfilters() == 0 and src.dtype.isnative
-                    and src.chunks == (1, k, V))
+            return (
+                src.id.get_create_plist().get_nfilters() == 0
+                and src.dtype.isnative
+                and src.chunks == (1, k, V)
+            )
 
         self.chunks = _Chunks(ds, k, usable)
         for *_, path in self.chunks.parts:
@@ -142,8 +145,9 @@ class Mapped:
         part, offset, _ = where
         start = offset + (t0 % self.chunks.k) * self.row_bytes
         self._release(part, start)
-        return np.frombuffer(self.maps[part], self.dtype, (t1 - t0) * self.row_bytes
-                             // self.dtype.itemsize, start).reshape(t1 - t0, -1)
+        return np.frombuffer(
+            self.maps[part], self.dtype, (t1 - t0) * self.row_bytes // self.dtype.itemsize, start
+        ).reshape(t1 - t0, -1)
 
     def _release(self, part: int, start: int) -> None:
         """Unmap the pages read since the last release once they reach RELEASE_BYTES (one

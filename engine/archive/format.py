@@ -15,8 +15,7 @@ import numpy as np
 
 # the codec table (a numpy-only leaf: reading an archive still never imports torch),
 # re-exported for the writer, the reader and the run layer's encoder
-from kernels.codecs import (CODECS, FP16_MAX, MIN_Q16_WINDOW, Q16_MAX_CODE,  # noqa: F401
-                            STORAGE_DTYPE)
+from kernels.codecs import CODECS, FP16_MAX, MIN_Q16_WINDOW, Q16_MAX_CODE, STORAGE_DTYPE  # noqa: F401
 
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
@@ -26,9 +25,22 @@ FORMAT_VERSION = 5
 #: `nonfinite` finish reason, no device provenance; 3: no shards, merged archives or `host`;
 #: 4: no per-sample checksums, no `self_check` slot)
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
-ROOT_ATTRS = ("format", "format_version", "created", "config_yaml", "run_key", "packages",
-              "git_commit", "generator", "n_prompts", "n_samples", "samples_per_prompt",
-              "max_new_tokens", "n_complete", "complete")
+ROOT_ATTRS = (
+    "format",
+    "format_version",
+    "created",
+    "config_yaml",
+    "run_key",
+    "packages",
+    "git_commit",
+    "generator",
+    "n_prompts",
+    "n_samples",
+    "samples_per_prompt",
+    "max_new_tokens",
+    "n_complete",
+    "complete",
+)
 #: version 4: the machine's host name
 HOST = "host"
 #: optional (sharded dumps, version 4): JSON {"index", "count", "start", "stop", "total"}: this file holds
@@ -40,6 +52,7 @@ SHARD = "shard"
 class Shard:
     """The `shard` attribute: samples start..stop-1 (global indices) of a run of `total`
     samples, shard `index` of `count`."""
+
     index: int
     count: int
     start: int
@@ -50,7 +63,7 @@ class Shard:
         return json.dumps(asdict(self))
 
     @classmethod
-    def read(cls, attrs) -> "Shard | None":
+    def read(cls, attrs) -> Shard | None:
         raw = attrs.get(SHARD)
         return None if raw is None else cls(**json.loads(raw))
 
@@ -102,8 +115,7 @@ SELF_CHECK = "self_check"
 SELF_CHECK_FIELDS = ("sample", "steps", "max_abs_diff", "bound")
 
 
-def self_check_value(sample=np.nan, steps=np.nan, max_abs_diff=np.nan,
-                     bound=np.nan) -> np.ndarray:
+def self_check_value(sample=np.nan, steps=np.nan, max_abs_diff=np.nan, bound=np.nan) -> np.ndarray:
     """The `self_check` attribute's value (all NaN: not recorded yet)."""
     return np.array([sample, steps, max_abs_diff, bound], dtype=np.float64)
 
@@ -118,18 +130,38 @@ def read_self_check(attrs) -> dict | None:
     if v.shape != (len(SELF_CHECK_FIELDS),) or np.isnan(v).any():
         return None
     sample, steps, diff, bound = v
-    return {"sample": int(sample), "steps": int(steps), "max_abs_diff": float(diff),
-            "bound": float(bound)}
+    return {
+        "sample": int(sample),
+        "steps": int(steps),
+        "max_abs_diff": float(diff),
+        "bound": float(bound),
+    }
+
+
 #: perturbation archives: `<generator>@counterpart` holds every sample's tokens teacher-forced
 #: by the generator after its pair partner's prompt (prompt p reads prompt p XOR 1); its
 #: score_key has "counterpart": true
 COUNTERPART_SUFFIX = "@counterpart"
 #: provenance attributes a writer records (see "Provenance attributes of /models/<key>")
-PROVENANCE = ("source", "name", "revision", "weights_sha256", "path", "tokenizer_name",
-              "vocab_hash", "tokenizer_size", "vocab_size", "dtype",
-              # version 3: where the logits were computed (CUDA adds cuda, cudnn, driver,
-              # allow_tf32, bf16_reduced_reduction, fp16_reduced_reduction)
-              "device", "device_name", "torch", "matmul_precision", "deterministic")
+PROVENANCE = (
+    "source",
+    "name",
+    "revision",
+    "weights_sha256",
+    "path",
+    "tokenizer_name",
+    "vocab_hash",
+    "tokenizer_size",
+    "vocab_size",
+    "dtype",
+    # version 3: where the logits were computed (CUDA adds cuda, cudnn, driver,
+    # allow_tf32, bf16_reduced_reduction, fp16_reduced_reduction)
+    "device",
+    "device_name",
+    "torch",
+    "matmul_precision",
+    "deterministic",
+)
 
 # ---- Perturbation lineage (optional /lineage) -----------------------------------------------
 LINEAGE = "lineage"
@@ -139,7 +171,7 @@ LINEAGE_ATTRS = ("source_archive", "source_created", "source_generator")
 
 # ---- Candidate answers (optional /answers) ---------------------------------------------------
 ANSWERS = "answers"  # candidates [S] str (sample i = candidate i), reference [S] float64
-                     # (weights, NaN: none); attrs terminator ("eos", "null" or the text), source
+# (weights, NaN: none); attrs terminator ("eos", "null" or the text), source
 
 # ---- Codecs ---------------------------------------------------------------------------------
 # CODECS, STORAGE_DTYPE, FP16_MAX, Q16_MAX_CODE, MIN_Q16_WINDOW: imported above from

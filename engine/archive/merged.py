@@ -17,8 +17,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -39,8 +39,15 @@ def row_datasets(m: ModelView) -> list[str]:
     return names + [f"{F.ACTIVATIONS}/{h}" for h in m.activations]
 
 
-def write_merged(path: Path, shards: list[Archive], *, run_key: dict, records: list[dict],
-                 copy: bool, progress: Callable[[int], object] = lambda n: None) -> None:
+def write_merged(
+    path: Path,
+    shards: list[Archive],
+    *,
+    run_key: dict,
+    records: list[dict],
+    copy: bool,
+    progress: Callable[[int], object] = lambda n: None,
+) -> None:
     """Write the merged archive of `shards` (sorted by start, checked by the caller) to
     `path`.  `records` become `merged_from`; `progress(bytes)` is told of every copied logits
     row."""
@@ -59,7 +66,7 @@ def _root(f: h5py.File, shards: list[Archive], run_key: dict, records: list[dict
         if k != F.SHARD:
             f.attrs[k] = v
     f.attrs["run_key"] = json.dumps(run_key, sort_keys=True)
-    f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     f.attrs["n_samples"], f.attrs["n_complete"] = total, np.int64(total)
     f.attrs[F.MERGED_FROM] = json.dumps(records)
 
@@ -72,12 +79,14 @@ def _samples(f: h5py.File, shards: list[Archive]) -> None:
     for name in F.SAMPLE_FIELDS:
         src = first.f[F.SAMPLES][name]
         data = np.concatenate([a.f[F.SAMPLES][name][()] for a in shards])
-        s.create_dataset(name, data=data, dtype=src.dtype, chunks=src.chunks,
-                         fillvalue=src.fillvalue)
+        s.create_dataset(
+            name, data=data, dtype=src.dtype, chunks=src.chunks, fillvalue=src.fillvalue
+        )
 
 
-def _model_group(f: h5py.File, shards: list[Archive], key: str, out_dir: Path, copy: bool,
-                 progress) -> None:
+def _model_group(
+    f: h5py.File, shards: list[Archive], key: str, out_dir: Path, copy: bool, progress
+) -> None:
     """/models/<key>: the first shard's attributes and small datasets, every shard's rows,
     checksums and self-check."""
     m0, total = shards[0].models[key], shards[0].shard.total
@@ -103,37 +112,43 @@ def _model_group(f: h5py.File, shards: list[Archive], key: str, out_dir: Path, c
     _self_check(g, shards, key)
 
 
-def _virtual_rows(g: h5py.Group, name: str, src: list[h5py.Dataset], shards: list[Archive],
-                  out_dir: Path) -> h5py.Dataset:
+def _virtual_rows(
+    g: h5py.Group, name: str, src: list[h5py.Dataset], shards: list[Archive], out_dir: Path
+) -> h5py.Dataset:
     """A virtual dataset mapping samples start..stop-1 to each shard's own dataset."""
     shape = (sum(s.shape[0] for s in src), *src[0].shape[1:])
     layout = h5py.VirtualLayout(shape=shape, dtype=src[0].dtype)
     for a, s in zip(shards, src):
-        layout[a.shard.start:a.shard.stop] = h5py.VirtualSource(
-            os.path.relpath(a.path, out_dir), s.name, shape=s.shape)
+        layout[a.shard.start : a.shard.stop] = h5py.VirtualSource(
+            os.path.relpath(a.path, out_dir), s.name, shape=s.shape
+        )
     return g.create_virtual_dataset(name, layout, fillvalue=src[0].fillvalue)
 
 
-def _copy_rows(g: h5py.Group, name: str, shards: list[Archive], key: str,
-               columns: list[str] | None, progress) -> h5py.Dataset:
+def _copy_rows(
+    g: h5py.Group, name: str, shards: list[Archive], key: str, columns: list[str] | None, progress
+) -> h5py.Dataset:
     """A real dataset chunked as the shards', filled one sample at a time (memory: one
     sample's [step, ...] rows), each sample's stored rows checked against its shard's checksum
     before it is written."""
     src = [a.models[key].group[name] for a in shards]
     shape = (sum(s.shape[0] for s in src), *src[0].shape[1:])
-    ds = g.create_dataset(name, shape=shape, dtype=src[0].dtype, chunks=src[0].chunks,
-                          fillvalue=src[0].fillvalue)
+    ds = g.create_dataset(
+        name, shape=shape, dtype=src[0].dtype, chunks=src[0].chunks, fillvalue=src[0].fillvalue
+    )
     col = columns.index(name) if columns and name in columns else None
     for a, s in zip(shards, src):
         m, lengths = a.models[key], a.samples()["length"]
         want = m.checksums(s.shape[0])[:, col] if col is not None else None
         for i in range(s.shape[0]):
             rows = s[i]  # [step, ...] of one sample, C order
-            if want is not None and checksums.digest(rows[:int(lengths[i])]) != int(want[i]):
-                raise EngineError(f"shard {a.path}: sample {i} (sample {a.shard.start + i} of "
-                                  f"the run) of model {key!r} does not match its checksum in "
-                                  f"{name!r}: the shard is damaged (`python -m engine verify "
-                                  f"{a.path}` lists every damaged sample); nothing was written")
+            if want is not None and checksums.digest(rows[: int(lengths[i])]) != int(want[i]):
+                raise EngineError(
+                    f"shard {a.path}: sample {i} (sample {a.shard.start + i} of "
+                    f"the run) of model {key!r} does not match its checksum in "
+                    f"{name!r}: the shard is damaged (`python -m engine verify "
+                    f"{a.path}` lists every damaged sample); nothing was written"
+                )
             ds[a.shard.start + i] = rows
             progress(rows.nbytes if name == "logits" else 0)
     return ds
@@ -147,7 +162,7 @@ def _checksums(g: h5py.Group, shards: list[Archive], key: str) -> list[str] | No
         return None
     ds = checksums.create(g, shards[0].shard.total, columns[0], _early)
     for a in shards:
-        ds[a.shard.start:a.shard.stop] = a.models[key].checksums(a.n_samples)
+        ds[a.shard.start : a.shard.stop] = a.models[key].checksums(a.n_samples)
     return columns[0]
 
 
@@ -161,7 +176,8 @@ def _self_check(g: h5py.Group, shards: list[Archive], key: str) -> None:
     checks = [(c, a.shard.start) for a in shards if (c := a.models[key].self_check) is not None]
     if checks:
         c, start = checks[0]
-        g.attrs[F.SELF_CHECK] = F.self_check_value(c["sample"] + start, c["steps"],
-                                                   c["max_abs_diff"], c["bound"])
+        g.attrs[F.SELF_CHECK] = F.self_check_value(
+            c["sample"] + start, c["steps"], c["max_abs_diff"], c["bound"]
+        )
     else:
         g.attrs[F.SELF_CHECK] = F.self_check_value()

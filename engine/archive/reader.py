@@ -18,9 +18,9 @@ from __future__ import annotations
 import collections
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -39,6 +39,7 @@ READAHEAD_BLOCKS = 8
 @dataclass
 class Block:
     """Stored rows of one chunk-aligned read: rows[i] is (sample, steps[i])."""
+
     sample: int
     steps: np.ndarray  # [rows] step index of each row (all < the sample's length)
     raw: np.ndarray  # [rows, vocab] as stored (float16/float32/uint16)
@@ -57,27 +58,34 @@ def _filtered(ds: h5py.Dataset) -> bool:
 class ModelView:
     """One /models/<key> group."""
 
-    def __init__(self, group: h5py.Group, archive: "Archive"):
+    def __init__(self, group: h5py.Group, archive: Archive):
         self.group = group
         self.key = group.name.rsplit("/", 1)[-1]
         for name in F.MODEL_REQUIRED:
             if name not in group:
-                raise EngineError(f"archive model group {self.key!r} lacks {name!r} "
-                                  f"(truncated or foreign archive)")
+                raise EngineError(
+                    f"archive model group {self.key!r} lacks {name!r} "
+                    f"(truncated or foreign archive)"
+                )
         self.logits = group["logits"]  # [sample, step, vocab]
         self.codec = str(self.logits.attrs.get("codec", ""))
         if self.codec not in F.CODECS:
             raise EngineError(f"model {self.key!r} has unknown codec {self.codec!r}")
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in group.attrs.items()
-                 if k != F.SELF_CHECK}  # an array: `self_check` reads it
-        self.provenance = {k: v for k, v in attrs.items()
-                           if k not in F.GROUP_STATE and k != F.SCORE_KEY}
+        attrs = {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in group.attrs.items()
+            if k != F.SELF_CHECK
+        }  # an array: `self_check` reads it
+        self.provenance = {
+            k: v for k, v in attrs.items() if k not in F.GROUP_STATE and k != F.SCORE_KEY
+        }
         root = archive.f.attrs
         # version 1: the generator group has no state of its own; the root's is its own
         self.n_complete = int(attrs.get("n_complete", root.get("n_complete", 0)))
         self.complete = bool(attrs.get("complete", root.get("complete", 0)))
-        self.role = str(attrs.get("role", "generator" if self.key == archive.generator
-                                  else "scored"))
+        self.role = str(
+            attrs.get("role", "generator" if self.key == archive.generator else "scored")
+        )
         chat = attrs.get("chat_template", archive.run_key.get("chat_template", False))
         self.chat_template = bool(chat) if isinstance(chat, (bool, np.bool_, int)) else None
         self.score_key = json.loads(attrs[F.SCORE_KEY]) if F.SCORE_KEY in attrs else None
@@ -152,8 +160,11 @@ class ModelView:
         """Decoded float32 rows [step, vocab] of one sample (logits, or log-probs for q16)."""
         raw = self.logits[sample, steps]
         if self.codec == "q16":
-            return self.decode(raw, self.group[F.LOGITS_SCALE][sample, steps],
-                               self.group[F.LOGITS_OFFSET][sample, steps])
+            return self.decode(
+                raw,
+                self.group[F.LOGITS_SCALE][sample, steps],
+                self.group[F.LOGITS_OFFSET][sample, steps],
+            )
         return self.decode(raw)
 
     def block(self, sample: int, t0: int, t1: int, mapped: Mapped | None = None) -> Block:
@@ -161,15 +172,19 @@ class ModelView:
         `mapped` can give one (uncompressed, within one chunk), else read through HDF5."""
         q16 = self.codec == "q16"
         raw = mapped.rows(sample, t0, t1) if mapped is not None else None
-        return Block(sample=int(sample), steps=np.arange(t0, t1),
-                     raw=self.logits[sample, t0:t1] if raw is None else raw,
-                     scale=self.group[F.LOGITS_SCALE][sample, t0:t1] if q16 else None,
-                     offset=self.group[F.LOGITS_OFFSET][sample, t0:t1] if q16 else None)
+        return Block(
+            sample=int(sample),
+            steps=np.arange(t0, t1),
+            raw=self.logits[sample, t0:t1] if raw is None else raw,
+            scale=self.group[F.LOGITS_SCALE][sample, t0:t1] if q16 else None,
+            offset=self.group[F.LOGITS_OFFSET][sample, t0:t1] if q16 else None,
+        )
 
 
 class Archive(FileHandle):
-    def __init__(self, path: str | Path, *, allow_partial: bool = False,
-                 rdcc_nbytes: int | None = None):
+    def __init__(
+        self, path: str | Path, *, allow_partial: bool = False, rdcc_nbytes: int | None = None
+    ):
         """rdcc_nbytes: HDF5's chunk cache.  None: none for unfiltered logits (HDF5 then reads
         a selection straight from the file into the caller's array, about twice as fast as
         through the cache, whole chunks or single rows alike), FILTERED_CACHE when a group's
@@ -201,23 +216,30 @@ class Archive(FileHandle):
     def _validate(self, allow_partial: bool) -> None:
         a = self.f.attrs
         if a.get("format") != F.FORMAT:
-            raise EngineError(f"{self.path} is an HDF5 file but not a logit archive "
-                              f"(no format={F.FORMAT!r} attribute)")
+            raise EngineError(
+                f"{self.path} is an HDF5 file but not a logit archive "
+                f"(no format={F.FORMAT!r} attribute)"
+            )
         version = int(a.get("format_version", -1))
         if version > F.FORMAT_VERSION:
-            raise EngineError(f"{self.path} has format_version {version}; this engine reads "
-                              f"up to {F.FORMAT_VERSION}: upgrade the engine")
+            raise EngineError(
+                f"{self.path} has format_version {version}; this engine reads "
+                f"up to {F.FORMAT_VERSION}: upgrade the engine"
+            )
         if version not in F.READABLE_VERSIONS:
             raise EngineError(f"{self.path} has an invalid format_version {version}")
         missing = [n for n in F.REQUIRED if n not in self.f]
         if missing or F.MODELS not in self.f or not len(self.f[F.MODELS]):
-            raise EngineError(f"{self.path} lacks {missing or [F.MODELS]} "
-                              f"(truncated or foreign archive)")
+            raise EngineError(
+                f"{self.path} lacks {missing or [F.MODELS]} (truncated or foreign archive)"
+            )
         self.models = {k: ModelView(g, self) for k, g in self.f[F.MODELS].items()}
         self._check_sources()
         if not allow_partial and not self.complete:
-            raise EngineError(f"{self.path} is incomplete ({self.n_complete} of {self.n_samples} "
-                              f"samples); finish it with `dump ... resume=true`")
+            raise EngineError(
+                f"{self.path} is incomplete ({self.n_complete} of {self.n_samples} "
+                f"samples); finish it with `dump ... resume=true`"
+            )
 
     def _check_sources(self) -> None:
         """A merged archive's virtual datasets read their shard files; HDF5 would silently
@@ -230,12 +252,16 @@ class Archive(FileHandle):
                 continue
             for path in {src[2] for src in sources(m.logits)}:
                 if not path.is_file():
-                    raise EngineError(f"{self.path} is merged from shard files and {path} is "
-                                      f"missing (keep the shards next to it, or make a "
-                                      f"self-contained copy with `merge --copy`)")
+                    raise EngineError(
+                        f"{self.path} is merged from shard files and {path} is "
+                        f"missing (keep the shards next to it, or make a "
+                        f"self-contained copy with `merge --copy`)"
+                    )
                 if path in sizes and path.stat().st_size != sizes[path]:
-                    raise EngineError(f"{self.path}: shard {path} changed since the merge "
-                                      f"({path.stat().st_size} bytes, merged at {sizes[path]})")
+                    raise EngineError(
+                        f"{self.path}: shard {path} changed since the merge "
+                        f"({path.stat().st_size} bytes, merged at {sizes[path]})"
+                    )
 
     # ---- root facts -------------------------------------------------------------------
     @property
@@ -322,10 +348,14 @@ class Archive(FileHandle):
             return None
         g = self.f[F.LINEAGE]
         names = {v: k for k, v in h5py.check_enum_dtype(g["variant"].dtype).items()}
-        return {"parent_sample": g["parent_sample"][()], "cut": g["cut"][()],
-                "variant": [names[int(v)] for v in g["variant"][()]],
-                "edit": list(g["edit"].asstr()[()]), "control_prompt": g["control_prompt"][()],
-                **{k: str(g.attrs.get(k, "")) for k in F.LINEAGE_ATTRS}}
+        return {
+            "parent_sample": g["parent_sample"][()],
+            "cut": g["cut"][()],
+            "variant": [names[int(v)] for v in g["variant"][()]],
+            "edit": list(g["edit"].asstr()[()]),
+            "control_prompt": g["control_prompt"][()],
+            **{k: str(g.attrs.get(k, "")) for k in F.LINEAGE_ATTRS},
+        }
 
     def answers(self) -> dict | None:
         """/answers of a candidate-answer archive (`python -m engine answers`): candidate
@@ -334,10 +364,12 @@ class Archive(FileHandle):
             return None
         g = self.f[F.ANSWERS]
         ref = g["reference"][()]
-        return {"candidates": list(g["candidates"].asstr()[()]),
-                "reference": None if np.isnan(ref).all() else ref,
-                "terminator": str(g.attrs.get("terminator", "")),
-                "source": str(g.attrs.get("source", ""))}
+        return {
+            "candidates": list(g["candidates"].asstr()[()]),
+            "reference": None if np.isnan(ref).all() else ref,
+            "terminator": str(g.attrs.get("terminator", "")),
+            "source": str(g.attrs.get("source", "")),
+        }
 
     def model(self, key: str | None = None) -> ModelView:
         key = self.generator if key is None else key
@@ -346,8 +378,9 @@ class Archive(FileHandle):
         return self.models[key]
 
     # ---- streaming ----------------------------------------------------------------------
-    def iter_rows(self, key: str | None = None, samples=None,
-                  steps_per_block: int | None = None) -> Iterator[Block]:
+    def iter_rows(
+        self, key: str | None = None, samples=None, steps_per_block: int | None = None
+    ) -> Iterator[Block]:
         """Yield every stored row (step < length) of the chosen complete samples, one block of
         `steps_per_block` steps (default: the group's chunk, so reads are whole chunks) at a
         time: memory is one block plus its decoded form.  Uncompressed chunks are views of
@@ -358,8 +391,11 @@ class Archive(FileHandle):
         lengths = self.samples()["length"][:n]
         chosen = range(n) if samples is None else samples
         k = steps_per_block or m.chunk_steps
-        spans = ((int(s), t0, min(t0 + k, int(lengths[s])))
-                 for s in chosen for t0 in range(0, int(lengths[s]), k))
+        spans = (
+            (int(s), t0, min(t0 + k, int(lengths[s])))
+            for s in chosen
+            for t0 in range(0, int(lengths[s]), k)
+        )
         mapped = Mapped(m.logits, m.chunk_steps)
         if mapped.maps:  # paged in by the OS's own sequential readahead (advice only competed)
             try:

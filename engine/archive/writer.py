@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -38,6 +38,7 @@ from engine.errors import EngineError
 @dataclass
 class ModelInfo:
     """What the archive records about one model (its group under /models)."""
+
     key: str
     provenance: dict
     vocab_size: int
@@ -53,6 +54,7 @@ class ModelInfo:
 @dataclass
 class Rows:
     """One step `t` of a batch, encoded and on the host: what every producer hands the writer."""
+
     t: int
     data: np.ndarray  # [batch, vocab] in the codec's storage dtype
     tokens: np.ndarray  # [batch] token of this step (sampled, or the stored one when scoring)
@@ -70,10 +72,21 @@ def _early(f, name, shape, dtype, chunks=None, **kw):
     return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl, **kw)
 
 
-def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict,
-           prompts: Sequence[str], n_samples: int, max_new_tokens: int, model: ModelInfo,
-           codec: str, window: float, capture_dims: dict[str, int],
-           shard: F.Shard | None = None) -> "ArchiveWriter":
+def create(
+    path: Path,
+    *,
+    run_key: dict,
+    config_yaml: str,
+    provenance_root: dict,
+    prompts: Sequence[str],
+    n_samples: int,
+    max_new_tokens: int,
+    model: ModelInfo,
+    codec: str,
+    window: float,
+    capture_dims: dict[str, int],
+    shard: F.Shard | None = None,
+) -> ArchiveWriter:
     """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples, or
     only `shard`'s share of them (its sample i is the run's sample shard.start + i)."""
     n_prompts, total, steps = len(prompts), len(prompts) * n_samples, max_new_tokens
@@ -83,7 +96,7 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
     try:
         a = f.attrs
         a["format"], a["format_version"] = F.FORMAT, F.FORMAT_VERSION
-        a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        a["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         a["config_yaml"], a["run_key"] = config_yaml, json.dumps(run_key, sort_keys=True)
         for k, v in provenance_root.items():
             a[k] = v
@@ -94,11 +107,18 @@ def create(path: Path, *, run_key: dict, config_yaml: str, provenance_root: dict
             a[F.SHARD] = shard.attr()
         f.create_dataset(F.PROMPTS, data=np.array(list(prompts), dtype=object), dtype=F.STR)
         s = f.create_group(F.SAMPLES)
-        s.create_dataset("prompt_index", data=np.repeat(np.arange(n_prompts, dtype=np.int32),
-                                                        n_samples)[span])
+        s.create_dataset(
+            "prompt_index", data=np.repeat(np.arange(n_prompts, dtype=np.int32), n_samples)[span]
+        )
         tok_chunks = (1, max(1, steps))
-        _early(s, "tokens", (total, steps), np.int32, chunks=tok_chunks if steps else None,
-               fillvalue=F.TOKEN_PAD)
+        _early(
+            s,
+            "tokens",
+            (total, steps),
+            np.int32,
+            chunks=tok_chunks if steps else None,
+            fillvalue=F.TOKEN_PAD,
+        )
         _early(s, "length", (total,), np.int32)
         _early(s, "finish_reason", (total,), F.FINISH)
         _early(s, "seed", (total,), np.uint64)
@@ -125,8 +145,9 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
     g.attrs[F.SELF_CHECK] = F.self_check_value()  # NaN until recorded; fixed size: see module
     if model.score_key is not None:
         g.attrs[F.SCORE_KEY] = model.score_key
-    g.create_dataset("prompt_text", data=np.array(list(model.prompt_text), dtype=object),
-                     dtype=F.STR)
+    g.create_dataset(
+        "prompt_text", data=np.array(list(model.prompt_text), dtype=object), dtype=F.STR
+    )
     pt = g.create_dataset("prompt_tokens", (len(model.prompt_tokens),), dtype=F.VLEN_I32)
     for i, ids in enumerate(model.prompt_tokens):
         pt[i] = np.asarray(ids, dtype=np.int32)
@@ -135,22 +156,28 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
     vocab, store = model.vocab_size, np.dtype(F.STORAGE_DTYPE[codec])
     k = F.chunk_steps(vocab, store.itemsize, steps)
     shape = (total, steps, vocab)  # [sample, step, vocab]
-    lg = _early(g, "logits", shape, store, chunks=(1, k, vocab) if steps else None,
-                fill_time="never")
+    lg = _early(
+        g, "logits", shape, store, chunks=(1, k, vocab) if steps else None, fill_time="never"
+    )
     lg.attrs["codec"], lg.attrs["dtype"] = codec, F.DTYPE_ATTR[codec]
     if codec == "q16":
         lg.attrs["window"] = float(window)
         for name in (F.LOGITS_SCALE, F.LOGITS_OFFSET):
             _early(g, name, (total, steps), np.float32, chunks=(1, max(1, steps)))
     for hook, d in (capture_dims or {}).items():
-        _early(g, f"{F.ACTIVATIONS}/{hook}", (total, steps, d), np.float32,
-               chunks=(1, max(1, steps), d), fill_time="never")
+        _early(
+            g,
+            f"{F.ACTIVATIONS}/{hook}",
+            (total, steps, d),
+            np.float32,
+            chunks=(1, max(1, steps), d),
+            fill_time="never",
+        )
     checksums.create(g, total, F.checksum_columns(codec, capture_dims or {}), _early)
     return g
 
 
-def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path,
-                   source_attrs: dict) -> None:
+def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_attrs: dict) -> None:
     """/lineage of a perturbation archive: records have parent, variant, cut, edit; prompts
     come in (control, variant) pairs, so each one's matched control is the even index."""
     g = f.create_group(F.LINEAGE)
@@ -158,27 +185,31 @@ def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path,
     g.attrs["source_created"] = str(source_attrs.get("created", ""))
     g.attrs["source_generator"] = str(source_attrs.get("generator", ""))
     g.create_dataset("parent_sample", data=np.array([r["parent"] for r in records], np.int32))
-    g.create_dataset("variant", data=np.array([F.VARIANTS[r["variant"]] for r in records],
-                                              np.uint8), dtype=F.VARIANT)
+    g.create_dataset(
+        "variant",
+        data=np.array([F.VARIANTS[r["variant"]] for r in records], np.uint8),
+        dtype=F.VARIANT,
+    )
     g.create_dataset("cut", data=np.array([r["cut"] for r in records], np.int32))
-    g.create_dataset("edit", data=np.array([r["edit"] for r in records], dtype=object),
-                     dtype=F.STR)
-    g.create_dataset("control_prompt",
-                     data=(np.arange(len(records)) // 2 * 2).astype(np.int32))
+    g.create_dataset("edit", data=np.array([r["edit"] for r in records], dtype=object), dtype=F.STR)
+    g.create_dataset("control_prompt", data=(np.arange(len(records)) // 2 * 2).astype(np.int32))
 
 
-def _write_answers(f: h5py.File, candidates: Sequence[str], reference, terminator,
-                   source: str) -> None:
+def _write_answers(
+    f: h5py.File, candidates: Sequence[str], reference, terminator, source: str
+) -> None:
     """/answers of a candidate-answer archive: sample i is candidate i."""
     g = f.create_group(F.ANSWERS)
     g.create_dataset("candidates", data=np.array(list(candidates), dtype=object), dtype=F.STR)
-    ref = np.full(len(candidates), np.nan) if reference is None else np.asarray(reference, np.float64)
+    ref = (
+        np.full(len(candidates), np.nan) if reference is None else np.asarray(reference, np.float64)
+    )
     g.create_dataset("reference", data=ref)
     g.attrs["terminator"] = "null" if terminator is None else str(terminator)
     g.attrs["source"] = source
 
 
-def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
+def open_for_resume(path: Path, run_key: dict) -> ArchiveWriter:
     """Reopen a partial archive; refuse it if it was started with a different run."""
     try:
         f = h5py.File(path, "r+")
@@ -190,40 +221,54 @@ def open_for_resume(path: Path, run_key: dict) -> "ArchiveWriter":
         raise EngineError(f"cannot resume: {path} is not a partial logit archive")
     if int(f.attrs.get("format_version", 0)) != F.FORMAT_VERSION:
         f.close()
-        raise EngineError(f"cannot resume {path}: it was written as format_version "
-                          f"{int(f.attrs.get('format_version', 0))} by an older engine; "
-                          f"use overwrite=true to start over")
+        raise EngineError(
+            f"cannot resume {path}: it was written as format_version "
+            f"{int(f.attrs.get('format_version', 0))} by an older engine; "
+            f"use overwrite=true to start over"
+        )
     if json.loads(stored) != json.loads(json.dumps(run_key, sort_keys=True)):
         old, new = json.loads(stored), run_key
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         f.close()
-        raise EngineError(f"cannot resume {path}: it was started with different settings "
-                          f"({', '.join(diff)}); use overwrite=true to start over")
+        raise EngineError(
+            f"cannot resume {path}: it was started with different settings "
+            f"({', '.join(diff)}); use overwrite=true to start over"
+        )
     return ArchiveWriter(f, str(f.attrs["generator"]))
 
 
-def open_scored_group(path: Path, model: ModelInfo, *, codec: str, window: float,
-                      resume: bool, overwrite: bool) -> tuple["ModelWriter", bool]:
+def open_scored_group(
+    path: Path, model: ModelInfo, *, codec: str, window: float, resume: bool, overwrite: bool
+) -> tuple[ModelWriter, bool]:
     """(writer for /models/<key>, resuming) in an existing complete archive: continue a partial
     group whose score_key matches (resume), replace one (overwrite), or create it."""
     f = h5py.File(path, "r+")
     try:
-        key, total, steps = model.key, f[F.SAMPLES]["length"].shape[0], f[F.SAMPLES]["tokens"].shape[1]
+        key, total, steps = (
+            model.key,
+            f[F.SAMPLES]["length"].shape[0],
+            f[F.SAMPLES]["tokens"].shape[1],
+        )
         g = f.get(f"{F.MODELS}/{key}")
         resuming = False
         if g is not None:
             if overwrite:
                 del f[f"{F.MODELS}/{key}"]
             elif bool(g.attrs.get("complete", 0)):
-                raise EngineError(f"the archive already has model {key!r}; pass overwrite=true "
-                                  f"to replace it")
+                raise EngineError(
+                    f"the archive already has model {key!r}; pass overwrite=true to replace it"
+                )
             elif not resume:
-                raise EngineError(f"model {key!r} was partly scored ({int(g.attrs['n_complete'])}"
-                                  f" samples): pass resume=true to continue or overwrite=true "
-                                  f"to restart")
+                raise EngineError(
+                    f"model {key!r} was partly scored ({int(g.attrs['n_complete'])}"
+                    f" samples): pass resume=true to continue or overwrite=true "
+                    f"to restart"
+                )
             elif json.loads(g.attrs.get(F.SCORE_KEY, "{}")) != json.loads(model.score_key or "{}"):
-                raise EngineError(f"cannot resume scoring {key!r}: it was started with different "
-                                  f"settings; use overwrite=true")
+                raise EngineError(
+                    f"cannot resume scoring {key!r}: it was started with different "
+                    f"settings; use overwrite=true"
+                )
             else:
                 resuming = True
         if not resuming:
@@ -262,7 +307,9 @@ class ModelWriter(FileHandle):
         T, V = self.steps, self.logits.shape[-1]
         k = self.logits.chunks[1] if self.logits.chunks else 1
         q16 = self.codec == "q16"
-        buf = np.zeros((n, k, V), dtype=self.logits.dtype)  # [sample, step, vocab]: one chunk row each
+        buf = np.zeros(
+            (n, k, V), dtype=self.logits.dtype
+        )  # [sample, step, vocab]: one chunk row each
         sbuf = np.zeros((2, n, T), dtype=np.float32) if q16 else None  # scale, offset
         acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32) for name, ds in self.acts.items()}
         tokens = np.full((n, T), F.TOKEN_PAD, dtype=np.int32)
@@ -289,21 +336,21 @@ class ModelWriter(FileHandle):
             length += alive
             delivered = row.t + 1
             if j == k - 1:  # every row of buf was just written: no zeroing pass between chunks
-                self.logits[s0:s0 + n, t0:t0 + k] = buf
+                self.logits[s0 : s0 + n, t0 : t0 + k] = buf
                 t0 += k
         if t0 < int(length.max(initial=0)):
-            buf[:, delivered - t0:] = 0  # steps no sample reached: padding
-            self.logits[s0:s0 + n, t0:min(t0 + k, T)] = buf[:, :min(k, T - t0)]
+            buf[:, delivered - t0 :] = 0  # steps no sample reached: padding
+            self.logits[s0 : s0 + n, t0 : min(t0 + k, T)] = buf[:, : min(k, T - t0)]
         if q16:
-            self.g[F.LOGITS_SCALE][s0:s0 + n] = sbuf[0]
-            self.g[F.LOGITS_OFFSET][s0:s0 + n] = sbuf[1]
+            self.g[F.LOGITS_SCALE][s0 : s0 + n] = sbuf[0]
+            self.g[F.LOGITS_OFFSET][s0 : s0 + n] = sbuf[1]
         for name, ds in self.acts.items():
-            ds[s0:s0 + n] = acts[name]
+            ds[s0 : s0 + n] = acts[name]
         if hashers is not None:
             held = {F.ACTIVATIONS + "/" + name: a for name, a in acts.items()}
             if q16:
                 held[F.LOGITS_SCALE], held[F.LOGITS_OFFSET] = sbuf[0], sbuf[1]
-            self.g[F.CHECKSUMS][s0:s0 + n] = self._digests(hashers, held, length)
+            self.g[F.CHECKSUMS][s0 : s0 + n] = self._digests(hashers, held, length)
         return tokens, length, nonfinite
 
     def _digests(self, hashers, held: dict, length: np.ndarray) -> np.ndarray:
@@ -312,12 +359,14 @@ class ModelWriter(FileHandle):
         out = np.empty((len(length), len(self.columns)), dtype=np.uint64)
         for i, n in enumerate(length):
             for c, name in enumerate(self.columns):
-                out[i, c] = (hashers[i].intdigest() if name == "logits"
-                             else checksums.digest(held[name][i, :n]))
+                out[i, c] = (
+                    hashers[i].intdigest()
+                    if name == "logits"
+                    else checksums.digest(held[name][i, :n])
+                )
         return out
 
-    def record_self_check(self, sample: int, steps: int, max_abs_diff: float,
-                          bound: float) -> None:
+    def record_self_check(self, sample: int, steps: int, max_abs_diff: float, bound: float) -> None:
         """Record the run's teacher-forced self-check (sample index in this file, steps
         compared, max |d log p| in nats, the bound it was held to) in the group's fixed-size
         `self_check` slot, in place like `n_complete`, and flush."""
@@ -357,8 +406,7 @@ class ArchiveWriter(FileHandle):
         _write_lineage(self.f, records, source, source_attrs)
         self.f.flush()
 
-    def write_answers(self, candidates: Sequence[str], reference, terminator,
-                      source: str) -> None:
+    def write_answers(self, candidates: Sequence[str], reference, terminator, source: str) -> None:
         """/answers of a candidate-answer archive (before its first batch), flushed."""
         _write_answers(self.f, candidates, reference, terminator, source)
         self.f.flush()
@@ -367,19 +415,20 @@ class ArchiveWriter(FileHandle):
         """Global sample indices start, stop of this file (a shard's, else 0, total)."""
         return F.Shard.span(self.f.attrs, total)
 
-    def write_batch(self, s0: int, seeds: Sequence[int], steps: Iterable[Rows],
-                    eos_ids: Sequence[int]) -> None:
+    def write_batch(
+        self, s0: int, seeds: Sequence[int], steps: Iterable[Rows], eos_ids: Sequence[int]
+    ) -> None:
         n, T = len(seeds), self.rows.steps
         tokens, length, nonfinite = self.rows.write(s0, n, steps)
         last = tokens[np.arange(n), np.maximum(length - 1, 0)] if T else np.full(n, -1)
         ended = (length > 0) & np.isin(last, np.asarray(eos_ids, dtype=np.int32))
         samples = self.f[F.SAMPLES]
-        samples["tokens"][s0:s0 + n] = tokens
-        samples["length"][s0:s0 + n] = length
+        samples["tokens"][s0 : s0 + n] = tokens
+        samples["length"][s0 : s0 + n] = length
         reason = np.where(ended, F.FINISH_REASONS["eos"], F.FINISH_REASONS["length"])
         reason = np.where(nonfinite, F.FINISH_REASONS["nonfinite"], reason)
-        samples["finish_reason"][s0:s0 + n] = reason.astype(np.uint8)
-        samples["seed"][s0:s0 + n] = np.asarray(seeds, dtype=np.uint64)
+        samples["finish_reason"][s0 : s0 + n] = reason.astype(np.uint8)
+        samples["seed"][s0 : s0 + n] = np.asarray(seeds, dtype=np.uint64)
         self.rows.commit(s0 + n)
         self.f.flush()  # data and the group's record first ...
         self.f.attrs.modify("n_complete", np.int64(s0 + n))  # ... then the root commit

@@ -25,27 +25,63 @@ class Verb:
         return f"engine.commands.{self.name}"
 
 
-VERBS: dict[str, Verb] = {v.name: v for v in (
-    Verb("dump", "sample completions, store every step's full logits (Hydra: key=value overrides)",
-         hydra=True, extra="run"),
-    Verb("score", "teacher-force a second model over an archive's completions, store its logits",
-         hydra=True, extra="run"),
-    Verb("perturb", "cut, edit and resample completions (attractor states), with matched controls",
-         hydra=True, extra="run"),
-    Verb("align", "DPO-train a twin of a model on typicality-biased labels of its own completions",
-         hydra=True, extra="align"),
-    Verb("answers", "exact probability of every candidate answer of an enumerable prompt (full logits)",
-         hydra=True, extra="run"),
-    Verb("merge", "join the shards of a sharded dump (dump shard=i num_shards=n) into one archive",
-         hydra=False, extra=None),
-    Verb("inspect", "summarise an archive, show top-k next tokens, render completions (no model)",
-         hydra=False, extra=None),
-    Verb("verify", "recompute every sample's checksums: are the stored bytes the ones written?",
-         hydra=False, extra=None),
-)}
+VERBS: dict[str, Verb] = {
+    v.name: v
+    for v in (
+        Verb(
+            "dump",
+            "sample completions, store every step's full logits (Hydra: key=value overrides)",
+            hydra=True,
+            extra="run",
+        ),
+        Verb(
+            "score",
+            "teacher-force a second model over an archive's completions, store its logits",
+            hydra=True,
+            extra="run",
+        ),
+        Verb(
+            "perturb",
+            "cut, edit and resample completions (attractor states), with matched controls",
+            hydra=True,
+            extra="run",
+        ),
+        Verb(
+            "align",
+            "DPO-train a twin of a model on typicality-biased labels of its own completions",
+            hydra=True,
+            extra="align",
+        ),
+        Verb(
+            "answers",
+            "exact probability of every candidate answer of an enumerable prompt (full logits)",
+            hydra=True,
+            extra="run",
+        ),
+        Verb(
+            "merge",
+            "join the shards of a sharded dump (dump shard=i num_shards=n) into one archive",
+            hydra=False,
+            extra=None,
+        ),
+        Verb(
+            "inspect",
+            "summarise an archive, show top-k next tokens, render completions (no model)",
+            hydra=False,
+            extra=None,
+        ),
+        Verb(
+            "verify",
+            "recompute every sample's checksums: are the stored bytes the ones written?",
+            hydra=False,
+            extra=None,
+        ),
+    )
+}
 
 
 def usage() -> str:
     width = max(map(len, VERBS))
     return "usage: python -m engine <verb> [args]\n" + "\n".join(
-        f"  {v.name:<{width}}  {v.help}" for v in VERBS.values())
+        f"  {v.name:<{width}}  {v.help}" for v in VERBS.values()
+    )

@@ -60,8 +60,17 @@ from engine.stream import map_rows
 log = logging.getLogger(__name__)
 LN2 = float(np.log(2.0))
 #: settings that decide the candidates (with the model and the prompts)
-CANDIDATE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                  "chat_template", "codec", "q16_window")
+CANDIDATE_KEYS = (
+    "n_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "chat_template",
+    "codec",
+    "q16_window",
+)
 #: settings that decide the weights: the build id hashes them
 ID_KEYS = (*CANDIDATE_KEYS, "min_tokens", "alpha", "beta", "noise", "label_seed", "train")
 
@@ -97,15 +106,23 @@ def candidates_path(cache: Path, cid: str) -> Path:
 # ---- steps 2-4: log-likelihoods, pairs, labels -------------------------------------------------
 def completion_logprobs(a: Archive, progress: bool) -> np.ndarray:
     """log pi_ref of every stored token, [sample, step] (NaN past a sample's length)."""
-    res, sample, step = map_rows(a, K.token_stats, with_tokens=True, progress=progress,
-                                 desc="log pi_ref")
+    res, sample, step = map_rows(
+        a, K.token_stats, with_tokens=True, progress=progress, desc="log pi_ref"
+    )
     lp = np.full((a.n_samples, a.max_new_tokens), np.nan)
     lp[sample, step] = res["logprob"]
     return lp
 
 
-def bradley_terry_labels(logp: np.ndarray, length: np.ndarray, k: int, min_tokens: int,
-                         alpha: float, noise: float, seed: int) -> list[dict]:
+def bradley_terry_labels(
+    logp: np.ndarray,
+    length: np.ndarray,
+    k: int,
+    min_tokens: int,
+    alpha: float,
+    noise: float,
+    seed: int,
+) -> list[dict]:
     """Pairs (0,1), (2,3), ... of each prompt's k completions (prompt-major samples), truncated
     to their common length L; r = alpha * sum_{t<L} log pi_ref + noise * N(0,1); the first of
     the pair wins when u < sigmoid(r_0 - r_1), u ~ U[0,1).  Draws come from one generator
@@ -128,10 +145,19 @@ def bradley_terry_labels(logp: np.ndarray, length: np.ndarray, k: int, min_token
         ra, rb = alpha * la + r_true[pr["a"]], alpha * lb + r_true[pr["b"]]
         p_a = float(np.exp(-np.logaddexp(0.0, -(ra - rb))))  # sigmoid(ra - rb), no overflow
         a_wins = bool(ui < p_a)
-        out.append({**pr, "logp_a": la, "logp_b": lb, "r_a": float(ra), "r_b": float(rb),
-                    "p_a": p_a, "u": float(ui),
-                    "chosen": pr["a"] if a_wins else pr["b"],
-                    "rejected": pr["b"] if a_wins else pr["a"]})
+        out.append(
+            {
+                **pr,
+                "logp_a": la,
+                "logp_b": lb,
+                "r_a": float(ra),
+                "r_b": float(rb),
+                "p_a": p_a,
+                "u": float(ui),
+                "chosen": pr["a"] if a_wins else pr["b"],
+                "rejected": pr["b"] if a_wins else pr["a"],
+            }
+        )
     return out
 
 
@@ -147,19 +173,22 @@ def unchecked(cand: Path) -> bool:
     return c is None or not c["max_abs_diff"] <= c["bound"]
 
 
-def check_reference(ref: np.ndarray, ours: np.ndarray, lengths: np.ndarray,
-                    token_bound: float) -> tuple[float, float]:
+def check_reference(
+    ref: np.ndarray, ours: np.ndarray, lengths: np.ndarray, token_bound: float
+) -> tuple[float, float]:
     """TRL's reference log-probs of whole sequences `ref` against ours from the stored logits
     `ours` (same tokens): each may differ by at most its length times the per-token bound of
     the candidates' self-check.  Returns (max |diff|, largest bound); EngineError beyond."""
     diff, bounds = np.abs(ref - ours), lengths * token_bound
     worst = int(np.argmax(diff - bounds))
     if diff[worst] > bounds[worst]:
-        raise EngineError(f"TRL's reference log-probs differ from the stored ones by "
-                          f"{diff[worst]:.3g} nats on a {int(lengths[worst])}-token sequence "
-                          f"(bound {bounds[worst]:.3g}): the candidates are not the reference "
-                          f"model's distributions ({library_versions()}); nothing was trained "
-                          f"or cached")
+        raise EngineError(
+            f"TRL's reference log-probs differ from the stored ones by "
+            f"{diff[worst]:.3g} nats on a {int(lengths[worst])}-token sequence "
+            f"(bound {bounds[worst]:.3g}): the candidates are not the reference "
+            f"model's distributions ({library_versions()}); nothing was trained "
+            f"or cached"
+        )
     return float(diff.max()), float(bounds.max())
 
 
@@ -186,15 +215,19 @@ def first_loss_callback(beta: float, seq_bound: float):
                 self.checked = True
                 loss = float(logs["loss"])
                 if not abs(loss - LN2) <= tol:
-                    raise EngineError(f"the first DPO loss is {loss:.4f}, not ln 2 = {LN2:.4f} "
-                                      f"(tolerance {tol:.2g}): the policy does not start as "
-                                      f"its reference ({library_versions()}); nothing was "
-                                      f"cached")
+                    raise EngineError(
+                        f"the first DPO loss is {loss:.4f}, not ln 2 = {LN2:.4f} "
+                        f"(tolerance {tol:.2g}): the policy does not start as "
+                        f"its reference ({library_versions()}); nothing was "
+                        f"cached"
+                    )
+
     return FirstLoss()
 
 
-def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
-              token_bound: float) -> dict:
+def train_dpo(
+    cfg: DictConfig, model, tok, examples: list[dict], workdir: Path, token_bound: float
+) -> dict:
     """TRL DPOTrainer over pre-tokenized pairs; returns the training record.  Two checks stop
     the build with one line, before anything is cached: TRL's reference log-probs against
     ours on the first batch (`check_reference`), and the first loss against ln 2
@@ -208,18 +241,29 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
         tok.pad_token = tok.eos_token  # padding is masked out; DPO needs a pad id
     set_seed(int(cfg.seed))
     use_cpu = not torch.cuda.is_available() or str(cfg.device) == "cpu"
-    args = DPOConfig(output_dir=str(workdir), beta=float(cfg.beta),
-                     learning_rate=float(cfg.train.learning_rate),
-                     num_train_epochs=float(cfg.train.epochs),
-                     per_device_train_batch_size=int(cfg.train.batch_pairs),
-                     precompute_ref_log_probs=True,
-                     max_length=None, loss_type=["sigmoid"], logging_steps=1,
-                     save_strategy="no", report_to="none", seed=int(cfg.seed),
-                     data_seed=int(cfg.seed), use_cpu=use_cpu,
-                     disable_tqdm=not cfg.progress, dataloader_num_workers=0,
-                     # TRL defaults to bf16 autocast and gradient checkpointing: bf16 moved its
-                     # reference log-probs by up to 0.19 nats per pair from a float32 forward
-                     bf16=False, fp16=False, gradient_checkpointing=False)
+    args = DPOConfig(
+        output_dir=str(workdir),
+        beta=float(cfg.beta),
+        learning_rate=float(cfg.train.learning_rate),
+        num_train_epochs=float(cfg.train.epochs),
+        per_device_train_batch_size=int(cfg.train.batch_pairs),
+        precompute_ref_log_probs=True,
+        max_length=None,
+        loss_type=["sigmoid"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        use_cpu=use_cpu,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        # TRL defaults to bf16 autocast and gradient checkpointing: bf16 moved its
+        # reference log-probs by up to 0.19 nats per pair from a float32 forward
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+    )
     cols = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
     data = Dataset.from_list([{k: e[k] for k in cols} for e in examples])
 
@@ -244,9 +288,13 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
     with torch.no_grad():
         ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator(first))
     ref = torch.cat([ref_c, ref_r]).double().cpu().numpy()
-    ours = np.array([e["ref_chosen_logps"] for e in examples[: len(first)]]
-                    + [e["ref_rejected_logps"] for e in examples[: len(first)]])
-    lengths = np.array([len(e["chosen_ids"]) for e in first] + [len(e["rejected_ids"]) for e in first])
+    ours = np.array(
+        [e["ref_chosen_logps"] for e in examples[: len(first)]]
+        + [e["ref_rejected_logps"] for e in examples[: len(first)]]
+    )
+    lengths = np.array(
+        [len(e["chosen_ids"]) for e in first] + [len(e["rejected_ids"]) for e in first]
+    )
     ref_diff, ref_bound = check_reference(ref, ours, lengths, token_bound)
     seq_bound = float(max(len(e["chosen_ids"]) for e in examples)) * token_bound
     gate = first_loss_callback(float(cfg.beta), seq_bound)
@@ -254,22 +302,36 @@ def train_dpo(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path,
     t0 = time.perf_counter()
     trainer.train()
     if not gate.checked:
-        raise EngineError("the first DPO loss was never logged (logging_steps or TRL's log keys "
-                          "changed): the build cannot be checked; nothing was cached")
+        raise EngineError(
+            "the first DPO loss was never logged (logging_steps or TRL's log keys "
+            "changed): the build cannot be checked; nothing was cached"
+        )
     seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h and "rewards/accuracies" in h]
     last_epoch = [h for h in logs if h["epoch"] > float(cfg.train.epochs) - 1 + 1e-9] or logs[-1:]
-    return {"steps": int(trainer.state.global_step), "train_seconds": seconds,
-            "final_loss": float(np.mean([h["loss"] for h in last_epoch])),
-            "reward_accuracy": float(np.mean([h["rewards/accuracies"] for h in last_epoch])),
-            "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
+    return {
+        "steps": int(trainer.state.global_step),
+        "train_seconds": seconds,
+        "final_loss": float(np.mean([h["loss"] for h in last_epoch])),
+        "reward_accuracy": float(np.mean([h["rewards/accuracies"] for h in last_epoch])),
+        "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
+        "ref_logp_max_abs_diff": ref_diff,
+        CHECKS: {
             "ref_logp_max_abs_diff": ref_diff,
-            CHECKS: {"ref_logp_max_abs_diff": ref_diff, "ref_logp_bound": ref_bound,
-                     "token_bound": token_bound,
-                     "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
-                     "first_loss_tolerance": first_loss_tolerance(float(cfg.beta), seq_bound)},
-            "log": [{k: h[k] for k in ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins")
-                     if k in h} for h in logs]}
+            "ref_logp_bound": ref_bound,
+            "token_bound": token_bound,
+            "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
+            "first_loss_tolerance": first_loss_tolerance(float(cfg.beta), seq_bound),
+        },
+        "log": [
+            {
+                k: h[k]
+                for k in ("step", "epoch", "loss", "rewards/accuracies", "rewards/margins")
+                if k in h
+            }
+            for h in logs
+        ],
+    }
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -311,30 +373,50 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     with Archive(cand) as a:
         s, gen = a.samples(), a.model()
         logp = completion_logprobs(a, bool(cfg.progress))
-        labels = bradley_terry_labels(logp, s["length"], int(cfg.n_samples), int(cfg.min_tokens),
-                                      float(cfg.alpha), float(cfg.noise), int(cfg.label_seed))
+        labels = bradley_terry_labels(
+            logp,
+            s["length"],
+            int(cfg.n_samples),
+            int(cfg.min_tokens),
+            float(cfg.alpha),
+            float(cfg.noise),
+            int(cfg.label_seed),
+        )
         if not labels:
-            raise EngineError(f"no pair reaches min_tokens={cfg.min_tokens}: lower it or raise "
-                              f"max_new_tokens")
-        examples = [{"prompt_ids": gen.prompt_tokens(lb["prompt"]),
-                     "chosen_ids": [int(t) for t in s["tokens"][lb["chosen"], : lb["length"]]],
-                     "rejected_ids": [int(t) for t in s["tokens"][lb["rejected"], : lb["length"]]],
-                     "ref_chosen_logps": lb["logp_a"] if lb["chosen"] == lb["a"] else lb["logp_b"],
-                     "ref_rejected_logps": lb["logp_b"] if lb["chosen"] == lb["a"] else lb["logp_a"]}
-                    for lb in labels]
+            raise EngineError(
+                f"no pair reaches min_tokens={cfg.min_tokens}: lower it or raise max_new_tokens"
+            )
+        examples = [
+            {
+                "prompt_ids": gen.prompt_tokens(lb["prompt"]),
+                "chosen_ids": [int(t) for t in s["tokens"][lb["chosen"], : lb["length"]]],
+                "rejected_ids": [int(t) for t in s["tokens"][lb["rejected"], : lb["length"]]],
+                "ref_chosen_logps": lb["logp_a"] if lb["chosen"] == lb["a"] else lb["logp_b"],
+                "ref_rejected_logps": lb["logp_b"] if lb["chosen"] == lb["a"] else lb["logp_a"],
+            }
+            for lb in labels
+        ]
         if gen.self_check is None:
-            raise EngineError(f"{cand} has no run self-check (all first-batch samples empty): "
-                              f"delete it and raise max_new_tokens")
+            raise EngineError(
+                f"{cand} has no run self-check (all first-batch samples empty): "
+                f"delete it and raise max_new_tokens"
+            )
         token_bound = float(gen.self_check["bound"])  # per entry of log pi_ref (nats)
-        reference = {k: gen.provenance.get(k) for k in ("source", "name", "weights_sha256",
-                                                        "vocab_hash", "dtype")}
+        reference = {
+            k: gen.provenance.get(k)
+            for k in ("source", "name", "weights_sha256", "vocab_hash", "dtype")
+        }
         reference["key"] = gen.key
     labels_json = json.dumps(labels, sort_keys=True)
     (work / "labels.json").write_text(labels_json)
-    agree = float(np.mean([(lb["chosen"] == lb["a"]) == (lb["logp_a"] >= lb["logp_b"])
-                           for lb in labels]))
-    log.info("%d pairs; the label agrees with the higher log-likelihood in %.0f%%",
-             len(labels), 100 * agree)
+    agree = float(
+        np.mean([(lb["chosen"] == lb["a"]) == (lb["logp_a"] >= lb["logp_b"]) for lb in labels])
+    )
+    log.info(
+        "%d pairs; the label agrees with the higher log-likelihood in %.0f%%",
+        len(labels),
+        100 * agree,
+    )
 
     # 5. DPO on a fresh HuggingFace copy of the reference (the candidates came from the bridge)
     hf_model, tok, _ = load_hf_source(ModelSpec.from_node(cfg.model), cfg.paths.cache_dir)
@@ -347,20 +429,33 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     tok.save_pretrained(work)
     if not cfg.keep_candidates:
         cand.unlink()  # the next build with these candidates samples them again
-    prov = {"build_id": bid, "name": str(cfg.name), "reference": reference,
-            "alpha": float(cfg.alpha), "beta": float(cfg.beta), "noise": float(cfg.noise),
-            "predicted_gamma": 1 + float(cfg.alpha) / float(cfg.beta),
-            "k": int(cfg.n_samples), "max_new_tokens": int(cfg.max_new_tokens),
-            "min_tokens": int(cfg.min_tokens), "temperature": float(cfg.temperature),
-            "seed": int(cfg.seed), "label_seed": int(cfg.label_seed),
-            "train": OmegaConf.to_container(cfg.train), "n_prompts": len(prompts),
-            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-            "n_pairs": len(labels), "labels_sha256": hashlib.sha256(labels_json.encode()).hexdigest(),
-            "label_agrees_with_likelihood": agree,
-            **package_versions(), "candidates_seconds": t_cand,  # the libraries it was built with
-            "weights_sha256": sha256_file(work / "model.safetensors"), **record,
-            "build_seconds": time.perf_counter() - t_start,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    prov = {
+        "build_id": bid,
+        "name": str(cfg.name),
+        "reference": reference,
+        "alpha": float(cfg.alpha),
+        "beta": float(cfg.beta),
+        "noise": float(cfg.noise),
+        "predicted_gamma": 1 + float(cfg.alpha) / float(cfg.beta),
+        "k": int(cfg.n_samples),
+        "max_new_tokens": int(cfg.max_new_tokens),
+        "min_tokens": int(cfg.min_tokens),
+        "temperature": float(cfg.temperature),
+        "seed": int(cfg.seed),
+        "label_seed": int(cfg.label_seed),
+        "train": OmegaConf.to_container(cfg.train),
+        "n_prompts": len(prompts),
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "n_pairs": len(labels),
+        "labels_sha256": hashlib.sha256(labels_json.encode()).hexdigest(),
+        "label_agrees_with_likelihood": agree,
+        **package_versions(),
+        "candidates_seconds": t_cand,  # the libraries it was built with
+        "weights_sha256": sha256_file(work / "model.safetensors"),
+        **record,
+        "build_seconds": time.perf_counter() - t_start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     (work / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True))
     atomic_replace(work, final, replace_dir=True)  # overwrite=true: the old build goes only now
     record_latest(cache, str(cfg.name), bid)
@@ -373,7 +468,9 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         r = run(cfg)
     state = "cached" if r["cached"] else f"built in {r['build_seconds']:.0f} s"
-    print(f"{r['name']} ({state}): {r['n_pairs']} pairs, alpha {r['alpha']:g}, beta {r['beta']:g} "
-          f"(predicted gamma {r['predicted_gamma']:.2f}); final DPO loss {r['final_loss']:.4f}, "
-          f"reward accuracy {r['reward_accuracy']:.3f}")
+    print(
+        f"{r['name']} ({state}): {r['n_pairs']} pairs, alpha {r['alpha']:g}, beta {r['beta']:g} "
+        f"(predicted gamma {r['predicted_gamma']:.2f}); final DPO loss {r['final_loss']:.4f}, "
+        f"reward accuracy {r['reward_accuracy']:.3f}"
+    )
     print(f"model: {r['path']}")

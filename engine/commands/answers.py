@@ -60,8 +60,12 @@ def load_candidates(ccfg) -> dict:
         weights = np.array([ref.get(c, 0.0) for c in cands])
         if (weights < 0).any() or weights.sum() <= 0:
             raise EngineError("reference weights must be >= 0 and not all 0")
-    return {"prompt": str(ccfg.prompt), "candidates": cands, "reference": weights,
-            "terminator": ccfg.get("terminator", "eos")}
+    return {
+        "prompt": str(ccfg.prompt),
+        "candidates": cands,
+        "reference": weights,
+        "terminator": ccfg.get("terminator", "eos"),
+    }
 
 
 def candidate_tokens(lm: LoadedModel, cands: list[str], terminator) -> list[list[int]]:
@@ -85,9 +89,11 @@ def candidate_tokens(lm: LoadedModel, cands: list[str], terminator) -> list[list
     seqs = [tuple(s) for s in out]
     for i, s in enumerate(seqs):  # prefix-free, or the probabilities overlap
         for j, t in enumerate(seqs):
-            if i != j and len(s) < len(t) and t[:len(s)] == s:
-                raise EngineError(f"candidate {cands[i]!r} is a prefix of {cands[j]!r} as tokens: "
-                                  f"use a terminator (terminator: eos)")
+            if i != j and len(s) < len(t) and t[: len(s)] == s:
+                raise EngineError(
+                    f"candidate {cands[i]!r} is a prefix of {cands[j]!r} as tokens: "
+                    f"use a terminator (terminator: eos)"
+                )
     return out
 
 
@@ -104,29 +110,40 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     n, T = len(seqs), max(len(s) for s in seqs)
     tokens = np.full((n, T), -1, dtype=np.int64)
     for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
+        tokens[i, : len(s)] = s
     length = np.array([len(s) for s in seqs], dtype=np.int64)
     # the archive's shape: one sample per candidate, as long as the longest
     shape = Shape(n, T, config_yaml(cfg, n_samples=n, max_new_tokens=T, batch_size=rs.batch_size))
 
     def create(partial):
         w = R.create_archive(partial, key, shape, [c["prompt"]], R.model_info(lm, seen), rs.codec)
-        w.write_answers(c["candidates"], c["reference"], c["terminator"],
-                        str(cfg.candidates.get("name", "")))
+        w.write_answers(
+            c["candidates"], c["reference"], c["terminator"], str(cfg.candidates.get("name", ""))
+        )
         return w
 
     with output.new_archive(plan, "answers", create, key) as writer:
         check = R.FirstBatchCheck(writer, lm, rs.codec.window)
 
         def write(p, s0, s1):
-            steps = teacher_forced_steps(lm.bridge, seen.ids[0], tokens[s0:s1], length[s0:s1],
-                                         input_device(lm.bridge))
-            writer.write_batch(s0, [0] * (s1 - s0),
-                               encoded(steps, rs.codec.codec, rs.codec.window), lm.eos_ids)
+            steps = teacher_forced_steps(
+                lm.bridge, seen.ids[0], tokens[s0:s1], length[s0:s1], input_device(lm.bridge)
+            )
+            writer.write_batch(
+                s0, [0] * (s1 - s0), encoded(steps, rs.codec.codec, rs.codec.window), lm.eos_ids
+            )
             check.after(seen.ids[0], s0, s1 - s0)
 
-        fill(1, n, rs.batch_size, writer.n_complete, f"answers {lm.key}", write,
-             progress=rs.progress, device=rs.device)
+        fill(
+            1,
+            n,
+            rs.batch_size,
+            writer.n_complete,
+            f"answers {lm.key}",
+            write,
+            progress=rs.progress,
+            device=rs.device,
+        )
         writer.finish()
     log.info("wrote %s: %d candidates scored by %s", plan.out, n, lm.key)
     return {"archive": str(plan.out), "model": lm.key, "candidates": n, "max_tokens": T}
@@ -141,4 +158,3 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-

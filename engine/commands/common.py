@@ -5,7 +5,7 @@ Not a verb (`engine.commands.VERBS` lists those)."""
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 def run_key(cfg: DictConfig, keys: Iterable[str], **extra) -> dict:
     """Settings that decide an archive's content (the model always among them); a resumed run
     must match them exactly."""
-    out = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k]
-           for k in keys}
+    out = {
+        k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys
+    }
     out["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     return {**out, **extra}
 

@@ -27,8 +27,19 @@ from engine.runtime.schedule import plan_shard
 from engine.runtime.settings import ModelSpec, Output, RunSettings, Sampling, Shape
 
 log = logging.getLogger(__name__)
-KEYS = ("n_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size",
-        "chat_template", "codec", "q16_window", "capture")
+KEYS = (
+    "n_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "batch_size",
+    "chat_template",
+    "codec",
+    "q16_window",
+    "capture",
+)
 
 
 def capture_dims(lm, prompt_ids, capture) -> dict[str, int]:
@@ -42,8 +53,10 @@ def capture_dims(lm, prompt_ids, capture) -> dict[str, int]:
     dims = {}
     for name, a in first.acts.items():
         if a.dim() != 2:
-            raise EngineError(f"hook {name} gives {tuple(a.shape)} per row; only hooks shaped "
-                              f"[batch, pos, d] can be captured per step")
+            raise EngineError(
+                f"hook {name} gives {tuple(a.shape)} per row; only hooks shaped "
+                f"[batch, pos, d] can be captured per step"
+            )
         dims[name] = int(a.shape[-1])
     return dims
 
@@ -53,11 +66,11 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
     prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
-    shard = plan_shard(cfg.shard, cfg.num_shards, len(prompts), sampling.n_samples,
-                       rs.batch_size)
+    shard = plan_shard(cfg.shard, cfg.num_shards, len(prompts), sampling.n_samples, rs.batch_size)
     rs = R.shard_device(rs, shard)
-    key = run_key(cfg, KEYS, prompts=prompts, device=R.device_type(rs.device),
-                  batch_size=rs.batch_size)
+    key = run_key(
+        cfg, KEYS, prompts=prompts, device=R.device_type(rs.device), batch_size=rs.batch_size
+    )
     if shard is not None:  # the shard's own key; `merge` drops it again
         key["shard"] = [shard.index, shard.count]
     plan = output.plan_output(Output.from_cfg(cfg), key)
@@ -65,11 +78,21 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     seen = R.read_prompts(lm, prompts, cfg.chat_template)
     # one hook point may be given bare: capture=blocks.0.hook_resid_post
     capture = [str(cfg.capture)] if isinstance(cfg.capture, str) else [str(c) for c in cfg.capture]
-    shape = Shape(sampling.n_samples, sampling.max_new_tokens,
-                  config_yaml(cfg, batch_size=rs.batch_size, device=rs.device))
-    create = (lambda partial: R.create_archive(
-        partial, key, shape, prompts, R.model_info(lm, seen), rs.codec,
-        capture_dims(lm, seen.ids[0], capture), shard))
+    shape = Shape(
+        sampling.n_samples,
+        sampling.max_new_tokens,
+        config_yaml(cfg, batch_size=rs.batch_size, device=rs.device),
+    )
+    create = lambda partial: R.create_archive(
+        partial,
+        key,
+        shape,
+        prompts,
+        R.model_info(lm, seen),
+        rs.codec,
+        capture_dims(lm, seen.ids[0], capture),
+        shard,
+    )
     with output.new_archive(plan, "dump", create, key) as writer:
         lo, hi = writer.span(len(prompts) * sampling.n_samples)
         done = writer.n_complete
@@ -77,14 +100,23 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
             log.info("resuming %s at sample %d of %d", plan.partial, done, hi - lo)
         check = R.sample_all(writer, lm, seen.ids, sampling.n_samples, sampling, rs, capture)
     size = plan.out.stat().st_size
-    where = "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
+    where = (
+        "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
+    )
     log.info("wrote %s (%d samples%s, %.1f MiB)", plan.out, hi - lo, where, size / 2**20)
-    return {"archive": str(plan.out), "model": lm.key, "samples": hi - lo,
-            "prompts": len(prompts), "max_new_tokens": sampling.max_new_tokens,
-            "vocab": lm.vocab_size, "codec": rs.codec.codec, "bytes": size,
-            "resumed_from": done if plan.resuming else None,
-            "self_check": None if check is None else dataclasses.asdict(check),
-            "shard": None if shard is None else [shard.index, shard.count, lo, hi]}
+    return {
+        "archive": str(plan.out),
+        "model": lm.key,
+        "samples": hi - lo,
+        "prompts": len(prompts),
+        "max_new_tokens": sampling.max_new_tokens,
+        "vocab": lm.vocab_size,
+        "codec": rs.codec.codec,
+        "bytes": size,
+        "resumed_from": done if plan.resuming else None,
+        "self_check": None if check is None else dataclasses.asdict(check),
+        "shard": None if shard is None else [shard.index, shard.count, lo, hi],
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="dump")

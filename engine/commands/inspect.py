@@ -13,48 +13,61 @@ import sys
 import numpy as np
 
 import kernels as K
-from engine.cli import parse_samples, user_errors
-from engine.errors import EngineError
 from engine.archive import Archive, ModelView
 from engine.archive.format import FINISH_REASONS
+from engine.cli import parse_samples, user_errors
+from engine.errors import EngineError
 from kernels import reference
 
 
 def summary(a: Archive) -> str:
     size = a.size_bytes
     s = a.samples()
-    lines = [f"archive  {a.path}  ({size / 2**20:.1f} MiB on disk)",
-             f"format   logit-archive v{a.format_version}, "
-             + ("complete" if a.complete else f"INCOMPLETE: {a.n_complete} of {a.n_samples} samples"),
-             f"created  {a.created or '?'}  git {a.git_commit or '?'}",
-             f"packages {', '.join(f'{k} {v}' for k, v in a.packages.items() if v)}",
-             f"prompts  {len(a.prompts)}"]
+    lines = [
+        f"archive  {a.path}  ({size / 2**20:.1f} MiB on disk)",
+        f"format   logit-archive v{a.format_version}, "
+        + ("complete" if a.complete else f"INCOMPLETE: {a.n_complete} of {a.n_samples} samples"),
+        f"created  {a.created or '?'}  git {a.git_commit or '?'}",
+        f"packages {', '.join(f'{k} {v}' for k, v in a.packages.items() if v)}",
+        f"prompts  {len(a.prompts)}",
+    ]
     if a.shard:
         d = a.shard
-        lines.insert(2, f"shard    {d.index} of {d.count}: samples {d.start}..{d.stop - 1} "
-                        f"of {d.total} (join the shards with `python -m engine merge`)")
+        lines.insert(
+            2,
+            f"shard    {d.index} of {d.count}: samples {d.start}..{d.stop - 1} "
+            f"of {d.total} (join the shards with `python -m engine merge`)",
+        )
     how = "rows read from" if a.model().logits.is_virtual else "copied from"
-    lines[2:2] = [f"merged   shard {r['index']}: samples {r['start']}..{r['stop'] - 1} {how} "
-                  f"{r['path']} (host {r['host'] or '?'}, sha256 {r['sha256'][:16]})"
-                  for r in a.merged_from]
+    lines[2:2] = [
+        f"merged   shard {r['index']}: samples {r['start']}..{r['stop'] - 1} {how} "
+        f"{r['path']} (host {r['host'] or '?'}, sha256 {r['sha256'][:16]})"
+        for r in a.merged_from
+    ]
     for i, p in enumerate(a.prompts):
         lines.append(f"  [{i}] {p!r}  ({int(np.sum(s['prompt_index'] == i))} samples)")
     n = len(s["length"])
     mean_len = float(s["length"].mean()) if n else 0.0
     reasons = {k: int(np.sum(s["finish_reason"] == v)) for k, v in FINISH_REASONS.items()}
     bad = f"  ended on non-finite logits {reasons['nonfinite']}" if reasons["nonfinite"] else ""
-    lines.append(f"samples  {n}  steps <= {a.max_new_tokens}  mean length {mean_len:.1f}  "
-                 f"ended by EOS {reasons['eos']}{bad}")
+    lines.append(
+        f"samples  {n}  steps <= {a.max_new_tokens}  mean length {mean_len:.1f}  "
+        f"ended by EOS {reasons['eos']}{bad}"
+    )
     lines.append(f"models   {len(a.models)} (generator: {a.generator})")
     for key, m in a.models.items():
         p = m.provenance
         nbytes = m.storage_bytes
-        lines.append(f"  {key}: source={p.get('source')} name={p.get('name')} "
-                     f"dtype={p.get('dtype')} vocab={m.vocab_size} codec={m.codec} "
-                     f"chunks=(1, {m.chunk_steps}, {m.vocab_size}) logits {nbytes / 2**20:.1f} MiB")
-        lines.append(f"    revision={p.get('revision') or '-'} "
-                     f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
-                     f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}")
+        lines.append(
+            f"  {key}: source={p.get('source')} name={p.get('name')} "
+            f"dtype={p.get('dtype')} vocab={m.vocab_size} codec={m.codec} "
+            f"chunks=(1, {m.chunk_steps}, {m.vocab_size}) logits {nbytes / 2**20:.1f} MiB"
+        )
+        lines.append(
+            f"    revision={p.get('revision') or '-'} "
+            f"weights_sha256={(p.get('weights_sha256') or '-')[:16]} "
+            f"tokenizer={p.get('tokenizer_name')} vocab_hash={str(p.get('vocab_hash'))[:16]}"
+        )
         lines.append(f"    {self_check_line(m)}")
         if m.activations:
             lines.append(f"    activations: {', '.join(m.activations)}")
@@ -64,8 +77,9 @@ def summary(a: Archive) -> str:
     lin = a.lineage()
     if lin is not None:
         lines.append(f"lineage  from {lin['source_archive']}")
-        for i, (par, var, cut, ed) in enumerate(zip(lin["parent_sample"], lin["variant"],
-                                                    lin["cut"], lin["edit"])):
+        for i, (par, var, cut, ed) in enumerate(
+            zip(lin["parent_sample"], lin["variant"], lin["cut"], lin["edit"])
+        ):
             lines.append(f"  prompt [{i}] parent {par} {var} cut {cut}: {ed}")
     return "\n".join(lines)
 
@@ -77,8 +91,10 @@ def self_check_line(m: ModelView) -> str:
         why = "teacher-forced group" if m.role == "scored" else "not recorded"
         return f"self-check: none ({why})"
     verdict = "ok" if c["max_abs_diff"] <= c["bound"] else "FAILED"
-    return (f"self-check: {verdict}, max |d log p| {c['max_abs_diff']:.3g} nats (bound "
-            f"{c['bound']:.3g}) on sample {c['sample']}, {c['steps']} steps")
+    return (
+        f"self-check: {verdict}, max |d log p| {c['max_abs_diff']:.3g} nats (bound "
+        f"{c['bound']:.3g}) on sample {c['sample']}, {c['steps']} steps"
+    )
 
 
 def _check_sample(a: Archive, sample: int) -> int:
@@ -104,11 +120,13 @@ def topk(a: Archive, m: ModelView, sample: int, step: int, k: int) -> str:
     order = np.argsort(-lp, kind="stable")
     chosen = int(s["tokens"][sample, step])
     rank = int(np.sum(lp > lp[chosen])) + 1
-    out = [f"context  {text(list(prompt_ids) + list(gen))!r}",
-           f"step {step} of sample {sample} ({m.key}): entropy {h:.4f} nats = {h / np.log(2):.4f} bits, "
-           f"branching factor exp(H) {np.exp(h):.2f}",
-           f"sampled  {text.piece(chosen)!r} (id {chosen}) p={p[chosen]:.4f} rank {rank}",
-           f"top-{k}:"]
+    out = [
+        f"context  {text(list(prompt_ids) + list(gen))!r}",
+        f"step {step} of sample {sample} ({m.key}): entropy {h:.4f} nats = {h / np.log(2):.4f} bits, "
+        f"branching factor exp(H) {np.exp(h):.2f}",
+        f"sampled  {text.piece(chosen)!r} (id {chosen}) p={p[chosen]:.4f} rank {rank}",
+        f"top-{k}:",
+    ]
     for r, i in enumerate(order[:k], 1):
         out.append(f"  {r:>3}  p={p[i]:.4f}  logp={lp[i]:9.4f}  id {int(i):>6}  {text.piece(i)!r}")
     return "\n".join(out)
@@ -134,8 +152,11 @@ def render(a: Archive, m: ModelView, samples, colour: bool = True) -> str:
     s = a.samples()
     text = m.text
     lin = a.lineage()
-    out = ["probability of each sampled token: red = low, green = high" if colour else
-           "each sampled token followed by its probability ⟨p⟩"]
+    out = [
+        "probability of each sampled token: red = low, green = high"
+        if colour
+        else "each sampled token followed by its probability ⟨p⟩"
+    ]
     for i in samples:
         n = int(s["length"][i])
         toks = s["tokens"][i, :n]
@@ -144,27 +165,42 @@ def render(a: Archive, m: ModelView, samples, colour: bool = True) -> str:
         body = "".join(_colour(float(pr), text.piece(t), colour) for t, pr in zip(toks, probs))
         where = ""
         if lin is not None:  # perturbation archive: say which prefix this continuation read
-            where = (f", {lin['variant'][p]} of parent {int(lin['parent_sample'][p])}"
-                     f" (cut {int(lin['cut'][p])}): {lin['edit'][p]}")
-        out.append(f"--- sample {i} ({m.key}, prompt {p}{where}, mean p "
-                   f"{probs.mean() if n else 0:.3f})\n{m.prompt_text[p]}{body}")
+            where = (
+                f", {lin['variant'][p]} of parent {int(lin['parent_sample'][p])}"
+                f" (cut {int(lin['cut'][p])}): {lin['edit'][p]}"
+            )
+        out.append(
+            f"--- sample {i} ({m.key}, prompt {p}{where}, mean p "
+            f"{probs.mean() if n else 0:.3f})\n{m.prompt_text[p]}{body}"
+        )
     return "\n".join(out)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine inspect", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m engine inspect", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("archive")
     ap.add_argument("--model", help="model group (default: the generator)")
     ap.add_argument("--sample", type=int, help="sample index")
     ap.add_argument("--step", type=int, help="step index (with --sample)")
     ap.add_argument("--topk", type=int, default=10, help="top-K next tokens to list (default 10)")
-    ap.add_argument("--render", action="store_true",
-                    help="print completions coloured by each token's probability")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="print completions coloured by each token's probability",
+    )
     ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
-    ap.add_argument("--samples", help="samples to render, e.g. 0,8 or 0,3,10-20 (ranges "
-                    "inclusive; rendered in index order)")
-    ap.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                    help="ANSI colours for --render (auto: on a terminal, unless NO_COLOR is set)")
+    ap.add_argument(
+        "--samples",
+        help="samples to render, e.g. 0,8 or 0,3,10-20 (ranges inclusive; rendered in index order)",
+    )
+    ap.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="ANSI colours for --render (auto: on a terminal, unless NO_COLOR is set)",
+    )
     return ap
 
 
@@ -190,8 +226,10 @@ def main(argv: list[str]) -> int:
                     raise EngineError("--step needs --sample")
                 print(topk(a, m, args.sample, args.step, args.topk))
             elif args.sample is not None:
-                raise EngineError(f"--sample {args.sample} needs --step T (its top-k next tokens) "
-                                  f"or --render (its completion)")
+                raise EngineError(
+                    f"--sample {args.sample} needs --step T (its top-k next tokens) "
+                    f"or --render (its completion)"
+                )
             else:
                 print(summary(a))
     return 0

@@ -54,10 +54,13 @@ def open_shards(paths: list[Path]) -> list[Archive]:
     shards = []
     try:
         for p in paths:
-            if p.name.endswith(".partial") or (not p.exists() and
-                                               p.with_name(p.name + ".partial").exists()):
-                raise EngineError(f"shard {p} is still .partial: finish it first (run its dump "
-                                  f"again with resume=true)")
+            if p.name.endswith(".partial") or (
+                not p.exists() and p.with_name(p.name + ".partial").exists()
+            ):
+                raise EngineError(
+                    f"shard {p} is still .partial: finish it first (run its dump "
+                    f"again with resume=true)"
+                )
             a = Archive(p)
             shards.append(a)
             if a.shard is None:
@@ -82,36 +85,49 @@ def check(shards: list[Archive]) -> None:
         if run_key(a) != key:
             other = run_key(a)
             diff = sorted(k for k in set(key) | set(other) if key.get(k) != other.get(k))
-            raise EngineError(f"{a.path} comes from a different run than {first.path} "
-                              f"(settings differ: {', '.join(diff)})")
+            raise EngineError(
+                f"{a.path} comes from a different run than {first.path} "
+                f"(settings differ: {', '.join(diff)})"
+            )
     expect = 0
     for a in shards:
         start, stop = a.shard.start, a.shard.stop
         if start < expect:
-            raise EngineError(f"{_samples(start, min(stop, expect))} in two shards (one of "
-                              f"them {a.path})")
+            raise EngineError(
+                f"{_samples(start, min(stop, expect))} in two shards (one of them {a.path})"
+            )
         if start > expect:
-            raise EngineError(f"{_samples(expect, start, total)} missing: give every shard "
-                              f"of the run")
+            raise EngineError(
+                f"{_samples(expect, start, total)} missing: give every shard of the run"
+            )
         expect = stop
     if expect != total:
-        raise EngineError(f"{_samples(expect, total, total)} missing: give every shard of "
-                          f"the run")
+        raise EngineError(f"{_samples(expect, total, total)} missing: give every shard of the run")
     for a in shards:
         if set(a.models) != set(first.models):
-            raise EngineError(f"{a.path} has model groups {sorted(a.models)}, {first.path} has "
-                              f"{sorted(first.models)}: score every shard alike before merging")
+            raise EngineError(
+                f"{a.path} has model groups {sorted(a.models)}, {first.path} has "
+                f"{sorted(first.models)}: score every shard alike before merging"
+            )
         for k, m in a.models.items():
             m0 = first.models[k]
             if not m.complete:
-                raise EngineError(f"model group {k!r} of {a.path} is partial: finish scoring "
-                                  f"it (resume=true) before merging")
-            same = (m.codec == m0.codec and m.logits.shape[1:] == m0.logits.shape[1:]
-                    and m.score_key == m0.score_key and m.activations == m0.activations
-                    and m.provenance.get("vocab_hash") == m0.provenance.get("vocab_hash"))
+                raise EngineError(
+                    f"model group {k!r} of {a.path} is partial: finish scoring "
+                    f"it (resume=true) before merging"
+                )
+            same = (
+                m.codec == m0.codec
+                and m.logits.shape[1:] == m0.logits.shape[1:]
+                and m.score_key == m0.score_key
+                and m.activations == m0.activations
+                and m.provenance.get("vocab_hash") == m0.provenance.get("vocab_hash")
+            )
             if not same:
-                raise EngineError(f"model group {k!r} differs between {first.path} and {a.path} "
-                                  f"(codec, shape, tokenizer or scoring settings)")
+                raise EngineError(
+                    f"model group {k!r} differs between {first.path} and {a.path} "
+                    f"(codec, shape, tokenizer or scoring settings)"
+                )
 
 
 def _samples(lo: int, hi: int, total: int | None = None) -> str:
@@ -121,30 +137,53 @@ def _samples(lo: int, hi: int, total: int | None = None) -> str:
 
 def record(a: Archive, out_dir: Path, bar: tqdm) -> dict:
     """What `merged_from` keeps of one shard."""
-    return {**{k: v for k, v in asdict(a.shard).items() if k != "total"},
-            "path": os.path.relpath(a.path, out_dir), "bytes": a.size_bytes,
-            "sha256": sha256_file(a.path, progress=bar.update),
-            "host": str(a.f.attrs.get(F.HOST, "")), "created": a.created,
-            "git_commit": a.git_commit,
-            "devices": {k: str(m.provenance.get("device_name") or m.provenance.get("device", ""))
-                        for k, m in a.models.items()},
-            "self_checks": {k: m.self_check for k, m in a.models.items()}}
+    return {
+        **{k: v for k, v in asdict(a.shard).items() if k != "total"},
+        "path": os.path.relpath(a.path, out_dir),
+        "bytes": a.size_bytes,
+        "sha256": sha256_file(a.path, progress=bar.update),
+        "host": str(a.f.attrs.get(F.HOST, "")),
+        "created": a.created,
+        "git_commit": a.git_commit,
+        "devices": {
+            k: str(m.provenance.get("device_name") or m.provenance.get("device", ""))
+            for k, m in a.models.items()
+        },
+        "self_checks": {k: m.self_check for k, m in a.models.items()},
+    }
 
 
 def write(partial: Path, shards: list[Archive], copy: bool, progress: bool) -> int:
     """Record every shard (sha256 of its bytes) and write the merged layout to `partial`
     (`engine.archive.write_merged`; a copy checks each sample against its shard's checksum)."""
     nbytes = sum(a.size_bytes for a in shards)
-    with tqdm(total=nbytes * (2 if copy else 1), unit="B", unit_scale=True, desc="merge",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=nbytes * (2 if copy else 1),
+        unit="B",
+        unit_scale=True,
+        desc="merge",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         records = [record(a, partial.parent, bar) for a in shards]
-        write_merged(partial, shards, run_key=run_key(shards[0]), records=records, copy=copy,
-                     progress=bar.update)
+        write_merged(
+            partial,
+            shards,
+            run_key=run_key(shards[0]),
+            records=records,
+            copy=copy,
+            progress=bar.update,
+        )
     return partial.stat().st_size
 
 
-def merge(out: str | Path, patterns: list[str], copy: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict:
+def merge(
+    out: str | Path,
+    patterns: list[str],
+    copy: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Merge the shards matching `patterns` into `out`; returns a summary."""
     out = Path(out).expanduser().resolve()
     if out.is_dir():
@@ -164,16 +203,24 @@ def merge(out: str | Path, patterns: list[str], copy: bool = False, overwrite: b
             a.close()
     with Archive(out) as a:  # the merged file must open as an archive (and its shards found)
         n = a.n_samples
-    return {"archive": str(out), "shards": len(shards), "samples": n, "bytes": size,
-            "virtual": not copy}
+    return {
+        "archive": str(out),
+        "shards": len(shards),
+        "samples": n,
+        "bytes": size,
+        "virtual": not copy,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine merge", description=__doc__.split("\n")[0])
     ap.add_argument("out", help="the merged archive to write")
     ap.add_argument("shards", nargs="+", help="shard archives, or quoted globs ('run/*/logits.h5')")
-    ap.add_argument("--copy", action="store_true",
-                    help="copy the rows into OUT (self-contained) instead of referencing the shards")
+    ap.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy the rows into OUT (self-contained) instead of referencing the shards",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -184,6 +231,9 @@ def main(argv: list[str]) -> int:
     with user_errors():
         r = merge(args.out, args.shards, args.copy, args.overwrite, not args.no_progress)
     how = "self-contained copy" if args.copy else "virtual datasets over the shard files"
-    print(f"merged {r['shards']} shards ({r['samples']} samples, {how}): {r['archive']} "
-          f"({r['bytes'] / 2**20:.1f} MiB)", file=sys.stdout)
+    print(
+        f"merged {r['shards']} shards ({r['samples']} samples, {how}): {r['archive']} "
+        f"({r['bytes'] / 2**20:.1f} MiB)",
+        file=sys.stdout,
+    )
     return 0

@@ -33,9 +33,23 @@ from engine.runtime.sampling import sample_seed
 from engine.runtime.settings import ModelSpec, Output, RunSettings, Sampling, Shape, model_for
 
 log = logging.getLogger(__name__)
-KEYS = ("source", "parents", "cut_after", "cut_at", "edit", "fork", "n_samples",
-        "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size", "codec",
-        "q16_window")
+KEYS = (
+    "source",
+    "parents",
+    "cut_after",
+    "cut_at",
+    "edit",
+    "fork",
+    "n_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "batch_size",
+    "codec",
+    "q16_window",
+)
 
 
 def cut_position(tokenizer, tokens, after: str | None, at: int | None) -> int:
@@ -76,7 +90,9 @@ def choose_parents(src: archive.Archive, tok, cfg) -> list[int]:
         return [int(p) for p in cfg.parents]
     s = src.samples()
     for i in np.flatnonzero(s["prompt_index"] == 0):
-        if cfg.cut_after is None or cfg.cut_after in tok.decode(s["tokens"][i, : int(s["length"][i])]):
+        if cfg.cut_after is None or cfg.cut_after in tok.decode(
+            s["tokens"][i, : int(s["length"][i])]
+        ):
             return [int(i)]
     raise EngineError(f"no completion of prompt 0 contains cut_after={cfg.cut_after!r}")
 
@@ -106,15 +122,27 @@ def variants(src: archive.Archive, lm, cfg) -> list[dict]:
             cut = cut_position(tok, comp, cfg.cut_after, cfg.cut_at)
             deleted = min(int(cfg.edit.delete), cut)
             kept = comp[:cut]
-            text, desc = apply_edit(tok.decode(prompt_ids + kept[: cut - deleted]), cfg.edit, deleted)
+            text, desc = apply_edit(
+                tok.decode(prompt_ids + kept[: cut - deleted]), cfg.edit, deleted
+            )
             # the edited text is re-tokenized whole (special-token strings map back to ids)
             pert_full = tok(text, add_special_tokens=False)["input_ids"]
             kind = "edit"
-        for variant, ids, d in (("control", prompt_ids + kept, "unperturbed prefix"),
-                                (kind, pert_full, desc)):
+        for variant, ids, d in (
+            ("control", prompt_ids + kept, "unperturbed prefix"),
+            (kind, pert_full, desc),
+        ):
             ids = [int(i) for i in ids]
-            out.append({"parent": parent, "variant": variant, "cut": cut, "edit": d,
-                        "prompt_ids": ids, "text": tok.decode(ids)})
+            out.append(
+                {
+                    "parent": parent,
+                    "variant": variant,
+                    "cut": cut,
+                    "edit": d,
+                    "prompt_ids": ids,
+                    "text": tok.decode(ids),
+                }
+            )
     return out
 
 
@@ -128,8 +156,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     with archive.Archive(cfg.source) as src:
         gen = src.model()
         if model is None and spec.group != gen.key and not output.overridden("model"):
-            raise EngineError(f"{cfg.source} was sampled by {gen.key}; perturb continues "
-                              f"with the same model: pass {model_for(gen.key, gen.provenance)}")
+            raise EngineError(
+                f"{cfg.source} was sampled by {gen.key}; perturb continues "
+                f"with the same model: pass {model_for(gen.key, gen.provenance)}"
+            )
         lm = R.load(spec, rs, model)
         R.check_tokenizer(src.model().provenance, lm)
         vs = variants(src, lm, cfg)
@@ -151,8 +181,11 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     with output.new_archive(plan, "perturb", create, key) as writer:
         R.sample_all(writer, lm, rendered.ids, M, sampling, rs, seed_of=seed_of)
     log.info("wrote %s: %d variants x %d continuations", plan.out, len(vs), M)
-    return {"archive": str(plan.out), "samples": len(vs) * M,
-            "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")} for v in vs]}
+    return {
+        "archive": str(plan.out),
+        "samples": len(vs) * M,
+        "variants": [{k: v[k] for k in ("parent", "variant", "cut", "edit")} for v in vs],
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="perturb")

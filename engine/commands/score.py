@@ -46,9 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def score_key(cfg: DictConfig) -> dict:
-    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
-           "chat_template": cfg.chat_template, "codec": cfg.codec,
-           "allow_tokenizer_mismatch": cfg.allow_tokenizer_mismatch}
+    key = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "chat_template": cfg.chat_template,
+        "codec": cfg.codec,
+        "allow_tokenizer_mismatch": cfg.allow_tokenizer_mismatch,
+    }
     if cfg.counterpart:
         key["counterpart"] = True
     return key
@@ -59,26 +62,36 @@ def counterpart_prompts(a: archive.Archive, key: str) -> R.Rendered:
     (control <-> variant: prompt p reads prompt p XOR 1), token for token as the generator
     read it, so every continuation is teacher-forced after the other prefix of its pair."""
     if a.lineage() is None:
-        raise EngineError("counterpart=true needs an archive from `python -m engine perturb` "
-                          "(this one has no /lineage)")
+        raise EngineError(
+            "counterpart=true needs an archive from `python -m engine perturb` "
+            "(this one has no /lineage)"
+        )
     gen = a.model()
     if key != gen.key:
-        raise EngineError(f"counterpart=true teacher-forces the generator itself: pass "
-                          f"{model_for(gen.key, gen.provenance)}")
+        raise EngineError(
+            f"counterpart=true teacher-forces the generator itself: pass "
+            f"{model_for(gen.key, gen.provenance)}"
+        )
     n = len(a.prompts)
-    return R.Rendered(False, [gen.prompt_text[p ^ 1] for p in range(n)],
-                      [gen.prompt_tokens(p ^ 1) for p in range(n)])
+    return R.Rendered(
+        False,
+        [gen.prompt_text[p ^ 1] for p in range(n)],
+        [gen.prompt_tokens(p ^ 1) for p in range(n)],
+    )
 
 
 def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
     """Refusals that need no model: the generator's own key, a complete group without
     overwrite (checked again, with resume rules, when the group is opened for writing)."""
     if key == a.generator:
-        raise EngineError(f"model {key!r} is the archive's generator; score it under another "
-                          f"group name (model.key=...)")
+        raise EngineError(
+            f"model {key!r} is the archive's generator; score it under another "
+            f"group name (model.key=...)"
+        )
     if key in a.models and a.models[key].complete and not cfg.overwrite:
-        raise EngineError(f"the archive already has model {key!r}; pass overwrite=true to "
-                          f"replace it")
+        raise EngineError(
+            f"the archive already has model {key!r}; pass overwrite=true to replace it"
+        )
 
 
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
@@ -104,24 +117,39 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     R.check_tokenizer(gen_prov, lm, cfg.allow_tokenizer_mismatch)
     top = int(samples["tokens"].max(initial=-1))
     if top >= lm.vocab_size:  # only possible with allow_tokenizer_mismatch: refuse, write nothing
-        raise EngineError(f"the archive's completions use token id {top}, outside {lm.key}'s "
-                          f"vocabulary of {lm.vocab_size}: it cannot score them")
+        raise EngineError(
+            f"the archive's completions use token id {top}, outside {lm.key}'s "
+            f"vocabulary of {lm.vocab_size}: it cannot score them"
+        )
     if partner is not None:
         lm = dataclasses.replace(lm, key=group)
     seen = partner or R.read_prompts(lm, prompts, chat)
-    info = R.model_info(lm, seen, role="scored",
-                        score_key=json.dumps(score_key(cfg), sort_keys=True))
+    info = R.model_info(
+        lm, seen, role="scored", score_key=json.dumps(score_key(cfg), sort_keys=True)
+    )
     total = len(samples["length"])
-    w, resuming = archive.open_scored_group(path, info, codec=codec.codec, window=codec.window,
-                                            resume=cfg.resume, overwrite=cfg.overwrite)
-    with output.writing(f"group {lm.key} of {path}",
-                        output.continue_command("score", "resume=true"), w):
+    w, resuming = archive.open_scored_group(
+        path,
+        info,
+        codec=codec.codec,
+        window=codec.window,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+    )
+    with output.writing(
+        f"group {lm.key} of {path}", output.continue_command("score", "resume=true"), w
+    ):
         done = w.n_complete
 
         def write(p, g0, g1):  # global sample indices -> this file's
             s0, s1 = g0 - span[0], g1 - span[0]
-            steps = teacher_forced_steps(lm.bridge, seen.ids[p], samples["tokens"][s0:s1],
-                                         samples["length"][s0:s1], input_device(lm.bridge))
+            steps = teacher_forced_steps(
+                lm.bridge,
+                seen.ids[p],
+                samples["tokens"][s0:s1],
+                samples["length"][s0:s1],
+                input_device(lm.bridge),
+            )
 
             def consume(rows):  # on the writer thread: the batch's rows, then its commit
                 _, length, _ = w.write(s0, s1 - s0, rows)
@@ -132,17 +160,33 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
             try:
                 pipe.batch(consume, (to_host(st, codec.codec, codec.window) for st in steps))
             except NonFiniteLogits as exc:
-                raise EngineError(f"non-finite logits (NaN, +inf or no finite entry) from "
-                                  f"model {lm.key} at sample {s0 + exc.rows[0]}, step "
-                                  f"{exc.step}; nothing of this batch was committed") from None
+                raise EngineError(
+                    f"non-finite logits (NaN, +inf or no finite entry) from "
+                    f"model {lm.key} at sample {s0 + exc.rows[0]}, step "
+                    f"{exc.step}; nothing of this batch was committed"
+                ) from None
 
         with overlapped(rs.write_thread) as pipe:
-            fill(len(prompts), per_prompt, rs.batch_size, done, f"score {lm.key}", write, span,
-                 rs.progress, rs.device)
+            fill(
+                len(prompts),
+                per_prompt,
+                rs.batch_size,
+                done,
+                f"score {lm.key}",
+                write,
+                span,
+                rs.progress,
+                rs.device,
+            )
         w.finish()
     log.info("scored %s into %s (%d samples)", lm.key, path, total)
-    return {"archive": str(path), "model": lm.key, "samples": total, "codec": codec.codec,
-            "resumed_from": done if resuming else None}
+    return {
+        "archive": str(path),
+        "model": lm.key,
+        "samples": total,
+        "codec": codec.codec,
+        "resumed_from": done if resuming else None,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="score")

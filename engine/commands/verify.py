@@ -17,9 +17,9 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +29,6 @@ from engine.archive.checksums import digest, stream
 from engine.cli import parse_samples, user_errors
 from engine.errors import EngineError
 
-
 #: what h5py and the mapped reader raise on a damaged chunk index or metadata
 UNREADABLE = (OSError, RuntimeError, ValueError)
 
@@ -37,6 +36,7 @@ UNREADABLE = (OSError, RuntimeError, ValueError)
 @dataclass
 class Mismatch:
     """One stored checksum that the bytes no longer give."""
+
     sample: int
     group: str
     dataset: str  # relative to the group
@@ -46,13 +46,16 @@ class Mismatch:
     def line(self) -> str:
         if self.dataset.startswith("(unreadable"):
             return f"UNREADABLE sample {self.sample} model {self.group} {self.dataset}"
-        return (f"MISMATCH sample {self.sample} model {self.group} {self.dataset}: stored "
-                f"{self.stored:016x}, computed {self.computed:016x}")
+        return (
+            f"MISMATCH sample {self.sample} model {self.group} {self.dataset}: stored "
+            f"{self.stored:016x}, computed {self.computed:016x}"
+        )
 
 
 @dataclass
 class Report:
     """What one verification compared and found."""
+
     path: str
     samples: int = 0  # samples checked (in at least one group)
     checks: int = 0  # checksums compared
@@ -68,15 +71,19 @@ class Report:
 
     def summary(self) -> str:
         rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-        head = (f"{self.checks} checksums of {self.samples} samples, "
-                f"{tqdm.format_sizeof(self.bytes, 'B')} in {self.seconds:.2f} s ({rate:.2f} GB/s)")
+        head = (
+            f"{self.checks} checksums of {self.samples} samples, "
+            f"{tqdm.format_sizeof(self.bytes, 'B')} in {self.seconds:.2f} s ({rate:.2f} GB/s)"
+        )
         if self.ok:
             line = f"ok: {head}: all match"
         else:
             bad = sorted({m.sample for m in self.mismatches})
             shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-            line = (f"DAMAGED: {len(self.mismatches)} of {head} differ, in {len(bad)} "
-                    f"sample{'s' if len(bad) > 1 else ''} ({shown})")
+            line = (
+                f"DAMAGED: {len(self.mismatches)} of {head} differ, in {len(bad)} "
+                f"sample{'s' if len(bad) > 1 else ''} ({shown})"
+            )
         if self.unverified:
             line += f"; not verified (no checksums): {', '.join(self.unverified)}"
         for key, n in self.partial.items():
@@ -84,16 +91,22 @@ class Report:
         return line
 
 
-def verify(path: str | Path, samples: str | None = None, progress: bool = True,
-           report: Callable[[str], object] = print) -> Report:
+def verify(
+    path: str | Path,
+    samples: str | None = None,
+    progress: bool = True,
+    report: Callable[[str], object] = print,
+) -> Report:
     """Recompute the checksums of `path` (all complete samples, or the `samples` spec, e.g.
     `0,3,10-20`), calling `report` with each mismatch's line as it is found."""
     t = time.perf_counter()
     with Archive(path) as a:
         groups = {k: m for k, m in a.models.items() if m.checksum_columns is not None}
         if not groups:
-            raise EngineError(f"no checksums (format version {a.format_version}): {path} was "
-                              f"written before archives carried them; nothing to verify")
+            raise EngineError(
+                f"no checksums (format version {a.format_version}): {path} was "
+                f"written before archives carried them; nothing to verify"
+            )
         chosen = parse_samples(samples, a.n_complete) if samples else list(range(a.n_complete))
         out = Report(path=str(path), unverified=[k for k in a.models if k not in groups])
         lengths = a.samples()["length"]
@@ -101,8 +114,14 @@ def verify(path: str | Path, samples: str | None = None, progress: bool = True,
         out.partial = {k: m.n_complete for k, m in groups.items() if m.n_complete < a.n_complete}
         out.samples = len({i for mine in plan.values() for i in mine})
         total = sum(_bytes(m, lengths[plan[k]]) for k, m in groups.items())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="verify",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
             for key, m in groups.items():
                 for bad in _check_group(a, m, plan[key], _counting(out, bar)):
                     out.mismatches.append(bad)
@@ -116,25 +135,31 @@ def _counting(out: Report, bar: tqdm) -> Callable[[int], None]:
     def count(nbytes: int) -> None:
         out.bytes += nbytes
         bar.update(nbytes)
+
     return count
 
 
 def _bytes(m: ModelView, lengths: np.ndarray) -> int:
     """Stored bytes of steps [0, length) of every checksummed dataset, over these samples."""
     steps = int(np.sum(lengths))
-    return sum(steps * _dataset(m, name).dtype.itemsize * int(np.prod(_dataset(m, name).shape[2:]))
-               for name in m.checksum_columns)
+    return sum(
+        steps * _dataset(m, name).dtype.itemsize * int(np.prod(_dataset(m, name).shape[2:]))
+        for name in m.checksum_columns
+    )
 
 
 def _dataset(m: ModelView, name: str):
     if name not in m.group:
-        raise EngineError(f"model {m.key!r} has checksums of {name!r} but no such dataset "
-                          f"(damaged or foreign archive)")
+        raise EngineError(
+            f"model {m.key!r} has checksums of {name!r} but no such dataset "
+            f"(damaged or foreign archive)"
+        )
     return m.group[name]
 
 
-def _check_group(a: Archive, m: ModelView, samples: list[int],
-                 progress: Callable[[int], None]) -> Iterator[Mismatch]:
+def _check_group(
+    a: Archive, m: ModelView, samples: list[int], progress: Callable[[int], None]
+) -> Iterator[Mismatch]:
     """Mismatches of one group over `samples` (sorted), one sample at a time."""
     if not samples:
         return
@@ -160,8 +185,9 @@ def _check_group(a: Archive, m: ModelView, samples: list[int],
                 yield Mismatch(i, m.key, f"(unreadable: {str(exc).splitlines()[0][:120]})", 0, 0)
 
 
-def _digests(a: Archive, m: ModelView, samples: list[int],
-             progress: Callable[[int], None]) -> Iterator[tuple[int, list[int]]]:
+def _digests(
+    a: Archive, m: ModelView, samples: list[int], progress: Callable[[int], None]
+) -> Iterator[tuple[int, list[int]]]:
     """(sample, its digest of every column) in sample order: the logits streamed chunk by
     chunk through the reader (`iter_rows`: views of the file's pages where it can), every
     other column read whole for that sample ([length, ...], small)."""
@@ -180,7 +206,7 @@ def _digests(a: Archive, m: ModelView, samples: list[int],
                 if name == "logits":
                     out.append(h.intdigest())
                     continue
-                rows = _dataset(m, name)[i, :int(lengths[i])]  # [step, ...] as stored
+                rows = _dataset(m, name)[i, : int(lengths[i])]  # [step, ...] as stored
                 out.append(digest(np.ascontiguousarray(rows)))
                 progress(rows.nbytes)
             yield i, out
@@ -189,8 +215,9 @@ def _digests(a: Archive, m: ModelView, samples: list[int],
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine verify", description=__doc__.split("\n")[0])
     ap.add_argument("archive")
-    ap.add_argument("--samples", help="samples to check, e.g. 0,3,10-20 (ranges inclusive; "
-                    "default: all)")
+    ap.add_argument(
+        "--samples", help="samples to check, e.g. 0,3,10-20 (ranges inclusive; default: all)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -198,7 +225,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     with user_errors():
-        r = verify(args.archive, args.samples, not args.no_progress,
-                   report=lambda line: tqdm.write(line, file=sys.stdout))
+        r = verify(
+            args.archive,
+            args.samples,
+            not args.no_progress,
+            report=lambda line: tqdm.write(line, file=sys.stdout),
+        )
     print(r.summary())
     return 0 if r.ok else 1

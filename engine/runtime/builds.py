@@ -14,7 +14,6 @@ directory and a different config builds a different one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,21 @@ CHECKS = "checks"
 
 
 #: provenance.json fields an archive records about an aligned model (`alignment` attribute)
-SUMMARY_KEYS = ("reference", "alpha", "beta", "noise", "k", "max_new_tokens", "n_pairs", "steps",
-                "prompts_sha256", "labels_sha256", "final_loss", "reward_accuracy", "trl")
+SUMMARY_KEYS = (
+    "reference",
+    "alpha",
+    "beta",
+    "noise",
+    "k",
+    "max_new_tokens",
+    "n_pairs",
+    "steps",
+    "prompts_sha256",
+    "labels_sha256",
+    "final_loss",
+    "reward_accuracy",
+    "trl",
+)
 
 
 @dataclass
@@ -74,15 +86,21 @@ def find_build(cache: Path, name: str, build_id: str | None, command: str) -> Bu
     if build_id is None:
         pointer = cache / "aligned" / f"{name}.latest"
         if not pointer.is_file():
-            raise EngineError(f"model {name!r} is not built yet in {cache}: build it with "
-                              f"`{command}` (about 12 minutes on 2 CPU cores, then cached)")
+            raise EngineError(
+                f"model {name!r} is not built yet in {cache}: build it with "
+                f"`{command}` (about 12 minutes on 2 CPU cores, then cached)"
+            )
         build_id = pointer.read_text().strip()
     build = read_build(build_dir(cache, name, str(build_id)))
     if build is None:
-        raise EngineError(f"build {str(build_id)[:12]} of model {name!r} not found in "
-                          f"{cache / 'aligned'}: build it with `{command}`")
+        raise EngineError(
+            f"build {str(build_id)[:12]} of model {name!r} not found in "
+            f"{cache / 'aligned'}: build it with `{command}`"
+        )
     if CHECKS not in build.provenance:
-        raise EngineError(f"model {name!r} ({build.path}) was built before twins were checked "
-                          f"(its reference log-probs and first DPO loss were never verified): "
-                          f"rebuild it with `{command} overwrite=true`")
+        raise EngineError(
+            f"model {name!r} ({build.path}) was built before twins were checked "
+            f"(its reference log-probs and first DPO loss were never verified): "
+            f"rebuild it with `{command} overwrite=true`"
+        )
     return build

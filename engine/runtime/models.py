@@ -101,8 +101,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | None = None,
-             device_map=None):
+def _load_hf(
+    name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | None = None, device_map=None
+):
     """transformers model + tokenizer; any failure becomes one EngineError line.  With
     `device_map` (a device, or "auto" to spread layers over the visible GPUs) the weights are
     loaded straight onto the GPU(s) by accelerate, never whole in host memory."""
@@ -116,20 +117,25 @@ def _load_hf(name_or_dir: str, revision, dtype: torch.dtype, gguf_file: str | No
         kwargs.update(hub_access(name_or_dir, revision))
     try:
         tok = AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **kwargs,
-                                                     **placement)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_dir, dtype=dtype, **kwargs, **placement
+        )
     except Exception as exc:  # hub errors, missing files, unsupported architectures
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if kwargs.get("local_files_only"):
-            raise EngineError(f"model {name_or_dir!r} is not in the local Hugging Face cache "
-                              f"(offline): {HUB_FIXES}") from exc
+            raise EngineError(
+                f"model {name_or_dir!r} is not in the local Hugging Face cache "
+                f"(offline): {HUB_FIXES}"
+            ) from exc
         raise EngineError(f"cannot load model {name_or_dir!r}: {first}") from exc
     return model.eval(), tok
 
 
-HUB_FIXES = ("give this machine hub access (HF_TOKEN for gated models such as Llama 2), set "
-             "HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass a local directory "
-             "as model.name=/path/to/model")
+HUB_FIXES = (
+    "give this machine hub access (HF_TOKEN for gated models such as Llama 2), set "
+    "HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass a local directory "
+    "as model.name=/path/to/model"
+)
 
 
 def hub_access(name: str, revision=None, timeout: float = 3.0) -> dict:
@@ -153,8 +159,10 @@ def hub_access(name: str, revision=None, timeout: float = 3.0) -> dict:
     if isinstance(cached, str):
         log.warning("hub unreachable (%s); loading %s from the local cache", reason, name)
         return {"local_files_only": True}
-    raise EngineError(f"model {name!r} is not local and the hub ({host}:443) is unreachable "
-                      f"({reason}): {HUB_FIXES}")
+    raise EngineError(
+        f"model {name!r} is not local and the hub ({host}:443) is unreachable "
+        f"({reason}): {HUB_FIXES}"
+    )
 
 
 def _smollm2_gguf() -> Path:
@@ -183,15 +191,19 @@ def _cache_gguf_as_hf(gguf: Path, cache_dir: Path, digest: str | None = None) ->
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
     try:
         tied = getattr(model.config, "tie_word_embeddings", False)
-        sd = {k: v.contiguous() for k, v in model.state_dict().items()
-              if not (tied and k == "lm_head.weight")}  # safetensors refuses shared storage
+        sd = {
+            k: v.contiguous()
+            for k, v in model.state_dict().items()
+            if not (tied and k == "lm_head.weight")
+        }  # safetensors refuses shared storage
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # the cache holds plain float weights
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
-                                                     "dtype": CACHE_DTYPE}))
+        (tmp / "source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": digest, "dtype": CACHE_DTYPE})
+        )
         atomic_replace(tmp, target)  # atomic: a concurrent or killed load never sees half a cache
     except FileExistsError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,18 +226,32 @@ def tiny_random_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     # add_bos_token/name_or_path let TransformerLens keep this tokenizer as it is
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                   name_or_path="tiny-random-bytes", add_bos_token=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        name_or_path="tiny-random-bytes",
+        add_bos_token=True,
+    )
 
 
 def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_random_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
     gen = torch.random.fork_rng(devices=[])
     with gen:
         torch.manual_seed(seed)
@@ -237,15 +263,21 @@ def tiny_random_model(seed: int, dtype: torch.dtype, layers: int = 2, d_model: i
     return model.to(dtype).eval(), tok
 
 
-def load_hf_source(spec: ModelSpec, cache_dir: str | Path = "~/.cache/logit-engine",
-                   device: torch.device | None = None, device_map=None):
+def load_hf_source(
+    spec: ModelSpec,
+    cache_dir: str | Path = "~/.cache/logit-engine",
+    device: torch.device | None = None,
+    device_map=None,
+):
     """(transformers model in eval mode, its tokenizer, provenance) of a configured model,
     before any bridge: what `load_model` wraps, and what `engine.commands.align` trains.  The weights
     are loaded on the CPU, or straight onto `device` (CUDA) or over `device_map`."""
     source = spec.source
     if source not in SOURCES or source == "tempered":
-        raise EngineError(f"model source {source!r} has no plain HuggingFace model; choose one of "
-                          f"{', '.join(s for s in SOURCES if s != 'tempered')}")
+        raise EngineError(
+            f"model source {source!r} has no plain HuggingFace model; choose one of "
+            f"{', '.join(s for s in SOURCES if s != 'tempered')}"
+        )
     dtype = resolve_dtype(str(spec.dtype), device)
     if device_map is None and device is not None and device.type == "cuda":
         device_map = {"": str(device)}  # every weight straight to that GPU
@@ -256,13 +288,17 @@ def load_hf_source(spec: ModelSpec, cache_dir: str | Path = "~/.cache/logit-engi
         prov["weights_sha256"] = sha256_state_dict(model)
         prov["revision"] = f"seed={int(spec.seed)}"
     elif source in ("smollm2", "gguf"):
-        path = _smollm2_gguf() if source == "smollm2" else \
-            Path(os.path.expanduser(str(spec.path or "")))
+        path = (
+            _smollm2_gguf()
+            if source == "smollm2"
+            else Path(os.path.expanduser(str(spec.path or "")))
+        )
         if not path.is_file():
             raise EngineError(f"GGUF file not found: {spec.path}")
         digest = sha256_file(path)
-        model, tok = _load_hf(str(_cache_gguf_as_hf(path, cache, digest)), None, dtype,
-                              device_map=device_map)
+        model, tok = _load_hf(
+            str(_cache_gguf_as_hf(path, cache, digest)), None, dtype, device_map=device_map
+        )
         prov["weights_sha256"] = digest
         prov["path"] = str(path)
     elif source == "aligned":
@@ -278,8 +314,12 @@ def load_hf_source(spec: ModelSpec, cache_dir: str | Path = "~/.cache/logit-engi
         local = Path(os.path.expanduser(str(spec.name)))
         if str(spec.name).startswith((".", "/", "~")) and not local.is_dir():
             raise EngineError(f"model directory not found: {spec.name}")
-        model, tok = _load_hf(str(local) if local.is_dir() else str(spec.name),
-                              spec.revision, dtype, device_map=device_map)
+        model, tok = _load_hf(
+            str(local) if local.is_dir() else str(spec.name),
+            spec.revision,
+            dtype,
+            device_map=device_map,
+        )
         prov["revision"] = str(getattr(model.config, "_commit_hash", None) or spec.revision or "")
         prov["weights_sha256"] = "" if prov["revision"] else sha256_state_dict(model)
     prov["dtype"] = dtype_name(next(model.parameters()).dtype)  # what the weights really are
@@ -289,18 +329,26 @@ def load_hf_source(spec: ModelSpec, cache_dir: str | Path = "~/.cache/logit-engi
 def device_provenance(dev: torch.device, deterministic: bool = False) -> dict:
     """Where and how the logits were computed (they can differ in their last bits across
     devices, dtypes, batch sizes and cuBLAS settings; README "GPUs")."""
-    out = {"device": dev.type, "torch": str(torch.__version__),
-           "matmul_precision": torch.get_float32_matmul_precision(),
-           "deterministic": bool(deterministic)}
+    out = {
+        "device": dev.type,
+        "torch": str(torch.__version__),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": bool(deterministic),
+    }
     if dev.type == "cuda":
         i = dev.index if dev.index is not None else torch.cuda.current_device()
-        out.update(device_name=torch.cuda.get_device_name(i), cuda=str(torch.version.cuda),
-                   cudnn=str(torch.backends.cudnn.version()),
-                   allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
-                   bf16_reduced_reduction=bool(
-                       torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
-                   fp16_reduced_reduction=bool(
-                       torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction))
+        out.update(
+            device_name=torch.cuda.get_device_name(i),
+            cuda=str(torch.version.cuda),
+            cudnn=str(torch.backends.cudnn.version()),
+            allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+            bf16_reduced_reduction=bool(
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            ),
+            fp16_reduced_reduction=bool(
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+            ),
+        )
         try:
             out["driver"] = str(torch.cuda.get_device_properties(i).driver_version)
         except AttributeError:  # older torch: no driver field
@@ -312,8 +360,13 @@ def device_provenance(dev: torch.device, deterministic: bool = False) -> dict:
     return out
 
 
-def load_model(spec: ModelSpec, device: str = "auto", cache_dir: str | Path = "~/.cache/logit-engine",
-               device_map=None, deterministic: bool = False) -> LoadedModel:
+def load_model(
+    spec: ModelSpec,
+    device: str = "auto",
+    cache_dir: str | Path = "~/.cache/logit-engine",
+    device_map=None,
+    deterministic: bool = False,
+) -> LoadedModel:
     """Load the model described by a model config (conf/model/*.yaml) and wrap it in a bridge.
     `device_map="auto"` spreads a model too large for one GPU over all visible ones."""
     if spec.source == "tempered":
@@ -325,8 +378,9 @@ def load_model(spec: ModelSpec, device: str = "auto", cache_dir: str | Path = "~
     return wrap(model, tok, str(spec.name), spec.group, dev, prov, deterministic)
 
 
-def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
-         deterministic: bool = False) -> LoadedModel:
+def wrap(
+    model, tok, name: str, key: str, dev: torch.device, prov: dict, deterministic: bool = False
+) -> LoadedModel:
     """A loaded transformers model (on `dev`, or placed by device_map) as a `LoadedModel`."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -336,8 +390,12 @@ def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     try:
         bridge = TransformerBridge.boot_transformers(
-            name, hf_model=model, tokenizer=tok, dtype=next(model.parameters()).dtype,
-            device=None if getattr(model, "hf_device_map", None) else str(dev))
+            name,
+            hf_model=model,
+            tokenizer=tok,
+            dtype=next(model.parameters()).dtype,
+            device=None if getattr(model, "hf_device_map", None) else str(dev),
+        )
     except Exception as exc:
         raise EngineError(f"TransformerBridge cannot wrap {name!r}: {exc}") from exc
     bridge.eval()
@@ -347,17 +405,31 @@ def wrap(model, tok, name: str, key: str, dev: torch.device, prov: dict,
         bridge_cache_keyword()
     # keep the model's own tokenizer: the bridge's copy is rebuilt with add_bos_token=True,
     # which would prepend e.g. SmolLM2's <|im_start|> to raw prompts the model never saw so
-    tok_name = prov.get("path") or str(getattr(tok, "name_or_path", ""))  # GGUF: the file, not our cache
-    prov.update(tokenizer_name=tok_name, vocab_hash=vocab_hash(tok),
-                vocab_size=int(bridge.cfg.d_vocab), tokenizer_size=len(tok),
-                **device_provenance(dev, deterministic))
+    tok_name = prov.get("path") or str(
+        getattr(tok, "name_or_path", "")
+    )  # GGUF: the file, not our cache
+    prov.update(
+        tokenizer_name=tok_name,
+        vocab_hash=vocab_hash(tok),
+        vocab_size=int(bridge.cfg.d_vocab),
+        tokenizer_size=len(tok),
+        **device_provenance(dev, deterministic),
+    )
     if tok.eos_token_id is not None:
         eos_ids.add(tok.eos_token_id)
-    return LoadedModel(key=key, bridge=bridge, tokenizer=tok, device=dev,
-                       eos_ids=tuple(sorted(int(i) for i in eos_ids)), provenance=prov)
+    return LoadedModel(
+        key=key,
+        bridge=bridge,
+        tokenizer=tok,
+        device=dev,
+        eos_ids=tuple(sorted(int(i) for i in eos_ids)),
+        provenance=prov,
+    )
 
 
-def load_tempered(spec: ModelSpec, device, cache_dir, device_map=None, deterministic=False) -> LoadedModel:
+def load_tempered(
+    spec: ModelSpec, device, cache_dir, device_map=None, deterministic=False
+) -> LoadedModel:
     """`model.base` with every step's logits multiplied by `model.gamma` (a permanent hook on
     the unembedding output, registered before any capture hook, so captures see the tempered
     logits): softmax(gamma * logits) ∝ softmax(logits)**gamma, computed in float32 whatever
@@ -371,11 +443,15 @@ def load_tempered(spec: ModelSpec, device, cache_dir, device_map=None, determini
     if base_spec.source == "tempered":
         raise EngineError("model.base of a tempered model cannot itself be tempered")
     lm = load_model(base_spec, device, cache_dir, device_map, deterministic)
-    lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits.float() * gamma,
-                       is_permanent=True)
+    lm.bridge.add_hook(LOGITS_HOOK, lambda logits, hook: logits.float() * gamma, is_permanent=True)
     base_prov = lm.provenance
-    lm.provenance = {**base_prov, "source": "tempered", "gamma": gamma,
-                     "base_model": str(base_spec.key), "base_source": base_prov["source"],
-                     "name": f"({base_prov['name']}) ** {gamma:g}  [synthetic tempered twin]"}
+    lm.provenance = {
+        **base_prov,
+        "source": "tempered",
+        "gamma": gamma,
+        "base_model": str(base_spec.key),
+        "base_source": base_prov["source"],
+        "name": f"({base_prov['name']}) ** {gamma:g}  [synthetic tempered twin]",
+    }
     lm.key = spec.group
     return lm

@@ -14,9 +14,9 @@ import contextlib
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from engine import archive
 from engine.errors import EngineError, on_interrupt
@@ -53,16 +53,20 @@ def plan_output(o: Output, key: dict | None = None) -> Plan:
     if o.resume and not partial.exists() and key is not None and out.parent == o.run_dir:
         found = find_partial(out, key)
         if found is None:
-            raise EngineError("resume=true: no interrupted run with these settings beside "
-                              "this one (resume=PATH continues a given .partial)")
+            raise EngineError(
+                "resume=true: no interrupted run with these settings beside "
+                "this one (resume=PATH continues a given .partial)"
+            )
         return Plan(found.with_name(found.name.removesuffix(".partial")), found, True)
     resuming = False
     if partial.exists():
         if o.resume:
             resuming = True
         elif not o.overwrite:
-            raise EngineError(f"{partial} is left from an interrupted run: pass resume=true to "
-                              f"continue it or overwrite=true to start over")
+            raise EngineError(
+                f"{partial} is left from an interrupted run: pass resume=true to "
+                f"continue it or overwrite=true to start over"
+            )
     return Plan(out, partial, resuming)
 
 
@@ -77,8 +81,10 @@ def _earlier_runs(out: Path) -> list[Path]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        roots = [(Path(str(hc.run.dir)).resolve().parent, f"*/{name}"),
-                 (Path(str(hc.sweep.dir)).resolve().parent, f"*/*/{name}")]
+        roots = [
+            (Path(str(hc.run.dir)).resolve().parent, f"*/{name}"),
+            (Path(str(hc.sweep.dir)).resolve().parent, f"*/*/{name}"),
+        ]
     except ValueError:  # not under @hydra.main (tests calling run())
         pass
     return sorted({p.resolve() for root, pat in roots for p in root.glob(pat)})
@@ -136,8 +142,7 @@ def writing(where: str, advice: str, writer, complete: Callable[[], None] = lamb
     on_interrupt(None)
 
 
-def new_archive(plan: Plan, verb: str, create: Callable[[Path], "archive.ArchiveWriter"],
-                key: dict):
+def new_archive(plan: Plan, verb: str, create: Callable[[Path], archive.ArchiveWriter], key: dict):
     """`writing` for a new archive file: reopen the partial of an interrupted run (refused when
     its self-check failed) or create a fresh one with `create(partial)`; renamed onto
     `plan.out` when complete."""
@@ -146,11 +151,17 @@ def new_archive(plan: Plan, verb: str, create: Callable[[Path], "archive.Archive
         w = archive.open_for_resume(plan.partial, key)
         if w.rows.self_check_failed():
             w.close()
-            raise EngineError(f"cannot resume {plan.partial}: its self-check failed (its rows "
-                              f"are not the model's distributions; inspect shows the check); "
-                              f"use overwrite=true to start over")
+            raise EngineError(
+                f"cannot resume {plan.partial}: its self-check failed (its rows "
+                f"are not the model's distributions; inspect shows the check); "
+                f"use overwrite=true to start over"
+            )
     else:
         plan.partial.unlink(missing_ok=True)
         w = create(plan.partial)
-    return writing(str(plan.partial), continue_command(verb, f"resume={plan.partial}"), w,
-                   lambda: atomic_replace(plan.partial, plan.out))
+    return writing(
+        str(plan.partial),
+        continue_command(verb, f"resume={plan.partial}"),
+        w,
+        lambda: atomic_replace(plan.partial, plan.out),
+    )

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class _Dropped(Exception):
 @dataclass
 class HostStep:
     """One step's encoded rows on their way to the host."""
+
     t: int
     codec: str
     parts: dict  # name -> tensor on the host (pinned while a CUDA copy may be running) or None
@@ -54,23 +55,36 @@ class HostStep:
         if self.ready is not None:
             self.ready.synchronize()
         p = self.parts
-        host = (lambda x: None if x is None else x.numpy())
-        return archive.Rows(t=self.t, data=to_numpy(self.codec, p["data"]), tokens=self.tokens,
-                            alive=self.alive, scale=host(p["scale"]), offset=host(p["offset"]),
-                            acts={k[4:]: v.numpy() for k, v in p.items() if k.startswith("act:")},
-                            nonfinite=self.nonfinite)
+        host = lambda x: None if x is None else x.numpy()
+        return archive.Rows(
+            t=self.t,
+            data=to_numpy(self.codec, p["data"]),
+            tokens=self.tokens,
+            alive=self.alive,
+            scale=host(p["scale"]),
+            offset=host(p["offset"]),
+            acts={k[4:]: v.numpy() for k, v in p.items() if k.startswith("act:")},
+            nonfinite=self.nonfinite,
+        )
 
 
 def to_host(st: Step, codec: str, window: float) -> HostStep:
     """Encode on the device and start the step's copies to the host; returns at once."""
     data, scale, offset = encode(codec, st.logits, window)
-    parts = {"data": data, "scale": scale, "offset": offset,
-             **{f"act:{k}": a.float() for k, a in st.acts.items()}}
+    parts = {
+        "data": data,
+        "scale": scale,
+        "offset": offset,
+        **{f"act:{k}": a.float() for k, a in st.acts.items()},
+    }
     ready = None
     if data.device.type == "cuda":
-        parts = {k: None if v is None else
-                 torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                 for k, v in parts.items()}
+        parts = {
+            k: None
+            if v is None
+            else torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+            for k, v in parts.items()
+        }
         ready = torch.cuda.Event()
         ready.record()
     return HostStep(st.t, codec, parts, ready, st.tokens, st.alive, st.nonfinite)
@@ -94,8 +108,9 @@ class Overlap:
             self._thread = threading.Thread(target=self._work, name="archive-writer", daemon=True)
             self._thread.start()
 
-    def batch(self, consume: Callable[[Iterator[archive.Rows]], None],
-              steps: Iterable[HostStep]) -> None:
+    def batch(
+        self, consume: Callable[[Iterator[archive.Rows]], None], steps: Iterable[HostStep]
+    ) -> None:
         """Hand one batch's steps to `consume` (the archive writer's `write_batch`)."""
         if not self.threaded:
             consume(s.rows() for s in steps)

@@ -24,8 +24,12 @@ def load_prompts(texts, file: str | None = None) -> list[str]:
             raise EngineError(f"prompt file is not UTF-8 text: {file}") from exc
         kept = [line for line in lines if line.strip()]
         if len(kept) < len(lines):
-            log.warning("prompt file %s: %d blank line(s) skipped, %d prompts read", path,
-                        len(lines) - len(kept), len(kept))
+            log.warning(
+                "prompt file %s: %d blank line(s) skipped, %d prompts read",
+                path,
+                len(lines) - len(kept),
+                len(kept),
+            )
         texts += kept
     if not texts:
         raise EngineError("no prompts: set prompts.texts or prompts.file")
@@ -52,8 +56,9 @@ def uses_chat_template(tokenizer, setting) -> bool:
 def render(tokenizer, text: str, chat_template) -> tuple[str, list[int]]:
     """(what the model reads, its token ids) for one prompt; chat_template: true/false/auto."""
     if uses_chat_template(tokenizer, chat_template):
-        shown = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                              add_generation_prompt=True, tokenize=False)
+        shown = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(shown, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(text)["input_ids"]  # the tokenizer's own BOS convention

@@ -12,8 +12,17 @@ from pathlib import Path
 
 from engine.archive import format as F
 
-PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "numpy", "h5py", "numba",
-            "hydra-core", "gguf")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "trl",
+    "numpy",
+    "h5py",
+    "numba",
+    "hydra-core",
+    "gguf",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -28,23 +37,33 @@ def package_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
 def root_provenance() -> dict[str, str]:
-    return {"packages": json.dumps(package_versions(), sort_keys=True), "git_commit": git_commit(),
-            F.HOST: socket.gethostname()}
+    return {
+        "packages": json.dumps(package_versions(), sort_keys=True),
+        "git_commit": git_commit(),
+        F.HOST: socket.gethostname(),
+    }
 
 
 def tokenizer_record(tokenizer, vocab_size: int) -> tuple[list[str], str]:
     """(display string of every id < vocab_size, tokenizer.json text or "")."""
     n = len(tokenizer)
-    strings = [t.replace("\x00", "\u2400")  # HDF5 strings cannot hold NUL: show it as U+2400
-               for t in tokenizer.batch_decode([[i] for i in range(min(n, vocab_size))])]
+    strings = [
+        t.replace("\x00", "\u2400")  # HDF5 strings cannot hold NUL: show it as U+2400
+        for t in tokenizer.batch_decode([[i] for i in range(min(n, vocab_size))])
+    ]
     strings += [""] * (vocab_size - len(strings))  # ids the tokenizer never emits
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return strings, (backend.to_str() if backend is not None else "")

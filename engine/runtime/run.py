@@ -8,7 +8,6 @@ Every function takes typed settings (`engine.runtime.settings`), never a config.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -60,15 +59,31 @@ def shard_device(run: RunSettings, shard: archive.Shard | None) -> RunSettings:
     return run
 
 
-def create_archive(partial: Path, key: dict, shape: Shape, prompts: list[str],
-                   info: archive.ModelInfo, codec: Codec, dims: dict | None = None,
-                   shard: archive.Shard | None = None) -> archive.ArchiveWriter:
+def create_archive(
+    partial: Path,
+    key: dict,
+    shape: Shape,
+    prompts: list[str],
+    info: archive.ModelInfo,
+    codec: Codec,
+    dims: dict | None = None,
+    shard: archive.Shard | None = None,
+) -> archive.ArchiveWriter:
     """A fresh partial archive of the run's samples (or `shard`'s share of them)."""
-    return archive.create(partial, run_key=key, config_yaml=shape.config_yaml,
-                          provenance_root=root_provenance(), prompts=prompts,
-                          n_samples=shape.n_samples, max_new_tokens=shape.max_new_tokens,
-                          model=info, codec=codec.codec, window=codec.window,
-                          capture_dims=dims or {}, shard=shard)
+    return archive.create(
+        partial,
+        run_key=key,
+        config_yaml=shape.config_yaml,
+        provenance_root=root_provenance(),
+        prompts=prompts,
+        n_samples=shape.n_samples,
+        max_new_tokens=shape.max_new_tokens,
+        model=info,
+        codec=codec.codec,
+        window=codec.window,
+        capture_dims=dims or {},
+        shard=shard,
+    )
 
 
 # ---- models and prompts ------------------------------------------------------------------------
@@ -91,6 +106,7 @@ def make_deterministic() -> None:
 @dataclass
 class Rendered:
     """How one model reads a prompt set."""
+
     chat_template: bool  # the decision, after `auto` is resolved
     text: list[str]  # what it reads, per prompt
     ids: list[list[int]]  # its token ids, per prompt
@@ -105,42 +121,60 @@ def read_prompts(lm: LoadedModel, prompts: list[str], chat_template) -> Rendered
 def model_info(lm: LoadedModel, r: Rendered, **kw) -> archive.ModelInfo:
     """What an archive records about a loaded model that read these prompts."""
     strings, tok_json = tokenizer_record(lm.tokenizer, lm.vocab_size)
-    return archive.ModelInfo(key=lm.key, provenance=dict(lm.provenance),
-                             vocab_size=lm.vocab_size, prompt_text=r.text, prompt_tokens=r.ids,
-                             vocab_strings=strings, tokenizer_json=tok_json,
-                             chat_template=r.chat_template, **kw)
+    return archive.ModelInfo(
+        key=lm.key,
+        provenance=dict(lm.provenance),
+        vocab_size=lm.vocab_size,
+        prompt_text=r.text,
+        prompt_tokens=r.ids,
+        vocab_strings=strings,
+        tokenizer_json=tok_json,
+        chat_template=r.chat_template,
+        **kw,
+    )
 
 
 def check_tokenizer(archive_prov: dict, lm: LoadedModel, allow: bool = False) -> None:
     """The one compatibility rule: same vocabulary hash and logit width, or `allow`."""
     prov = lm.provenance
-    same = archive_prov.get("vocab_hash") == prov["vocab_hash"] and \
-        int(archive_prov.get("vocab_size", -1)) == int(prov["vocab_size"])
+    same = archive_prov.get("vocab_hash") == prov["vocab_hash"] and int(
+        archive_prov.get("vocab_size", -1)
+    ) == int(prov["vocab_size"])
     if not same and not allow:
         raise EngineError(
             f"tokenizer mismatch: archive {archive_prov.get('tokenizer_name')} (vocab "
             f"{archive_prov.get('vocab_size')}, hash {str(archive_prov.get('vocab_hash'))[:12]}) "
             f"vs {lm.key} {prov['tokenizer_name']} (vocab {prov['vocab_size']}, hash "
             f"{prov['vocab_hash'][:12]}); positions would not align "
-            f"(allow_tokenizer_mismatch=true scores the same token ids anyway)")
+            f"(allow_tokenizer_mismatch=true scores the same token ids anyway)"
+        )
 
 
-def self_check(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: int, n: int,
-               window: float) -> SelfCheck | None:
+def self_check(
+    writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: int, n: int, window: float
+) -> SelfCheck | None:
     """`engine.runtime.selfcheck` on the longest of the committed samples s0..s0+n-1 (this file's
     indices): recorded in the model group, and the run stops with one line beyond the bound
     (the file, still the `.partial`, is kept).  None when every sample of the batch is empty
     (nothing to compare)."""
     samples = writer.f[F.SAMPLES]
-    length = samples["length"][s0:s0 + n]
+    length = samples["length"][s0 : s0 + n]
     i = int(np.argmax(length))
     if length[i] == 0:
         return None
-    c = run_check(lm, writer.rows.g, s0 + i, prompt_ids, samples["tokens"][s0 + i],
-                  int(length[i]), window)
+    c = run_check(
+        lm, writer.rows.g, s0 + i, prompt_ids, samples["tokens"][s0 + i], int(length[i]), window
+    )
     writer.rows.record_self_check(c.sample, c.steps, c.max_abs_diff, c.bound)
-    log.info("self-check of %s on sample %d (%d steps): max |d log p| %.3g nats, bound %.3g, "
-             "%.2f s", lm.key, c.sample, c.steps, c.max_abs_diff, c.bound, c.seconds)
+    log.info(
+        "self-check of %s on sample %d (%d steps): max |d log p| %.3g nats, bound %.3g, %.2f s",
+        lm.key,
+        c.sample,
+        c.steps,
+        c.max_abs_diff,
+        c.bound,
+        c.seconds,
+    )
     enforce(c, lm.key, Path(writer.f.filename))
     return c
 
@@ -149,6 +183,7 @@ def self_check(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, s0: i
 class FirstBatchCheck:
     """The run's self-check, once per process: after the first committed batch that has a
     step to compare (every archive-writing loop calls `after` for each committed batch)."""
+
     writer: archive.ArchiveWriter
     lm: LoadedModel
     window: float
@@ -164,9 +199,16 @@ class FirstBatchCheck:
             self.result = self_check(self.writer, self.lm, prompt_ids, s0, n, self.window)
 
 
-def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_prompt: int,
-               sampling: Sampling, run: RunSettings, capture=(),
-               seed_of=None) -> SelfCheck | None:
+def sample_all(
+    writer: archive.ArchiveWriter,
+    lm: LoadedModel,
+    prompt_ids,
+    per_prompt: int,
+    sampling: Sampling,
+    run: RunSettings,
+    capture=(),
+    seed_of=None,
+) -> SelfCheck | None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
     Seeds follow the global sample index (`seed_of(index)` overrides them: perturb shares
     seeds across variants), so a shard's samples are those of the unsharded run.
@@ -179,23 +221,43 @@ def sample_all(writer: archive.ArchiveWriter, lm: LoadedModel, prompt_ids, per_p
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
-        steps = generate(lm.bridge, prompt_ids[p], seeds, sampling.max_new_tokens,
-                         sampling.temperature, sampling.top_k, sampling.top_p, lm.eos_ids,
-                         list(capture), sampling.on_nonfinite)
-        consume = (lambda rows: writer.write_batch(s0 - span[0], seeds, rows, lm.eos_ids))
+        steps = generate(
+            lm.bridge,
+            prompt_ids[p],
+            seeds,
+            sampling.max_new_tokens,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            lm.eos_ids,
+            list(capture),
+            sampling.on_nonfinite,
+        )
+        consume = lambda rows: writer.write_batch(s0 - span[0], seeds, rows, lm.eos_ids)
         try:
             pipe.batch(consume, (to_host(st, run.codec.codec, run.codec.window) for st in steps))
         except NonFiniteLogits as exc:
-            raise EngineError(f"non-finite logits (NaN, +inf or no finite entry) from model "
-                              f"{lm.key} at sample {s0 + exc.rows[0]}, step {exc.step}; "
-                              f"on_nonfinite=record ends such samples there and keeps the "
-                              f"rest") from None
+            raise EngineError(
+                f"non-finite logits (NaN, +inf or no finite entry) from model "
+                f"{lm.key} at sample {s0 + exc.rows[0]}, step {exc.step}; "
+                f"on_nonfinite=record ends such samples there and keeps the "
+                f"rest"
+            ) from None
         if check.pending:  # wait for the batch's commit, then check it
             pipe.drain()
             check.after(prompt_ids[p], s0 - span[0], s1 - s0)
 
     with overlapped(run.write_thread) as pipe:
-        fill(len(prompt_ids), per_prompt, run.batch_size, writer.n_complete, f"sample {lm.key}",
-             write, span, run.progress, run.device)
+        fill(
+            len(prompt_ids),
+            per_prompt,
+            run.batch_size,
+            writer.n_complete,
+            f"sample {lm.key}",
+            write,
+            span,
+            run.progress,
+            run.device,
+        )
     writer.finish()
     return check.result

@@ -38,8 +38,8 @@ when every row has ended.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,15 +65,18 @@ class NonFiniteLogits(EngineError):
     """A row's logits held NaN or +inf, or no finite entry, at step `step`."""
 
     def __init__(self, rows: list[int], step: int):
-        super().__init__(f"non-finite logits (NaN, +inf or no finite entry) in batch rows "
-                         f"{rows} at step {step}")
+        super().__init__(
+            f"non-finite logits (NaN, +inf or no finite entry) in batch rows {rows} at step {step}"
+        )
         self.rows, self.step = rows, step
 
 
 def sample_seed(seed: int, index: int) -> int:
     """Independent 63-bit seed of sample `index` of a run seeded with `seed`."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 def new_cache(bridge):
@@ -108,10 +111,12 @@ def check_cache(cache, expected: int, step: int) -> None:
     sliding-window layer counts all it has seen), else `StaleCache`."""
     held = sorted({int(layer.get_seq_length()) for layer in cache.layers}) or [0]
     if held != [expected]:
-        raise StaleCache(f"the KV cache holds {'/'.join(map(str, held))} positions after step "
-                         f"{step}, expected "
-                         f"{expected}: the model would decode without its context "
-                         f"({library_versions()}; the lock pins a tested pair: make setup)")
+        raise StaleCache(
+            f"the KV cache holds {'/'.join(map(str, held))} positions after step "
+            f"{step}, expected "
+            f"{expected}: the model would decode without its context "
+            f"({library_versions()}; the lock pins a tested pair: make setup)"
+        )
 
 
 def check_hooks(bridge, names: Sequence[str]) -> None:
@@ -121,8 +126,10 @@ def check_hooks(bridge, names: Sequence[str]) -> None:
         block0 = [n for n in known if n.startswith("blocks.0.")]
         # the residual stream first (what people capture most), then the rest of block 0
         first = [n for n in block0 if "resid" in n] + [n for n in block0 if "resid" not in n]
-        raise EngineError(f"unknown hook point(s) {bad}; block 0 has: {', '.join(first[:8])}, "
-                          f"... ({len(known)} hook points in all)")
+        raise EngineError(
+            f"unknown hook point(s) {bad}; block 0 has: {', '.join(first[:8])}, "
+            f"... ({len(known)} hook points in all)"
+        )
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -166,10 +173,18 @@ def input_device(bridge) -> torch.device:
     return next(bridge.parameters()).device
 
 
-def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_ids: Sequence[int] = (), capture: Sequence[str] = (),
-             on_nonfinite: str = "fail") -> Iterator[Step]:
+def generate(
+    bridge,
+    prompt_ids: Sequence[int],
+    seeds: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_ids: Sequence[int] = (),
+    capture: Sequence[str] = (),
+    on_nonfinite: str = "fail",
+) -> Iterator[Step]:
     """Sample len(seeds) continuations of one prompt, yielding one `Step` per generated step.
 
     All rows share the prompt, so no padding or attention mask is needed and every row's
@@ -177,8 +192,9 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
     outputs are marked dead in `Step.alive`); the loop stops when all rows have ended.
     """
     if on_nonfinite not in ON_NONFINITE:
-        raise EngineError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got "
-                          f"{on_nonfinite!r}")
+        raise EngineError(
+            f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}"
+        )
     n = len(seeds)
     if n == 0 or max_new_tokens == 0:
         return
@@ -192,6 +208,7 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
         def hook(tensor, hook):
             tap[name] = tensor[:, -1].detach()
             return tensor
+
         return hook
 
     hooks = [(name, keep_last(name)) for name in (LOGITS_HOOK, *capture)]
@@ -215,8 +232,7 @@ def generate(bridge, prompt_ids: Sequence[int], seeds: Sequence[int], max_new_to
             new_bad = bad_h & ~finished
             if new_bad.any() and on_nonfinite == "fail":
                 raise NonFiniteLogits(np.flatnonzero(new_bad).tolist(), t)
-            yield Step(t, logits, {k: rows[k] for k in capture}, tok, ~finished & ~bad_h,
-                       new_bad)
+            yield Step(t, logits, {k: rows[k] for k in capture}, tok, ~finished & ~bad_h, new_bad)
             finished |= np.isin(tok, eos) | bad_h
             if finished.all() or t + 1 == max_new_tokens:
                 break

@@ -8,7 +8,7 @@ run, and the draws (seeded per sample) are the same.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -17,8 +17,7 @@ from engine import archive
 from engine.errors import EngineError
 
 
-def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int,
-            stop: int | None = None):
+def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int, stop: int | None = None):
     """(prompt, first sample, end sample) of every batch covering samples start..stop-1
     (global indices); batches never straddle prompts, so every row of a batch reads the same
     prompt, and they lie on one grid (each prompt's first sample + k * batch_size) whatever
@@ -31,28 +30,33 @@ def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int,
                 yield p, max(s0, start), min(s1, stop)
 
 
-def plan_shard(index, count, n_prompts: int, per_prompt: int,
-               batch_size: int) -> archive.Shard | None:
+def plan_shard(
+    index, count, n_prompts: int, per_prompt: int, batch_size: int
+) -> archive.Shard | None:
     """This process's share of a sharded dump (shard=i num_shards=n): a contiguous run of whole
     batches, batch b of B going to shard b * n // B, so the shards differ by at most one batch.
     None when the dump is not sharded (num_shards=1)."""
     if not (isinstance(count, int) and count >= 1):
         raise EngineError(f"num_shards must be a positive integer, got {count}")
     if not (isinstance(index, int) and 0 <= index < count):
-        raise EngineError(f"shard must be an integer in 0..{count - 1} (num_shards={count}), "
-                          f"got {index}")
+        raise EngineError(
+            f"shard must be an integer in 0..{count - 1} (num_shards={count}), got {index}"
+        )
     if count == 1:
         return None
     n_batches = len(list(batches(n_prompts, per_prompt, batch_size, 0)))
     if count > n_batches:
-        raise EngineError(f"num_shards={count} is more than the run's {n_batches} batches "
-                          f"({n_prompts} prompts x {per_prompt} samples, batch_size="
-                          f"{batch_size}); use num_shards <= {n_batches}")
+        raise EngineError(
+            f"num_shards={count} is more than the run's {n_batches} batches "
+            f"({n_prompts} prompts x {per_prompt} samples, batch_size="
+            f"{batch_size}); use num_shards <= {n_batches}"
+        )
     return shard_of(n_prompts, per_prompt, batch_size, index, count)
 
 
-def shard_of(n_prompts: int, per_prompt: int, batch_size: int, index: int,
-             count: int) -> archive.Shard:
+def shard_of(
+    n_prompts: int, per_prompt: int, batch_size: int, index: int, count: int
+) -> archive.Shard:
     """Shard `index` of `count`: batches b * count // B == index of the run's B batches."""
     grid = list(batches(n_prompts, per_prompt, batch_size, 0))
     lo, hi = index * len(grid) // count, (index + 1) * len(grid) // count
@@ -65,20 +69,36 @@ def out_of_memory(rows: int, device) -> str:
     if torch.cuda.is_available():
         f, total = torch.cuda.mem_get_info()
         free = f" ({f / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
-    return (f"a batch of {rows} rows does not fit in GPU memory{free} on device={device}; "
-            f"use batch_size={max(1, rows // 2)} (with overwrite=true: the batch size is part "
-            f"of the run key)")
+    return (
+        f"a batch of {rows} rows does not fit in GPU memory{free} on device={device}; "
+        f"use batch_size={max(1, rows // 2)} (with overwrite=true: the batch size is part "
+        f"of the run key)"
+    )
 
 
-def fill(n_prompts: int, per_prompt: int, batch_size: int, done: int, desc: str,
-         write: Callable[[int, int, int], None], span: tuple[int, int] | None = None,
-         progress: bool = True, device: str = "auto") -> None:
+def fill(
+    n_prompts: int,
+    per_prompt: int,
+    batch_size: int,
+    done: int,
+    desc: str,
+    write: Callable[[int, int, int], None],
+    span: tuple[int, int] | None = None,
+    progress: bool = True,
+    device: str = "auto",
+) -> None:
     """Call write(prompt, s0, s1) (global sample indices) for every batch of the archive's
     samples `span` (default: all) after its first `done`; each call writes and commits one
     batch.  A progress bar counts samples."""
     lo, hi = span or (0, n_prompts * per_prompt)
-    with tqdm(total=hi - lo, initial=done, unit="sample", desc=desc,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=hi - lo,
+        initial=done,
+        unit="sample",
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for p, s0, s1 in batches(n_prompts, per_prompt, batch_size, lo + done, hi):
             try:
                 write(p, s0, s1)

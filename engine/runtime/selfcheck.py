@@ -1,9 +1,10 @@
 """The run's self-check: one stored sample against one teacher-forced forward.
 
 After the first committed batch of every run that samples or enumerates (`dump`, `perturb`,
-`answers`; `score` is a teacher-forced forward itself) the run layer teacher-forces one sample of that batch (the longest: prompt + its stored tokens,
-batch 1, one forward) and compares the log-probabilities with the rows just stored, decoded
-from the file.  The two are the same model on the same tokens, so they differ only by
+`answers`; `score` is a teacher-forced forward itself) the runtime teacher-forces one sample
+of that batch (the longest: prompt + its stored tokens, batch 1, one forward) and compares
+the log-probabilities with the rows just stored, decoded from the file.  The two are the
+same model on the same tokens, so they differ only by
 
 - the codec (docs/archive-format.md, "Codecs": `codecs.worst_case_error`; the log-softmax
   moves a raw-logit codec's error by at most twice that), and
@@ -38,8 +39,13 @@ from kernels.reference import log_softmax
 #: kernels per batch shape), 2**5 ulps for float16 and TF32, 2**4 for bfloat16 (measured:
 #: SmolLM2-135M in bfloat16 on the CPU, 1.35 nats at |logit| ~31, i.e. 2**-4.5 of it).  A
 #: decode without its context differs by nats (up to 32 seen).  float64 models take float32's.
-ROUNDING = {"float64": 2.0**-12, "float32": 2.0**-12, "tf32": 2.0**-5, "float16": 2.0**-5,
-            "bfloat16": 2.0**-3}
+ROUNDING = {
+    "float64": 2.0**-12,
+    "float32": 2.0**-12,
+    "tf32": 2.0**-5,
+    "float16": 2.0**-5,
+    "bfloat16": 2.0**-3,
+}
 #: steps compared at a time (host memory: a few float64 [BLOCK, vocab] arrays)
 BLOCK = 32
 
@@ -61,8 +67,11 @@ def precision(provenance: dict) -> str:
     """The precision of the logits' matmuls: the model's dtype, or TF32 where a CUDA float32
     model runs with TF32 allowed (matmul precision other than `highest`)."""
     dtype = str(provenance.get("dtype", "float32"))
-    if (dtype == "float32" and str(provenance.get("device", "cpu")).startswith("cuda")
-            and provenance.get("matmul_precision", "highest") != "highest"):
+    if (
+        dtype == "float32"
+        and str(provenance.get("device", "cpu")).startswith("cuda")
+        and provenance.get("matmul_precision", "highest") != "highest"
+    ):
         return "tf32"
     return dtype
 
@@ -70,8 +79,9 @@ def precision(provenance: dict) -> str:
 def bound(codec: str, window: float, max_abs: float, prec: str) -> float:
     """Largest |Δ log p| the codec and the two forwards' rounding allow (nats)."""
     if prec not in ROUNDING:
-        raise EngineError(f"self-check: no rounding bound for model dtype {prec!r} "
-                          f"(known: {', '.join(ROUNDING)})")
+        raise EngineError(
+            f"self-check: no rounding bound for model dtype {prec!r} (known: {', '.join(ROUNDING)})"
+        )
     rounding = ROUNDING[prec] * max_abs
     err = float(codecs.worst_case_error(codec, max_abs, window))
     return (err if codec == "q16" else 2 * err) + rounding  # q16 stores log-probs already
@@ -84,8 +94,9 @@ def stored_logprobs(group, sample: int, steps: slice) -> np.ndarray:
     codec = str(ds.attrs["codec"])
     data = ds[sample, steps]
     if codec == "q16":
-        x = codecs.decode(codec, data, group[F.LOGITS_SCALE][sample, steps],
-                          group[F.LOGITS_OFFSET][sample, steps])
+        x = codecs.decode(
+            codec, data, group[F.LOGITS_SCALE][sample, steps], group[F.LOGITS_OFFSET][sample, steps]
+        )
         return x.astype(np.float64)
     return log_softmax(codecs.decode(codec, data))
 
@@ -104,18 +115,24 @@ def max_abs_diff(stored: np.ndarray, forced: np.ndarray, floor: np.ndarray | Non
     return float(d.max(initial=0.0))
 
 
-def run_check(lm, group, sample: int, prompt_ids, tokens: np.ndarray, steps: int,
-              window: float) -> SelfCheck:
+def run_check(
+    lm, group, sample: int, prompt_ids, tokens: np.ndarray, steps: int, window: float
+) -> SelfCheck:
     """Teacher-force `sample` (prompt + its first `steps` stored tokens) and compare with the
     group's stored rows, BLOCK steps at a time (host memory stays a few [BLOCK, vocab])."""
     t0 = time.perf_counter()
-    ids = torch.tensor([list(prompt_ids) + [int(t) for t in tokens[:steps]]], dtype=torch.long,
-                       device=input_device(lm.bridge))
+    ids = torch.tensor(
+        [list(prompt_ids) + [int(t) for t in tokens[:steps]]],
+        dtype=torch.long,
+        device=input_device(lm.bridge),
+    )
     try:
         logits = forward_logits(lm.bridge, ids, keep=steps + 1)[0, :steps]  # [step, vocab]
     except torch.cuda.OutOfMemoryError:
-        raise EngineError(f"the self-check's teacher-forced forward over {ids.shape[1]} "
-                          f"positions does not fit in GPU memory; lower max_new_tokens") from None
+        raise EngineError(
+            f"the self-check's teacher-forced forward over {ids.shape[1]} "
+            f"positions does not fit in GPU memory; lower max_new_tokens"
+        ) from None
     codec = str(group["logits"].attrs["codec"])
     prec = precision(lm.provenance)
     worst, max_abs = 0.0, 1.0
@@ -124,12 +141,13 @@ def run_check(lm, group, sample: int, prompt_ids, tokens: np.ndarray, steps: int
         raw = logits[span].float().cpu().numpy()  # [block, vocab]
         finite = np.abs(raw[np.isfinite(raw)])
         max_abs = max(max_abs, float(finite.max(initial=0.0)))
-        floor = (group[F.LOGITS_OFFSET][sample, span].astype(np.float64) if codec == "q16"
-                 else None)
-        worst = max(worst, max_abs_diff(stored_logprobs(group, sample, span), log_softmax(raw),
-                                        floor))
-    return SelfCheck(sample, steps, worst, bound(codec, window, max_abs, prec),
-                     time.perf_counter() - t0)
+        floor = group[F.LOGITS_OFFSET][sample, span].astype(np.float64) if codec == "q16" else None
+        worst = max(
+            worst, max_abs_diff(stored_logprobs(group, sample, span), log_softmax(raw), floor)
+        )
+    return SelfCheck(
+        sample, steps, worst, bound(codec, window, max_abs, prec), time.perf_counter() - t0
+    )
 
 
 def enforce(check: SelfCheck, key: str, partial) -> None:
@@ -140,4 +158,5 @@ def enforce(check: SelfCheck, key: str, partial) -> None:
             f"a teacher-forced forward over its prompt and {check.steps} stored tokens by "
             f"{check.max_abs_diff:.3g} nats (bound {check.bound:.3g}); the archive is not the "
             f"model's distribution on its tokens ({library_versions()}, torch "
-            f"{torch.__version__}); {partial} is kept for inspection, nothing was renamed")
+            f"{torch.__version__}); {partial} is kept for inspection, nothing was renamed"
+        )

@@ -41,6 +41,7 @@ SOURCES = ("hf", "gguf", "smollm2", "tiny-random", "tempered", "aligned")
 class ModelSpec:
     """One model config (conf/model/*.yaml).  `record` is the config as given (resolved):
     what run keys and provenance store, so they stay what they were before the schema."""
+
     source: str
     name: str | None = None
     key: str | None = None  # the archive group name; null: derived (see `group`)
@@ -55,18 +56,20 @@ class ModelSpec:
     record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_node(cls, node) -> "ModelSpec":
+    def from_node(cls, node) -> ModelSpec:
         given = _plain(node)
         fields = [f.name for f in dataclasses.fields(cls) if f.name != "record"]
         for k in given:
             if k not in fields:
                 near = difflib.get_close_matches(k, fields, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise EngineError(f"model config has no key {k!r}{hint}; a model config has: "
-                                  f"{', '.join(fields)}")
+                raise EngineError(
+                    f"model config has no key {k!r}{hint}; a model config has: {', '.join(fields)}"
+                )
         if given.get("source") not in SOURCES:
-            raise EngineError(f"unknown model source {given.get('source')!r}; choose one of "
-                              f"{', '.join(SOURCES)}")
+            raise EngineError(
+                f"unknown model source {given.get('source')!r}; choose one of {', '.join(SOURCES)}"
+            )
         return cls(**{k: v for k, v in given.items()}, record=given)
 
     @property
@@ -79,8 +82,10 @@ class ModelSpec:
         src = str(self.path or "") if self.source == "gguf" else str(self.name or "")
         stem = Path(src.rstrip("/")).name.removesuffix(".gguf")
         if not stem:
-            raise EngineError("model.key is null and there is no model.name or model.path to "
-                              "name the group after; pass model.key=NAME")
+            raise EngineError(
+                "model.key is null and there is no model.name or model.path to "
+                "name the group after; pass model.key=NAME"
+            )
         return stem
 
 
@@ -105,7 +110,9 @@ def model_for(key: str, provenance: dict) -> str:
         c = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
         if str(c.get("key")) == key:
             by_key = by_key or name
-        if c.get("source") == provenance.get("source") and str(c.get("name")) == provenance.get("name"):
+        if c.get("source") == provenance.get("source") and str(c.get("name")) == provenance.get(
+            "name"
+        ):
             by_name = by_name or name
     if by_key or by_name:
         return f"model={by_key or by_name}"
@@ -127,8 +134,10 @@ def check_model_overrides(args: list[str]) -> None:
             if k not in fields:
                 near = difflib.get_close_matches(k, fields, n=1)
                 hint = f" (did you mean model.{near[0]}?)" if near else ""
-                raise EngineError(f"model.{k}: no such model setting{hint}; a model config "
-                                  f"has: {', '.join(fields)}")
+                raise EngineError(
+                    f"model.{k}: no such model setting{hint}; a model config "
+                    f"has: {', '.join(fields)}"
+                )
 
 
 # ---- how rows are stored -----------------------------------------------------------------------
@@ -138,7 +147,7 @@ class Codec:
     window: float  # q16: nats below the row max kept
 
     @classmethod
-    def of(cls, codec, window) -> "Codec":
+    def of(cls, codec, window) -> Codec:
         codecs.check_codec(codec, window)
         return cls(str(codec), float(window))
 
@@ -151,6 +160,7 @@ ON_NONFINITE = ("fail", "record")
 class Sampling:
     """conf/sampling/default.yaml: how completions are drawn (the stored logits are always the
     raw ones, before temperature, top-k and top-p)."""
+
     n_samples: int
     max_new_tokens: int
     temperature: float
@@ -160,7 +170,7 @@ class Sampling:
     on_nonfinite: str
 
     @classmethod
-    def from_cfg(cls, cfg) -> "Sampling":
+    def from_cfg(cls, cfg) -> Sampling:
         if not (isinstance(cfg.n_samples, int) and cfg.n_samples > 0):
             raise EngineError(f"n_samples must be a positive integer, got {cfg.n_samples}")
         if not (isinstance(cfg.max_new_tokens, int) and cfg.max_new_tokens >= 0):
@@ -172,21 +182,29 @@ class Sampling:
         if not 0 < cfg.top_p <= 1:
             raise EngineError(f"top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
         _choose("on_nonfinite", cfg.on_nonfinite, ON_NONFINITE)
-        return cls(int(cfg.n_samples), int(cfg.max_new_tokens), float(cfg.temperature),
-                   int(cfg.top_k), float(cfg.top_p), int(cfg.seed), str(cfg.on_nonfinite))
+        return cls(
+            int(cfg.n_samples),
+            int(cfg.max_new_tokens),
+            float(cfg.temperature),
+            int(cfg.top_k),
+            float(cfg.top_p),
+            int(cfg.seed),
+            str(cfg.on_nonfinite),
+        )
 
 
 # ---- the run group (conf/run/default.yaml) and where output goes --------------------------------
 @dataclass(frozen=True)
 class Output:
     """Where an archive goes and what may happen to files already there."""
+
     out: Path | None  # the archive (None: the verb writes into an existing archive)
     resume: bool | str  # true, false, or the path of a `.partial` to continue
     overwrite: bool
     run_dir: Path | None  # this run's Hydra directory (None without Hydra)
 
     @classmethod
-    def from_cfg(cls, cfg) -> "Output":
+    def from_cfg(cls, cfg) -> Output:
         resume = cfg.resume
         if isinstance(resume, str) and resume.lower() in ("true", "false"):
             resume = resume.lower() == "true"
@@ -195,14 +213,18 @@ class Output:
         except Exception:  # no Hydra run directory (plain compose): nothing to search
             run_dir = None
         out = cfg.get("out")
-        return cls(None if out is None else Path(str(out)).expanduser().resolve(),
-                   resume if isinstance(resume, str) else bool(resume), bool(cfg.overwrite),
-                   run_dir)
+        return cls(
+            None if out is None else Path(str(out)).expanduser().resolve(),
+            resume if isinstance(resume, str) else bool(resume),
+            bool(cfg.overwrite),
+            run_dir,
+        )
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """The settings every archive-writing verb shares (conf/run/default.yaml)."""
+
     batch_size: int | str  # a positive integer, or auto (resolved by device when loaded)
     device: str  # auto | cpu | cuda | cuda:N
     codec: Codec
@@ -213,23 +235,31 @@ class RunSettings:
     cache_dir: str
 
     @classmethod
-    def from_cfg(cls, cfg, codec: str | None = None) -> "RunSettings":
+    def from_cfg(cls, cfg, codec: str | None = None) -> RunSettings:
         """`codec`: the verb's resolved codec, when it is not cfg.codec (score: the
         generator's)."""
         b = cfg.batch_size
         if b != "auto" and not (isinstance(b, int) and b > 0):
             raise EngineError(f"batch_size must be a positive integer or auto, got {b}")
-        return cls(b, str(cfg.device), Codec.of(codec or cfg.codec, cfg.q16_window),
-                   bool(cfg.progress), cfg.device_map, bool(cfg.deterministic),
-                   bool(cfg.write_thread), str(cfg.paths.cache_dir))
+        return cls(
+            b,
+            str(cfg.device),
+            Codec.of(codec or cfg.codec, cfg.q16_window),
+            bool(cfg.progress),
+            cfg.device_map,
+            bool(cfg.deterministic),
+            bool(cfg.write_thread),
+            str(cfg.paths.cache_dir),
+        )
 
-    def with_(self, **kw) -> "RunSettings":
+    def with_(self, **kw) -> RunSettings:
         return dataclasses.replace(self, **kw)
 
 
 @dataclass(frozen=True)
 class Shape:
     """What a fresh archive is created with (besides its model and prompts)."""
+
     n_samples: int  # per prompt
     max_new_tokens: int
     config_yaml: str  # the command's whole config, as the archive records it

@@ -20,8 +20,11 @@ def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndar
     if L == 0:
         return
     comp = np.where(tokens[:, :L] >= 0, tokens[:, :L], 0)  # right padding never reaches
-    ids = torch.tensor(np.concatenate([np.tile(prompt_ids, (n, 1)), comp], 1),  # earlier rows
-                       dtype=torch.long, device=device)  # [batch, pos]
+    ids = torch.tensor(
+        np.concatenate([np.tile(prompt_ids, (n, 1)), comp], 1),  # earlier rows
+        dtype=torch.long,
+        device=device,
+    )  # [batch, pos]
     logits = forward_logits(bridge, ids, keep=L + 1)  # [batch, L + 1, vocab] from pos P - 1
     finite = torch.isfinite(logits.amax(dim=-1)).cpu().numpy()  # [batch, L + 1]: one sync
     for t in range(L):
