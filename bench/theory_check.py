@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from analyses.__main__ import run as run_analysis  # noqa: E402
 from analyses.lib.common import write_json  # noqa: E402
 from analyses.protocol import CONF as ANALYSES_CONF  # noqa: E402
-from engine import dump, score  # noqa: E402
+from engine.commands import dump, score  # noqa: E402
 from engine.config import CONF, options  # noqa: E402
 
 

@@ -15,7 +15,16 @@ from engine.errors import EngineError
 #: extra -> the modules (import names) it provides that the engine imports
 EXTRAS = {
     "run": ("torch", "transformers", "transformer_lens", "accelerate", "gguf", "safetensors"),
-    "align": ("torch", "transformers", "transformer_lens", "trl", "datasets"),
+    "align": (
+        "torch",
+        "transformers",
+        "transformer_lens",
+        "accelerate",
+        "gguf",
+        "safetensors",
+        "trl",
+        "datasets",
+    ),  # the run extra's and TRL's
     "text": ("torch", "transformers", "sklearn", "vaderSentiment"),
 }
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -27,25 +27,19 @@ def atomic_replace(src: Path, dst: Path, replace_dir: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def staged(dst: Path, partial: Path | None = None, keep: bool = False, folder: bool = False):
-    """Yield the path to write instead of `dst`: `partial`, or a fresh temporary name beside
-    `dst` (a folder, created, when folder=True).  When the block completes it is renamed onto
-    `dst`; when it raises it is removed, or kept (keep=True: a run resumes from it)."""
+def staged(dst: Path, partial: Path | None = None, keep: bool = False):
+    """Yield the path to write instead of the file `dst`: `partial`, or a fresh name beside
+    `dst` (not created: the caller writes it, with the usual permissions).  When the block
+    completes it is renamed onto `dst`; when it raises it is removed, or kept (keep=True: a
+    run resumes from it)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if partial is None:
-        make = tempfile.mkdtemp if folder else tempfile.mkstemp
-        made = make(dir=dst.parent, prefix=f".{dst.name}.tmp-")
-        if not folder:
-            os.close(made[0])
-            made = made[1]
-        partial = Path(made)
+        partial = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield partial
     except BaseException:
         if not keep:
-            shutil.rmtree(partial, ignore_errors=True) if Path(partial).is_dir() else Path(
-                partial
-            ).unlink(missing_ok=True)
+            Path(partial).unlink(missing_ok=True)
         raise
-    atomic_replace(partial, dst, replace_dir=folder)
+    atomic_replace(partial, dst)

@@ -21,11 +21,12 @@ from tqdm import tqdm
 from engine.archive import Archive, Block
 from engine.errors import EngineError
 from kernels import Encoded
+from kernels.codecs import CODED
 
 
 def kernel_input(block: Block, codec: str):
     """A block's rows as the kernels take them (no decoding here)."""
-    if codec in ("fp16", "fp32"):
+    if codec not in CODED:  # fp16 and fp32 rows are plain float arrays
         return block.raw
     return Encoded(block.raw, codec, block.scale, block.offset)
 

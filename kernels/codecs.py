@@ -13,10 +13,8 @@ import numpy as np
 CODECS = ("fp16", "fp32", "bf16", "q16")
 #: numpy dtype a codec's rows are stored in (bf16 bit patterns and q16 codes are uint16)
 STORAGE_DTYPE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.uint16, "q16": np.uint16}
-#: bits per stored entry
-BITS = {codec: 8 * np.dtype(dt).itemsize for codec, dt in STORAGE_DTYPE.items()}
-#: codecs stored with a per-row scale and offset (decoded = offset + code * scale)
-SCALED = ("q16",)
+#: codecs whose stored rows are bit patterns or codes (uint16), not floats numpy reads as such
+CODED = tuple(c for c, dt in STORAGE_DTYPE.items() if dt is np.uint16)
 
 FP16_MAX = 65504.0  # largest finite float16: fp16 saturates finite values beyond it
 Q16_MAX_CODE = 65535  # largest q16 code (the row maximum)

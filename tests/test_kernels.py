@@ -166,19 +166,16 @@ def test_fit_gamma_unidentified_rows_are_nan_not_errors():
     assert np.isnan(f.gamma[0]) and np.isinf(f.kl[0])
 
 
-# Not strict: the cause is suspected to be FMA contraction of q16's `off + code * scale` in
-# some numba loops and not others (the decoded row max is 1 ulp off), which depends on the CPU.
-Q16_FIT_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="numba's q16 fit at large gamma is ~1e-4 relative off (gamma 7.7988 "
-    "where torch and the float64 reference give 7.7996; log S at g = 7.8: 3.5636e-4 against "
-    "3.5898e-4): an issue of the numba q16 decode, not of the stopping rule",
-)
+# numba's q16 fit at large gamma is ~1e-4 relative off (gamma 7.7988 where torch and the
+# float64 reference give 7.7996; log S at g = 7.8: 3.5636e-4 against 3.5898e-4), suspected to
+# be FMA contraction of q16's `off + code * scale` in some numba loops and not others (the
+# decoded row max 1 ulp off): an issue of the q16 decode, not of the stopping rule.  Bounded
+# here, so it cannot grow unseen; the other codecs agree to float32 noise.
+FIT_TOL = {"q16": 3e-4}
+FIT_PASSES = {"q16": 2}  # passes may differ by this much where the q16 fits differ
 
 
-@pytest.mark.parametrize(
-    "codec", ["fp32", "fp16", "bf16", pytest.param("q16", marks=Q16_FIT_XFAIL)]
-)
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "q16"])
 def test_fit_gamma_backends_follow_one_stopping_rule(codec):
     """numba and torch (CPU) fit gamma by the same rule (`kernels.api.fit_gamma`): on the same
     stored rows they give the same gamma and KL to float32 noise and the same iteration
@@ -194,9 +191,16 @@ def test_fit_gamma_backends_follow_one_stopping_rule(codec):
     (tp, _), (tq, _) = encode(p64, "t_" + codec), encode(q64, "t_" + codec)
     for kw in ({}, {"tol": 1e-5}, {"max_iter": 1}):
         nb, th = K.fit_gamma(p, q, **kw), K.fit_gamma(tp, tq, **kw)
-        assert np.array_equal(nb.iterations, as_np(th.iterations)), (kw, nb.iterations)
+        passes = np.abs(nb.iterations.astype(int) - as_np(th.iterations).astype(int))
+        assert passes.max() <= FIT_PASSES.get(codec, 0), (kw, nb.iterations)
         for field in ("gamma", "kl", "kl_at_1"):
-            close(getattr(th, field), getattr(nb, field), 1e-5, what=f"{field}/{codec}/{kw}")
+            close(
+                getattr(th, field),
+                getattr(nb, field),
+                1e-5,
+                rtol=FIT_TOL.get(codec, 1e-5),
+                what=f"{field}/{codec}/{kw}",
+            )
     assert nb.iterations.max() == 1 and np.ptp(K.fit_gamma(p, q).iterations) > 0
 
 

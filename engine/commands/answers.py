@@ -116,13 +116,15 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     shape = Shape(n, T, config_yaml(cfg, n_samples=n, max_new_tokens=T, batch_size=rs.batch_size))
 
     def create(partial):
-        w = R.create_archive(partial, key, shape, [c["prompt"]], R.model_info(lm, seen), rs.codec)
-        w.write_answers(
-            c["candidates"], c["reference"], c["terminator"], str(cfg.candidates.get("name", ""))
+        return R.create_archive(
+            partial, key, shape, [c["prompt"]], R.model_info(lm, seen), rs.codec
         )
-        return w
 
-    with output.new_archive(plan, "answers", create, key) as writer:
+    def answers(w):
+        name = str(cfg.candidates.get("name", ""))
+        w.write_answers(c["candidates"], c["reference"], c["terminator"], name)
+
+    with output.new_archive(plan, "answers", create, key, answers) as writer:
         check = R.FirstBatchCheck(writer, lm, rs.codec.window)
 
         def write(p, s0, s1):

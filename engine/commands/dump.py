@@ -24,7 +24,7 @@ from engine.runtime.models import LoadedModel
 from engine.runtime.prompts import check_chat_template, load_prompts
 from engine.runtime.sampling import check_hooks, generate
 from engine.runtime.schedule import plan_shard
-from engine.runtime.settings import ModelSpec, Output, RunSettings, Sampling, Shape
+from engine.runtime.settings import ModelSpec, Output, RunSettings, Sampling, Shape, Sharding
 
 log = logging.getLogger(__name__)
 KEYS = (
@@ -66,7 +66,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
     prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
-    shard = plan_shard(cfg.shard, cfg.num_shards, len(prompts), sampling.n_samples, rs.batch_size)
+    shard = plan_shard(Sharding.from_cfg(cfg), len(prompts), sampling.n_samples, rs.batch_size)
     rs = R.shard_device(rs, shard)
     key = run_key(
         cfg, KEYS, prompts=prompts, device=R.device_type(rs.device), batch_size=rs.batch_size

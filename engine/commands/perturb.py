@@ -170,15 +170,16 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     shape = Shape(M, sampling.max_new_tokens, config_yaml(cfg, batch_size=rs.batch_size))
 
     def create(partial):
-        w = R.create_archive(partial, key, shape, texts, R.model_info(lm, rendered), rs.codec)
+        return R.create_archive(partial, key, shape, texts, R.model_info(lm, rendered), rs.codec)
+
+    def lineage(w):
         w.write_lineage(vs, Path(str(cfg.source)).resolve(), source)
-        return w
 
     def seed_of(i: int) -> int:  # continuation j of a pair shares its seed with the control's
         pair, j = i // (2 * M), i % M
         return sample_seed(sampling.seed, pair * M + j)
 
-    with output.new_archive(plan, "perturb", create, key) as writer:
+    with output.new_archive(plan, "perturb", create, key, lineage) as writer:
         R.sample_all(writer, lm, rendered.ids, M, sampling, rs, seed_of=seed_of)
     log.info("wrote %s: %d variants x %d continuations", plan.out, len(vs), M)
     return {

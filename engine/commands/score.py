@@ -96,7 +96,6 @@ def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     spec = ModelSpec.from_node(cfg.model)
-    rs = RunSettings.from_cfg(cfg, codec="fp16")  # the codec is checked below, once known
     with archive.Archive(cfg.archive) as a:  # validates: exists, HDF5, schema, version, complete
         group = spec.group
         partner = counterpart_prompts(a, group) if cfg.counterpart else None
@@ -110,6 +109,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         if chat is None:  # read the prompts the way the generator was told to (true/false/auto)
             chat = a.run_key.get("chat_template", False)
         per_prompt, span = a.samples_per_prompt, a.span  # a shard: its share of the samples
+    # the run settings, checked once the codec is known (codec=null: the generator's)
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg, codec=cfg.codec or gen.codec))
     codec = rs.codec
     check_chat_template(chat)

@@ -12,6 +12,7 @@ import torch
 
 from engine.archive.format import FP16_MAX, MIN_Q16_WINDOW, Q16_MAX_CODE
 from engine.errors import EngineError
+from kernels.codecs import CODED
 
 
 def encode(codec: str, logits: torch.Tensor, window: float = MIN_Q16_WINDOW):
@@ -49,4 +50,4 @@ def encode(codec: str, logits: torch.Tensor, window: float = MIN_Q16_WINDOW):
 def to_numpy(codec: str, data: torch.Tensor) -> np.ndarray:
     """Device tensor from `encode` -> host numpy array in the storage dtype."""
     arr = data.detach().cpu().numpy()
-    return arr.view(np.uint16) if codec in ("bf16", "q16") else arr
+    return arr.view(np.uint16) if codec in CODED else arr

@@ -211,6 +211,9 @@ def _cache_gguf_as_hf(gguf: Path, cache_dir: Path, digest: str | None = None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "model.safetensors").is_file():
             raise
+    except BaseException:  # an interrupt or an error while writing: no half folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 

@@ -142,10 +142,18 @@ def writing(where: str, advice: str, writer, complete: Callable[[], None] = lamb
     on_interrupt(None)
 
 
-def new_archive(plan: Plan, verb: str, create: Callable[[Path], archive.ArchiveWriter], key: dict):
+def new_archive(
+    plan: Plan,
+    verb: str,
+    create: Callable[[Path], archive.ArchiveWriter],
+    key: dict,
+    init: Callable[[archive.ArchiveWriter], None] | None = None,
+):
     """`writing` for a new archive file: reopen the partial of an interrupted run (refused when
-    its self-check failed) or create a fresh one with `create(partial)`; renamed onto
-    `plan.out` when complete."""
+    its self-check failed) or create a fresh one with `create(partial)`, then `init(writer)`
+    writes what a fresh archive holds before its first batch (lineage, answers); a fresh
+    partial whose `init` fails is removed, so no resume continues it without them.  Renamed
+    onto `plan.out` when complete."""
     plan.partial.parent.mkdir(parents=True, exist_ok=True)
     if plan.resuming:
         w = archive.open_for_resume(plan.partial, key)
@@ -159,6 +167,13 @@ def new_archive(plan: Plan, verb: str, create: Callable[[Path], archive.ArchiveW
     else:
         plan.partial.unlink(missing_ok=True)
         w = create(plan.partial)
+        try:
+            if init is not None:
+                init(w)
+        except BaseException:
+            w.close()
+            plan.partial.unlink(missing_ok=True)
+            raise
     return writing(
         str(plan.partial),
         continue_command(verb, f"resume={plan.partial}"),

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from engine import archive
 from engine.errors import EngineError
+from engine.runtime.settings import Sharding
 
 
 def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int, stop: int | None = None):
@@ -31,17 +32,12 @@ def batches(n_prompts: int, per_prompt: int, batch_size: int, start: int, stop: 
 
 
 def plan_shard(
-    index, count, n_prompts: int, per_prompt: int, batch_size: int
+    sharding: Sharding, n_prompts: int, per_prompt: int, batch_size: int
 ) -> archive.Shard | None:
     """This process's share of a sharded dump (shard=i num_shards=n): a contiguous run of whole
     batches, batch b of B going to shard b * n // B, so the shards differ by at most one batch.
     None when the dump is not sharded (num_shards=1)."""
-    if not (isinstance(count, int) and count >= 1):
-        raise EngineError(f"num_shards must be a positive integer, got {count}")
-    if not (isinstance(index, int) and 0 <= index < count):
-        raise EngineError(
-            f"shard must be an integer in 0..{count - 1} (num_shards={count}), got {index}"
-        )
+    index, count = sharding.index, sharding.count
     if count == 1:
         return None
     n_batches = len(list(batches(n_prompts, per_prompt, batch_size, 0)))

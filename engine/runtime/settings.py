@@ -257,6 +257,25 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """shard=i num_shards=n: this process writes shard i of n (n = 1: not sharded)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def from_cfg(cls, cfg) -> Sharding:
+        index, count = cfg.shard, cfg.num_shards
+        if not (isinstance(count, int) and count >= 1):
+            raise EngineError(f"num_shards must be a positive integer, got {count}")
+        if not (isinstance(index, int) and 0 <= index < count):
+            raise EngineError(
+                f"shard must be an integer in 0..{count - 1} (num_shards={count}), got {index}"
+            )
+        return cls(index, count)
+
+
+@dataclass(frozen=True)
 class Shape:
     """What a fresh archive is created with (besides its model and prompts)."""
 
