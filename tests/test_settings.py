@@ -22,10 +22,16 @@ from tests.conftest import engine_cli
 
 @pytest.mark.parametrize("name", options("model"))
 def test_every_model_config_fits_the_schema(name):
-    spec = model_config(name)
-    raw = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"), resolve=True)
+    node = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    missing = [k for k in node if OmegaConf.is_missing(node, k)]
+    for key in missing:  # `???`: given on the command line (model.name=NAME)
+        node[key] = "given"
+    spec = ModelSpec.from_node(node)
+    raw = OmegaConf.to_container(node, resolve=True)
     assert spec.record == raw  # run keys store the config as given
-    assert spec.source == raw["source"]
+    assert spec.source == raw["source"] and spec.group
+    if not missing:
+        assert model_config(name) == spec
 
 
 def test_an_unknown_model_key_is_refused_with_the_nearest_one():
