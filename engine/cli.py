@@ -93,7 +93,13 @@ def check_launcher(args: list[str], find_spec=None) -> None:
         if module and find_spec(module) is None:
             _die(
                 f"hydra/launcher={name} needs the package {package} "
-                f"(.venv/bin/pip install {package})"
+                f"(.venv/bin/pip install {package}"
+                + (
+                    ""
+                    if package == "hydra-ray-launcher"
+                    else ", or the launchers extra: pip install 'logit-engine[launchers]'"
+                )
+                + ")"
             )
 
 
