@@ -71,6 +71,11 @@ class HostStep:
 def to_host(st: Step, codec: str, window: float) -> HostStep:
     """Encode on the device and start the step's copies to the host; returns at once."""
     data, scale, offset = encode(codec, st.logits, window)
+    if data.device.type == "cpu" and data.untyped_storage().nbytes() > data.nbytes:
+        # fp32 on the CPU encodes to a view: a teacher-forced step is a slice of the batch's
+        # whole [batch, L + 1, vocab] logits, which a queued view would keep alive through the
+        # next batch's forward; the step's own copy lets it go (memory stays one batch)
+        data = data.clone()
     parts = {
         "data": data,
         "scale": scale,
