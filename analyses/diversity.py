@@ -15,6 +15,9 @@ than many effects one would compare):
   definition; higher = less diverse);
 - Sentence-BERT diversity = 1 - mean cosine over pairs i < j (Kirk et al.'s reduction of a
   similarity to a diversity), with all-MiniLM-L6-v2 embeddings;
+- `*_shaib`: the `diversity` package's scores (Shaib et al. 2024; analyses/lib/textdiv.py,
+  its code's definitions): compression ratio (gzip and xz), n-gram diversity score
+  (n = 1..4), self-repetition score;
 - t-SNE map of the embeddings coloured by k-means cluster, k chosen by silhouette.
 Per-input: over the completions of each prompt, averaged over prompts; cross-input: over the
 first completion of each prompt.  Compare models by running it on each model's archive.
@@ -27,6 +30,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from analyses.lib import textdiv
 from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.lib.common import mean_std, save_figure, write_csv
 from analyses.lib.embeddings import embed
@@ -102,7 +106,33 @@ def metrics(texts, seqs, emb, V, max_n) -> dict:
         "ead_words_kirk": ead_words,
         "tfidf_cosine": mean_std(tf),
         "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
+        **shaib_scores(texts),
         "n_texts": len(texts),
+    }
+
+
+SHAIB_KEYS = (
+    "compression_ratio_gzip_shaib",
+    "compression_ratio_xz_shaib",
+    "ngram_diversity_shaib",
+    "self_repetition_shaib",
+)
+
+
+def shaib_scores(texts) -> dict:
+    """The `diversity` package's scores of these texts (NaN where it has none: no text, or
+    fewer than 4 words for the n-gram diversity score, where the package divides by zero)."""
+    if not texts or not any(t.strip() for t in texts):
+        return dict.fromkeys(SHAIB_KEYS, float("nan"))
+    try:
+        ngram = textdiv.ngram_diversity_score(texts)
+    except ValueError:
+        ngram = float("nan")
+    return {
+        "compression_ratio_gzip_shaib": textdiv.compression_ratio(texts, "gzip"),
+        "compression_ratio_xz_shaib": textdiv.compression_ratio(texts, "xz"),
+        "ngram_diversity_shaib": ngram,
+        "self_repetition_shaib": textdiv.self_repetition_score(texts),
     }
 
 
@@ -128,7 +158,13 @@ def run(cfg, a: Archive, out: Path) -> dict:
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
     avg = {
         k: float(np.nanmean([v[k] for v in per_input.values()]))
-        for k in ("ead_tokens_mean", "ead_words_kirk", "distinct_words_kirk", "sentbert_diversity")
+        for k in (
+            "ead_tokens_mean",
+            "ead_words_kirk",
+            "distinct_words_kirk",
+            "sentbert_diversity",
+            *SHAIB_KEYS,
+        )
     }
     avg["tfidf_cosine_mean"] = float(
         np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()])

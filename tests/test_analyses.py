@@ -349,10 +349,11 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
     # vectors: recompute it independently for every input, and the mean over inputs
     from analyses.lib.embeddings import embed
+    from analyses.lib.textdiv import compression_ratio, self_repetition_score
 
     with Archive(paired) as a:
         smp, text = a.samples(), a.model().text
-        per = []
+        per, shaib = [], []
         for p, ptext in enumerate(a.prompts):
             idx = np.flatnonzero(smp["prompt_index"] == p)
             e = embed([text(smp["tokens"][i, : int(smp["length"][i])]) for i in idx]).astype(
@@ -361,7 +362,14 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
             cos = [float(e[i] @ e[j]) for i in range(len(idx)) for j in range(i + 1, len(idx))]
             per.append(1 - np.mean(cos))
             assert s["per_input"][ptext]["sentbert_diversity"] == pytest.approx(per[-1], abs=1e-5)
+            texts = [text(smp["tokens"][i, : int(smp["length"][i])]) for i in idx]
+            got = s["per_input"][ptext]
+            assert got["compression_ratio_gzip_shaib"] == compression_ratio(texts, "gzip")
+            assert got["compression_ratio_xz_shaib"] == compression_ratio(texts, "xz")
+            assert got["self_repetition_shaib"] == pytest.approx(self_repetition_score(texts))
+            shaib.append(got["self_repetition_shaib"])
     assert s["per_input_mean"]["sentbert_diversity"] == pytest.approx(np.mean(per), abs=1e-5)
+    assert s["per_input_mean"]["self_repetition_shaib"] == pytest.approx(np.mean(shaib))
     assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()
 
 
