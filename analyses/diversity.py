@@ -34,12 +34,9 @@ from analyses.lib import textdiv
 from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.lib.common import mean_std, save_figure, write_csv
 from analyses.lib.embeddings import embed
+from analyses.lib.textdiv import ngrams
 from analyses.protocol import Analysis
 from engine.archive import Archive
-
-
-def ngrams(seq, n: int) -> list[tuple]:
-    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def distinct_and_ead(seqs, n: int, V: int) -> tuple[float, float]:

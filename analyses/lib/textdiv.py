@@ -54,8 +54,9 @@ def compression_ratio(texts: list[str], algorithm: str = "gzip") -> float:
     return round(len(raw) / size, 3)
 
 
-def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+def ngrams(seq, n: int) -> list[tuple]:
+    """The n-grams of a sequence, in order, as tuples (nltk.ngrams without padding)."""
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def ngram_diversity_score(texts: list[str], num_n: int = 4) -> float:
@@ -63,7 +64,7 @@ def ngram_diversity_score(texts: list[str], num_n: int = 4) -> float:
     tokens = " ".join(texts).split(" ")
     score = 0.0
     for n in range(1, num_n + 1):
-        grams = _ngrams(tokens, n)
+        grams = ngrams(tokens, n)
         if not grams:  # the package divides by zero here; a corpus this short has no score
             raise ValueError(f"fewer than {n} tokens: no {n}-grams to count")
         score += len(set(grams)) / len(grams)
@@ -75,6 +76,6 @@ def self_repetition_score(texts: list[str]) -> float:
     documents) (diversity 0.3.0; always 4-grams of whitespace tokens)."""
     if not texts:
         raise ValueError("no documents")
-    per_doc = [{" ".join(g) for g in _ngrams(t.split(), 4)} for t in texts]
+    per_doc = [{" ".join(g) for g in ngrams(t.split(), 4)} for t in texts]
     counts = Counter(g for doc in per_doc for g in doc)
     return sum(math.log(sum(counts[g] for g in doc) - len(doc) + 1) for doc in per_doc) / len(texts)
