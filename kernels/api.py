@@ -168,10 +168,16 @@ def tempered_entropy(logits, gammas):
     return m[..., C.TM_LOG_S] - g * m[..., C.TM_M1]  # H = log S(g) - g E_g[d]
 
 
+#: relative resolution of the kernels' entropy (float32 block sums): targets this close to
+#: the bracket's ends count as reached
+ENTROPY_SLACK = 1e-6
+
+
 def gamma_for_entropy(logits, target, g_max=1e4, tol=1e-10, max_iter=100):
     """Per row, the g > 0 with H(softmax(g log p)) = target (nats): the effective inverse
     temperature at which the base model matches another model's entropy.  H is decreasing
-    in g (dH/dg = -g Var_g[d]); bracketed Newton in log g.  NaN where target is out of reach.
+    in g (dH/dg = -g Var_g[d]); bracketed Newton in log g.  NaN where target is out of reach
+    (beyond ENTROPY_SLACK, the float32 sums' resolution of H, of the bracket's ends).
     numpy path only (uses tempered_moments per iteration)."""
     r = NumbaRows(logits)
     n, flat = r.n, r.flat()
@@ -179,7 +185,10 @@ def gamma_for_entropy(logits, target, g_max=1e4, tol=1e-10, max_iter=100):
     lo, hi = np.full(n, 1e-6), np.full(n, g_max)
     h_lo = tempered_entropy(flat, lo[:, None])[:, 0]
     h_hi = tempered_entropy(flat, hi[:, None])[:, 0]
-    ok = (target <= h_lo) & (target >= h_hi)
+    # reachable up to the kernels' float32 resolution of H: a target that another power of
+    # this very row gave can land a rounding error outside [H(g_max), H(1e-6)] where H is flat
+    slack = ENTROPY_SLACK * (1 + np.abs(target))
+    ok = (target <= h_lo + slack) & (target >= h_hi - slack)
     g = np.where(ok, 1.0, np.nan)
     for _ in range(max_iter):
         m = tempered_moments(flat, np.where(ok, g, 1.0)[:, None])[:, 0]
