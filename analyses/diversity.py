@@ -17,10 +17,13 @@ than many effects one would compare):
   similarity to a diversity), with all-MiniLM-L6-v2 embeddings;
 - `*_shaib`: the `diversity` package's scores (Shaib et al. 2024; analyses/lib/textdiv.py,
   its code's definitions): compression ratio (gzip and xz), n-gram diversity score
-  (n = 1..4), self-repetition score;
+  (n = 1..4), self-repetition score, homogenization score (ROUGE-L);
+- Self-BLEU (`self_bleu_texygen`, Zhu et al. 2018's Texygen definition, nltk smoothing
+  method1, whitespace tokens);
 - t-SNE map of the embeddings coloured by k-means cluster, k chosen by silhouette.
 Per-input: over the completions of each prompt, averaged over prompts; cross-input: over the
-first completion of each prompt.  Compare models by running it on each model's archive.
+first completion of each prompt.  Intervals: the mean over prompts with a bootstrap over
+prompts; the cross-input scores over random picks of one completion per prompt.  Compare models by running it on each model's archive.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+import kernels as K
 from analyses.lib import textdiv
 from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
 from analyses.lib.common import mean_std, save_figure, write_csv
@@ -104,6 +108,8 @@ def metrics(texts, seqs, emb, V, max_n) -> dict:
         "tfidf_cosine": mean_std(tf),
         "sentbert_diversity": float(1 - sb.mean()) if sb.size else float("nan"),
         **shaib_scores(texts),
+        "homogenization_rougel_shaib": textdiv.homogenization_rougel(texts),
+        "self_bleu_texygen": textdiv.self_bleu(texts),
         "n_texts": len(texts),
     }
 
@@ -114,6 +120,62 @@ SHAIB_KEYS = (
     "ngram_diversity_shaib",
     "self_repetition_shaib",
 )
+
+
+#: the per-text-set scores that get a mean over prompts and an interval
+SCALAR_KEYS = (
+    "ead_tokens_mean",
+    "ead_words_kirk",
+    "distinct_words_kirk",
+    "sentbert_diversity",
+    "tfidf_cosine_mean",
+    *SHAIB_KEYS,
+    "homogenization_rougel_shaib",
+    "self_bleu_texygen",
+)
+
+
+def bootstrap_over_prompts(values, n_boot: int, seed: int) -> dict:
+    """95% percentile interval of the mean over prompts, prompts resampled (the prompt is the
+    unit: each one's score is computed on its own K completions, never on duplicates)."""
+    x = np.asarray(values, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return {"ci95": [float("nan"), float("nan")], "n_prompts": int(x.size)}
+    lo, hi = K.bootstrap_ci(x, np.mean, n_boot=n_boot, seed=seed)
+    return {"ci95": [lo, hi], "n_prompts": int(x.size)}
+
+
+def cross_input_draws(texts, seqs, emb, prompt, n_prompts, V, max_n, n_draws, seed, scalar):
+    """The cross-input scores over `n_draws` random picks of one completion per prompt (the
+    reported cross-input set is the first completion of each): their median and 2.5-97.5%
+    range, how much the number depends on which completion stands for each prompt.  Not a
+    bootstrap with replacement: a set-level diversity score of a resample holding duplicates
+    is biased towards sameness."""
+    groups = [np.flatnonzero(prompt == p) for p in range(n_prompts)]
+    groups = [g for g in groups if g.size]
+    if len(groups) < 2 or n_draws < 1 or all(g.size == 1 for g in groups):
+        return {"n_draws": 0}
+    rng = np.random.default_rng(seed)
+    got = []
+    for _ in range(n_draws):
+        pick = [int(rng.choice(g)) for g in groups]
+        got.append(
+            scalar(metrics([texts[i] for i in pick], [seqs[i] for i in pick], emb[pick], V, max_n))
+        )
+    out = {"n_draws": n_draws, "n_prompts": len(groups)}
+    for k in SCALAR_KEYS:
+        x = np.array([g[k] for g in got], np.float64)
+        x = x[np.isfinite(x)]
+        out[k] = (
+            {
+                "median": float(np.median(x)),
+                "range95": [float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))],
+            }
+            if x.size
+            else {"median": float("nan"), "range95": [float("nan"), float("nan")]}
+        )
+    return out
 
 
 def shaib_scores(texts) -> dict:
@@ -153,18 +215,13 @@ def run(cfg, a: Archive, out: Path) -> dict:
         int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()
     ]
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
-    avg = {
-        k: float(np.nanmean([v[k] for v in per_input.values()]))
-        for k in (
-            "ead_tokens_mean",
-            "ead_words_kirk",
-            "distinct_words_kirk",
-            "sentbert_diversity",
-            *SHAIB_KEYS,
-        )
+    scalar = lambda v: {
+        k: v["tfidf_cosine"]["mean"] if k == "tfidf_cosine_mean" else v[k] for k in SCALAR_KEYS
     }
-    avg["tfidf_cosine_mean"] = float(
-        np.nanmean([v["tfidf_cosine"]["mean"] for v in per_input.values()])
+    per_prompt = {k: np.array([scalar(v)[k] for v in per_input.values()]) for k in SCALAR_KEYS}
+    avg = {k: float(np.nanmean(x)) for k, x in per_prompt.items()}
+    draws = cross_input_draws(
+        texts, seqs, emb, prompt, len(a.prompts), V, c.max_n, int(c.n_draws), int(c.seed), scalar
     )
     clusters, figs = tsne_clusters(emb, prompt, int(c.max_k), int(c.seed), out, m.key)
     write_csv(
@@ -176,7 +233,11 @@ def run(cfg, a: Archive, out: Path) -> dict:
         "model": m.key,
         "per_input": per_input,
         "per_input_mean": avg,
+        "per_input_mean_ci95": {
+            k: bootstrap_over_prompts(x, int(c.n_boot), int(c.seed)) for k, x in per_prompt.items()
+        },
         "cross_input": cross,
+        "cross_input_draws": draws,
         "figures": figs,
     }
 

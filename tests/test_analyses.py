@@ -349,7 +349,12 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     # SBERT diversity is 1 - mean pairwise cosine (pairs i < j) of the packaged embedder's
     # vectors: recompute it independently for every input, and the mean over inputs
     from analyses.lib.embeddings import embed
-    from analyses.lib.textdiv import compression_ratio, self_repetition_score
+    from analyses.lib.textdiv import (
+        compression_ratio,
+        homogenization_rougel,
+        self_bleu,
+        self_repetition_score,
+    )
 
     with Archive(paired) as a:
         smp, text = a.samples(), a.model().text
@@ -367,9 +372,19 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
             assert got["compression_ratio_gzip_shaib"] == compression_ratio(texts, "gzip")
             assert got["compression_ratio_xz_shaib"] == compression_ratio(texts, "xz")
             assert got["self_repetition_shaib"] == pytest.approx(self_repetition_score(texts))
+            assert got["homogenization_rougel_shaib"] == homogenization_rougel(texts)
+            assert got["self_bleu_texygen"] == pytest.approx(self_bleu(texts))
             shaib.append(got["self_repetition_shaib"])
     assert s["per_input_mean"]["sentbert_diversity"] == pytest.approx(np.mean(per), abs=1e-5)
     assert s["per_input_mean"]["self_repetition_shaib"] == pytest.approx(np.mean(shaib))
+    # intervals: the mean over prompts inside its prompt-bootstrap interval (2 prompts: the
+    # interval spans the two values); cross-input draws pick one of each prompt's 4 texts
+    ci = s["per_input_mean_ci95"]["self_repetition_shaib"]
+    assert ci["n_prompts"] == 2 and min(shaib) <= ci["ci95"][0] <= ci["ci95"][1] <= max(shaib)
+    d = s["cross_input_draws"]
+    assert d["n_draws"] == 100 and d["n_prompts"] == 2
+    lo, hi = d["sentbert_diversity"]["range95"]
+    assert lo <= d["sentbert_diversity"]["median"] <= hi
     assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()
 
 

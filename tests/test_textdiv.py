@@ -73,3 +73,42 @@ def test_compression_ratio_orders_repetitive_above_varied():
         assert T.compression_ratio(same, algorithm) > 3 > T.compression_ratio(varied, algorithm)
     with pytest.raises(ValueError, match="gzip or xz"):
         T.compression_ratio(same, "zip")
+
+
+def test_rouge_tokens_and_lcs_by_hand():
+    # rouge-score's tokenizer: lower-case, any run outside a-z0-9 separates ("ç" too)
+    assert T.rouge_tokens("Hello, WORLD! ça-va 42x") == ["hello", "world", "a", "va", "42x"]
+    assert T.rouge_tokens(" ...!") == []
+    assert T.lcs_length(list("abcbdab"), list("bdcaba")) == 4  # the textbook example
+    # [the cat sat] vs [the cat on the mat]: LCS 2, P 2/5, R 2/3, F = 0.5
+    a, b = T.rouge_tokens("The cat sat."), T.rouge_tokens("the cat, on the mat")
+    assert T.rouge_l_f(a, b) == T.rouge_l_f(b, a) == pytest.approx(0.5, abs=1e-15)
+    assert T.rouge_l_f([], b) == 0.0
+
+
+def test_homogenization_rougel_by_hand():
+    # pairs: AB 0.5, AC 0, BC 0 -> per document 0.25, 0.25, 0 -> 1/6, rounded as the package
+    texts = ["the cat sat", "the cat on the mat", "dogs run"]
+    assert T.homogenization_rougel(texts) == round(0.5 / 3, 3) == 0.167
+    assert T.homogenization_rougel(["same words here"] * 4) == 1.0
+    # the package's zero case: no pair shares a word -> 1.0 (kept as its code has it)
+    assert T.homogenization_rougel(["a b", "c d", "e"]) == 1.0
+    assert math.isnan(T.homogenization_rougel(["only one"]))
+
+
+def test_sentence_bleu_by_hand():
+    # [a b c d] vs [a b c e]: p1..p4 = 3/4, 2/3, 1/2, 0/1 -> 0.1/1 (method1); bp 1
+    want = (0.75 * (2 / 3) * 0.5 * 0.1) ** 0.25
+    assert T.sentence_bleu([["a", "b", "c", "e"]], ["a", "b", "c", "d"]) == pytest.approx(want)
+    assert T.self_bleu(["a b c d", "a b c e"]) == pytest.approx(want)
+    # short hypothesis: p = 1, 1, 0.1, 0.1 and brevity penalty exp(1 - 4/2)
+    assert T.sentence_bleu([list("abcd")], list("ab")) == pytest.approx(math.exp(-1) * 0.1**0.5)
+    # long hypothesis: p = 2/4, 1/3, 0.1/2, 0.1/1, no penalty
+    want = (0.5 / 3 * 0.05 * 0.1) ** 0.25
+    assert T.sentence_bleu([list("ab")], list("abcd")) == pytest.approx(want)
+    # closest reference length: a tie (2 and 4 for a hypothesis of 3) goes to the shorter,
+    # so no penalty; clipped counts take the maximum over references
+    assert T.sentence_bleu([list("ab"), list("abcx")], list("abc")) == pytest.approx(0.1**0.25)
+    assert T.sentence_bleu([list("xyz")], list("abc")) == 0.0  # no unigram in common
+    assert T.self_bleu(["a b c d"] * 3) == pytest.approx(1.0)
+    assert math.isnan(T.self_bleu(["one"]))

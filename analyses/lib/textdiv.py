@@ -22,6 +22,27 @@ docstrings, the code wins, and the difference is said here:
   whitespace tokens (the package's `n` argument is ignored: it always uses 4); for each, the
   number of *other* documents that contain it, summed; the score is the mean over documents
   of ln(1 + that sum).
+- `homogenization_rougel` (homogenization.py, its default `measure='rougel'`, stemmer off):
+  for each document i, the mean over j != i of the ROUGE-L F-measure of i and j (rouge-score
+  0.1.2, `RougeScorer(['rougeL'], use_stemmer=False)`: lower-cased, every run of characters
+  other than a-z 0-9 a separator; LCS length over each side's token count; F the harmonic
+  mean, 0 where either side has no token); the score is the mean over documents, rounded to
+  3 decimals.  The package's README names Self-BLEU as its default measure; the code's
+  default is ROUGE-L.  Reproduced too: where every pair scores 0 (no word shared anywhere)
+  the package returns 1.0 (its comment: "all strings are the exact same"), the top of the
+  scale; NaN for fewer than 2 documents (the package divides by zero).  rouge-score's
+  tokenizer and LCS are re-implemented here (it ships as a source archive only); the
+  package's bertscore measure needs a model and is not offered.
+- Self-BLEU (`self_bleu`): not the package's `measure='bleu'`, whose code divides one
+  corpus-BLEU (HF evaluate, no smoothing) by n - 1 a second time (its comment: "Need to double
+  check that this is right"), but the definition the term names (Zhu et al. 2018, Texygen,
+  utils/metrics/SelfBleu.py `get_bleu_parallel`): each document is the hypothesis against all
+  the others as references, nltk's `sentence_bleu` (uniform weights over n = 1..4, smoothing
+  `SmoothingFunction().method1`: a zero n-gram count becomes 0.1 over its denominator;
+  brevity penalty from the closest reference length, ties to the shorter; 0 where no unigram
+  matches), averaged over documents.  Texygen tokenises with nltk.word_tokenize, which needs
+  nltk's punkt data; here documents are split on whitespace (said wherever it is reported).
+  Higher = more alike, like the homogenization score.
 
 Plain functions over lists of strings, no I/O: analyses call them per prompt (its K
 completions) and across prompts (first completions), with bootstrap intervals.
@@ -33,6 +54,7 @@ import gzip
 import io
 import lzma
 import math
+import re
 from collections import Counter
 
 GZIP_MTIME = 1767225600  # 2026-01-01T00:00:00Z: the inner gzip stream's timestamp (see above)
@@ -79,3 +101,86 @@ def self_repetition_score(texts: list[str]) -> float:
     per_doc = [{" ".join(g) for g in ngrams(t.split(), 4)} for t in texts]
     counts = Counter(g for doc in per_doc for g in doc)
     return sum(math.log(sum(counts[g] for g in doc) - len(doc) + 1) for doc in per_doc) / len(texts)
+
+
+ROUGE_SEPARATOR = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score 0.1.2's tokens without stemming (tokenize.py): lower-case, split on every
+    run of characters other than a-z and 0-9, empty tokens dropped."""
+    return [t for t in ROUGE_SEPARATOR.split(text.lower()) if t]
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence (rouge_scorer._lcs_table's last cell)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_f(a: list[str], b: list[str]) -> float:
+    """ROUGE-L F-measure of two token lists (rouge_scorer._score_lcs; symmetric in a, b)."""
+    if not a or not b:
+        return 0.0
+    lcs = lcs_length(a, b)
+    precision, recall = lcs / len(b), lcs / len(a)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def homogenization_rougel(texts: list[str]) -> float:
+    """Mean over documents of the mean ROUGE-L F to every other document (diversity 0.3.0
+    `homogenization_score`, measure 'rougel', no stemming; 1.0 where no pair shares a word,
+    as the package does; NaN for fewer than 2 documents)."""
+    n = len(texts)
+    if n < 2:
+        return float("nan")
+    toks = [rouge_tokens(t) for t in texts]
+    pair = {}
+    for i in range(n):
+        for j in range(i + 1, n):
+            pair[i, j] = pair[j, i] = rouge_l_f(toks[i], toks[j])
+    total = sum(sum(pair[i, j] for j in range(n) if j != i) / (n - 1) for i in range(n))
+    if total == 0:
+        total += n  # the package's "all strings are the exact same" case, kept as it is
+    return round(total / n, 3)
+
+
+def sentence_bleu(references: list[list[str]], hypothesis: list[str], max_n: int = 4) -> float:
+    """nltk.translate.bleu_score.sentence_bleu with weights 1/max_n and
+    SmoothingFunction().method1 (epsilon 0.1), as Texygen calls it."""
+    hyp_len = len(hypothesis)
+    numerators, denominators = [], []
+    for n in range(1, max_n + 1):
+        counts = Counter(ngrams(hypothesis, n))
+        max_ref = Counter()
+        for ref in references:
+            for g, c in Counter(ngrams(ref, n)).items():
+                if g in counts and c > max_ref[g]:
+                    max_ref[g] = c
+        numerators.append(sum(min(c, max_ref[g]) for g, c in counts.items()))
+        denominators.append(max(1, sum(counts.values())))
+    if numerators[0] == 0:
+        return 0.0
+    ref_len = min((len(r) for r in references), key=lambda r: (abs(r - hyp_len), r))
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    logs = [
+        math.log((num if num else 0.1) / den)
+        for num, den in zip(numerators, denominators, strict=True)
+    ]
+    return bp * math.exp(math.fsum(w * x for w, x in zip([1 / max_n] * max_n, logs, strict=True)))
+
+
+def self_bleu(texts: list[str], max_n: int = 4) -> float:
+    """Mean over documents of the BLEU of each against all the others (Texygen's Self-BLEU,
+    whitespace tokens; NaN for fewer than 2 documents)."""
+    if len(texts) < 2:
+        return float("nan")
+    toks = [t.split() for t in texts]
+    return math.fsum(
+        sentence_bleu(toks[:i] + toks[i + 1 :], toks[i], max_n) for i in range(len(toks))
+    ) / len(toks)
