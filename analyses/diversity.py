@@ -23,7 +23,8 @@ than many effects one would compare):
 - t-SNE map of the embeddings coloured by k-means cluster, k chosen by silhouette.
 Per-input: over the completions of each prompt, averaged over prompts; cross-input: over the
 first completion of each prompt.  Intervals: the mean over prompts with a bootstrap over
-prompts; the cross-input scores over random picks of one completion per prompt.  Compare models by running it on each model's archive.
+prompts; the cross-input scores over random picks of one completion per prompt.  Compare
+models by running it on each model's archive.
 """
 
 from __future__ import annotations
