@@ -16,7 +16,6 @@ identical contexts (every stored step of a scored archive).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,10 +23,11 @@ import numpy as np
 
 import kernels as K
 from analyses.lib.common import finite_rows, save_figure, write_csv
+from analyses.lib.pairing import moments_pass, pick_models, provenance_of
 from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.errors import EngineError
-from engine.stream import map_pairs, map_rows
+from engine.stream import map_pairs
 from kernels import columns as GB
 
 CAVEAT = (
@@ -36,30 +36,6 @@ CAVEAT = (
     "tempering exponent, which differs because of the lookahead normaliser. Both are "
     "reported; compare like with like."
 )
-
-log = logging.getLogger(__name__)
-
-
-def pick_models(a: Archive, c) -> tuple[str, str, str]:
-    """(base, aligned, how they were chosen): the configured groups, else the generator and
-    the first other group, said so (and logged) when the archive holds more than two."""
-    base = c.base or a.generator
-    others = [k for k in a.models if k != base]
-    aligned = c.aligned or (others[0] if others else None)
-    if aligned is None:
-        raise EngineError(
-            f"pair needs a scored archive (python -m engine score ...): only {base!r} is stored"
-        )
-    for k in (base, aligned):
-        a.model(k)  # one clear error for an unknown group
-    how = "configured" if c.aligned else "the only other group"
-    if not c.aligned and len(others) > 1:
-        how = (
-            f"the first of {len(others)} other groups ({', '.join(others)}); choose with "
-            f"analysis.aligned=NAME"
-        )
-        log.warning("pair: comparing %s with %s, %s", base, aligned, how)
-    return base, aligned, how
 
 
 def rows_report(p, q, tokens):
@@ -142,18 +118,6 @@ def run(cfg, a: Archive, out: Path) -> dict:
     return summary
 
 
-def provenance_of(a: Archive, key: str) -> dict:
-    """What the report needs to know of a model: where it came from, and for an aligned twin
-    its alignment record (JSON with alpha, beta, predicted_gamma) or a tempered twin's gamma,
-    and the group's run self-check: how far its stored rows were from a teacher-forced forward."""
-    m = a.model(key)
-    p = m.provenance
-    out = {k: p[k] for k in ("source", "name", "revision", "alignment", "gamma") if k in p}
-    # the run's self-check of this group (engine.runtime.selfcheck; None: teacher-forced or older)
-    out["self_check"] = m.self_check
-    return out
-
-
 def shift_classes(rank) -> dict:
     n = len(rank)
     return {
@@ -175,18 +139,12 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
 
     # pooled over all rows, bootstrap over completions (rows of one completion are dependent);
     # streamed: the per-row base came with the report, each Newton step is one pass over base
-    def moments_at(gamma):
-        m, _, _ = map_rows(
-            a,
-            lambda x: K.tempered_moments(x, [gamma])[:, 0],
-            base,
-            samples=np.unique(sample),
-            progress=False,
-        )
-        return m["value"]
-
     pooled = K.pooled_from_moments(
-        r["gamma_base"], moments_at, groups=sample, n_boot=int(c.n_boot), seed=int(c.seed)
+        r["gamma_base"],
+        moments_pass(a, base, sample),
+        groups=sample,
+        n_boot=int(c.n_boot),
+        seed=int(c.seed),
     )
     seq = sequence_gamma(a, r["logp_token"], r["logq_token"], sample)
     return {

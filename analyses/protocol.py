@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from engine.archive import Archive
 
 #: every analysis, by name: the module analyses/<name>.py and the config conf/analysis/<name>.yaml
-NAMES = ("answers", "attractor", "diversity", "entropy", "pair", "personas", "report")
+NAMES = (
+    "answers",
+    "attractor",
+    "diversity",
+    "entropy",
+    "mitigation",
+    "pair",
+    "personas",
+    "report",
+)
 #: the install extra an analysis needs beyond the core (engine/extras.py), checked before its
 #: module is imported (its imports are what would be missing)
 EXTRAS = {"diversity": "text", "personas": "text"}

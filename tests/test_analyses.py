@@ -145,6 +145,59 @@ def test_pair_report_matches_independent_computation(paired, tmp_path):
         assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.svg").exists()
 
 
+def test_mitigation_recovers_the_planted_temperature(paired, tmp_path):
+    """The twin is the base at power 1.7 token by token, so sampling it at T = 1.7 gives the
+    base back: T* (entropy matched), argmin-KL T and the pooled gamma all equal 1.7, the KL
+    there is 0; the curve equals a float64 recomputation from the decoded rows."""
+    run_analysis(
+        analysis_cfg(tmp_path, "analysis=mitigation", f"archive={paired}", "analysis.n_boot=300")
+    )
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert (s["base"], s["aligned"]) == ("tiny-random", "tiny-random-tempered-1.7")
+    t, k, g = s["t_entropy"], s["t_kl"], s["gamma_pooled"]
+    assert t["found"] and t["t"] == pytest.approx(1.7, abs=1e-4)
+    assert abs(t["residual_nats"]) < 1e-5 and t["ci95"][0] <= t["t"] <= t["ci95"][1]
+    assert k["t"] == pytest.approx(1.7, abs=1e-4) and g["gamma"] == pytest.approx(1.7, abs=1e-4)
+    assert k["kl_at_t"] < 1e-7 < k["kl_at_1"]
+    assert s["at_temperature"]["t_entropy"]["kl_base_aligned_mean"] < 1e-7
+    with Archive(paired) as a:
+        p = np.concatenate(decoded(a, "tiny-random"))
+        q = np.concatenate(decoded(a, "tiny-random-tempered-1.7"))
+    lp = p - np.logaddexp.reduce(p, axis=1, keepdims=True)
+    assert s["base_entropy_mean"] == pytest.approx(-(np.exp(lp) * lp).sum(1).mean(), rel=1e-6)
+    cv = s["curve"]
+    assert 1.0 in cv["temperature"] and cv["temperature"] == sorted(cv["temperature"])
+    for T, h, kl in zip(
+        cv["temperature"], cv["aligned_entropy_mean"], cv["kl_base_aligned_mean"], strict=True
+    ):
+        lq = q / T - np.logaddexp.reduce(q / T, axis=1, keepdims=True)
+        assert h == pytest.approx(-(np.exp(lq) * lq).sum(1).mean(), rel=1e-5, abs=1e-7)
+        assert kl == pytest.approx((np.exp(lp) * (lp - lq)).sum(1).mean(), rel=1e-4, abs=1e-6)
+    assert (tmp_path / "mitigation_temperature.png").stat().st_size > 1000
+    assert (tmp_path / "curve.csv").read_text().count("\n") == 1 + len(cv["temperature"])
+
+
+def test_mitigation_says_when_t_star_lies_beyond_the_grid(paired, tmp_path):
+    run_analysis(
+        analysis_cfg(
+            tmp_path,
+            "analysis=mitigation",
+            f"archive={paired}",
+            "analysis.t_max=1.5",
+            "analysis.n_boot=50",
+        )
+    )
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        not s["t_entropy"]["found"] and "widen analysis.t_min / t_max" in s["t_entropy"]["reason"]
+    )
+    assert s["t_kl"]["t"] == pytest.approx(1.7, abs=1e-4)  # the fit is not bound to the grid
+    with pytest.raises(EngineError, match="t_min < 1 < analysis.t_max"):
+        run_analysis(
+            analysis_cfg(tmp_path, "analysis=mitigation", f"archive={paired}", "analysis.t_min=1")
+        )
+
+
 def test_pair_needs_a_scored_archive(tiny_archive, tmp_path):
     with pytest.raises(EngineError, match="scored archive"):
         run_analysis(analysis_cfg(tmp_path, "analysis=pair", f"archive={tiny_archive}"))
