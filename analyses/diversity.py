@@ -42,6 +42,7 @@ from analyses.lib.embeddings import embed
 from analyses.lib.textdiv import ngrams
 from analyses.protocol import Analysis
 from engine.archive import Archive
+from engine.errors import EngineError
 
 
 def distinct_and_ead(seqs, n: int, V: int) -> tuple[float, float]:
@@ -147,7 +148,7 @@ def bootstrap_over_prompts(values, n_boot: int, seed: int) -> dict:
     return {"ci95": [lo, hi], "n_prompts": int(x.size)}
 
 
-def cross_input_draws(texts, seqs, emb, prompt, n_prompts, V, max_n, n_draws, seed, scalar):
+def cross_input_draws(texts, seqs, emb, prompt, n_prompts, V, max_n, n_draws, seed):
     """The cross-input scores over `n_draws` random picks of one completion per prompt (the
     reported cross-input set is the first completion of each): their median and 2.5-97.5%
     range, how much the number depends on which completion stands for each prompt.  Not a
@@ -196,33 +197,82 @@ def shaib_scores(texts) -> dict:
     }
 
 
-def run(cfg, a: Archive, out: Path) -> dict:
-    c = cfg.analysis
+def completions(a: Archive):
+    """(token sequences, texts, prompt index) of the archive's complete samples."""
     s = a.samples()
-    m = a.model()
-    text = m.text
+    text = a.model().text
     seqs = [s["tokens"][i, : int(s["length"][i])] for i in range(a.n_complete)]
-    texts = [text(q) for q in seqs]
-    emb = embed(texts)
-    V = m.vocab_size
-    prompt = s["prompt_index"][: a.n_complete]
-    per_input = {}
+    return seqs, [text(q) for q in seqs], s["prompt_index"][: a.n_complete]
+
+
+def per_input_metrics(a: Archive, seqs, texts, prompt, emb, max_n) -> dict:
+    """{prompt text: metrics over that prompt's completions}."""
+    V = a.model().vocab_size
+    out = {}
     for p, ptext in enumerate(a.prompts):
         idx = np.flatnonzero(prompt == p)
-        per_input[ptext] = metrics(
-            [texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, c.max_n
-        )
+        if idx.size:
+            out[ptext] = metrics(
+                [texts[i] for i in idx], [seqs[i] for i in idx], emb[idx], V, max_n
+            )
+    return out
+
+
+def scalar(v: dict) -> dict:
+    """The SCALAR_KEYS of one text set's metrics."""
+    return {k: v["tfidf_cosine"]["mean"] if k == "tfidf_cosine_mean" else v[k] for k in SCALAR_KEYS}
+
+
+def vs_reference(per_input: dict, path: str, max_n: int, n_boot: int, seed: int) -> dict:
+    """This archive's per-input scores against another archive's on the same prompts (the
+    base model's own samples, say): per key, both means over the shared prompts and their
+    difference (this - reference) with a 95% bootstrap interval over prompts, paired by
+    prompt; `resolved` where the interval excludes 0."""
+    with Archive(path) as b:
+        seqs, texts, prompt = completions(b)
+        ref = per_input_metrics(b, seqs, texts, prompt, embed(texts), max_n)
+        model = b.model().key
+    shared = [p for p in per_input if p in ref]
+    if not shared:
+        raise EngineError(f"analysis.reference={path} shares no prompt with this archive")
+    out = {"archive": str(path), "model": model, "n_prompts": len(shared)}
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(shared), size=(n_boot, len(shared)))
+    for k in SCALAR_KEYS:
+        x = np.array([scalar(per_input[p])[k] for p in shared], np.float64)
+        y = np.array([scalar(ref[p])[k] for p in shared], np.float64)
+        d = x - y
+        ok = np.isfinite(d)
+        if ok.sum() < 2:
+            out[k] = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
+            continue
+        boot = np.nanmean(np.where(ok, d, np.nan)[pick], axis=1)
+        lo, hi = float(np.nanquantile(boot, 0.025)), float(np.nanquantile(boot, 0.975))
+        out[k] = {
+            "this": float(x[ok].mean()),
+            "reference": float(y[ok].mean()),
+            "delta": float(d[ok].mean()),
+            "ci95": [lo, hi],
+            "resolved": bool(lo > 0 or hi < 0),
+        }
+    return out
+
+
+def run(cfg, a: Archive, out: Path) -> dict:
+    c = cfg.analysis
+    m = a.model()
+    seqs, texts, prompt = completions(a)
+    emb = embed(texts)
+    V = m.vocab_size
+    per_input = per_input_metrics(a, seqs, texts, prompt, emb, c.max_n)
     first = [
         int(np.flatnonzero(prompt == p)[0]) for p in range(len(a.prompts)) if (prompt == p).any()
     ]
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
-    scalar = lambda v: {
-        k: v["tfidf_cosine"]["mean"] if k == "tfidf_cosine_mean" else v[k] for k in SCALAR_KEYS
-    }
     per_prompt = {k: np.array([scalar(v)[k] for v in per_input.values()]) for k in SCALAR_KEYS}
     avg = {k: float(np.nanmean(x)) for k, x in per_prompt.items()}
     draws = cross_input_draws(
-        texts, seqs, emb, prompt, len(a.prompts), V, c.max_n, int(c.n_draws), int(c.seed), scalar
+        texts, seqs, emb, prompt, len(a.prompts), V, c.max_n, int(c.n_draws), int(c.seed)
     )
     clusters, figs = tsne_clusters(emb, prompt, int(c.max_k), int(c.seed), out, m.key)
     write_csv(
@@ -230,8 +280,9 @@ def run(cfg, a: Archive, out: Path) -> dict:
         "completions.csv",
         {"sample": np.arange(a.n_complete), "prompt": prompt, "cluster": clusters, "text": texts},
     )
-    return {
+    summary = {
         "model": m.key,
+        "temperature": sampling_temperature(a),
         "per_input": per_input,
         "per_input_mean": avg,
         "per_input_mean_ci95": {
@@ -241,6 +292,16 @@ def run(cfg, a: Archive, out: Path) -> dict:
         "cross_input_draws": draws,
         "figures": figs,
     }
+    if c.reference:
+        summary["vs_reference"] = vs_reference(
+            per_input, str(c.reference), c.max_n, int(c.n_boot), int(c.seed)
+        )
+    return summary
+
+
+def sampling_temperature(a: Archive):
+    """The temperature the completions were sampled at (the run key's), or None."""
+    return a.run_key.get("temperature")
 
 
 def tsne_clusters(emb, prompt, max_k, seed, out: Path, key: str):

@@ -441,6 +441,49 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()
 
 
+def test_diversity_against_a_reference_archive(paired, tmp_path, cache_dir):
+    """Another dump of the same prompts (another seed, temperature 2) as the reference: each
+    delta is the mean over prompts of this archive's per-prompt score minus the reference's,
+    recomputed here from the two archives' own diversity summaries; against itself every
+    delta is 0 and nothing is resolved."""
+    other = dump_mod.run(
+        compose_dump(
+            tmp_path / "other",
+            cache_dir,
+            ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "seed=7", "temperature=2"],
+        )
+    )["archive"]
+    run_analysis(analysis_cfg(tmp_path / "b", "analysis=diversity", f"archive={other}"))
+    ref = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert ref["temperature"] == 2.0
+    run_analysis(
+        analysis_cfg(
+            tmp_path / "a",
+            "analysis=diversity",
+            f"archive={paired}",
+            f"analysis.reference={other}",
+            "analysis.n_boot=200",
+        )
+    )
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    v = s["vs_reference"]
+    assert v["n_prompts"] == 2 and v["archive"] == str(other)
+    for k in ("sentbert_diversity", "ead_words_kirk", "compression_ratio_gzip_shaib"):
+        d = [s["per_input"][p][k] - ref["per_input"][p][k] for p in s["per_input"]]
+        assert v[k]["delta"] == pytest.approx(np.mean(d), abs=1e-6)
+        assert min(d) - 1e-9 <= v[k]["ci95"][0] <= v[k]["ci95"][1] <= max(d) + 1e-9
+    run_analysis(
+        analysis_cfg(
+            tmp_path / "c",
+            "analysis=diversity",
+            f"archive={paired}",
+            f"analysis.reference={paired}",
+        )
+    )
+    same = json.loads((tmp_path / "c" / "summary.json").read_text())["vs_reference"]
+    assert same["sentbert_diversity"]["delta"] == 0 and not same["sentbert_diversity"]["resolved"]
+
+
 def test_pooled_sequence_level_gamma_recovers_a_planted_power():
     """log q(y) = 1.7 log p(y) + c(prompt) + noise over 30 prompts x 6 completions: the
     within-prompt slope recovers 1.7 and its prompt-bootstrap interval covers it; a pooled
