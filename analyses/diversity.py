@@ -270,7 +270,10 @@ def run(cfg, a: Archive, out: Path) -> dict:
     ]
     cross = metrics([texts[i] for i in first], [seqs[i] for i in first], emb[first], V, c.max_n)
     per_prompt = {k: np.array([scalar(v)[k] for v in per_input.values()]) for k in SCALAR_KEYS}
-    avg = {k: float(np.nanmean(x)) for k, x in per_prompt.items()}
+    avg = {  # NaN where no prompt has the score (e.g. n-gram diversity of texts under 4 words)
+        k: float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
+        for k, x in per_prompt.items()
+    }
     draws = cross_input_draws(
         texts, seqs, emb, prompt, len(a.prompts), V, c.max_n, int(c.n_draws), int(c.seed)
     )

@@ -147,6 +147,27 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
         rows.append(
             (label, *(fmt(src.cite(own(src, "diversity", m), *path)) for m in (base, aligned)))
         )
+    for label, key in (
+        (
+            "compression ratio, gzip (Shaib et al.'s code; higher = more repetitive)",
+            "compression_ratio_gzip_shaib",
+        ),
+        (
+            "homogenization, ROUGE-L (Shaib et al.'s code; higher = more alike)",
+            "homogenization_rougel_shaib",
+        ),
+        ("Self-BLEU (Texygen's definition; higher = more alike)", "self_bleu_texygen"),
+    ):
+        cells = []
+        for m in (base, aligned):
+            d = own(src, "diversity", m)
+            cells.append(
+                ci(
+                    src.cite(d, "per_input_mean", key),
+                    src.cite(d, "per_input_mean_ci95", key, "ci95"),
+                )
+            )
+        rows.append((f"{label}, per input [95% CI over prompts]", *cells))
     for label, path, fn in (
         (
             "KL(base ‖ aligned), nats per step (mean ± stderr)",
@@ -170,6 +191,7 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
                 *(fn(pair_on(src, m, base, aligned), path) for m in (base, aligned)),
             )
         )
+    rows += mitigation_rows(src, base, aligned)
     rows.append(
         (
             "run self-check of each model's own archive: max |Δ log p| of one stored "
@@ -225,6 +247,50 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
     cells = attractor_cells(src, (base, aligned), "influence", influence)
     rows.append(("attractor: the edit's influence on identical continuations", *cells))
     return rows
+
+
+def mitigation_on(src: Sources, generator: str, base: str, aligned: str):
+    found = src.of("mitigation", generator=generator, base=base, aligned=aligned)
+    return found[0] if found else None
+
+
+def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
+    """Can temperature undo the sharpening (analysis=mitigation), on each model's completions."""
+    runs = [mitigation_on(src, m, base, aligned) for m in (base, aligned)]
+    if not any(runs):
+        return []
+
+    def t_star(r):
+        if r is None:
+            return "–"
+        if not src.cite(r, "t_entropy", "found"):
+            return f"not found: {src.cite(r, 't_entropy', 'reason')}"
+        return ci(src.cite(r, "t_entropy", "t"), src.cite(r, "t_entropy", "ci95"), 4)
+
+    def t_kl(r):
+        return ci(src.cite(r, "t_kl", "t"), src.cite(r, "t_kl", "ci95"), 4) if r else "–"
+
+    def kl_drop(r):
+        if r is None:
+            return "–"
+        at = lambda k: src.cite(r, "at_temperature", k, "kl_base_aligned_mean")
+        return f"{fmt(at('1'), 5)} → {fmt(at('t_entropy'), 5)} (T*) / {fmt(at('t_kl'), 5)} (min)"
+
+    return [
+        (
+            "mitigation: T* at which the aligned model's mean entropy per step equals the "
+            "base's, on the completions of each model [95% CI]",
+            *(t_star(r) for r in runs),
+        ),
+        (
+            "mitigation: argmin-KL(base ‖ aligned at T) temperature [95% CI]",
+            *(t_kl(r) for r in runs),
+        ),
+        (
+            "mitigation: KL(base ‖ aligned at T), nats per step: T = 1 → T* / argmin",
+            *(kl_drop(r) for r in runs),
+        ),
+    ]
 
 
 def attractor_cells(src: Sources, models, key: str, describe) -> list[str]:
@@ -329,6 +395,7 @@ def run(cfg, a, out: Path) -> dict:
         "entropy (each model's own completions; both models scored on them)": [],
         "diversity: t-SNE of sentence embeddings with k-means clusters": [],
         "pair: per-step γ and KL": [],
+        "mitigation: can temperature undo the sharpening? (exact, stored logits)": [],
         "attractor": [],
     }
     caption = {}  # figure -> whose completions it shows
@@ -358,6 +425,13 @@ def run(cfg, a, out: Path) -> dict:
             add(
                 "pair: per-step γ and KL",
                 [x for x in src.cite(p, "figures") if x.endswith(".png")],
+                m,
+            )
+        mi = mitigation_on(src, m, base, aligned)
+        if mi:
+            add(
+                "mitigation: can temperature undo the sharpening? (exact, stored logits)",
+                [x for x in src.cite(mi, "figures") if x.endswith(".png")],
                 m,
             )
     drawn = attractor_curves(src, base, aligned, out)

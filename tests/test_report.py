@@ -63,6 +63,9 @@ def runs(tmp_path_factory, cache_dir):
             ("entropy", arch[TWIN], []),
             ("pair", arch[BASE], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
             ("pair", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            ("mitigation", arch[BASE], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            ("mitigation", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            ("diversity", arch[BASE], []),
             ("attractor", arch[BASE + "-perturb"], []),
             ("attractor", arch[TWIN + "-perturb"], []),
         ]
@@ -84,7 +87,7 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     res = run_analysis(
         compose_cfg("analyses", out, cache_dir, ["analysis=report", f"analysis.runs=[{sweep}]"])
     )
-    assert res["base"] == BASE and res["aligned"] == TWIN and res["n_sources"] == 6
+    assert res["base"] == BASE and res["aligned"] == TWIN and res["n_sources"] == 9
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["cited"]) >= 20
     for c in rep["cited"]:  # every number is the one in the summary it names
@@ -115,6 +118,18 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     row = res["rows"]["pooled per-step γ [95% CI], on the completions of each model"]
     assert row["base"].startswith("1.70") and row["aligned"].startswith("1.70")
     assert "attractor_curves.png" in " ".join(images)
+    # the twin is the base at power 1.7: T* = 1.7 on either model's completions
+    row = res["rows"][
+        "mitigation: T* at which the aligned model's mean entropy per step equals the base's, "
+        "on the completions of each model [95% CI]"
+    ]
+    assert row["base"].startswith("1.700") and row["aligned"].startswith("1.700")
+    assert page.count("mitigation_temperature.png") == 2
+    row = res["rows"][
+        "homogenization, ROUGE-L (Shaib et al.'s code; higher = more alike), per input "
+        "[95% CI over prompts]"
+    ]
+    assert "[" in row["base"] and row["aligned"] == "–"  # the twin's diversity was not run
 
 
 def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
