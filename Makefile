@@ -79,12 +79,14 @@ demo: setup
 		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
 	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
 		hydra.run.dir=$(DEMO)/logs/counterpart-$$m || exit 1; done
-	@echo "== 5/6 analyses: entropy, diversity, pair (both directions), attractor"
+	@echo "== 5/6 analyses: entropy, diversity, pair and mitigation (both directions), attractor"
 	rm -rf $(DEMO)/analyses
 	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/own
 	$(BIN)/python -m analyses -m analysis=pair analysis.base=$(REF) analysis.aligned=$(TWIN) \
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair
+	$(BIN)/python -m analyses -m analysis=mitigation analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/mitigation
 	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
 	@echo "== 6/6 the report"
