@@ -11,7 +11,10 @@ the two log P vectors: argmin_g KL(q || softmax(g log p)) over the set), next to
 per-step gamma of the same candidates' rows (token-level tempering; equal only when every
 candidate is a single step).  With `analysis.samples=ARCHIVE` (a dump of the same prompt by
 the generator) the sampled answer frequencies are compared with the exact ones at growing N,
-next to the KL that multinomial noise alone gives at that N (simulated from the exact P).
+next to the KL that multinomial noise alone gives at that N (simulated from the exact P), and
+the same sampled answers are scored the way Verbalized Sampling's published code scores them
+(`vs_metrics`: their normalisation, KL over the observed answers only, coverage-N, precision;
+Zhang et al. 2025, arXiv:2510.01171), next to this archive's exact full-support numbers.
 """
 
 from __future__ import annotations
@@ -25,8 +28,19 @@ import kernels as K
 from analyses.lib.common import save_figure, write_csv
 from analyses.protocol import Analysis
 from engine.archive import Archive
+from engine.archive.format import FINISH_REASONS
 from engine.errors import EngineError
 from engine.stream import map_rows
+
+EOS = FINISH_REASONS["eos"]  # /samples/finish_reason of a sample that ended on EOS
+#: Verbalized Sampling's smoothing constant (`epsilon = 1e-10` in both functions cited below)
+VS_EPS = 1e-10
+#: where `vs_metrics` takes each definition from (CHATS-lab/verbalized-sampling, release 0.1.3)
+VS_SOURCE = (
+    "Zhang et al. 2025 (arXiv:2510.01171), CHATS-lab/verbalized-sampling 0.1.3: "
+    "verbalized_sampling/analysis/evals/response_count.py (ResponseCountEvaluator) and "
+    "analyse/pre_training_distribution/calc_kl_divergence_vs.py (calc_kl_divergence)"
+)
 
 
 def candidate_logp(a: Archive, key: str) -> np.ndarray:
@@ -75,6 +89,94 @@ def model_report(cands, lp: np.ndarray, reference) -> dict:
     return out
 
 
+def vs_normalise(text: str) -> str:
+    """An answer as Verbalized Sampling's code compares it: lower-cased, trailing whitespace
+    stripped, then every trailing "." (`text.lower().rstrip().rstrip(".")` in
+    `ResponseCountEvaluator.compute_instance_metric` and `check_precision`, applied to the
+    responses and the ground-truth answers alike).  Leading whitespace stays, as there: " Ohio"
+    is no match for "Ohio"."""
+    return text.lower().rstrip().rstrip(".")
+
+
+def vs_metrics(answers: list[str], candidates: list[str], reference=None) -> dict:
+    """Verbalized Sampling's open-ended-QA numbers for one prompt's sampled answers, computed as
+    their published code computes them (CHATS-lab/verbalized-sampling, release 0.1.3), so that
+    an archive's samples can be put next to the paper's tables:
+
+    - answers and candidates are normalised by `vs_normalise`; an answer is *correct* when it
+      equals a normalised candidate (`check_precision`), and correct answers are counted per
+      candidate (`re_group`; here each candidate is its own group of one spelling);
+    - `precision` = correct answers / all answers (`aggregate_metrics`:
+      `num_correct_responses / len(group)`);
+    - `coverage_n` = distinct correct answers / number of candidates (`unique_recall_rate`);
+    - `kl_to_uniform` (`_calculate_kl_divergence`): over the *observed* correct answers only,
+      p_i = c_i / T + eps renormalised (T = the number of answers, which is what their
+      `max(num_responses_per_prompt, sum(counts))` is when every response of the prompt is
+      counted), KL = sum_i p_i log(p_i / (1/N)) with N the set size; 0.0 when nothing is correct;
+    - `kl_reference_to_observed` (`calc_kl_divergence(gt_data, data)` in
+      analyse/pre_training_distribution/calc_kl_divergence_vs.py, the paper's "KL from
+      pretraining distribution" of the US-states figure): KL(reference || observed) -- the
+      reference first -- over the candidates that were both observed and in the reference,
+      both vectors + eps and renormalised over those candidates; the observed vector is the
+      answers' frequencies (count / all answers, as their `read_direct_data`); 0.0 without
+      overlap.  Only when `reference` (weights over `candidates`) is given.
+
+    Neither KL sees the answers the model never produced, unlike the exact full-support KLs of
+    `model_report`: `kl_to_uniform` is the plug-in log N - H(frequencies of the correct
+    answers), which reaches the exact value only as the samples grow (from above on average:
+    the plug-in entropy is biased low), and `kl_reference_to_observed` drops the reference
+    mass of every candidate never sampled, so a model that always gives the same answer scores
+    0 there while its exact KL(reference || model) is large."""
+    index: dict[str, int] = {}
+    for i, c in enumerate(candidates):
+        k = vs_normalise(c)
+        if k in index:
+            raise EngineError(
+                f"candidates {candidates[index[k]]!r} and {c!r} are the same answer after "
+                f"Verbalized Sampling's normalisation (lower-case, trailing spaces and dots)"
+            )
+        index[k] = i
+    n, N = len(answers), len(candidates)
+    if n == 0:
+        raise EngineError("no sampled answers to score")
+    hits = [index[k] for k in map(vs_normalise, answers) if k in index]
+    counts = np.bincount(np.array(hits, dtype=np.int64), minlength=N).astype(np.float64)
+    seen = counts > 0
+    correct = int(counts.sum())
+    kl_u = 0.0
+    if correct:
+        p = counts[seen] / max(n, correct) + VS_EPS
+        p = p / p.sum()
+        kl_u = float(np.sum(p * np.log(p / (1.0 / N))))
+    out = {
+        "n_responses": n,
+        "n_correct": correct,
+        "n_distinct_correct": int(seen.sum()),
+        "precision": correct / n,
+        "coverage_n": float(seen.sum() / N),
+        "kl_to_uniform": kl_u,
+    }
+    if reference is not None:
+        ref = np.asarray(reference, np.float64)
+        kl_r = 0.0
+        if seen.any():
+            g = ref[seen] / ref.sum() + VS_EPS
+            q = counts[seen] / n + VS_EPS
+            g, q = g / g.sum(), q / q.sum()
+            kl_r = float(np.sum(g * np.log(g / q)))
+        out["kl_reference_to_observed"] = kl_r
+    return out
+
+
+def sampled_texts(b: Archive) -> list[str]:
+    """Each complete sample's text (its generator's tokenizer record), without a final EOS."""
+    s, text = b.samples(), b.model().text
+    return [
+        text(s["tokens"][i, : int(s["length"][i]) - int(s["finish_reason"][i] == EOS)])
+        for i in range(b.n_complete)
+    ]
+
+
 def per_step_gamma(a: Archive, base: str, other: str) -> dict:
     """Pooled per-step gamma over every candidate step (full-vocabulary rows)."""
     s = a.samples()
@@ -96,9 +198,16 @@ def per_step_gamma(a: Archive, base: str, other: str) -> dict:
     }
 
 
-def sampled_check(a: Archive, samples_path: str, exact: np.ndarray, Ns, seed: int) -> dict:
+def sampled_check(
+    a: Archive, samples_path: str, exact: np.ndarray, Ns, seed: int, exact_report: dict
+) -> dict:
     """KL(sampled frequencies || exact distribution) over candidates + "outside", at growing N,
-    with the KL of multinomial draws from the exact distribution at the same N (noise)."""
+    with the KL of multinomial draws from the exact distribution at the same N (noise); and
+    `vs_style`: the samples scored by Verbalized Sampling's definitions (`vs_metrics`, matching
+    by normalised text) next to the exact full-support numbers of `exact_report` (the
+    generator's `model_report`) and the coverage-N that n draws from the exact P would give on
+    average, 1/N sum_i (1 - (1 - P_i)^n)."""
+    ans = a.answers()
     with Archive(samples_path) as b:
         if b.model().prompt_tokens(0) != a.model().prompt_tokens(0):
             raise EngineError(
@@ -110,6 +219,7 @@ def sampled_check(a: Archive, samples_path: str, exact: np.ndarray, Ns, seed: in
             tuple(int(t) for t in sb["tokens"][i, : int(sb["length"][i])])
             for i in range(b.n_complete)
         ]
+        texts = sampled_texts(b)
     s = a.samples()
     index = {
         tuple(int(t) for t in s["tokens"][i, : int(s["length"][i])]): i for i in range(a.n_complete)
@@ -129,11 +239,20 @@ def sampled_check(a: Archive, samples_path: str, exact: np.ndarray, Ns, seed: in
                 "kl_multinomial_noise_95": float(np.quantile(noise, 0.95)),
             }
         )
+    ref = ans["reference"]
+    vs = {"source": VS_SOURCE, **vs_metrics(texts, ans["candidates"], ref)}
+    vs["exact"] = {
+        k: exact_report[k]
+        for k in ("kl_to_uniform", "kl_to_reference", "kl_reference_to_model", "mass_in_set")
+        if k in exact_report
+    }
+    vs["exact"]["expected_coverage_n"] = float(np.mean(1 - (1 - exact) ** len(texts)))
     return {
         "archive": str(samples_path),
         "n_samples": int(len(hits)),
         "share_outside_set": float(np.mean(hits == len(index))),
         "by_n": out,
+        "vs_style": vs,
     }
 
 
@@ -147,6 +266,8 @@ def run(cfg, a: Archive, out: Path) -> dict:
     lp = {k: candidate_logp(a, k) for k in a.models}
     base = a.generator
     summary = {
+        "prompt": a.prompts[0],
+        "prompt_variant": ans["prompt_variant"],
         "candidates": len(cands),
         "terminator": ans["terminator"],
         "source": ans["source"],
@@ -169,7 +290,12 @@ def run(cfg, a: Archive, out: Path) -> dict:
         }
     if c.samples:
         summary["sampled_vs_exact"] = sampled_check(
-            a, str(c.samples), np.exp(lp[base]), list(c.sample_ns), int(c.seed)
+            a,
+            str(c.samples),
+            np.exp(lp[base]),
+            list(c.sample_ns),
+            int(c.seed),
+            summary["models"][base],
         )
     write_csv(
         out,
@@ -239,7 +365,8 @@ def convergence(check, out: Path) -> list[str]:
 
 
 def terminal_lines(s: dict) -> list[str]:
-    out = [
+    out = [f"prompt ({s.get('prompt_variant') or 'custom'}): {s.get('prompt', '')!r}"]
+    out += [
         f"{k}: entropy {m['entropy_nats']:.3f} of {m['max_entropy_nats']:.3f} nats, 50%/90% of "
         f"the mass in {m['coverage_50']}/{m['coverage_90']} answers, outside the set "
         f"{m['mass_outside_set']:.3f}"
@@ -254,6 +381,15 @@ def terminal_lines(s: dict) -> list[str]:
         out.append(
             f"N={r['n']}: KL(sampled || exact) {r['kl_sampled_to_exact']:.4f} "
             f"(noise {r['kl_multinomial_noise_mean']:.4f})"
+        )
+    vs = (s.get("sampled_vs_exact") or {}).get("vs_style")
+    if vs:
+        out.append(
+            f"Verbalized Sampling's way ({vs['n_responses']} samples): precision "
+            f"{vs['precision']:.3f}, coverage-N {vs['coverage_n']:.3f} "
+            f"(exact expectation {vs['exact']['expected_coverage_n']:.3f}), KL to uniform over "
+            f"the observed answers {vs['kl_to_uniform']:.3f} (exact, full support "
+            f"{vs['exact']['kl_to_uniform']:.3f})"
         )
     return out
 

@@ -101,6 +101,23 @@ def test_exact_distribution_matches_sampled_frequencies(tmp_path, cache_dir):
         assert abs(f - p) <= 4 * np.sqrt(p * (1 - p) / N) + 1e-3, (c, f, p)
     last = s["sampled_vs_exact"]["by_n"][-1]
     assert last["n"] == N and last["kl_sampled_to_exact"] <= 3 * last["kl_multinomial_noise_95"]
+    # Verbalized Sampling's way: the samples decoded here with the model's own tokenizer (the
+    # analysis uses the archive's tokenizer record), EOS dropped, scored by their definitions.
+    # The planted terminator is a printable token that stays in the text, so few or no answers
+    # match by text here; the hand-computed end-to-end numbers are in the prompt-variant test.
+    from analyses.answers import vs_metrics
+
+    eos = lm.tokenizer.eos_token_id
+    texts = [lm.tokenizer.decode([t for t in g if t != eos]) for g in got]
+    vs = s["sampled_vs_exact"]["vs_style"]
+    assert {k: vs[k] for k in vs if k not in ("source", "exact")} == pytest.approx(
+        vs_metrics(texts, cands), abs=1e-12
+    )
+    m = s["models"]["tiny-random"]
+    assert vs["exact"]["kl_to_uniform"] == m["kl_to_uniform"]
+    assert vs["exact"]["mass_in_set"] == m["mass_in_set"]
+    assert vs["exact"]["expected_coverage_n"] == pytest.approx(np.mean(1 - (1 - P) ** N))
+    assert s["prompt"] == PROMPT and s["prompt_variant"] == ""  # a prompt of no variant
 
 
 def test_exact_sequence_gamma_recovers_a_token_tempering_only_for_single_step_answers(
@@ -167,3 +184,74 @@ def test_bad_candidate_files_get_one_clear_error(tmp_path, cache_dir, override, 
     ]
     with pytest.raises(EngineError, match=msg):
         answers.run(compose_cfg("answers", tmp_path, cache_dir, [*base, override]))
+
+
+def test_prompt_variant_changes_the_prompt_and_is_recorded(tmp_path, cache_dir):
+    """us_states' `random` wording is teacher-forced instead of `direct`: other prompt tokens
+    (the text tokenized as the model reads it), the same candidate tokens, and the variant
+    name in /answers and in the analysis summary; an unknown variant is one clear error.
+
+    Each archive is also read as its own samples (same prompt; one "sampled" answer per
+    candidate, each ending in EOS), which gives Verbalized Sampling's numbers by hand: every
+    answer correct and distinct, counts uniform, so precision 1, coverage-N 1, KL to uniform 0
+    and KL(reference || observed) = 2 * 1/4 ln(3/4) + 1/2 ln(3/2) = 1/2 ln(9/8)."""
+    base = [
+        "model=tiny-random",
+        "candidates.candidates=[Ohio,Utah,Iowa]",
+        "candidates.reference=null",  # set below: an override would merge into the 50 states
+        "chat_template=false",
+    ]
+    lm = load_model(
+        ModelSpec.from_node(compose_cfg("answers", tmp_path, cache_dir, base).model), DEVICE
+    )
+    got = {}
+    for variant in ("null", "random"):
+        cfg = compose_cfg(
+            "answers",
+            tmp_path,
+            cache_dir,
+            [*base, f"prompt_variant={variant}", f"out={tmp_path}/{variant}.h5"],
+        )
+        cfg.candidates.reference = {"Ohio": 1, "Utah": 1, "Iowa": 2}
+        r = answers.run(cfg, model=lm)
+        with Archive(r["archive"]) as a:
+            s = a.samples()
+            got[variant] = (
+                a.model().prompt_tokens(0),
+                a.prompts[0],
+                a.answers()["prompt_variant"],
+                s["tokens"][:, : int(s["length"].max())].tolist(),
+            )
+        summary = run_analysis(
+            analysis_cfg(
+                tmp_path / f"a_{variant}",
+                "analysis=answers",
+                f"archive={r['archive']}",
+                f"analysis.samples={r['archive']}",
+            )
+        )
+        assert (summary["prompt"], summary["prompt_variant"]) == got[variant][1:3]
+        vs = summary["sampled_vs_exact"]["vs_style"]
+        assert (vs["n_responses"], vs["n_correct"], vs["n_distinct_correct"]) == (3, 3, 3)
+        assert (vs["precision"], vs["coverage_n"]) == (1.0, 1.0)
+        assert vs["kl_to_uniform"] == pytest.approx(0.0, abs=1e-12)
+        assert vs["kl_reference_to_observed"] == pytest.approx(0.5 * np.log(9 / 8), abs=1e-9)
+        m = summary["models"]["tiny-random"]
+        assert vs["exact"]["kl_to_reference"] == m["kl_to_reference"]
+    variants = cfg.candidates.variants
+    assert got["null"][1:3] == (variants.direct, "direct")  # no variant named: `prompt`
+    assert got["random"][1:3] == (variants.random, "random")
+    assert got["random"][1] == "Name a random US state. Answer with the name only."
+    assert got["random"][0] == lm.tokenizer(variants.random)["input_ids"]
+    assert got["null"][0] != got["random"][0]
+    assert got["null"][3] == got["random"][3]  # the same answers, only the prompt differs
+    with pytest.raises(EngineError, match=r"prompt_variant=list_then_pick is not a variant"):
+        answers.run(
+            compose_cfg(
+                "answers",
+                tmp_path,
+                cache_dir,
+                [*base, "prompt_variant=list_then_pick", f"out={tmp_path}/x.h5"],
+            ),
+            model=lm,
+        )

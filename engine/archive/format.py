@@ -171,7 +171,8 @@ LINEAGE_ATTRS = ("source_archive", "source_created", "source_generator")
 
 # ---- Candidate answers (optional /answers) ---------------------------------------------------
 ANSWERS = "answers"  # candidates [S] str (sample i = candidate i), reference [S] float64
-# (weights, NaN: none); attrs terminator ("eos", "null" or the text), source
+# (weights, NaN: none); attrs terminator ("eos", "null" or the text), source, prompt_variant
+# (the candidates file's variant name of the prompt, "" for none; absent before it was added)
 
 # ---- Codecs ---------------------------------------------------------------------------------
 # CODECS, STORAGE_DTYPE, FP16_MAX, Q16_MAX_CODE, MIN_Q16_WINDOW: imported above from

@@ -359,7 +359,8 @@ class Archive(FileHandle):
 
     def answers(self) -> dict | None:
         """/answers of a candidate-answer archive (`python -m engine answers`): candidate
-        texts, reference weights (None when the file gave none), terminator; else None."""
+        texts, reference weights (None when the file gave none), terminator, source and prompt
+        variant ("" when none, or for archives written before it was recorded); else None."""
         if F.ANSWERS not in self.f:
             return None
         g = self.f[F.ANSWERS]
@@ -369,6 +370,7 @@ class Archive(FileHandle):
             "reference": None if np.isnan(ref).all() else ref,
             "terminator": str(g.attrs.get("terminator", "")),
             "source": str(g.attrs.get("source", "")),
+            "prompt_variant": str(g.attrs.get("prompt_variant", "")),
         }
 
     def model(self, key: str | None = None) -> ModelView:

@@ -196,7 +196,12 @@ def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_a
 
 
 def _write_answers(
-    f: h5py.File, candidates: Sequence[str], reference, terminator, source: str
+    f: h5py.File,
+    candidates: Sequence[str],
+    reference,
+    terminator,
+    source: str,
+    prompt_variant: str = "",
 ) -> None:
     """/answers of a candidate-answer archive: sample i is candidate i."""
     g = f.create_group(F.ANSWERS)
@@ -207,6 +212,7 @@ def _write_answers(
     g.create_dataset("reference", data=ref)
     g.attrs["terminator"] = "null" if terminator is None else str(terminator)
     g.attrs["source"] = source
+    g.attrs["prompt_variant"] = prompt_variant
 
 
 def open_for_resume(path: Path, run_key: dict) -> ArchiveWriter:
@@ -406,9 +412,11 @@ class ArchiveWriter(FileHandle):
         _write_lineage(self.f, records, source, source_attrs)
         self.f.flush()
 
-    def write_answers(self, candidates: Sequence[str], reference, terminator, source: str) -> None:
+    def write_answers(
+        self, candidates: Sequence[str], reference, terminator, source: str, prompt_variant=""
+    ) -> None:
         """/answers of a candidate-answer archive (before its first batch), flushed."""
-        _write_answers(self.f, candidates, reference, terminator, source)
+        _write_answers(self.f, candidates, reference, terminator, source, prompt_variant)
         self.f.flush()
 
     def span(self, total: int) -> tuple[int, int]:

@@ -11,9 +11,16 @@ tokens) is the probability that the model answers exactly that.  `terminator: nu
 the bare tokens (only prefix-free sets, e.g. single tokens); any other string is tokenized and
 appended.
 
+The prompt is the file's `prompt`, or with `prompt_variant=NAME` its `variants.NAME` (the same
+candidates under another wording, e.g. us_states' `direct` and `random`: prompting as a
+mitigation of mode collapse, Zhang et al. 2025, arXiv:2510.01171).  Only prompts that the
+answer follows directly fit exact scoring: a prompt that has the model list states before it
+picks one would need every list scored too, which this command does not do.
+
 The result is an ordinary logit archive: sample i is candidate i (its tokens and the full
 logits of every step), so `score` adds a second model on the same tokens and `inspect` reads
-it; `/answers` adds the candidate texts and the reference (docs/archive-format.md).
+it; `/answers` adds the candidate texts, the reference and the prompt variant
+(docs/archive-format.md).
 """
 
 from __future__ import annotations
@@ -39,13 +46,37 @@ from engine.runtime.settings import ModelSpec, Output, RunSettings, Shape
 from engine.runtime.teacher import teacher_forced_steps
 
 log = logging.getLogger(__name__)
-KEYS = ("candidates", "chat_template", "codec", "q16_window", "batch_size")
+KEYS = ("candidates", "prompt_variant", "chat_template", "codec", "q16_window", "batch_size")
 
 
-def load_candidates(ccfg) -> dict:
-    """The candidates node: prompt, candidate texts, terminator, reference weights (or None)."""
+def prompt_of(ccfg, variant) -> tuple[str, str]:
+    """(prompt text, variant name) of a candidates node: `variants[variant]` when a variant is
+    named, else `prompt`, labelled with the name of the variant that has exactly that text
+    ("" for none), so an archive records which wording it scored either way."""
+    variants = ccfg.get("variants") or {}
+    if variant is not None and str(variant) != "":
+        if str(variant) not in variants:
+            have = ", ".join(map(str, variants)) or "none"
+            raise EngineError(
+                f"prompt_variant={variant} is not a variant of the candidates file "
+                f"{ccfg.get('name', '')!r} (its variants: {have})"
+            )
+        text = variants[str(variant)]
+        if not text:
+            raise EngineError(f"candidates variant {variant!r} has an empty prompt")
+        return str(text), str(variant)
+    if not ccfg.get("prompt"):
+        return "", ""
+    text = str(ccfg.prompt)
+    return text, next((str(k) for k, v in variants.items() if str(v) == text), "")
+
+
+def load_candidates(ccfg, variant=None) -> dict:
+    """The candidates node: prompt (and its variant name, see `prompt_of`), candidate texts,
+    terminator, reference weights (or None)."""
     cands = [str(c) for c in (ccfg.get("candidates") or [])]
-    if not ccfg.get("prompt") or not cands:
+    prompt, variant = prompt_of(ccfg, variant)
+    if not prompt or not cands:
         raise EngineError("a candidates file needs `prompt` and a non-empty `candidates` list")
     if len(set(cands)) != len(cands):
         dup = next(c for c in cands if cands.count(c) > 1)
@@ -61,7 +92,8 @@ def load_candidates(ccfg) -> dict:
         if (weights < 0).any() or weights.sum() <= 0:
             raise EngineError("reference weights must be >= 0 and not all 0")
     return {
-        "prompt": str(ccfg.prompt),
+        "prompt": prompt,
+        "prompt_variant": variant,
         "candidates": cands,
         "reference": weights,
         "terminator": ccfg.get("terminator", "eos"),
@@ -101,7 +133,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     spec = ModelSpec.from_node(cfg.model)
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
-    c = load_candidates(cfg.candidates)
+    c = load_candidates(cfg.candidates, cfg.get("prompt_variant"))
     key = run_key(cfg, KEYS, device=R.device_type(rs.device), batch_size=rs.batch_size)
     plan = output.plan_output(Output.from_cfg(cfg), key)
     lm = R.load(spec, rs, model)
@@ -122,7 +154,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 
     def answers(w):
         name = str(cfg.candidates.get("name", ""))
-        w.write_answers(c["candidates"], c["reference"], c["terminator"], name)
+        w.write_answers(c["candidates"], c["reference"], c["terminator"], name, c["prompt_variant"])
 
     with output.new_archive(plan, "answers", create, key, answers) as writer:
         check = R.FirstBatchCheck(writer, lm, rs.codec.window)
@@ -148,7 +180,14 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         )
         writer.finish()
     log.info("wrote %s: %d candidates scored by %s", plan.out, n, lm.key)
-    return {"archive": str(plan.out), "model": lm.key, "candidates": n, "max_tokens": T}
+    return {
+        "archive": str(plan.out),
+        "model": lm.key,
+        "candidates": n,
+        "max_tokens": T,
+        "prompt": c["prompt"],
+        "prompt_variant": c["prompt_variant"],
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="answers")
