@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--answers", action="store_true", help="also the US-states answers")
+    ap.add_argument("--answer-samples", type=int, default=200)
     ap.add_argument("--out", default="outputs/mitigation")
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     args = ap.parse_args()
@@ -171,6 +172,48 @@ def main() -> None:
                 ),
             )
         result["answers"] = analysis("answers", "answers", f"archive={cand}")
+        # each model samples the prompt itself (T = 1; the twins also at T*): Verbalized
+        # Sampling's numbers from sampled answers (coverage-N, precision, KL over observed)
+        prompt_file = out / "us_states_prompt.txt"
+        prompt_file.write_text(cfg_of("answers", out / "logs").candidates.prompt + "\n")
+        draws = {"reference T=1": (args.reference, 1.0)}
+        for who, name in twins.items():
+            draws[f"{who} T=1"] = (name, 1.0)
+            if result[who]["t_entropy"]["found"]:
+                draws[f"{who} T=T*"] = (name, round(result[who]["t_entropy"]["t"], 4))
+        result["answers_sampled"] = {}
+        for label, (name, t) in draws.items():
+            path = (
+                out / f"answers-{label.replace(' ', '-').replace('*', 'star').replace('=', '')}.h5"
+            )
+            step(
+                f"dump {path.stem}",
+                path,
+                lambda name=name, t=t, path=path: dump.run(
+                    cfg_of(
+                        "dump",
+                        out / "logs",
+                        *model_args(name),
+                        "prompts=file",
+                        f"prompts.file={prompt_file}",
+                        "chat_template=auto",
+                        f"n_samples={args.answer_samples}",
+                        "max_new_tokens=8",
+                        f"temperature={t!r}",
+                        f"out={path}",
+                        *common,
+                    )
+                ),
+            )
+            s = analysis(
+                "answers", f"answers-{path.stem}", f"archive={cand}", f"analysis.samples={path}"
+            )["sampled_vs_exact"]
+            result["answers_sampled"][label] = {
+                "temperature": t,
+                "vs_style": s["vs_style"],
+                "share_outside_set": s["share_outside_set"],
+                "kl_sampled_to_reference_model_exact": s["by_n"][-1]["kl_sampled_to_exact"],
+            }
     result["seconds"] = times
     write_json(out, "summary.json", result)
     for who in twins:
