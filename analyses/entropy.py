@@ -5,6 +5,15 @@ Per generated step: full-vocabulary Shannon entropy (nats) and the paper's top-5
 the mean over its steps.  Per model: mean and std over completions.  Every model group of the
 archive is analysed on the same stored contexts (a scored model's rows are its distributions on
 the generator's completions).
+
+Two branching factors, which are different quantities:
+- the engine's per-step exp(H) (`kernels.branching_factor`: full vocabulary, one step):
+  `branching_factor` (over all steps) and `branching_factor_by_position` (the mean over
+  completions at each generated step);
+- `branching_factor_yang_holtzman`: the number Yang, Li & Holtzman report, computed as their
+  published code does (`analyses.lib.branching`: top-p-truncated entropies pooled per position
+  over a prompt's samples, or the mean NLL past 50 positions; exp per prompt, mean over
+  prompts).
 """
 
 from __future__ import annotations
@@ -13,23 +22,83 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 import kernels as K
+from analyses.lib import branching as B
 from analyses.lib.common import finite_rows, mean_std, save_figure, write_csv
 from analyses.protocol import Analysis
 from engine.archive import Archive
+from engine.archive.codecs import decode
 from engine.stream import map_rows
 
+#: how the summary tells the two branching factors apart
+BF_NOTE = (
+    "branching_factor and branching_factor_by_position: the engine's per-step exp(H) "
+    "(full-vocabulary entropy of one next-token distribution, nats). "
+    "branching_factor_yang_holtzman: Yang, Li & Holtzman's BF as their code "
+    "(github.com/yangalan123/LLMBranchingFactor) computes it: per prompt, the mean over "
+    "positions of the per-position mean (over samples) entropy of the top-p-truncated, "
+    "renormalised top-K distribution, or past asymptotic_limit positions the mean NLL of the "
+    "sampled tokens under it; exp per prompt, then the mean over prompts (value). "
+    "A different quantity: not comparable to exp(H) per step."
+)
 
-def per_step(a: Archive, key: str, topk: int, progress: bool):
-    """Full entropy (nats) and top-k entropy (bits) of every stored row: one read of the archive."""
 
-    def both(x):
-        return {"full": K.entropy(x), "top": K.entropy(x, base=2, topk=topk)}
+def decoded(x):
+    """A block as `map_rows` hands it (float array, or `K.Encoded` bf16/q16) as float32 rows."""
+    if isinstance(x, K.Encoded):
+        return decode(x.codec, x.data, x.scale, x.offset)
+    return np.asarray(x, np.float32)
 
-    r, sample, step = map_rows(a, both, key, progress=progress, desc=f"entropy {key}")
+
+def per_step(a: Archive, key: str, topk: int, progress: bool, yh: B.Settings):
+    """Full entropy (nats), top-k entropy (bits) and Yang & Holtzman's per-token terms
+    (`branching.token_terms`) of every stored row: one read of the archive.
+
+    Returns (full, top, sample, step, skipped) over the rows with finite logits, and the
+    per-row Yang-Holtzman record (`h`, `lp`, `sample`, `step`, `stop`: the row's logits were
+    not finite) over every stored row."""
+
+    def terms(x, tokens):
+        h, lp = B.token_terms(decoded(x), tokens, yh)
+        return {
+            "full": K.entropy(x),
+            "top": K.entropy(x, base=2, topk=topk),
+            "yh_h": h,
+            "yh_lp": lp,
+        }
+
+    r, sample, step = map_rows(
+        a, terms, key, with_tokens=True, progress=progress, desc=f"entropy {key}"
+    )
+    stop = np.isnan(np.asarray(r.get("full", np.empty(0)), np.float64))
+    rec = {"h": r.get("yh_h"), "lp": r.get("yh_lp"), "sample": sample, "step": step, "stop": stop}
     r, sample, step, skipped = finite_rows(r, sample, step, "full")
-    return r["full"], r["top"], sample, step, skipped
+    return r["full"], r["top"], sample, step, skipped, rec
+
+
+def by_position(bf, step) -> dict:
+    """Mean over completions of the per-step exp(H) at each generated step (0 = the first
+    generated token), and how many completions reach that step."""
+    if len(step) == 0:
+        return {"mean": [], "n_completions": []}
+    n = np.bincount(step)
+    sums = np.bincount(step, bf, minlength=len(n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"mean": (sums / n).tolist(), "n_completions": n.tolist()}
+
+
+def sampling_settings(a: Archive) -> dict:
+    """temperature, top_k and top_p the archive's completions were drawn with (its run key);
+    the engine's defaults (1, 0 = off, 1 = off) where the run key has none."""
+    rk = a.run_key
+    return {
+        "temperature": float(rk.get("temperature", 1.0)),
+        "top_k": int(rk.get("top_k", 0)),
+        "top_p": float(rk.get("top_p", 1.0)),
+        "from_run_key": all(k in rk for k in ("temperature", "top_k", "top_p")),
+    }
 
 
 def per_completion(values, sample, n):
@@ -43,12 +112,15 @@ def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
     s = a.samples()
     n = a.n_complete
-    summary, figures, curves, comp_top = {"models": {}}, [], {}, {}
+    summary, figures, curves, comp_top, bf_curves = {"models": {}}, [], {}, {}, {}
     rows_table = {
         k: [] for k in ("model", "sample", "prompt", "step", "entropy_nats", "top5_entropy_bits")
     }
+    sampling = sampling_settings(a)
+    yh = B.Settings.from_config(c.yang_holtzman, sampling)
+    limit = B.check_limit(c.yang_holtzman.asymptotic_limit)
     for key in a.models:
-        full, top, sample, step, skipped = per_step(a, key, c.topk, cfg.progress)
+        full, top, sample, step, skipped, rec = per_step(a, key, c.topk, cfg.progress, yh)
         top_c, done = per_completion(top, sample, n)
         full_c, _ = per_completion(full, sample, n)
         comp_top[key] = top_c
@@ -63,10 +135,13 @@ def run(cfg, a: Archive, out: Path) -> dict:
             "top5_entropy_bits": {**mean_std(top_c), "n_completions": int(len(top_c))},
             "entropy_nats": mean_std(full_c),
             "branching_factor": mean_std(np.exp(full)),
+            "branching_factor_by_position": by_position(np.exp(full), step),
+            "branching_factor_yang_holtzman": yang_holtzman(a, key, rec, yh, limit, sampling),
             "n_steps": int(len(full)),
             "skipped_nonfinite_rows": skipped,
             "per_prompt": per_prompt,
         }
+        bf_curves[key] = summary["models"][key]["branching_factor_by_position"]
         rows_table["model"] += [key] * len(full)
         rows_table["sample"] += sample.tolist()
         rows_table["prompt"] += s["prompt_index"][sample].tolist()
@@ -77,11 +152,42 @@ def run(cfg, a: Archive, out: Path) -> dict:
     write_csv(out, "per_step.csv", rows_table)
     summary["entropy_vs_gamma"] = {k: dict(zip(map(str, c.gammas), v)) for k, v in curves.items()}
     summary["topk"] = int(c.topk)
+    summary["branching_factor_note"] = BF_NOTE
     figures += boxplot(comp_top, out)
     figures += token_figures(a, c, out)
     figures += curve_figure(curves, list(c.gammas), out)
+    figures += bf_position_figure(bf_curves, out)
     summary["figures"] = figures
     return summary
+
+
+def yang_holtzman(a: Archive, key: str, rec: dict, yh: B.Settings, limit: int, sampling) -> dict:
+    """`branching.yang_holtzman` over the model's complete samples, with the settings used."""
+    n = min(a.n_complete, a.model(key).n_complete)
+    prompt_of_sample = a.samples()["prompt_index"][:n]
+    out = B.yang_holtzman(
+        rec["h"] if rec["h"] is not None else np.empty(0),
+        rec["lp"] if rec["lp"] is not None else np.empty(0),
+        rec["sample"],
+        rec["step"],
+        rec["stop"],
+        prompt_of_sample,
+        a.prompts,
+        limit,
+    )
+    out["settings"] = {
+        "asymptotic_limit": limit,
+        "top_p": yh.top_p,
+        "logprobs": yh.logprobs,
+        "distribution_warp": {
+            "temperature": yh.temperature,
+            "top_k": yh.top_k,
+            "top_p": yh.sampling_top_p,
+        },
+        "archive_sampling": sampling,
+    }
+    out["on_own_samples"] = key == a.generator
+    return out
 
 
 def entropy_curve(a: Archive, key: str, gammas, max_rows: int) -> list[float]:
@@ -157,14 +263,45 @@ def curve_figure(curves: dict, gammas, out: Path) -> list[str]:
     return save_figure(fig, out, "entropy_vs_gamma")
 
 
+def bf_position_figure(curves: dict, out: Path) -> list[str]:
+    """The engine's per-step branching factor exp(H) by generated step, one line per model,
+    on a log axis (alignment is expected to shift it by a factor, not by an amount)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, c in curves.items():
+        ax.plot(range(len(c["mean"])), c["mean"], marker=".", label=key)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generated step (0 = first token after the prompt)")
+    ax.set_ylabel(
+        "mean exp(H) over completions\n(effective next-token choices;\nH: full-vocabulary entropy, nats)"
+    )
+    ax.set_title("Per-step branching factor exp(H) by position")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out, "branching_factor_by_position")
+
+
 def terminal_lines(s: dict) -> list[str]:
     """The numbers printed at the end of a run."""
-    return [
-        f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
-        f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
-        f"completions)"
-        for k, m in s["models"].items()
-    ]
+    lines = []
+    for k, m in s["models"].items():
+        lines.append(
+            f"{k}: entropy {m['entropy_nats']['mean']:.3f} nats, top-5 entropy "
+            f"{m['top5_entropy_bits']['mean']:.3f} bits ({m['top5_entropy_bits']['n_completions']} "
+            f"completions)"
+        )
+        yh = m.get("branching_factor_yang_holtzman")
+        if yh is None:
+            continue
+        their = (
+            f"{yh['value']:.2f} (mean over {yh['n_prompts']} prompts)"
+            if yh["n_prompts"]
+            else f"undefined (it needs {B.MIN_SAMPLES}+ completions of a prompt)"
+        )
+        lines.append(
+            f"{k}: branching factor, Yang & Holtzman's definition: {their}; "
+            f"the engine's mean per-step exp(H): {m['branching_factor']['mean']:.2f}"
+        )
+    return lines
 
 
 ANALYSIS = Analysis(name="entropy", run=run, terminal_lines=terminal_lines)

@@ -105,7 +105,9 @@ def entropy(logits, base="e", topk=None, renormalize=True):
 
 
 def branching_factor(logits, topk=None):
-    """exp(H): the effective number of next-token choices (Yang & Holtzman 2025)."""
+    """exp(H): the effective number of next-token choices at one step (full vocabulary, or
+    the top k renormalised).  Per step only: Yang & Holtzman's branching factor (2025) is a
+    different, sequence-level quantity (`analyses/lib/branching.py`)."""
     _check_topk(topk)
     r = rows(logits)
     return r.exp(_entropy(r, topk, True))

@@ -75,6 +75,14 @@ def test_entropy_summary_matches_independent_computation(paired, tmp_path):
             assert got["top5_entropy_bits"]["n_completions"] == 8
             assert got["entropy_nats"]["mean"] == pytest.approx(np.mean(per_comp_h), abs=1e-6)
             assert 0 <= got["top5_entropy_bits"]["mean"] <= np.log2(5)
+            # the engine's per-step exp(H) by generated step, the mean over completions
+            h = [R.entropy(rows) for rows in decoded(a, key)]
+            steps = range(max(map(len, h)))
+            curve = got["branching_factor_by_position"]
+            assert curve["mean"] == pytest.approx(
+                [np.mean([np.exp(x[t]) for x in h if len(x) > t]) for t in steps], rel=1e-6
+            )
+            assert curve["n_completions"] == [sum(len(x) > t for x in h) for t in steps]
     m = summary["models"]
     assert (
         m["tiny-random-tempered-1.7"]["entropy_nats"]["mean"]
@@ -91,6 +99,7 @@ def test_entropy_summary_matches_independent_computation(paired, tmp_path):
         "per_token_top5_entropy",
         "per_token_top5_probabilities",
         "entropy_vs_gamma",
+        "branching_factor_by_position",
     ):
         assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (
             tmp_path / f"{stem}.svg"
