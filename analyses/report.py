@@ -276,7 +276,7 @@ def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, st
         at = lambda k: src.cite(r, "at_temperature", k, "kl_base_aligned_mean")
         return f"{fmt(at('1'), 5)} → {fmt(at('t_entropy'), 5)} (T*) / {fmt(at('t_kl'), 5)} (min)"
 
-    return [
+    rows = [
         (
             "mitigation: T* at which the aligned model's mean entropy per step equals the "
             "base's, on the completions of each model [95% CI]",
@@ -291,6 +291,25 @@ def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, st
             *(kl_drop(r) for r in runs),
         ),
     ]
+    # other aligned models against the same base (the alpha = 0 control twin): the noise floor
+    for f, s in src.runs:
+        if s["analysis"] != "mitigation" or s.get("base") != base:
+            continue
+        if s.get("aligned") in (base, aligned):
+            continue
+        al = (s.get("aligned_provenance") or {}).get("alignment")
+        alpha = f", α = {fmt(float(json.loads(al).get('alpha')), 2)}" if al else ""
+        cells = [f"T* {t_star((f, s))}; argmin KL {t_kl((f, s))}", "–"]
+        if s.get("generator") != base:
+            cells.reverse()
+        rows.append(
+            (
+                f"mitigation, {s['aligned']}{alpha} (the control when α = 0), on the same "
+                "completions [95% CI]",
+                *cells,
+            )
+        )
+    return rows
 
 
 def attractor_cells(src: Sources, models, key: str, describe) -> list[str]:

@@ -152,26 +152,43 @@ def main() -> None:
         result[who] = row
     if args.answers:
         cand = out / "answers.h5"
-        step(
-            "answers",
-            cand,
-            lambda: answers.run(
-                cfg_of("answers", out / "logs", *model_args(args.reference), f"out={cand}", *common)
-            ),
-        )
-        for who, name in twins.items():
-            marker = out / f".answers-{who}"
+        # prompting as a mitigation: the same candidates, exactly, under the direct prompt and
+        # under "Name a random US state" (us_states.yaml's variants)
+        for variant in ("direct", "random"):
+            path = cand if variant == "direct" else out / f"answers-{variant}.h5"
             step(
-                f"answers score {who}",
-                marker,
-                lambda name=name, marker=marker: (
-                    score.run(
-                        cfg_of("score", out / "logs", f"archive={cand}", *model_args(name), *common)
-                    ),
-                    marker.touch(),
+                f"answers {variant}",
+                path,
+                lambda path=path, variant=variant: answers.run(
+                    cfg_of(
+                        "answers",
+                        out / "logs",
+                        *model_args(args.reference),
+                        f"prompt_variant={variant}",
+                        f"out={path}",
+                        *common,
+                    )
                 ),
             )
-        result["answers"] = analysis("answers", "answers", f"archive={cand}")
+            for who, name in twins.items():
+                marker = out / (
+                    f".answers-{who}" if variant == "direct" else f".answers-{variant}-{who}"
+                )
+                step(
+                    f"answers {variant} score {who}",
+                    marker,
+                    lambda name=name, marker=marker, path=path: (
+                        score.run(
+                            cfg_of(
+                                "score", out / "logs", f"archive={path}", *model_args(name), *common
+                            )
+                        ),
+                        marker.touch(),
+                    ),
+                )
+            result[f"answers_{variant}"] = analysis(
+                "answers", f"answers-exact-{variant}", f"archive={path}"
+            )
         # each model samples the prompt itself (T = 1; the twins also at T*): Verbalized
         # Sampling's numbers from sampled answers (coverage-N, precision, KL over observed)
         prompt_file = out / "us_states_prompt.txt"

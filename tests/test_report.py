@@ -16,7 +16,9 @@ from engine.errors import EngineError
 from tests.conftest import compose_cfg
 
 BASE, TWIN = "tiny-random", "tiny-random-tempered-1.7"
+CONTROL_KEY = "tiny-random-tempered-1.0"
 TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7"]
+CONTROL = ["model=tempered", "model.base=tiny-random", "model.gamma=1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,8 @@ def runs(tmp_path_factory, cache_dir):
     score_mod.run(
         compose_cfg("score", tmp, cache_dir, [f"archive={arch[TWIN]}", "model=tiny-random"])
     )
+    # a control: the base at power 1 (identical rows), scored on the base's completions
+    score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *CONTROL]))
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED)):
         arch[key + "-perturb"] = perturb_mod.run(
             compose_cfg(
@@ -65,6 +69,11 @@ def runs(tmp_path_factory, cache_dir):
             ("pair", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
             ("mitigation", arch[BASE], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
             ("mitigation", arch[TWIN], [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]),
+            (
+                "mitigation",
+                arch[BASE],
+                [f"analysis.base={BASE}", "analysis.aligned=" + CONTROL_KEY],
+            ),
             ("diversity", arch[BASE], []),
             ("attractor", arch[BASE + "-perturb"], []),
             ("attractor", arch[TWIN + "-perturb"], []),
@@ -87,7 +96,7 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     res = run_analysis(
         compose_cfg("analyses", out, cache_dir, ["analysis=report", f"analysis.runs=[{sweep}]"])
     )
-    assert res["base"] == BASE and res["aligned"] == TWIN and res["n_sources"] == 9
+    assert res["base"] == BASE and res["aligned"] == TWIN and res["n_sources"] == 10
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["cited"]) >= 20
     for c in rep["cited"]:  # every number is the one in the summary it names
@@ -125,6 +134,11 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     ]
     assert row["base"].startswith("1.700") and row["aligned"].startswith("1.700")
     assert page.count("mitigation_temperature.png") == 2
+    # the control's row beside them: identical rows, so T* = 1
+    row = res["rows"][
+        f"mitigation, {CONTROL_KEY} (the control when α = 0), on the same completions [95% CI]"
+    ]
+    assert row["base"].startswith("T* 1.000") and row["aligned"] == "–"
     row = res["rows"][
         "homogenization, ROUGE-L (Shaib et al.'s code; higher = more alike), per input "
         "[95% CI over prompts]"
