@@ -50,6 +50,7 @@ completions) and across prompts (first completions), with bootstrap intervals.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import lzma
@@ -106,10 +107,15 @@ def self_repetition_score(texts: list[str]) -> float:
 ROUGE_SEPARATOR = re.compile(r"[^a-z0-9]+")
 
 
+@functools.lru_cache(maxsize=4096)
+def _rouge_tokens(text: str) -> tuple[str, ...]:
+    return tuple(t for t in ROUGE_SEPARATOR.split(text.lower()) if t)
+
+
 def rouge_tokens(text: str) -> list[str]:
     """rouge-score 0.1.2's tokens without stemming (tokenize.py): lower-case, split on every
     run of characters other than a-z and 0-9, empty tokens dropped."""
-    return [t for t in ROUGE_SEPARATOR.split(text.lower()) if t]
+    return list(_rouge_tokens(text))
 
 
 def lcs_length(a: list, b: list) -> int:
@@ -132,6 +138,12 @@ def rouge_l_f(a: list[str], b: list[str]) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _rouge_pair(a: str, b: str) -> float:
+    """rouge_l_f of two texts, remembered: the cross-input draws score the same pairs again."""
+    return rouge_l_f(list(_rouge_tokens(a)), list(_rouge_tokens(b)))
+
+
 def homogenization_rougel(texts: list[str]) -> float:
     """Mean over documents of the mean ROUGE-L F to every other document (diversity 0.3.0
     `homogenization_score`, measure 'rougel', no stemming; 1.0 where no pair shares a word,
@@ -139,11 +151,10 @@ def homogenization_rougel(texts: list[str]) -> float:
     n = len(texts)
     if n < 2:
         return float("nan")
-    toks = [rouge_tokens(t) for t in texts]
     pair = {}
     for i in range(n):
         for j in range(i + 1, n):
-            pair[i, j] = pair[j, i] = rouge_l_f(toks[i], toks[j])
+            pair[i, j] = pair[j, i] = _rouge_pair(*sorted((texts[i], texts[j])))
     total = sum(sum(pair[i, j] for j in range(n) if j != i) / (n - 1) for i in range(n))
     if total == 0:
         total += n  # the package's "all strings are the exact same" case, kept as it is
@@ -153,20 +164,36 @@ def homogenization_rougel(texts: list[str]) -> float:
 def sentence_bleu(references: list[list[str]], hypothesis: list[str], max_n: int = 4) -> float:
     """nltk.translate.bleu_score.sentence_bleu with weights 1/max_n and
     SmoothingFunction().method1 (epsilon 0.1), as Texygen calls it."""
-    hyp_len = len(hypothesis)
+    return _bleu(
+        [_counts(r, max_n) for r in references],
+        [len(r) for r in references],
+        _counts(hypothesis, max_n),
+        len(hypothesis),
+        max_n,
+    )
+
+
+def _counts(tokens: list[str], max_n: int) -> list[Counter]:
+    """The n-gram counts of a token list for n = 1..max_n."""
+    return [Counter(ngrams(tokens, n)) for n in range(1, max_n + 1)]
+
+
+def _bleu(ref_counts, ref_lens, hyp_counts, hyp_len: int, max_n: int) -> float:
+    """sentence_bleu from precomputed counts (each document's counted once per Self-BLEU)."""
     numerators, denominators = [], []
-    for n in range(1, max_n + 1):
-        counts = Counter(ngrams(hypothesis, n))
-        max_ref = Counter()
-        for ref in references:
-            for g, c in Counter(ngrams(ref, n)).items():
-                if g in counts and c > max_ref[g]:
+    for n in range(max_n):
+        counts = hyp_counts[n]
+        max_ref = dict.fromkeys(counts, 0)
+        for rc in ref_counts:
+            for g in counts:
+                c = rc[n].get(g, 0)
+                if c > max_ref[g]:
                     max_ref[g] = c
         numerators.append(sum(min(c, max_ref[g]) for g, c in counts.items()))
         denominators.append(max(1, sum(counts.values())))
     if numerators[0] == 0:
         return 0.0
-    ref_len = min((len(r) for r in references), key=lambda r: (abs(r - hyp_len), r))
+    ref_len = min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     logs = [
         math.log((num if num else 0.1) / den)
@@ -181,6 +208,9 @@ def self_bleu(texts: list[str], max_n: int = 4) -> float:
     if len(texts) < 2:
         return float("nan")
     toks = [t.split() for t in texts]
+    counts = [_counts(t, max_n) for t in toks]
+    lens = [len(t) for t in toks]
     return math.fsum(
-        sentence_bleu(toks[:i] + toks[i + 1 :], toks[i], max_n) for i in range(len(toks))
+        _bleu(counts[:i] + counts[i + 1 :], lens[:i] + lens[i + 1 :], counts[i], lens[i], max_n)
+        for i in range(len(toks))
     ) / len(toks)
