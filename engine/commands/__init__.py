@@ -66,7 +66,8 @@ VERBS: dict[str, Verb] = {
         ),
         Verb(
             "inspect",
-            "summarise an archive, show top-k next tokens, render completions (no model)",
+            "summarise an archive, show top-k next tokens, render completions, write the HTML "
+            "token explorer (no model)",
             hydra=False,
             extra=None,
         ),

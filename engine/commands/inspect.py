@@ -1,7 +1,8 @@
-"""`python -m engine inspect ARCHIVE [--sample I --step T --topk K] [--render]`.
+"""`python -m engine inspect ARCHIVE [--sample I --step T --topk K] [--render] [--html OUT]`.
 
 Reads archives through `engine.archive` (no torch); never loads a model.  Token text comes
-from the archive's own tokenizer record (`ModelView.text`).
+from the archive's own tokenizer record (`ModelView.text`).  `--html` writes the interactive
+token explorer, built by `engine.explorer`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 
 import kernels as K
+from engine import explorer
 from engine.archive import Archive, ModelView
 from engine.archive.format import FINISH_REASONS
 from engine.cli import parse_samples, user_errors
@@ -190,11 +192,28 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print completions coloured by each token's probability",
     )
-    ap.add_argument("--limit", type=int, default=5, help="samples to render without --sample")
+    ap.add_argument(
+        "--limit",
+        type=int,
+        help="samples to render without --sample or --samples (default 5; --html: "
+        f"{explorer.DEFAULT_SAMPLES})",
+    )
     ap.add_argument(
         "--samples",
         help="samples to render, e.g. 0,8 or 0,3,10-20 (ranges inclusive; rendered in index order)",
     )
+    ap.add_argument(
+        "--html",
+        metavar="OUT",
+        help="write the interactive token explorer of the chosen samples to OUT (one "
+        "standalone HTML file; base: --model, aligned: --aligned)",
+    )
+    ap.add_argument(
+        "--aligned",
+        metavar="KEY",
+        help="--html: the model group compared with the base (default: the first other group)",
+    )
+    ap.add_argument("--overwrite", action="store_true", help="--html: replace an existing OUT")
     ap.add_argument(
         "--color",
         choices=("auto", "always", "never"),
@@ -213,13 +232,28 @@ def main(argv: list[str]) -> int:
             m = a.model(args.model)
             if args.sample is not None:
                 _check_sample(a, args.sample)
-            if args.render:
+            if args.html:
+                r = explorer.write(
+                    a,
+                    args.html,
+                    args.samples or ([args.sample] if args.sample is not None else None),
+                    args.topk,
+                    args.model,
+                    args.aligned,
+                    args.overwrite,
+                    limit=explorer.DEFAULT_SAMPLES if args.limit is None else args.limit,
+                )
+                print(
+                    f"wrote {r['out']} ({r['bytes'] / 2**10:.0f} KiB: {r['samples']} samples, "
+                    f"{r['steps']} steps, models {', '.join(r['models'])})"
+                )
+            elif args.render:
                 if args.samples:
                     chosen = parse_samples(args.samples, a.n_complete)
                 elif args.sample is not None:
                     chosen = [args.sample]
                 else:
-                    chosen = range(min(args.limit, a.n_complete))
+                    chosen = range(min(5 if args.limit is None else args.limit, a.n_complete))
                 print(render(a, m, chosen, use_colour(args.color)))
             elif args.step is not None:
                 if args.sample is None:
