@@ -136,7 +136,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     n_boot, seed = int(c.n_boot), int(c.seed)
     h_grid = entropy_at(r["moments"], gammas).mean(0)
     kl_grid = kl_at(r["gb_aligned"], r["moments"], gammas).mean(0)
-    at_aligned = moments_pass(a, aligned, sample)
+    at_aligned = moments_pass(a, aligned, sample, step)
     t_star = solve_t_entropy(
         at_aligned, r["base_entropy"], sample, grid, h_grid, n_boot, seed, float(c.xtol)
     )
@@ -144,7 +144,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
         r["gb_aligned"], at_aligned, groups=sample, n_boot=n_boot, seed=seed
     )
     fit_g = K.pooled_from_moments(
-        r["gb_base"], moments_pass(a, base, sample), groups=sample, n_boot=n_boot, seed=seed
+        r["gb_base"], moments_pass(a, base, sample, step), groups=sample, n_boot=n_boot, seed=seed
     )
     marks = {"1": 1.0, "gamma_pooled": fit_g.gamma, "t_kl": 1 / fit_kl.gamma}
     if t_star["found"]:

@@ -59,7 +59,10 @@ def run(cfg, a: Archive, out: Path) -> dict:
     c = cfg.analysis
     base, aligned, chosen = pick_models(a, c)
     r, sample, step = map_pairs(a, rows_report, base, aligned, progress=cfg.progress)
+    # both directions: numba's kl_pq stays finite when p holds a NaN entry (kl_qp does not)
     r, sample, step, skipped = finite_rows(r, sample, step, "kl_pq")
+    r, sample, step, skipped_qp = finite_rows(r, sample, step, "kl_qp")
+    skipped += skipped_qp
     n = len(sample)
     if n == 0:
         raise EngineError("no stored rows to compare")
@@ -94,7 +97,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
         },
         "token_shift": shift_classes(r["q_top_rank_in_p"]),
     }
-    summary["gamma"] = gamma_report(a, r, sample, base, aligned, c)
+    summary["gamma"] = gamma_report(a, r, sample, step, base, aligned, c)
     summary["gamma"]["caveat"] = CAVEAT
     summary["kl_by_position"] = by_position(step, kl)
     write_csv(
@@ -132,7 +135,7 @@ def by_position(step, values) -> dict:
     return {int(t): float(values[step == t].mean()) for t in np.unique(step)}
 
 
-def gamma_report(a, r, sample, base, aligned, c) -> dict:
+def gamma_report(a, r, sample, step, base, aligned, c) -> dict:
     g = r["gamma"]
     ok = np.isfinite(g)
     kl1, klg = r["kl_at_1"][ok], r["gamma_kl"][ok]
@@ -141,7 +144,7 @@ def gamma_report(a, r, sample, base, aligned, c) -> dict:
     # streamed: the per-row base came with the report, each Newton step is one pass over base
     pooled = K.pooled_from_moments(
         r["gamma_base"],
-        moments_pass(a, base, sample),
+        moments_pass(a, base, sample, step),
         groups=sample,
         n_boot=int(c.n_boot),
         seed=int(c.seed),

@@ -186,6 +186,35 @@ def test_mitigation_recovers_the_planted_temperature(paired, tmp_path):
     assert (tmp_path / "curve.csv").read_text().count("\n") == 1 + len(cv["temperature"])
 
 
+def test_pooled_fits_skip_a_nonfinite_row_in_every_pass(paired, tmp_path):
+    """A NaN row in the base group (another writer's file) is dropped from the paired rows;
+    the streamed passes of the pooled fits must drop the same row, not shift the rest."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "nan.h5"
+    shutil.copy(paired, path)
+    with h5py.File(path, "r+") as f:
+        g = f["models"]["tiny-random"]["logits"]
+        row = g[1, 2]
+        row[5] = np.nan
+        g[1, 2] = row
+    for name in ("mitigation", "pair"):
+        run_analysis(
+            analysis_cfg(
+                tmp_path / name, f"analysis={name}", f"archive={path}", "analysis.n_boot=50"
+            )
+        )
+    m = json.loads((tmp_path / "mitigation" / "summary.json").read_text())
+    assert m["skipped_nonfinite_rows"] == 1 and m["n_rows"] == 95
+    assert m["t_entropy"]["t"] == pytest.approx(1.7, abs=1e-4)
+    assert m["gamma_pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+    p = json.loads((tmp_path / "pair" / "summary.json").read_text())
+    assert p["skipped_nonfinite_rows"] == 1
+    assert p["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+
+
 def test_mitigation_says_when_t_star_lies_beyond_the_grid(paired, tmp_path):
     run_analysis(
         analysis_cfg(

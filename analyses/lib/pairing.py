@@ -49,19 +49,27 @@ def provenance_of(a: Archive, key: str) -> dict:
     return out
 
 
-def moments_pass(a: Archive, key: str, sample):
-    """moments_at(g) -> [rows, 4]: the tempered moments of group `key`'s rows at g, one
-    streamed pass over the completions in `sample` (in the order `map_pairs` gives them):
-    what `kernels.pooled_from_moments` calls once per Newton step."""
+def moments_pass(a: Archive, key: str, sample, step):
+    """moments_at(g) -> [rows, 4]: the tempered moments of group `key` at g on exactly the rows
+    (`sample`, `step`) of a `map_pairs` result (rows a caller dropped, e.g. non-finite ones, are
+    dropped here too), one streamed pass over those completions: what
+    `kernels.pooled_from_moments` calls once per Newton step."""
+    sample, step = np.asarray(sample), np.asarray(step)
+    width = int(step.max()) + 1 if step.size else 1
 
     def moments_at(gamma):
-        m, _, _ = map_rows(
+        m, s2, t2 = map_rows(
             a,
             lambda x: K.tempered_moments(x, [gamma])[:, 0],
             key,
             samples=np.unique(sample),
             progress=False,
         )
-        return m["value"]
+        got = m["value"]
+        if len(got) == len(sample):
+            return got
+        # rows come in (sample, step) order in both passes: pick the caller's
+        keys = s2.astype(np.int64) * width + np.minimum(t2, width - 1)
+        return got[np.searchsorted(keys, sample.astype(np.int64) * width + step)]
 
     return moments_at
