@@ -384,10 +384,12 @@ def pair_stats(p, sp, op, q, sq, oq, tokens, out):
         js = 0.0
         tv = 0.0
         above = 0
+        bad = False  # a NaN or +inf logit in either row: every divergence is NaN (as entropy)
         for j in range(V):  # pass 2: divergences from normalised probabilities
             above += 1 if order_p(rp, j, scp, ofp) > p_at_top_q else 0
             lp = d_p(rp, j, scp, ofp, mp) - lsp
             lq = d_q(rq, j, scq, ofq, mq) - lsq
+            bad = bad or lp != lp or lq != lq
             pj = ep[j] * ip
             qj = eq[j] * iq
             mj = F32(0.5) * (pj + qj)
@@ -398,6 +400,8 @@ def pair_stats(p, sp, op, q, sq, oq, tokens, out):
                 qj * (lq - lm) if qj > 0 else F32(0.0)
             )
             tv += abs(pj - qj)
+        if bad:
+            kl_pq = kl_qp = js = tv = np.nan
         t = tokens[r]
         out[r, KL_PQ] = kl_pq
         out[r, KL_QP] = kl_qp

@@ -103,6 +103,10 @@ def pair_stats(p, q, tokens):
         + sum64(torch.where(Q > 0, Q * (lq - lm), zero))
     )
     tv = 0.5 * sum64((P - Q).abs())
+    # a NaN or +inf logit in either row: every divergence is NaN (as the numba kernel, entropy)
+    bad = ~(torch.isfinite(p) | (p == -torch.inf)).all(-1)
+    bad |= ~(torch.isfinite(q) | (q == -torch.inf)).all(-1)
+    kl_pq, kl_qp, js, tv = (torch.where(bad, math.nan, x) for x in (kl_pq, kl_qp, js, tv))
     top_q = lq.argmax(-1, keepdim=True)
     agree = (lp.argmax(-1, keepdim=True) == top_q)[:, 0].to(P.dtype)
     rank = ((p > p.gather(-1, top_q)).sum(-1, dtype=torch.int32) + 1).to(

@@ -415,3 +415,27 @@ def test_torch_kernels_make_no_float64_copy_of_the_rows():
         K.tempered_entropy(x, [0.5, 2.0])
     big = {e.name for e in prof.events() if e.cpu_memory_usage >= 8 * x.numel()}
     assert not big, big
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_pair_stats_divergences_are_nan_on_nonfinite_rows(backend):
+    """A NaN or +inf logit in either row makes every divergence of that row NaN, as entropy
+    is (the analyses drop such rows by it); -inf entries are masked tokens and stay exact."""
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=(4, 300)).astype(np.float32)
+    q = (1.7 * p).astype(np.float32)
+    p[0, 5], q[1, 7], p[2, 9] = np.nan, np.inf, -np.inf
+    if backend == "torch":
+        import torch
+
+        s = K.pair_stats(torch.tensor(p), torch.tensor(q))
+        s = type(s)(*(x.numpy() for x in s))
+    else:
+        s = K.pair_stats(p, q)
+    for field in ("kl_pq", "kl_qp", "js", "tv"):
+        got = getattr(s, field)
+        assert np.isnan(got[:2]).all(), field
+        assert not np.isnan(got[2:]).any(), field
+    assert s.kl_qp[2] == np.inf  # q has mass where p has none: the true KL
+    want = R.pair_stats(p[3:].astype(np.float64), q[3:].astype(np.float64))
+    np.testing.assert_allclose(s.kl_pq[3], want[0][0], rtol=1e-4)
