@@ -62,6 +62,7 @@ def rows_report(gammas):
     def report(p, q, tokens):
         return {
             "base_entropy": K.entropy(p),
+            "aligned_entropy": K.entropy(q),
             "gb_aligned": K.gamma_base(q, p),
             "gb_base": K.gamma_base(p, q),
             "moments": K.tempered_moments(q, gammas),
@@ -102,9 +103,12 @@ def solve_t_entropy(moments_at, h_base, sample, grid, h_grid, n_boot, seed, xtol
         t = float(grid[i])
     else:
         lo, hi = float(grid[i - 1]), float(grid[i])
-        t = brentq(
-            lambda T: entropy_at(moments_at(1 / T), 1 / T).mean() - target, lo, hi, xtol=xtol
-        )
+        try:
+            t = brentq(
+                lambda T: entropy_at(moments_at(1 / T), 1 / T).mean() - target, lo, hi, xtol=xtol
+            )
+        except ValueError:  # the re-evaluated ends differ from the grid's in the last bits
+            t = float(grid[i - 1] if -gap[i - 1] < gap[i] else grid[i])
     g = 1 / t
     m = np.asarray(moments_at(g))
     h = entropy_at(m, g)
@@ -130,7 +134,16 @@ def run(cfg, a: Archive, out: Path) -> dict:
     grid = temperature_grid(c)
     gammas = 1 / grid
     r, sample, step = map_pairs(a, rows_report(gammas), base, aligned, progress=cfg.progress)
-    r, sample, step, skipped = finite_rows(r, sample, step, "base_entropy")
+    # a row non-finite in either model (another writer's file) is left out of every number
+    r["finite"] = np.where(
+        np.isfinite(r["aligned_entropy"])
+        & np.isfinite(r["moments"]).all(axis=(1, 2))
+        & np.isfinite(r["gb_aligned"][:, [C.Q_DP, C.Q_LOGQ]]).all(1)
+        & np.isfinite(r["gb_base"][:, [C.Q_DP, C.Q_LOGQ]]).all(1),
+        r["base_entropy"],
+        np.nan,
+    )
+    r, sample, step, skipped = finite_rows(r, sample, step, "finite")
     if len(sample) == 0:
         raise EngineError("no stored rows to compare")
     n_boot, seed = int(c.n_boot), int(c.seed)
@@ -171,7 +184,11 @@ def run(cfg, a: Archive, out: Path) -> dict:
         "t_entropy": t_star,
         "t_kl": {
             "t": 1 / fit_kl.gamma,
-            "ci95": [1 / fit_kl.ci_high, 1 / fit_kl.ci_low],
+            # 1/g is decreasing; a linearised interval of g reaching 0 has no upper end in T
+            "ci95": [
+                1 / fit_kl.ci_high if fit_kl.ci_high > 0 else float("nan"),
+                1 / fit_kl.ci_low if fit_kl.ci_low > 0 else float("nan"),
+            ],
             "kl_at_t": fit_kl.kl,
             "kl_at_1": fit_kl.kl_at_1,
         },
@@ -215,7 +232,8 @@ def figure(s: dict, out: Path) -> list[str]:
     kl = np.maximum(np.asarray(cv["kl_base_aligned_mean"], np.float64), 1e-12)
     axes[1].semilogy(t, kl, color="tab:purple", label="KL(base ‖ aligned at T)")
     pts = sorted(
-        (v["temperature"], v["kl_base_aligned_mean"]) for v in s["at_temperature"].values()
+        (v["temperature"], max(v["kl_base_aligned_mean"], 1e-12))
+        for v in s["at_temperature"].values()
     )
     axes[1].plot(*zip(*pts, strict=True), "o", color="tab:purple", ms=3, label="exact at the marks")
     axes[1].set_ylabel("mean KL per step (nats, log scale)")

@@ -291,22 +291,27 @@ def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, st
             *(kl_drop(r) for r in runs),
         ),
     ]
-    # other aligned models against the same base (the alpha = 0 control twin): the noise floor
-    for f, s in src.runs:
-        if s["analysis"] != "mitigation" or s.get("base") != base:
-            continue
-        if s.get("aligned") in (base, aligned):
-            continue
-        al = (s.get("aligned_provenance") or {}).get("alignment")
+    # other aligned models against the same base (the alpha = 0 control twin): the noise
+    # floor, one row per model, on the base's and the aligned model's completions
+    others = sorted(
+        {
+            s["aligned"]
+            for _, s in src.runs
+            if s["analysis"] == "mitigation"
+            and s.get("base") == base
+            and s.get("aligned") not in (base, aligned)
+        }
+    )
+    for other in others:
+        on = [mitigation_on(src, m, base, other) for m in (base, aligned)]
+        found = next(r for r in on if r)
+        al = src.cite(found, "aligned_provenance", "alignment")
         alpha = f", α = {fmt(float(json.loads(al).get('alpha')), 2)}" if al else ""
-        cells = [f"T* {t_star((f, s))}; argmin KL {t_kl((f, s))}", "–"]
-        if s.get("generator") != base:
-            cells.reverse()
         rows.append(
             (
-                f"mitigation, {s['aligned']}{alpha} (the control when α = 0), on the same "
-                "completions [95% CI]",
-                *cells,
+                f"mitigation, {other}{alpha} (the control when α = 0): T* and argmin-KL T on "
+                "the completions of each model [95% CI]",
+                *(f"T* {t_star(r)}; argmin KL {t_kl(r)}" if r else "–" for r in on),
             )
         )
     return rows

@@ -39,6 +39,27 @@ KEYS = (
 )
 
 
+def num(x, spec: str = ".4f") -> str:
+    """A number from a summary (null where undefined) as text."""
+    return "–" if x is None else format(x, spec)
+
+
+def scored(archive: Path, model: str, marker: Path) -> bool:
+    """Whether `model` is already complete in `archive` (the marker, or the group itself when
+    the process died between the score and the marker)."""
+    from engine.archive import Archive
+
+    if marker.exists():
+        return True
+    if not archive.exists():
+        return False
+    with Archive(archive) as a:
+        done = model in a.models and a.models[model].complete
+    if done:
+        marker.touch()
+    return done
+
+
 def model_args(name: str) -> list[str]:
     return (
         [f"model={name}"] if name in options("model") else ["model=aligned", f"model.name={name}"]
@@ -62,7 +83,10 @@ def main() -> None:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # resume=true: a run killed part-way continues its <out>.partial or partial group (with
+    # nothing partial it is a fresh write), so rerunning the script resumes it
     common = ["progress=false"]
+    verbs = [*common, "resume=true"]
     times = {}
 
     def step(name, path: Path, fn):
@@ -85,7 +109,7 @@ def main() -> None:
             f"dump {path.stem}",
             path,
             lambda: dump.run(
-                cfg_of("dump", out / "logs", *model_args(model), *sampling, f"out={path}", *common)
+                cfg_of("dump", out / "logs", *model_args(model), *sampling, f"out={path}", *verbs)
             ),
         )
 
@@ -101,12 +125,13 @@ def main() -> None:
     for who, name in twins.items():
         # a scored group is the marker; score refuses to add one twice without overwrite
         marker = out / f".scored-{who}"
+        scored(ref, name, marker)
         step(
             f"score {who}",
             marker,
             lambda name=name, marker=marker: (
                 score.run(
-                    cfg_of("score", out / "logs", f"archive={ref}", *model_args(name), *common)
+                    cfg_of("score", out / "logs", f"archive={ref}", *model_args(name), *verbs)
                 ),
                 marker.touch(),
             ),
@@ -134,7 +159,7 @@ def main() -> None:
         }
         temps = {"T=1": 1.0, "T=T*": m["t_entropy"]["t"], "T=gamma": m["gamma_pooled"]["gamma"]}
         for label, t in temps.items():
-            if t != t:  # NaN: T* beyond the grid
+            if t is None or t != t:  # T* beyond the grid (null in summary.json)
                 continue
             path = out / f"{who}-{label.split('=')[1].replace('*', 'star')}.h5"
             sample(name, path, round(float(t), 4))
@@ -166,7 +191,7 @@ def main() -> None:
                         *model_args(args.reference),
                         f"prompt_variant={variant}",
                         f"out={path}",
-                        *common,
+                        *verbs,
                     )
                 ),
             )
@@ -174,13 +199,14 @@ def main() -> None:
                 marker = out / (
                     f".answers-{who}" if variant == "direct" else f".answers-{variant}-{who}"
                 )
+                scored(path, name, marker)
                 step(
                     f"answers {variant} score {who}",
                     marker,
                     lambda name=name, marker=marker, path=path: (
                         score.run(
                             cfg_of(
-                                "score", out / "logs", f"archive={path}", *model_args(name), *common
+                                "score", out / "logs", f"archive={path}", *model_args(name), *verbs
                             )
                         ),
                         marker.touch(),
@@ -196,7 +222,7 @@ def main() -> None:
         draws = {"reference T=1": (args.reference, 1.0)}
         for who, name in twins.items():
             draws[f"{who} T=1"] = (name, 1.0)
-            if result[who]["t_entropy"]["found"]:
+            if result[who]["t_entropy"]["found"] and result[who]["t_entropy"]["t"] is not None:
                 draws[f"{who} T=T*"] = (name, round(result[who]["t_entropy"]["t"], 4))
         result["answers_sampled"] = {}
         for label, (name, t) in draws.items():
@@ -218,7 +244,7 @@ def main() -> None:
                         "max_new_tokens=8",
                         f"temperature={t!r}",
                         f"out={path}",
-                        *common,
+                        *verbs,
                     )
                 ),
             )
@@ -230,6 +256,8 @@ def main() -> None:
                 "vs_style": s["vs_style"],
                 "share_outside_set": s["share_outside_set"],
                 "kl_sampled_to_reference_model_exact": s["by_n"][-1]["kl_sampled_to_exact"],
+                # vs_style.exact and kl_sampled_to_* are the candidates archive's generator's
+                "exact_is_of": args.reference,
             }
     result["seconds"] = times
     write_json(out, "summary.json", result)
@@ -237,15 +265,16 @@ def main() -> None:
         r = result[who]
         t = r["t_entropy"]
         print(
-            f"{who} ({r['model']}): entropy {r['aligned_entropy_mean']:.4f} vs reference "
-            f"{r['base_entropy_mean']:.4f} nats; T* {t['t']:.4f} [{t['ci95'][0]:.4f}, "
-            f"{t['ci95'][1]:.4f}]; gamma {r['gamma_pooled']['gamma']:.4f}"
+            f"{who} ({r['model']}): entropy {num(r['aligned_entropy_mean'])} vs reference "
+            f"{num(r['base_entropy_mean'])} nats; T* {num(t['t'])} [{num(t['ci95'][0])}, "
+            f"{num(t['ci95'][1])}]; gamma {num(r['gamma_pooled']['gamma'])}"
         )
         for label, s in r["samples"].items():
             print(
                 f"  {label}: "
                 + ", ".join(
-                    f"{k} {s[k]['delta']:+.4f} [{s[k]['ci95'][0]:+.4f}, {s[k]['ci95'][1]:+.4f}]"
+                    f"{k} {num(s[k]['delta'], '+.4f')} [{num(s[k]['ci95'][0], '+.4f')}, "
+                    f"{num(s[k]['ci95'][1], '+.4f')}]"
                     for k in KEYS[:3]
                 )
             )

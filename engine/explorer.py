@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -253,11 +254,9 @@ def script_json(data: dict) -> str:
 
 def page(data: dict) -> str:
     title = f"token explorer · {data['archive']}"
-    return (
-        TEMPLATE.read_text(encoding="utf-8")
-        .replace("__TITLE__", html.escape(title))
-        .replace("__DATA__", script_json(data))
-    )
+    fill = {"__TITLE__": html.escape(title), "__DATA__": script_json(data)}
+    # one pass: a file or token named like a placeholder is never substituted again
+    return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], TEMPLATE.read_text("utf-8"))
 
 
 def write(

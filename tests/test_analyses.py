@@ -186,8 +186,9 @@ def test_mitigation_recovers_the_planted_temperature(paired, tmp_path):
     assert (tmp_path / "curve.csv").read_text().count("\n") == 1 + len(cv["temperature"])
 
 
-def test_pooled_fits_skip_a_nonfinite_row_in_every_pass(paired, tmp_path):
-    """A NaN row in the base group (another writer's file) is dropped from the paired rows;
+@pytest.mark.parametrize("group", ["tiny-random", "tiny-random-tempered-1.7"])
+def test_pooled_fits_skip_a_nonfinite_row_in_every_pass(paired, tmp_path, group):
+    """A NaN row in either group (another writer's file) is dropped from the paired rows;
     the streamed passes of the pooled fits must drop the same row, not shift the rest."""
     import shutil
 
@@ -196,7 +197,7 @@ def test_pooled_fits_skip_a_nonfinite_row_in_every_pass(paired, tmp_path):
     path = tmp_path / "nan.h5"
     shutil.copy(paired, path)
     with h5py.File(path, "r+") as f:
-        g = f["models"]["tiny-random"]["logits"]
+        g = f["models"][group]["logits"]
         row = g[1, 2]
         row[5] = np.nan
         g[1, 2] = row
@@ -210,6 +211,7 @@ def test_pooled_fits_skip_a_nonfinite_row_in_every_pass(paired, tmp_path):
     assert m["skipped_nonfinite_rows"] == 1 and m["n_rows"] == 95
     assert m["t_entropy"]["t"] == pytest.approx(1.7, abs=1e-4)
     assert m["gamma_pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)
+    assert all(np.isfinite(m["curve"]["kl_base_aligned_mean"]))
     p = json.loads((tmp_path / "pair" / "summary.json").read_text())
     assert p["skipped_nonfinite_rows"] == 1
     assert p["gamma"]["pooled"]["gamma"] == pytest.approx(1.7, abs=1e-4)

@@ -136,7 +136,8 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert page.count("mitigation_temperature.png") == 2
     # the control's row beside them: identical rows, so T* = 1
     row = res["rows"][
-        f"mitigation, {CONTROL_KEY} (the control when α = 0), on the same completions [95% CI]"
+        f"mitigation, {CONTROL_KEY} (the control when α = 0): T* and argmin-KL T on the "
+        "completions of each model [95% CI]"
     ]
     assert row["base"].startswith("T* 1.000") and row["aligned"] == "–"
     row = res["rows"][
