@@ -46,6 +46,38 @@ def compose_dump(tmp: Path, cache: Path, overrides=()):
     return compose_cfg("dump", tmp, cache, overrides)
 
 
+def tempered_pair(tmp: Path, cache: Path, n_samples: int, max_new_tokens: int) -> Path:
+    """A tiny-random archive (fp32) scored by its tempered twin (gamma 1.7: the twin is the
+    base at power 1.7 token by token, the planted truth of the gamma and mitigation tests)."""
+    from engine.commands import score
+
+    path = compose_and_dump(tmp, cache, n_samples, max_new_tokens)
+    score.run(
+        compose_cfg(
+            "score",
+            tmp,
+            cache,
+            [f"archive={path}", "model=tempered", "model.base=tiny-random", "model.gamma=1.7"],
+        )
+    )
+    return Path(path)
+
+
+def compose_and_dump(tmp: Path, cache: Path, n_samples: int, max_new_tokens: int) -> str:
+    return run(
+        compose_dump(
+            tmp,
+            cache,
+            [
+                "model=tiny-random",
+                f"n_samples={n_samples}",
+                f"max_new_tokens={max_new_tokens}",
+                "codec=fp32",
+            ],
+        )
+    )["archive"]
+
+
 @pytest.fixture
 def dump_cfg(tmp_path, cache_dir):
     def make(*overrides):

@@ -16,10 +16,9 @@ from analyses.__main__ import run as run_analysis
 from analyses.protocol import CONF
 from engine.archive import Archive
 from engine.commands import dump as dump_mod
-from engine.commands import score as score_mod
 from engine.errors import EngineError
 from kernels import reference as R
-from tests.conftest import ROOT, compose_cfg, compose_dump
+from tests.conftest import ROOT, compose_cfg, compose_dump, tempered_pair
 
 
 def analysis_cfg(tmp, *overrides):
@@ -32,21 +31,7 @@ def analysis_cfg(tmp, *overrides):
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, cache_dir):
     """tiny-random (fp32) + its tempered twin (gamma 1.7): 2 prompts x 4 samples x 12 steps."""
-    tmp = tmp_path_factory.mktemp("paired")
-    path = dump_mod.run(
-        compose_dump(
-            tmp, cache_dir, ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "codec=fp32"]
-        )
-    )["archive"]
-    score_mod.run(
-        compose_cfg(
-            "score",
-            tmp,
-            cache_dir,
-            [f"archive={path}", "model=tempered", "model.base=tiny-random", "model.gamma=1.7"],
-        )
-    )
-    return path
+    return tempered_pair(tmp_path_factory.mktemp("paired"), cache_dir, 4, 12)
 
 
 def decoded(a, key):

@@ -22,11 +22,9 @@ import kernels as K
 from engine import explorer
 from engine.archive import Archive
 from engine.commands import answers as answers_mod
-from engine.commands import dump as dump_mod
 from engine.commands import inspect as inspect_mod
 from engine.commands import perturb as perturb_mod
-from engine.commands import score as score_mod
-from tests.conftest import ROOT, compose_cfg, compose_dump, engine_cli
+from tests.conftest import ROOT, compose_cfg, engine_cli, tempered_pair
 from tests.test_cli import assert_one_line_error
 from tests.test_layers import NO_TORCH
 
@@ -36,23 +34,8 @@ BASE, TWIN = "tiny-random", "tiny-random-tempered-1.7"
 
 @pytest.fixture(scope="module")
 def pair_archive(tmp_path_factory, cache_dir) -> Path:
-    """tiny-random (fp32) + its tempered twin (gamma 1.7, as tests/test_analyses.py's `paired`
-    builds it): 2 prompts x 2 samples x 10 steps."""
-    tmp = tmp_path_factory.mktemp("explorer")
-    path = dump_mod.run(
-        compose_dump(
-            tmp, cache_dir, ["model=tiny-random", "n_samples=2", "max_new_tokens=10", "codec=fp32"]
-        )
-    )["archive"]
-    score_mod.run(
-        compose_cfg(
-            "score",
-            tmp,
-            cache_dir,
-            [f"archive={path}", "model=tempered", "model.base=tiny-random", "model.gamma=1.7"],
-        )
-    )
-    return Path(path)
+    """tiny-random (fp32) + its tempered twin (gamma 1.7): 2 prompts x 2 samples x 10 steps."""
+    return tempered_pair(tmp_path_factory.mktemp("explorer"), cache_dir, 2, 10)
 
 
 def embedded(page: Path) -> dict:
