@@ -236,8 +236,6 @@ def vs_reference(per_input: dict, path: str, max_n: int, n_boot: int, seed: int)
     if not shared:
         raise EngineError(f"analysis.reference={path} shares no prompt with this archive")
     out = {"archive": str(path), "model": model, "n_prompts": len(shared)}
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(shared), size=(n_boot, len(shared)))
     for k in SCALAR_KEYS:
         x = np.array([scalar(per_input[p])[k] for p in shared], np.float64)
         y = np.array([scalar(ref[p])[k] for p in shared], np.float64)
@@ -246,8 +244,7 @@ def vs_reference(per_input: dict, path: str, max_n: int, n_boot: int, seed: int)
         if ok.sum() < 2:
             out[k] = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
             continue
-        boot = np.nanmean(np.where(ok, d, np.nan)[pick], axis=1)
-        lo, hi = float(np.nanquantile(boot, 0.025)), float(np.nanquantile(boot, 0.975))
+        lo, hi = K.bootstrap_ci(d[ok], np.mean, n_boot=n_boot, seed=seed)
         out[k] = {
             "this": float(x[ok].mean()),
             "reference": float(y[ok].mean()),

@@ -85,8 +85,9 @@ def kl_at(gb: np.ndarray, m: np.ndarray, g) -> np.ndarray:
 
 def solve_t_entropy(moments_at, h_base, sample, grid, h_grid, n_boot, seed, xtol) -> dict:
     """T* with mean_rows H(aligned at T*) = mean_rows H(base), and its linearised bootstrap
-    interval over completions: at T* each completion contributes its sum of
-    H_aligned(T*) - H_base and of dH/dT; a resample b moves T* by -sum_b(gap) / sum_b(slope)."""
+    interval over completions (`kernels.one_step_bootstrap`, as the pooled gamma's): at T*
+    each completion's sum of H_aligned(T*) - H_base is the score, its sum of dH/dT the
+    curvature."""
     target = float(h_base.mean())
     gap = h_grid - target  # increasing in T
     if not (gap[0] <= 0 <= gap[-1]):
@@ -114,14 +115,10 @@ def solve_t_entropy(moments_at, h_base, sample, grid, h_grid, n_boot, seed, xtol
     h = entropy_at(m, g)
     # dH/dg = -g Var_g[d]; dT = -dg / g**2, so dH/dT = g**3 Var_g[d]
     slope = g**3 * (m[:, C.TM_M2] - m[:, C.TM_M1] ** 2)
-    grp = np.unique(sample, return_inverse=True)[1]
-    gs, gh = np.bincount(grp, h - h_base), np.bincount(grp, slope)
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(gs), size=(n_boot, len(gs)))
-    boot = t - gs[pick].sum(1) / gh[pick].sum(1)
+    lo_hi = K.one_step_bootstrap(t, h - h_base, slope, sample, n_boot, 0.05, seed)
     return {
         "t": float(t),
-        "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+        "ci95": list(lo_hi),
         "found": True,
         "residual_nats": float(h.mean() - target),
         "xtol": xtol,

@@ -25,6 +25,7 @@ from kernels.pooled import (
     bootstrap_ci,
     fit_gamma_pooled,
     gamma_base,
+    one_step_bootstrap,
     pooled_from_moments,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "gamma_for_entropy",
     "log_softmax",
     "logsumexp",
+    "one_step_bootstrap",
     "pair_stats",
     "pooled_from_moments",
     "tempered_entropy",

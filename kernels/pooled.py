@@ -41,6 +41,19 @@ def bootstrap_ci(values, statistic=np.mean, n_boot=2000, alpha=0.05, seed=0):
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
 
 
+def one_step_bootstrap(estimate, score, curvature, groups, n_boot=2000, alpha=0.05, seed=0):
+    """(1 - alpha) percentile interval of an M-estimate by the one-step (linearised) bootstrap
+    described above: rows [n] contribute `score` (the estimating function at the estimate)
+    and `curvature` (its derivative); whole `groups` [n] are resampled, and a resample b
+    moves the estimate by -sum_b(score) / sum_b(curvature).  No pass over the data."""
+    grp = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)[1]
+    gs, gh = np.bincount(grp, score), np.bincount(grp, curvature)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(gs), size=(n_boot, len(gs)))
+    boot = estimate - gs[pick].sum(1) / gh[pick].sum(1)
+    return float(np.quantile(boot, alpha / 2)), float(np.quantile(boot, 1 - alpha / 2))
+
+
 def fit_gamma_pooled(
     p_logits,
     q_logits,
@@ -126,22 +139,15 @@ def pooled_from_moments(
     kl1_rows = q_lq - q_dp + base[:, C.LOG_S]
     score = np.where(keep, w * (m[:, C.TM_M1] - q_dp), 0.0)
     curv = np.where(keep, w * (m[:, C.TM_M2] - m[:, C.TM_M1] ** 2), 0.0)
-    grp = (
-        np.arange(n)
-        if groups is None
-        else np.unique(np.asarray(groups).reshape(n), return_inverse=True)[1]
+    ci_low, ci_high = one_step_bootstrap(
+        g, score, curv, np.arange(n) if groups is None else groups, n_boot, alpha, seed
     )
-    gs = np.bincount(grp, score)
-    gh = np.bincount(grp, curv)
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(gs), size=(n_boot, len(gs)))
-    boot = g - gs[pick].sum(1) / gh[pick].sum(1)
     wk = w[keep]
     return PooledGamma(
         gamma=float(g),
         kl=float(np.sum(wk * kl_rows[keep]) / wk.sum()),
         kl_at_1=float(np.sum(wk * kl1_rows[keep]) / wk.sum()),
-        ci_low=float(np.quantile(boot, alpha / 2)),
-        ci_high=float(np.quantile(boot, 1 - alpha / 2)),
+        ci_low=ci_low,
+        ci_high=ci_high,
         n_rows=int(keep.sum()),
     )
