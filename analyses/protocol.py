@@ -34,6 +34,7 @@ NAMES = (
     "attractor",
     "diversity",
     "entropy",
+    "layers",
     "mitigation",
     "pair",
     "personas",

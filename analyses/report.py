@@ -192,6 +192,7 @@ def headline(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]
             )
         )
     rows += mitigation_rows(src, base, aligned)
+    rows += layers_rows(src, base, aligned)
     rows.append(
         (
             "run self-check of each model's own archive: max |Δ log p| of one stored "
@@ -317,6 +318,62 @@ def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, st
     return rows
 
 
+def layers_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
+    """The logit lens over depth (analysis=layers), on the completions of each model: each
+    model's prediction depth, and per layer-pair group with this base (the aligned model's
+    first, then the others: the control) the half-KL layer and γ at the last pair."""
+    runs = [own(src, "layers", m) for m in (base, aligned)]
+    if not any(runs):
+        return []
+
+    def depth(r, m):
+        d = ("models", m, "prediction_depth")
+        mean = src.cite(r, *d, "mean")
+        if mean is None:
+            return "–"
+        return (
+            f"{ci(mean, src.cite(r, *d, 'ci95'), 2)}, median {fmt(src.cite(r, *d, 'median'), 1)}"
+            f" (of {src.cite(r, 'models', m, 'n_layers')} blocks)"
+        )
+
+    def pair(r, name):
+        if src.cite(r, "pairs", name, "pairing") is None:
+            return "–"
+        h = lambda *k: src.cite(r, "pairs", name, "half_kl_layer", *k)
+        g = lambda *k: src.cite(r, "pairs", name, "gamma_last", *k)
+        q = h("pair_ci95") or [None, None]
+        half = (
+            f"half-KL at block {h('block_base')} / {h('block_aligned')} (depth "
+            f"{fmt(h('relative_depth_base'), 2)}) [pairs {fmt(q[0])}–{fmt(q[1])}]"
+            if h("pair") is not None
+            else "half-KL layer undefined"
+        )
+        return f"{half}; γ_last median {fmt(g('median'))}, mean {ci(g('mean'), g('ci95'))}"
+
+    rows = [
+        (
+            f"layers: prediction depth of {m}, mean block [95% CI] (logit lens; first layer "
+            "whose top-1 stays the output's), on the completions of each model",
+            *(depth(r, m) if r else "–" for r in runs),
+        )
+        for m in (base, aligned)
+    ]
+    names = sorted(
+        {n for r in runs if r for n, p in r[1].get("pairs", {}).items() if p["base"] == base},
+        key=lambda n: (not n.endswith(f"~{aligned}"), n),
+    )
+    for name in names:
+        rows.append(
+            (
+                f"layers, {name}: first layer pair whose KL(base_l ‖ aligned_l) reaches half "
+                "the last pair's, block of base / aligned [95% CI of the pair]; γ at the last "
+                "pair [95% CI], on the completions of each model",
+                *(pair(r, name) if r else "–" for r in runs),
+            )
+        )
+    return rows
+
+
 def attractor_cells(src: Sources, models, key: str, describe) -> list[str]:
     """One table cell per model: `describe` of every variant under its attractor summary's
     `key` ("variants": a list; "influence": a dict whose "variants" are keyed by name)."""
@@ -420,6 +477,7 @@ def run(cfg, a, out: Path) -> dict:
         "diversity: t-SNE of sentence embeddings with k-means clusters": [],
         "pair: per-step γ and KL": [],
         "mitigation: can temperature undo the sharpening? (exact, stored logits)": [],
+        "layers: the logit lens over depth and layer by layer": [],
         "attractor": [],
     }
     caption = {}  # figure -> whose completions it shows
@@ -456,6 +514,13 @@ def run(cfg, a, out: Path) -> dict:
             add(
                 "mitigation: can temperature undo the sharpening? (exact, stored logits)",
                 [x for x in src.cite(mi, "figures") if x.endswith(".png")],
+                m,
+            )
+        la = own(src, "layers", m)
+        if la:
+            add(
+                "layers: the logit lens over depth and layer by layer",
+                [x for x in src.cite(la, "figures") if x.endswith(".png")],
                 m,
             )
     drawn = attractor_curves(src, base, aligned, out)

@@ -103,3 +103,22 @@ def gamma_for_entropy(x, target, bounds=(1e-4, 1e4)):
         f = lambda g: tempered_entropy(row[None], [g])[0, 0] - t  # noqa: E731
         out.append(brentq(f, *bounds, xtol=1e-14) if f(bounds[0]) * f(bounds[1]) < 0 else np.nan)
     return np.array(out)
+
+
+def lens_stats(final, lens, tokens, k):
+    """`kernels.lens.lens_stats` from first principles: final [row, vocab], lens [layer, row,
+    vocab]; outputs [row, layer] (and [row, layer, k])."""
+    lq = log_softmax(final)[None]  # [1, row, vocab]
+    lp = log_softmax(lens)  # [layer, row, vocab]
+    q = np.exp(lq)
+    h = -np.sum(_plogp(lp), -1)
+    kl = np.maximum(np.sum(np.where(q > 0, q * (lq - lp), 0.0), -1), 0.0)
+    rows = np.arange(lp.shape[1])
+    tokens = np.asarray(tokens)
+    logp_token = lp[:, rows, tokens]
+    top = np.argmax(final, -1)  # the final's most probable token per row
+    at = np.asarray(lens, np.float64)[:, rows, top]
+    rank = 1 + np.sum(np.asarray(lens, np.float64) > at[..., None], -1)
+    order = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
+    sw = lambda a: np.swapaxes(a, 0, 1)  # noqa: E731
+    return sw(h), sw(kl), sw(logp_token), sw(rank), sw(order), sw(np.take_along_axis(lp, order, -1))

@@ -12,6 +12,8 @@ steps):
   v4-d9aa91f.h5          format_version 4 as last written (same run, same commands, made from a
                          `git worktree` of d9aa91f): no checksums, no `self_check` slot; verify
                          refuses it with one line
+  v5-2a7bf2e.h5          format_version 5 as last written (same run, same commands): checksums
+                         and `self_check`, no logit lens, no layer pairs
 Version 1 generator groups carry no n_complete/complete/role/chat_template of their own; the
 reader derives them from the root attributes and run_key.
 """
@@ -86,7 +88,7 @@ def test_old_archive_reads_through_current_reader(path, capsys):
 
 def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_archive):
     with h5py.File(tiny_archive, "r") as f:
-        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 5
+        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION == 6
         g = f["models"][f.attrs["generator"]]
         for k in F.GROUP_STATE:
             assert k in g.attrs, k
@@ -94,7 +96,10 @@ def test_new_archives_are_the_current_version_with_explicit_group_state(tiny_arc
         assert g.attrs[F.SELF_CHECK].shape == (4,) and g[F.CHECKSUMS].shape == (6, 1)
 
 
-@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+PRE_CHECKSUMS = [p for p in FIXTURES if int(p.name[1]) < 5]
+
+
+@pytest.mark.parametrize("path", PRE_CHECKSUMS, ids=lambda p: p.name)
 def test_old_archives_have_no_checksums_and_verify_says_so_in_one_line(path, capsys):
     from engine.commands.verify import main as verify_main
 
@@ -105,6 +110,17 @@ def test_old_archives_have_no_checksums_and_verify_says_so_in_one_line(path, cap
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: no checksums (format version {path.name[1]})"), err
+
+
+def test_version_5_archive_verifies_and_has_no_lens():
+    """A version 5 file (checksums, no lens) verifies under the version 6 reader."""
+    from engine.commands.verify import verify
+
+    path = DATA / "v5-2a7bf2e.h5"
+    with Archive(path) as a:
+        assert a.format_version == 5 and a.layer_pairs == {}
+        assert all(m.lens is None and m.checksum_columns for m in a.models.values())
+    assert verify(path, progress=False).ok
 
 
 def _spec_snippet() -> str:

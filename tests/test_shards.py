@@ -29,7 +29,7 @@ from engine.errors import EngineError
 from tests.conftest import ROOT, compose_cfg, compose_dump, engine_cli
 from tests.test_analyses import analysis_cfg
 
-#: q16 with a captured hook: every per-sample dataset kind a model group can have
+#: q16 with a captured hook and the lens: every per-sample dataset kind a model group can have
 SETTINGS = [
     "model=tiny-random",
     "n_samples=5",
@@ -37,6 +37,7 @@ SETTINGS = [
     "max_new_tokens=9",
     "codec=q16",
     "capture=[blocks.0.hook_resid_post]",
+    "lens=true",
 ]
 TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7", "batch_size=2"]
 

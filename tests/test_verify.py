@@ -133,7 +133,7 @@ def test_checksums_are_the_xxh3_of_the_stored_bytes(scored, key):
     with h5py.File(scored, "r") as f:
         attrs = f["models"][key]["checksums"].attrs
         assert attrs["algorithm"] == "xxh3_64" and attrs["over"] == "steps [0, length)"
-        assert int(f.attrs["format_version"]) == 5
+        assert int(f.attrs["format_version"]) == F.FORMAT_VERSION
 
 
 def synthetic(path: Path, hashing: bool = True) -> tuple[np.ndarray, int]:

@@ -19,12 +19,12 @@ from kernels.codecs import CODECS, FP16_MAX, MIN_Q16_WINDOW, Q16_MAX_CODE, STORA
 
 # ---- Root attributes ------------------------------------------------------------------------
 FORMAT = "logit-archive"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: versions this reader understands (1: generator group without n_complete/complete/role/
 #: chat_template, which a version-1 reader derives from the root and run_key; 2: no
 #: `nonfinite` finish reason, no device provenance; 3: no shards, merged archives or `host`;
 #: 4: no per-sample checksums, no `self_check` slot)
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 ROOT_ATTRS = (
     "format",
     "format_version",
@@ -97,6 +97,34 @@ CHECKSUMS = "checksums"
 CHECKSUM_ALGORITHM = "xxh3_64"  # attribute `algorithm`
 CHECKSUM_OVER = "steps [0, length)"  # attribute `over`
 CHECKSUM_COLUMNS = "columns"  # attribute: JSON list of dataset names relative to the group
+
+#: version 6: optional /models/<key>/lens: the logit lens's statistics per [sample, step, layer]
+#: (`lens=true` on dump, score, perturb); name -> (dtype, per-layer tail shape: () or ("k",))
+LENS = "lens"
+LENS_STATS = {
+    "entropy": ("float32", ()),  # H(lens_l), nats
+    "kl_final": ("float32", ()),  # KL(final || lens_l), nats (tuned-lens's forward_kl)
+    "logp_token": ("float32", ()),  # log lens_l(stored token t), nats
+    "rank_final_top": ("int32", ()),  # rank (1 = top) under lens_l of the final's argmax
+    "topk_ids": ("int32", ("k",)),  # lens_l's k most probable ids, most probable first
+    "topk_logp": ("float32", ("k",)),  # their log-probabilities, nats
+}
+LENS_CONVENTION = "resid_post"  # layer l = the output of block l (the last one: the model's)
+#: attribute `check`, float64 [2]: (max |lens_last - logits|, bound) over the run, NaN until
+#: the first batch; the run stops when the first exceeds the second
+LENS_CHECK = "check"
+#: version 6: optional /layer_pairs/<base>~<aligned>: two models' lenses compared per
+#: [sample, step, layer pair] (`python -m engine layers`)
+LAYER_PAIRS = "layer_pairs"
+LAYER_PAIR_SEP = "~"
+LAYER_PAIR_STATS = (
+    "kl_base_aligned",  # KL(base_l || aligned_l), nats
+    "kl_aligned_base",  # KL(aligned_l || base_l), nats
+    "js",  # Jensen-Shannon divergence, nats
+    "gamma",  # argmin_g KL(aligned_l || softmax(g log base_l)); NaN: unidentified
+    "kl_at_gamma",  # KL(aligned_l || base_l^gamma), nats
+)
+PAIRINGS = ("layer", "relative depth")
 
 #: /samples/finish_reason; nonfinite (version 3): the logits at step `length` were NaN/+inf or
 #: had no finite entry, and the sample stopped there (on_nonfinite=record); that row is absent
@@ -190,11 +218,12 @@ FINISH = h5py.enum_dtype(FINISH_REASONS, basetype="u1")
 VARIANT = h5py.enum_dtype(VARIANTS, basetype="u1")
 
 
-def checksum_columns(codec: str, hooks) -> list[str]:
+def checksum_columns(codec: str, hooks, lens: bool = False) -> list[str]:
     """Per-sample datasets of a model group that carry a checksum, in column order: logits,
-    q16's scale and offset, then every captured hook's activations."""
+    q16's scale and offset, every captured hook's activations, then the lens statistics."""
     q16 = [LOGITS_SCALE, LOGITS_OFFSET] if codec == "q16" else []
-    return ["logits", *q16, *(f"{ACTIVATIONS}/{h}" for h in hooks)]
+    stats = [f"{LENS}/{n}" for n in LENS_STATS] if lens else []
+    return ["logits", *q16, *(f"{ACTIVATIONS}/{h}" for h in hooks), *stats]
 
 
 def chunk_steps(vocab: int, itemsize: int, max_steps: int) -> int:

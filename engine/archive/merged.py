@@ -36,7 +36,8 @@ ROWS = ("logits", F.LOGITS_SCALE, F.LOGITS_OFFSET)
 def row_datasets(m: ModelView) -> list[str]:
     """Names (relative to the group) of a model group's per-sample row datasets."""
     names = [n for n in ROWS if n in m.group]
-    return names + [f"{F.ACTIVATIONS}/{h}" for h in m.activations]
+    lens = [f"{F.LENS}/{n}" for n in F.LENS_STATS] if m.lens is not None else []
+    return names + [f"{F.ACTIVATIONS}/{h}" for h in m.activations] + lens
 
 
 def write_merged(
@@ -96,8 +97,14 @@ def _model_group(
     g.attrs["n_complete"] = np.int64(total)
     rows = row_datasets(m0)
     for name in m0.group:
-        if name not in rows and name not in (F.ACTIVATIONS, F.CHECKSUMS):
+        if name not in rows and name not in (F.ACTIVATIONS, F.CHECKSUMS, F.LENS):
             shards[0].f.copy(m0.group[name], g, name)
+    if m0.lens is not None:  # its attributes; the lens check: the worst of the shards'
+        lg = g.create_group(F.LENS)
+        for k, v in m0.lens.group.attrs.items():
+            lg.attrs[k] = v
+        checks = [a.models[key].lens.group.attrs[F.LENS_CHECK] for a in shards]
+        lg.attrs[F.LENS_CHECK] = np.max(np.stack(checks), axis=0)
     columns = _checksums(g, shards, key)
     for name in rows:
         src = [a.models[key].group[name] for a in shards]

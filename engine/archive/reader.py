@@ -55,6 +55,53 @@ def _filtered(ds: h5py.Dataset) -> bool:
     return not ds.is_virtual and ds.id.get_create_plist().get_nfilters() > 0
 
 
+class LensView:
+    """/models/<key>/lens (version 6): `view[name]` is the h5py dataset of one statistic of
+    `format.LENS_STATS`, [sample, step, layer] (top-k ones [sample, step, layer, k]); rows at
+    steps >= length and samples >= the group's n_complete are padding."""
+
+    def __init__(self, group: h5py.Group):
+        self.group = group
+        a = group.attrs
+        self.layers = np.asarray(a["layers"], dtype=np.int64)  # block indices, ascending
+        self.n_layers = int(a["n_layers"])  # the model's depth (blocks)
+        self.k = int(a["k"])
+        self.convention = str(a["convention"])
+        c = np.asarray(a[F.LENS_CHECK], dtype=np.float64)
+        #: (max |lens at the last block - stored logits|, bound), None before the first batch
+        self.check = None if np.isnan(c).any() else {"max_abs_diff": c[0], "bound": c[1]}
+
+    def __getitem__(self, name: str) -> h5py.Dataset:
+        if name not in F.LENS_STATS:
+            raise KeyError(f"no lens statistic {name!r}; there are {', '.join(F.LENS_STATS)}")
+        return self.group[name]
+
+
+class LayerPairView:
+    """/layer_pairs/<base>~<aligned> (version 6): `view[name]` is the dataset of one statistic
+    of `format.LAYER_PAIR_STATS`, [sample, step, pair]; pair j compares block
+    `layers_base[j]` of the base with block `layers_aligned[j]` of the aligned model."""
+
+    def __init__(self, group: h5py.Group):
+        self.group = group
+        self.name = group.name.rsplit("/", 1)[-1]
+        a = group.attrs
+        self.base, self.aligned = str(a["base"]), str(a["aligned"])
+        self.layers_base = np.asarray(a["layers_base"], dtype=np.int64)
+        self.layers_aligned = np.asarray(a["layers_aligned"], dtype=np.int64)
+        self.depth_base, self.depth_aligned = int(a["depth_base"]), int(a["depth_aligned"])
+        self.pairing = str(a["pairing"])  # "layer" or "relative depth"
+        self.n_complete, self.complete = int(a["n_complete"]), bool(a["complete"])
+        self.key = json.loads(a["key"])
+
+    def __getitem__(self, name: str) -> h5py.Dataset:
+        if name not in F.LAYER_PAIR_STATS:
+            raise KeyError(
+                f"no layer-pair statistic {name!r}; there are {', '.join(F.LAYER_PAIR_STATS)}"
+            )
+        return self.group[name]
+
+
 class ModelView:
     """One /models/<key> group."""
 
@@ -131,6 +178,12 @@ class ModelView:
             with h5py.File(path, "r") as f:
                 total += int(f[name].id.get_storage_size())
         return total
+
+    @functools.cached_property
+    def lens(self) -> LensView | None:
+        """The logit lens's statistics (version 6, `lens=true`), or None."""
+        g = self.group.get(F.LENS)
+        return None if g is None else LensView(g)
 
     @functools.cached_property
     def activations(self) -> list[str]:
@@ -372,6 +425,13 @@ class Archive(FileHandle):
             "source": str(g.attrs.get("source", "")),
             "prompt_variant": str(g.attrs.get("prompt_variant", "")),
         }
+
+    @functools.cached_property
+    def layer_pairs(self) -> dict[str, LayerPairView]:
+        """Two models' lenses compared (version 6, `python -m engine layers`), by group name
+        `<base>~<aligned>`."""
+        g = self.f.get(F.LAYER_PAIRS)
+        return {} if g is None else {n: LayerPairView(g[n]) for n in g}
 
     def model(self, key: str | None = None) -> ModelView:
         key = self.generator if key is None else key

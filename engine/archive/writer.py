@@ -62,6 +62,8 @@ class Rows:
     scale: np.ndarray | None = None  # [batch] q16 only
     offset: np.ndarray | None = None  # [batch] q16 only
     acts: dict = field(default_factory=dict)  # hook -> [batch, d] float32
+    #: dataset relative to the group -> [batch, ...] (the lens statistics, `lens/<name>`)
+    extras: dict = field(default_factory=dict)
     nonfinite: np.ndarray | None = None  # [batch] bool: the sample ends here, logits non-finite
 
 
@@ -86,6 +88,7 @@ def create(
     window: float,
     capture_dims: dict[str, int],
     shard: F.Shard | None = None,
+    lens: dict | None = None,
 ) -> ArchiveWriter:
     """Create a new (partial) archive holding `len(prompts) * n_samples` empty samples, or
     only `shard`'s share of them (its sample i is the run's sample shard.start + i)."""
@@ -122,7 +125,7 @@ def create(
         _early(s, "length", (total,), np.int32)
         _early(s, "finish_reason", (total,), F.FINISH)
         _early(s, "seed", (total,), np.uint64)
-        add_model_group(f, model, total, steps, codec, window, capture_dims)
+        add_model_group(f, model, total, steps, codec, window, capture_dims, lens)
         f.flush()
     except Exception:
         f.close()
@@ -131,10 +134,13 @@ def create(
     return ArchiveWriter(f, model.key)
 
 
-def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_dims=None):
+def add_model_group(
+    f, model: ModelInfo, total, steps, codec, window, capture_dims=None, lens: dict | None = None
+):
     """Create /models/<key> at full size (every chunk allocated).  Its own `n_complete` and
     `complete` attributes record how many samples have rows; its `checksums` hold each
-    committed sample's digests and `self_check` (NaN until recorded) the run's self-check."""
+    committed sample's digests and `self_check` (NaN until recorded) the run's self-check.
+    `lens`: {layers, n_layers, k} of the logit lens's statistics (`/lens`, version 6)."""
     if model.role not in F.ROLES:
         raise ValueError(f"role must be one of {F.ROLES}, got {model.role!r}")
     g = f.create_group(f"{F.MODELS}/{model.key}")
@@ -173,8 +179,23 @@ def add_model_group(f, model: ModelInfo, total, steps, codec, window, capture_di
             chunks=(1, max(1, steps), d),
             fill_time="never",
         )
-    checksums.create(g, total, F.checksum_columns(codec, capture_dims or {}), _early)
+    if lens is not None:
+        add_lens_group(g, total, steps, lens)
+    columns = F.checksum_columns(codec, capture_dims or {}, lens is not None)
+    checksums.create(g, total, columns, _early)
     return g
+
+
+def add_lens_group(g, total: int, steps: int, lens: dict) -> None:
+    """/models/<key>/lens: one [sample, step, layer(, k)] dataset per `format.LENS_STATS`."""
+    lg = g.create_group(F.LENS)
+    layers = np.asarray(lens["layers"], dtype=np.int32)
+    lg.attrs["layers"], lg.attrs["n_layers"] = layers, np.int64(lens["n_layers"])
+    lg.attrs["k"], lg.attrs["convention"] = np.int64(lens["k"]), F.LENS_CONVENTION
+    lg.attrs[F.LENS_CHECK] = np.full(2, np.nan)  # fixed size: rewritten in place
+    for name, (dtype, tail) in F.LENS_STATS.items():
+        shape = (total, steps, len(layers), *(int(lens["k"]) for _ in tail))
+        _early(lg, name, shape, dtype, chunks=(1, max(1, steps), *shape[2:]), fill_time="never")
 
 
 def _write_lineage(f: h5py.File, records: Sequence[dict], source: Path, source_attrs: dict) -> None:
@@ -244,7 +265,14 @@ def open_for_resume(path: Path, run_key: dict) -> ArchiveWriter:
 
 
 def open_scored_group(
-    path: Path, model: ModelInfo, *, codec: str, window: float, resume: bool, overwrite: bool
+    path: Path,
+    model: ModelInfo,
+    *,
+    codec: str,
+    window: float,
+    resume: bool,
+    overwrite: bool,
+    lens: dict | None = None,
 ) -> tuple[ModelWriter, bool]:
     """(writer for /models/<key>, resuming) in an existing complete archive: continue a partial
     group whose score_key matches (resume), replace one (overwrite), or create it."""
@@ -278,7 +306,7 @@ def open_scored_group(
             else:
                 resuming = True
         if not resuming:
-            add_model_group(f, model, total, steps, codec, window)
+            add_model_group(f, model, total, steps, codec, window, lens=lens)
             f.flush()
         return ModelWriter(f[f"{F.MODELS}/{key}"], owns_file=True), resuming
     except BaseException:
@@ -298,6 +326,9 @@ class ModelWriter(FileHandle):
         self.steps = int(self.logits.shape[1])
         grp = group.get(F.ACTIVATIONS)
         self.acts = {} if grp is None else {n: grp[n] for n in _walk_datasets(grp)}
+        lens = group.get(F.LENS)
+        #: per-step datasets besides logits and activations, by name relative to the group
+        self.extras = {} if lens is None else {f"{F.LENS}/{n}": lens[n] for n in F.LENS_STATS}
         #: column names of `checksums` (None: a group of an older file, resumed, has none)
         self.columns = checksums.columns(group)
         #: hash the rows as they are written (bench/verify.py turns it off to time the cost)
@@ -318,6 +349,7 @@ class ModelWriter(FileHandle):
         )  # [sample, step, vocab]: one chunk row each
         sbuf = np.zeros((2, n, T), dtype=np.float32) if q16 else None  # scale, offset
         acts = {name: np.zeros((n, T, ds.shape[-1]), np.float32) for name, ds in self.acts.items()}
+        extras = {name: np.zeros((n, *ds.shape[1:]), ds.dtype) for name, ds in self.extras.items()}
         tokens = np.full((n, T), F.TOKEN_PAD, dtype=np.int32)
         length = np.zeros(n, dtype=np.int32)
         nonfinite = np.zeros(n, dtype=bool)
@@ -338,6 +370,9 @@ class ModelWriter(FileHandle):
                 sbuf[1, :, row.t] = row.offset * alive
             for name, a in row.acts.items():
                 acts[name][:, row.t] = a * alive[:, None]
+            for name, a in row.extras.items():
+                extras[name][:, row.t] = a
+                extras[name][~alive, row.t] = 0
             tokens[alive, row.t] = np.asarray(row.tokens)[alive]
             length += alive
             delivered = row.t + 1
@@ -352,8 +387,10 @@ class ModelWriter(FileHandle):
             self.g[F.LOGITS_OFFSET][s0 : s0 + n] = sbuf[1]
         for name, ds in self.acts.items():
             ds[s0 : s0 + n] = acts[name]
+        for name, ds in self.extras.items():
+            ds[s0 : s0 + n] = extras[name]
         if hashers is not None:
-            held = {F.ACTIVATIONS + "/" + name: a for name, a in acts.items()}
+            held = {F.ACTIVATIONS + "/" + name: a for name, a in acts.items()} | extras
             if q16:
                 held[F.LOGITS_SCALE], held[F.LOGITS_OFFSET] = sbuf[0], sbuf[1]
             self.g[F.CHECKSUMS][s0 : s0 + n] = self._digests(hashers, held, length)
@@ -377,6 +414,17 @@ class ModelWriter(FileHandle):
         compared, max |d log p| in nats, the bound it was held to) in the group's fixed-size
         `self_check` slot, in place like `n_complete`, and flush."""
         self.g.attrs.modify(F.SELF_CHECK, F.self_check_value(sample, steps, max_abs_diff, bound))
+        self.g.file.flush()
+
+    def record_lens_check(self, max_abs_diff: float, bound: float) -> None:
+        """The lens invariant's worst (difference, bound) over the run, kept with the worst
+        already recorded (a resumed run), in place; flushed."""
+        g = self.g[F.LENS]
+        old = np.asarray(g.attrs[F.LENS_CHECK], dtype=np.float64)
+        new = np.array([max_abs_diff, bound])
+        if not np.isnan(old).any():
+            new = np.maximum(old, new)
+        g.attrs.modify(F.LENS_CHECK, new)
         self.g.file.flush()
 
     def self_check_failed(self) -> bool:

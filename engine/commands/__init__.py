@@ -59,6 +59,12 @@ VERBS: dict[str, Verb] = {
             extra="run",
         ),
         Verb(
+            "layers",
+            "two models' logit lenses on an archive's tokens: KL, JS and gamma per layer",
+            hydra=True,
+            extra="run",
+        ),
+        Verb(
             "merge",
             "join the shards of a sharded dump (dump shard=i num_shards=n) into one archive",
             hydra=False,

@@ -18,6 +18,7 @@ from engine.cli import user_errors
 from engine.commands.common import config_yaml, run_key
 from engine.config import CONF
 from engine.errors import EngineError
+from engine.runtime import lens as lenses
 from engine.runtime import output
 from engine.runtime import run as R
 from engine.runtime.models import LoadedModel
@@ -65,6 +66,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     sampling, spec = Sampling.from_cfg(cfg), ModelSpec.from_node(cfg.model)
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
+    lens_settings = lenses.LensSettings.from_cfg(cfg)
     prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
     shard = plan_shard(Sharding.from_cfg(cfg), len(prompts), sampling.n_samples, rs.batch_size)
     rs = R.shard_device(rs, shard)
@@ -73,8 +75,11 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     )
     if shard is not None:  # the shard's own key; `merge` drops it again
         key["shard"] = [shard.index, shard.count]
+    if lens_settings.enabled:  # absent otherwise: keys of runs without a lens are unchanged
+        key["lens"] = lens_settings.key()
     plan = output.plan_output(Output.from_cfg(cfg), key)
     lm = R.load(spec, rs, model)
+    lens = lenses.make(lm, lens_settings)
     seen = R.read_prompts(lm, prompts, cfg.chat_template)
     # one hook point may be given bare: capture=blocks.0.hook_resid_post
     capture = [str(cfg.capture)] if isinstance(cfg.capture, str) else [str(c) for c in cfg.capture]
@@ -92,13 +97,16 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         rs.codec,
         capture_dims(lm, seen.ids[0], capture),
         shard,
+        lens,
     )
     with output.new_archive(plan, "dump", create, key) as writer:
         lo, hi = writer.span(len(prompts) * sampling.n_samples)
         done = writer.n_complete
         if plan.resuming:
             log.info("resuming %s at sample %d of %d", plan.partial, done, hi - lo)
-        check = R.sample_all(writer, lm, seen.ids, sampling.n_samples, sampling, rs, capture)
+        check = R.sample_all(
+            writer, lm, seen.ids, sampling.n_samples, sampling, rs, capture, lens=lens
+        )
     size = plan.out.stat().st_size
     where = (
         "" if shard is None else f", shard {shard.index} of {shard.count}: samples {lo}..{hi - 1}"
@@ -116,6 +124,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         "resumed_from": done if plan.resuming else None,
         "self_check": None if check is None else dataclasses.asdict(check),
         "shard": None if shard is None else [shard.index, shard.count, lo, hi],
+        "lens": None if lens is None else {"layers": list(lens.layers), "k": lens.k},
     }
 
 

@@ -26,6 +26,7 @@ from engine.cli import user_errors
 from engine.commands.common import config_yaml, run_key
 from engine.config import CONF
 from engine.errors import EngineError
+from engine.runtime import lens as lenses
 from engine.runtime import output
 from engine.runtime import run as R
 from engine.runtime.models import LoadedModel
@@ -151,7 +152,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     if cfg.parents != "first" and not len(cfg.parents):
         raise EngineError("parents is empty: name source samples, or parents=first")
+    lens_settings = lenses.LensSettings.from_cfg(cfg)
     key = run_key(cfg, KEYS, device=R.device_type(rs.device), batch_size=rs.batch_size)
+    if lens_settings.enabled:
+        key["lens"] = lens_settings.key()
     plan = output.plan_output(Output.from_cfg(cfg), key)
     with archive.Archive(cfg.source) as src:
         gen = src.model()
@@ -161,6 +165,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                 f"with the same model: pass {model_for(gen.key, gen.provenance)}"
             )
         lm = R.load(spec, rs, model)
+        lens = lenses.make(lm, lens_settings)
         R.check_tokenizer(src.model().provenance, lm)
         vs = variants(src, lm, cfg)
         source = {"created": src.created, "generator": src.generator}
@@ -170,7 +175,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     shape = Shape(M, sampling.max_new_tokens, config_yaml(cfg, batch_size=rs.batch_size))
 
     def create(partial):
-        return R.create_archive(partial, key, shape, texts, R.model_info(lm, rendered), rs.codec)
+        info = R.model_info(lm, rendered)
+        return R.create_archive(partial, key, shape, texts, info, rs.codec, lens=lens)
 
     def lineage(w):
         w.write_lineage(vs, Path(str(cfg.source)).resolve(), source)
@@ -180,7 +186,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         return sample_seed(sampling.seed, pair * M + j)
 
     with output.new_archive(plan, "perturb", create, key, lineage) as writer:
-        R.sample_all(writer, lm, rendered.ids, M, sampling, rs, seed_of=seed_of)
+        R.sample_all(writer, lm, rendered.ids, M, sampling, rs, seed_of=seed_of, lens=lens)
     log.info("wrote %s: %d variants x %d continuations", plan.out, len(vs), M)
     return {
         "archive": str(plan.out),

@@ -32,6 +32,7 @@ from engine.archive import format as F
 from engine.cli import user_errors
 from engine.config import CONF
 from engine.errors import EngineError
+from engine.runtime import lens as lenses
 from engine.runtime import output
 from engine.runtime import run as R
 from engine.runtime.models import LoadedModel
@@ -45,7 +46,7 @@ from engine.runtime.teacher import teacher_forced_steps
 log = logging.getLogger(__name__)
 
 
-def score_key(cfg: DictConfig) -> dict:
+def score_key(cfg: DictConfig, lens: lenses.LensSettings | None = None) -> dict:
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "chat_template": cfg.chat_template,
@@ -54,6 +55,8 @@ def score_key(cfg: DictConfig) -> dict:
     }
     if cfg.counterpart:
         key["counterpart"] = True
+    if lens is not None and lens.enabled:  # absent otherwise: older groups' keys still match
+        key["lens"] = lens.key()
     return key
 
 
@@ -96,6 +99,7 @@ def check_key(a: archive.Archive, key: str, cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     spec = ModelSpec.from_node(cfg.model)
+    lens_settings = lenses.LensSettings.from_cfg(cfg)
     with archive.Archive(cfg.archive) as a:  # validates: exists, HDF5, schema, version, complete
         group = spec.group
         partner = counterpart_prompts(a, group) if cfg.counterpart else None
@@ -114,6 +118,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     codec = rs.codec
     check_chat_template(chat)
     lm = R.load(spec, rs, model)
+    lens = lenses.make(lm, lens_settings)
     R.check_tokenizer(gen_prov, lm, cfg.allow_tokenizer_mismatch)
     top = int(samples["tokens"].max(initial=-1))
     if top >= lm.vocab_size:  # only possible with allow_tokenizer_mismatch: refuse, write nothing
@@ -125,7 +130,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         lm = dataclasses.replace(lm, key=group)
     seen = partner or R.read_prompts(lm, prompts, chat)
     info = R.model_info(
-        lm, seen, role="scored", score_key=json.dumps(score_key(cfg), sort_keys=True)
+        lm,
+        seen,
+        role="scored",
+        score_key=json.dumps(score_key(cfg, lens_settings), sort_keys=True),
     )
     total = len(samples["length"])
     w, resuming = archive.open_scored_group(
@@ -135,6 +143,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         window=codec.window,
         resume=cfg.resume,
         overwrite=cfg.overwrite,
+        lens=None if lens is None else lens.layout(),
     )
     with output.writing(
         f"group {lm.key} of {path}", output.continue_command("score", "resume=true"), w
@@ -149,7 +158,10 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                 samples["tokens"][s0:s1],
                 samples["length"][s0:s1],
                 input_device(lm.bridge),
+                capture=lens.hooks if lens else (),
             )
+            if lens is not None:
+                steps = R.with_lens(lens, steps)
 
             def consume(rows):  # on the writer thread: the batch's rows, then its commit
                 _, length, _ = w.write(s0, s1 - s0, rows)
@@ -178,6 +190,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
                 rs.progress,
                 rs.device,
             )
+        if lens is not None:
+            w.record_lens_check(lens.worst, lens.bound)
         w.finish()
     log.info("scored %s into %s (%d samples)", lm.key, path, total)
     return {

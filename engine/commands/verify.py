@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.archive import Archive, ModelView
+from engine.archive import format as F
 from engine.archive.checksums import digest, stream
 from engine.cli import parse_samples, user_errors
 from engine.errors import EngineError
@@ -42,12 +43,13 @@ class Mismatch:
     dataset: str  # relative to the group
     stored: int
     computed: int
+    kind: str = "model"  # or "layer pairs" (/layer_pairs/<base>~<aligned>)
 
     def line(self) -> str:
         if self.dataset.startswith("(unreadable"):
-            return f"UNREADABLE sample {self.sample} model {self.group} {self.dataset}"
+            return f"UNREADABLE sample {self.sample} {self.kind} {self.group} {self.dataset}"
         return (
-            f"MISMATCH sample {self.sample} model {self.group} {self.dataset}: stored "
+            f"MISMATCH sample {self.sample} {self.kind} {self.group} {self.dataset}: stored "
             f"{self.stored:016x}, computed {self.computed:016x}"
         )
 
@@ -113,7 +115,10 @@ def verify(
         plan = {k: [i for i in chosen if i < m.n_complete] for k, m in groups.items()}
         out.partial = {k: m.n_complete for k, m in groups.items() if m.n_complete < a.n_complete}
         out.samples = len({i for mine in plan.values() for i in mine})
-        total = sum(_bytes(m, lengths[plan[k]]) for k, m in groups.items())
+        total = sum(_bytes(m, lengths[plan[k]]) for k, m in groups.items()) + sum(
+            int(np.sum(lengths[: lp.n_complete])) * 4 * len(lp.layers_base) * 5
+            for lp in a.layer_pairs.values()
+        )
         with tqdm(
             total=total,
             unit="B",
@@ -127,8 +132,30 @@ def verify(
                     out.mismatches.append(bad)
                     report(bad.line())
                 out.checks += len(plan[key]) * len(m.checksum_columns)
+            for name, lp in a.layer_pairs.items():
+                mine = [i for i in chosen if i < lp.n_complete]
+                if lp.n_complete < a.n_complete:
+                    out.partial[name] = lp.n_complete
+                for bad in _check_layer_pairs(lp, mine, lengths, _counting(out, bar)):
+                    out.mismatches.append(bad)
+                    report(bad.line())
+                out.checks += len(mine) * len(F.LAYER_PAIR_STATS)
     out.seconds = time.perf_counter() - t
     return out
+
+
+def _check_layer_pairs(lp, samples, lengths, progress) -> Iterator[Mismatch]:
+    """Mismatches of one /layer_pairs group (format version 6) over `samples`."""
+    if not samples:
+        return
+    stored = lp.group[F.CHECKSUMS][: samples[-1] + 1]
+    for i in samples:
+        for c, name in enumerate(F.LAYER_PAIR_STATS):
+            rows = lp[name][i, : int(lengths[i])]
+            progress(rows.nbytes)
+            got = digest(np.ascontiguousarray(rows))
+            if got != int(stored[i, c]):
+                yield Mismatch(i, lp.name, name, int(stored[i, c]), got, "layer pairs")
 
 
 def _counting(out: Report, bar: tqdm) -> Callable[[int], None]:

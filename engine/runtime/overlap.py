@@ -64,6 +64,7 @@ class HostStep:
             scale=host(p["scale"]),
             offset=host(p["offset"]),
             acts={k[4:]: v.numpy() for k, v in p.items() if k.startswith("act:")},
+            extras={k[4:]: v.numpy() for k, v in p.items() if k.startswith("ext:")},
             nonfinite=self.nonfinite,
         )
 
@@ -81,6 +82,7 @@ def to_host(st: Step, codec: str, window: float) -> HostStep:
         "scale": scale,
         "offset": offset,
         **{f"act:{k}": a.float() for k, a in st.acts.items()},
+        **{f"ext:{k}": a.contiguous() for k, a in st.extras.items()},
     }
     ready = None
     if data.device.type == "cuda":

@@ -19,6 +19,7 @@ import torch
 from engine import archive
 from engine.archive import format as F
 from engine.errors import EngineError
+from engine.runtime.lens import Lens
 from engine.runtime.models import LoadedModel, load_model, resolve_device
 from engine.runtime.overlap import overlapped, to_host
 from engine.runtime.prompts import render, uses_chat_template
@@ -68,8 +69,10 @@ def create_archive(
     codec: Codec,
     dims: dict | None = None,
     shard: archive.Shard | None = None,
+    lens: Lens | None = None,
 ) -> archive.ArchiveWriter:
-    """A fresh partial archive of the run's samples (or `shard`'s share of them)."""
+    """A fresh partial archive of the run's samples (or `shard`'s share of them); `lens`:
+    with the logit lens's statistics."""
     return archive.create(
         partial,
         run_key=key,
@@ -83,6 +86,7 @@ def create_archive(
         window=codec.window,
         capture_dims=dims or {},
         shard=shard,
+        lens=None if lens is None else lens.layout(),
     )
 
 
@@ -208,19 +212,22 @@ def sample_all(
     run: RunSettings,
     capture=(),
     seed_of=None,
+    lens: Lens | None = None,
 ) -> SelfCheck | None:
     """Generate every remaining sample (from writer.n_complete on) and finish the archive.
     Seeds follow the global sample index (`seed_of(index)` overrides them: perturb shares
     seeds across variants), so a shard's samples are those of the unsharded run.
     Rows are written on a background thread while the next steps compute (`engine.runtime.overlap`;
     write_thread=false writes inline).  The first batch is self-checked once committed
-    (`FirstBatchCheck`); returns that check."""
+    (`FirstBatchCheck`); returns that check.  `lens`: each step's lens statistics too, its
+    invariant checked per batch (`engine.runtime.lens`)."""
     seed_of = seed_of or (lambda i: sample_seed(sampling.seed, i))
     span = writer.span(len(prompt_ids) * per_prompt)
     check = FirstBatchCheck(writer, lm, run.codec.window)
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
+        hooks = list(capture) + [h for h in (lens.hooks if lens else []) if h not in capture]
         steps = generate(
             lm.bridge,
             prompt_ids[p],
@@ -230,9 +237,11 @@ def sample_all(
             sampling.top_k,
             sampling.top_p,
             lm.eos_ids,
-            list(capture),
+            hooks,
             sampling.on_nonfinite,
         )
+        if lens is not None:
+            steps = with_lens(lens, steps, capture)
         consume = lambda rows: writer.write_batch(s0 - span[0], seeds, rows, lm.eos_ids)
         try:
             pipe.batch(consume, (to_host(st, run.codec.codec, run.codec.window) for st in steps))
@@ -259,5 +268,15 @@ def sample_all(
             run.progress,
             run.device,
         )
+    if lens is not None:
+        writer.rows.record_lens_check(lens.worst, lens.bound)
     writer.finish()
     return check.result
+
+
+def with_lens(lens: Lens, steps, capture=()):
+    """Steps with their lens statistics, keeping only the activations asked to be stored."""
+    keep = set(capture)
+    for st in lens.over(steps):
+        st.acts = {k: v for k, v in st.acts.items() if k in keep}
+        yield st

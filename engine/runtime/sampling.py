@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ class Step:
     tokens: np.ndarray  # [batch] int64 token of this step (host)
     alive: np.ndarray  # [batch] bool: the sample had not ended before this step (host)
     nonfinite: np.ndarray | None = None  # [batch] bool: the row ends here, logits non-finite
+    #: archive dataset (relative to the model group) -> [batch, ...] tensor computed from this
+    #: step (the lens statistics: `engine.runtime.lens`)
+    extras: dict = field(default_factory=dict)
 
 
 class NonFiniteLogits(EngineError):
@@ -241,16 +244,26 @@ def generate(
             rows = tap
 
 
-def forward_logits(bridge, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+def forward_logits(
+    bridge, ids: torch.Tensor, keep: int = 0, capture: Sequence[str] = ()
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Teacher-forced logits [batch, pos, vocab] of token ids [batch, pos], read at the same
     hook point as `generate` (so permanent hooks such as tempering apply identically); with
-    keep=k only the last k positions are unembedded: [batch, k, vocab]."""
+    keep=k only the last k positions are unembedded: [batch, k, vocab].  With `capture`:
+    (logits, {hook: [batch, k, ...] activations at the same positions})."""
     tap: dict[str, torch.Tensor] = {}
 
-    def hook(tensor, hook):
-        tap["logits"] = tensor.detach()
-        return tensor
+    def hook_for(name):
+        def hook(tensor, hook):
+            tap[name] = tensor.detach() if name == LOGITS_HOOK or not keep else tensor[:, -keep:]
+            return tensor
 
-    with torch.inference_mode(), bridge.hooks(fwd_hooks=[(LOGITS_HOOK, hook)]):
+        return hook
+
+    check_hooks(bridge, capture)
+    fwd = [(name, hook_for(name)) for name in (LOGITS_HOOK, *capture)]
+    with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd):
         bridge(ids, return_type=None, logits_to_keep=keep)
-    return tap["logits"]
+    if capture:
+        return tap[LOGITS_HOOK], {name: tap[name] for name in capture}
+    return tap[LOGITS_HOOK]

@@ -11,10 +11,13 @@ import torch
 from engine.runtime.sampling import NonFiniteLogits, Step, forward_logits
 
 
-def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndarray, device):
+def teacher_forced_steps(
+    bridge, prompt_ids, tokens: np.ndarray, length: np.ndarray, device, capture=()
+):
     """Steps [t] of a batch from one forward over prompt + completion: row t is the
     distribution at the position that predicted stored token t.  Full-vocabulary logits are
-    computed only there (the last L + 1 positions), not over the prompt."""
+    computed only there (the last L + 1 positions), not over the prompt.  `capture`: hook
+    points whose activations at the same positions go into each step's `acts`."""
     n = len(tokens)
     L = int(length.max(initial=0))
     if L == 0:
@@ -25,11 +28,16 @@ def teacher_forced_steps(bridge, prompt_ids, tokens: np.ndarray, length: np.ndar
         dtype=torch.long,
         device=device,
     )  # [batch, pos]
-    logits = forward_logits(bridge, ids, keep=L + 1)  # [batch, L + 1, vocab] from pos P - 1
+    acts: dict = {}
+    if capture:
+        logits, acts = forward_logits(bridge, ids, keep=L + 1, capture=list(capture))
+    else:
+        logits = forward_logits(bridge, ids, keep=L + 1)  # [batch, L + 1, vocab] from pos P - 1
     finite = torch.isfinite(logits.amax(dim=-1)).cpu().numpy()  # [batch, L + 1]: one sync
     for t in range(L):
         alive = t < length
         bad = alive & ~finite[:, t]
         if bad.any():
             raise NonFiniteLogits(np.flatnonzero(bad).tolist(), t)
-        yield Step(t, logits[:, t], {}, comp[:, t].astype(np.int64), alive)
+        step_acts = {k: a[:, t] for k, a in acts.items()}
+        yield Step(t, logits[:, t], step_acts, comp[:, t].astype(np.int64), alive)
