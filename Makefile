@@ -70,21 +70,23 @@ test-latest:
 demo: setup
 	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 12 min on 2 cores; then cached)"
 	$(BIN)/python -m engine align hydra.run.dir=$(DEMO)/logs/align
-	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits"
+	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits and its logit lens"
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine dump model=$$m prompts=seeds n_samples=16 \
-		max_new_tokens=64 out=$(DEMO)/$$m.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$$m || exit 1; done
-	@echo "== 3/6 each model scored on the other's completions (identical tokens)"
+		max_new_tokens=64 lens=true lens_layers=stride:3 out=$(DEMO)/$$m.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$$m || exit 1; done
+	@echo "== 3/6 each model scored on the other's completions (identical tokens), and both lenses compared layer by layer"
 	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(TWIN) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(TWIN)
 	$(BIN)/python -m engine score archive=$(DEMO)/$(TWIN).h5 model=$(REF) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(REF)
+	for m in $(REF) $(TWIN); do $(BIN)/python -m engine layers archive=$(DEMO)/$$m.h5 model@base=$(REF) \
+		model@aligned=$(TWIN) lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-$$m || exit 1; done
 	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
 		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
 		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
 	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
 		hydra.run.dir=$(DEMO)/logs/counterpart-$$m || exit 1; done
-	@echo "== 5/6 analyses: entropy, diversity, pair and mitigation (both directions), attractor"
+	@echo "== 5/6 analyses: entropy, diversity, layers, pair and mitigation (both directions), attractor"
 	rm -rf $(DEMO)/analyses
-	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
+	$(BIN)/python -m analyses -m analysis=entropy,diversity,layers archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/own
 	$(BIN)/python -m analyses -m analysis=pair analysis.base=$(REF) analysis.aligned=$(TWIN) \
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair

@@ -135,6 +135,52 @@ def measure(args, out: Path) -> dict:
     }
 
 
+def table(summary: dict, blocks=(0, 9, 18, 19, 20, 24, 28, 29)) -> str:
+    """The measurement as text: per model its prediction depth; per layer pair the mean
+    KL(base_l || aligned_l) and gamma_l at some blocks, with 95% intervals over completions,
+    and the half-KL layer."""
+    f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
+    ci = lambda m, c: f"{f(m)} [{f(c[0])}, {f(c[1])}]"  # noqa: E731
+    lines = ["prediction depth (first block whose lens top-1 stays the output's), mean [95% CI]:"]
+    for key, m in summary["models"].items():
+        d = m["prediction_depth"]
+        lines.append(
+            f"  {key}: {ci(d['mean'], d['ci95'])}, median {f(d['median'])} of {m['n_layers']} blocks"
+        )
+    for name, p in summary["pairs"].items():
+        lines.append(
+            f"{name} ({p['pairing']} pairing), {p['n_completions']} completions, {p['n_steps']} steps:"
+        )
+        at = {b: j for j, b in enumerate(p["layers_base"])}
+        for b in blocks:
+            if b in at:
+                j = at[b]
+                kl, g = p["kl_base_aligned"], p["gamma"]
+                lines.append(
+                    f"  block {b:>2}: KL(base || aligned) {ci(kl['mean'][j], kl['ci95'][j])}; "
+                    f"gamma median {f(g['median'][j])}, mean {ci(g['mean'][j], g['ci95'][j])}"
+                )
+        h = p["half_kl_layer"]
+        lines.append(
+            f"  half-KL layer: block {h['block_base']} of the base [95% CI {h['block_base_ci95']}], "
+            f"relative depth {f(h['relative_depth_base'])}"
+        )
+    return "\n".join(lines)
+
+
+def cost_table(c: dict) -> str:
+    head = (
+        f"lens cost, {c['prompts']} prompts x {c['samples_per_prompt']} samples x "
+        f"{c['max_new_tokens']} tokens, best of {c['repeat']} (seconds; ratio to lens=false):"
+    )
+    rows = [
+        f"  {name:<9} dump {r['dump']:.2f} s ({r['dump_ratio']:.2f}x)   score {r['score']:.2f} s "
+        f"({r['score_ratio']:.2f}x)"
+        for name, r in c["seconds"].items()
+    ]
+    return "\n".join([head, *rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", default="smollm2-135m-instruct")
@@ -155,9 +201,13 @@ def main() -> None:
     if args.cost:
         result = cost(args, out)
         (out / "cost.json").write_text(json.dumps(result, indent=2))
+        text = cost_table(result)
+        (out / "cost.txt").write_text(text + "\n")
     else:
         result = measure(args, out)
-    print(json.dumps(result, indent=2, default=str)[:4000])
+        text = table(result["layers"])
+        (out / "lens-check.txt").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import kernels as K
 import kernels.reference as REF
 from engine.archive import Archive
 from engine.commands import dump, layers, perturb, score
+from engine.commands.inspect import summary
 from engine.commands.verify import verify
 from engine.errors import EngineError
 from engine.runtime import lens as lenses
@@ -191,6 +192,10 @@ def test_layers_command_planted_tempered_twin(lensed, tmp_path, cache_dir):
         np.testing.assert_allclose(lp["gamma"][:, :, 1][ok], 1.7, atol=2e-3)
         np.testing.assert_allclose(lp["gamma"][:, :, 0][ok], 1.0, atol=2e-3)
     assert verify(path, progress=False).ok
+    with Archive(path) as a:  # offline inspection names both
+        text = summary(a)
+    assert "layer pairs tiny-random~tiny-random-tempered-1.7: 2 pairs by layer" in text
+    assert "logit lens: 2 of 2 blocks (0,1), top-4, resid_post; last-block check" in text
     with pytest.raises(EngineError, match="already has layer pairs"):
         layers.run(
             compose_cfg(

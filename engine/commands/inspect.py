@@ -73,9 +73,18 @@ def summary(a: Archive) -> str:
         lines.append(f"    {self_check_line(m)}")
         if m.activations:
             lines.append(f"    activations: {', '.join(m.activations)}")
+        if m.lens is not None:
+            lines.append(f"    {lens_line(m.lens)}")
         if m.role == "scored":
             state = "complete" if m.complete else f"PARTIAL {m.n_complete}/{a.n_samples}"
             lines.append(f"    scored (teacher-forced), {state}, chat_template={m.chat_template}")
+    for name, lp in a.layer_pairs.items():
+        state = "complete" if lp.complete else f"PARTIAL {lp.n_complete}/{a.n_samples}"
+        lines.append(
+            f"layer pairs {name}: {len(lp.layers_base)} pairs by {lp.pairing} (blocks "
+            f"{_span(lp.layers_base)} of {lp.depth_base} / {_span(lp.layers_aligned)} of "
+            f"{lp.depth_aligned}), {state}"
+        )
     lin = a.lineage()
     if lin is not None:
         lines.append(f"lineage  from {lin['source_archive']}")
@@ -84,6 +93,26 @@ def summary(a: Archive) -> str:
         ):
             lines.append(f"  prompt [{i}] parent {par} {var} cut {cut}: {ed}")
     return "\n".join(lines)
+
+
+def _span(layers) -> str:
+    return ",".join(map(str, layers)) if len(layers) <= 6 else f"{layers[0]}..{layers[-1]}"
+
+
+def lens_line(lens) -> str:
+    """The group's logit lens (format version 6), in one line."""
+    c = lens.check
+    check = (
+        "check not recorded"
+        if c is None
+        else f"last-block check |Δ| {c['max_abs_diff']:.3g} <= bound {c['bound']:.3g}"
+        if c["max_abs_diff"] <= c["bound"]
+        else f"last-block check FAILED |Δ| {c['max_abs_diff']:.3g} > bound {c['bound']:.3g}"
+    )
+    return (
+        f"logit lens: {len(lens.layers)} of {lens.n_layers} blocks ({_span(lens.layers.tolist())}), "
+        f"top-{lens.k}, {lens.convention}; {check}"
+    )
 
 
 def self_check_line(m: ModelView) -> str:
