@@ -14,6 +14,7 @@ import torch
 import kernels as K
 import kernels.reference as REF
 from engine.archive import Archive
+from engine.archive import format as F
 from engine.commands import dump, layers, perturb, score
 from engine.commands.inspect import summary
 from engine.commands.verify import verify
@@ -211,6 +212,30 @@ def test_layers_command_planted_tempered_twin(lensed, tmp_path, cache_dir):
                 ],
             )
         )
+
+
+def test_layer_chunks_change_nothing(lensed, tmp_path, cache_dir, monkeypatch):
+    """One layer per chunk (the memory bound at its tightest) stores what one chunk of every
+    layer stores, for the lens and for layer pairs (to float32 rounding: a GEMM of other
+    shape rounds differently; ids and ranks exactly)."""
+    monkeypatch.setattr(lenses, "CHUNK_ELEMENTS", 1)
+    over = ["n_samples=3", "batch_size=2", "max_new_tokens=10", "codec=fp32", "lens=true"]
+    cfg = compose_dump(tmp_path, cache_dir, ["model=tiny-random", *over, "lens_topk=4"])
+    cfg.capture = HOOKS  # the same run key as the fixture's
+    path = dump.run(cfg)["archive"]
+    pair = ["model@base=tiny-random", "model@aligned=tempered", "aligned.base=tiny-random"]
+    layers.run(compose_cfg("layers", tmp_path, cache_dir, [f"archive={path}", *pair]))
+    ref = tmp_path / "ref.h5"
+    shutil.copy(lensed, ref)
+    monkeypatch.undo()
+    layers.run(compose_cfg("layers", tmp_path, cache_dir, [f"archive={ref}", *pair]))
+    with Archive(path) as a, Archive(ref) as b:
+        for name in F.LENS_STATS:
+            x, y = a.model().lens[name][:], b.model().lens[name][:]
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)
+        (la,), (lb,) = a.layer_pairs.values(), b.layer_pairs.values()
+        for name in F.LAYER_PAIR_STATS:
+            np.testing.assert_allclose(la[name][:], lb[name][:], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def switched_off(blocks: int, off: int):

@@ -363,6 +363,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         dcfg = cfg.copy()
         with open_dict(dcfg):
             dcfg.out, dcfg.capture = str(cand), []
+            dcfg.lens, dcfg.lens_layers, dcfg.lens_topk = False, "all", 5  # no lens: not a run key
             dcfg.shard, dcfg.num_shards = 0, 1  # one process samples them all
             dcfg.resume = cand.with_name(cand.name + ".partial").exists()
             dcfg.overwrite = False

@@ -120,10 +120,11 @@ def run(cfg: DictConfig, models: tuple[LoadedModel, LoadedModel] | None = None) 
             out = {k: np.zeros((s1 - s0, T, P), np.float32) for k in F.LAYER_PAIR_STATS}
             with torch.inference_mode():
                 for sb, sa in zip(*steps):
-                    xb = lens_b.logits(sb)[idx_b]  # [pair, rows, vocab]
-                    xa = lens_a.logits(sa)
-                    for k, v in zip(F.LAYER_PAIR_STATS, layer_pair_stats(xb, xa)):
-                        out[k][:, sb.t] = v.cpu().numpy()
+                    for js in lens_a.chunks(*sa.logits.shape):  # pairs, memory-bounded
+                        xb = lens_b.logits(sb, [idx_b[j] for j in js])  # [pair, rows, vocab]
+                        xa = lens_a.logits(sa, js)
+                        for k, v in zip(F.LAYER_PAIR_STATS, layer_pair_stats(xb, xa)):
+                            out[k][:, sb.t, js[0] : js[-1] + 1] = v.cpu().numpy()
             lens_b.check()
             lens_a.check()
             w.write(s0, out, length)

@@ -20,7 +20,8 @@ unembedding is not what the lens calls, e.g. a logit soft-cap) and the archive s
 
 Layers: `lens_layers=all`, `stride:N` (the last block and every N-th before it) or a list of
 block indices (negative counting from the end); the last block is always included.
-Cost: one [layers * rows, d] x [d, vocab] GEMM per step (layers chunked to bound memory).
+Cost: one [layers * rows, d] x [d, vocab] GEMM per step (layers chunked to bound memory:
+`Lens.chunks`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ HOOK = "blocks.{}.hook_resid_post"
 #: SmolLM2 float32 logits ~30, i.e. ~10 ulp)
 ULPS = {torch.float32: 64, torch.float64: 64}
 HALF_ULPS = 4  # bfloat16 / float16 models: the output is rounded to the dtype once
-#: float32 elements of lens logits held at once ([layers, rows, vocab] chunks)
-CHUNK_ELEMENTS = 64 << 20
+#: float32 elements of lens logits held at once ([layers, rows, vocab] chunks; the statistics
+#: take a few temporaries of that size): 64 MiB, e.g. 32 rows of a 128k vocabulary, 4 layers
+CHUNK_ELEMENTS = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -142,35 +144,51 @@ class Lens:
         self.bound = 0.0  # its bound (the largest over the run's rows)
         self._diff: list[torch.Tensor] = []  # this batch's per-step (diff, bound), on the device
 
-    def logits(self, step: Step) -> torch.Tensor:
-        """[layer, row, vocab] float32 lens logits; the last block's row is the step's own
-        logits, after its recomputation is recorded for `check`."""
-        acts = [step.acts[h] for h in self.hooks]
-        n = step.logits.shape[0]
+    def chunks(self, n_rows: int, vocab: int, which=None) -> Iterator[list[int]]:
+        """Positions (into `layers`, or into `which`) in groups whose [group, rows, vocab]
+        float32 lens logits hold at most CHUNK_ELEMENTS (at least one layer): the memory of
+        a step's lens, whatever the model's depth and vocabulary."""
+        idx = list(range(len(self.layers))) if which is None else list(which)
+        per = max(1, CHUNK_ELEMENTS // max(1, n_rows * vocab))
+        for a in range(0, len(idx), per):
+            yield idx[a : a + per]
+
+    def logits(self, step: Step, which=None) -> torch.Tensor:
+        """[layer, row, vocab] float32 lens logits of the layers at positions `which` of
+        `layers` (default all) in one GEMM; the last block's row is the step's own logits,
+        after its recomputation is recorded for `check`."""
+        which = list(range(len(self.layers))) if which is None else list(which)
+        acts = [step.acts[self.hooks[i]] for i in which]
+        n, V = step.logits.shape
         # t = 0 of a sampled batch: one prompt row expanded over the batch (stride 0): lens it once
         rows = 1 if n > 1 and acts[0].stride(0) == 0 else n
         x = torch.stack([a[:rows] for a in acts]).to(step.logits.device)  # [layer, rows, d]
-        L, V = len(self.layers), step.logits.shape[-1]
-        per = max(1, CHUNK_ELEMENTS // max(1, rows * V))
-        out = torch.empty((L, rows, V), dtype=torch.float32, device=x.device)
-        for a in range(0, L, per):
-            b = min(L, a + per)
-            flat = x[a:b].reshape((b - a) * rows, -1)
-            out[a:b] = self.head(self.norm(flat)).float().view(b - a, rows, V)
-        final = step.logits.float()
-        last = out[-1] * self.gamma if self.gamma != 1.0 else out[-1]
-        diff = (last - final[:rows]).abs().amax()
-        bound = self.rel * final[:rows].abs().amax().clamp(min=1.0)
-        self._diff.append(torch.stack([diff, bound]))
-        out[-1] = final[:rows]
+        L = len(which)
+        out = self.head(self.norm(x.reshape(L * rows, -1))).float().view(L, rows, V)
+        at_last = [j for j, i in enumerate(which) if i == len(self.layers) - 1]
+        if at_last:
+            final = step.logits.float()
+            raw = out[at_last[0]] * self.gamma if self.gamma != 1.0 else out[at_last[0]]
+            diff = (raw - final[:rows]).abs().amax()
+            bound = self.rel * final[:rows].abs().amax().clamp(min=1.0)
+            self._diff.append(torch.stack([diff, bound]))
+            out[at_last] = final[:rows]
         return out.expand(L, n, V) if rows < n else out
 
     @torch.inference_mode()
     def stats(self, step: Step) -> dict[str, torch.Tensor]:
-        lens = self.logits(step)
-        tokens = torch.as_tensor(step.tokens, device=lens.device)
-        s = lens_stats(step.logits.float(), lens, tokens.clamp(min=0), self.k)
-        return {f"{F.LENS}/{name}": value for name, value in zip(s._fields, s)}
+        """{"lens/<name>": [row, layer(, k)]}: `kernels.lens.lens_stats` over the layers, one
+        memory-bounded chunk of them at a time (`chunks`)."""
+        tokens = torch.as_tensor(step.tokens, device=step.logits.device).clamp(min=0)
+        final = step.logits.float()
+        parts = [
+            lens_stats(final, self.logits(step, which), tokens, self.k)
+            for which in self.chunks(*step.logits.shape)
+        ]
+        return {
+            f"{F.LENS}/{name}": torch.cat([p[i] for p in parts], dim=1)
+            for i, name in enumerate(parts[0]._fields)
+        }
 
     def check(self) -> None:
         """After a batch: the invariant over its steps (one host sync), else LensMismatch."""
