@@ -60,7 +60,9 @@ def pair_layers(settings: lenses.LensSettings, depth_base: int, depth_aligned: i
 
 def run(cfg: DictConfig, models: tuple[LoadedModel, LoadedModel] | None = None) -> dict:
     specs = ModelSpec.from_node(cfg.base), ModelSpec.from_node(cfg.aligned)
-    settings = lenses.LensSettings(True, lenses.LensSettings.from_cfg(cfg).layers, 1)
+    # the lens's layer rule and its checks, read from the one key this verb has
+    only = OmegaConf.create({"lens": True, "lens_layers": cfg.lens_layers, "lens_topk": 1})
+    settings = lenses.LensSettings.from_cfg(only)
     if specs[0].group == specs[1].group:
         raise EngineError(f"base and aligned are the same model ({specs[0].group})")
     with archive.Archive(cfg.archive) as a:
