@@ -238,6 +238,45 @@ def test_layer_chunks_change_nothing(lensed, tmp_path, cache_dir, monkeypatch):
             np.testing.assert_allclose(la[name][:], lb[name][:], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_layers_command_resumes_after_an_interrupt(lensed, tmp_path, cache_dir, monkeypatch):
+    """Killed after its second batch, `layers` keeps the committed samples, refuses to start
+    over silently, and resume=true ends with what an uninterrupted run stores."""
+    from engine.archive import layer_pairs
+
+    whole, cut = tmp_path / "whole.h5", tmp_path / "cut.h5"
+    shutil.copy(lensed, whole)
+    shutil.copy(lensed, cut)
+    pair = ["model@base=tiny-random", "model@aligned=tempered", "aligned.base=tiny-random"]
+    args = lambda path, *more: compose_cfg(  # noqa: E731
+        "layers", tmp_path, cache_dir, [f"archive={path}", *pair, "batch_size=2", *more]
+    )
+    layers.run(args(whole))
+    real, calls = layer_pairs.LayerPairWriter.commit, []
+
+    def commit_then_die(self, n):
+        real(self, n)
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(layer_pairs.LayerPairWriter, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        layers.run(args(cut))
+    monkeypatch.undo()
+    with Archive(cut) as a:
+        (lp,) = a.layer_pairs.values()
+        assert not lp.complete and lp.n_complete == calls[-1] == 3
+    with pytest.raises(EngineError, match="partly written"):
+        layers.run(args(cut))
+    assert layers.run(args(cut, "resume=true"))["resumed_from"] == 3
+    with Archive(cut) as a, Archive(whole) as b:
+        (la,), (lb,) = a.layer_pairs.values(), b.layer_pairs.values()
+        assert la.complete
+        for name in F.LAYER_PAIR_STATS:
+            assert np.array_equal(la[name][:], lb[name][:]), name
+    assert verify(cut, progress=False).ok
+
+
 def switched_off(blocks: int, off: int):
     """tiny-random with `blocks` blocks, the last `off` of them writing nothing to the
     residual stream (attention and MLP output projections zero): an identity residual."""
