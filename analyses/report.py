@@ -318,6 +318,84 @@ def mitigation_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, st
     return rows
 
 
+def verdict(lo_hi, null: float = 1.0) -> str:
+    """resolved above / below `null` when the 95% interval excludes it, else not resolved."""
+    if not lo_hi or lo_hi[0] is None or lo_hi[1] is None:
+        return "no interval"
+    if lo_hi[0] > null:
+        return f"resolved: above {null:g}"
+    if lo_hi[1] < null:
+        return f"resolved: below {null:g}"
+    return f"not resolved: the interval holds {null:g}"
+
+
+def controls(src: Sources, base: str, aligned: str) -> list[str]:
+    """Other aligned models compared with the same base on its completions (the control)."""
+    return sorted(
+        {
+            s["aligned"]
+            for _, s in src.runs
+            if s["analysis"] == "mitigation"
+            and s.get("base") == base
+            and s.get("generator") == base
+            and s.get("aligned") not in (base, aligned)
+        }
+    )
+
+
+def answer(src: Sources, base: str, aligned: str) -> list[str]:
+    """ "Did alignment sharpen the model?" in three sentences, every number cited, all on the
+    base model's own completions (both models on identical tokens): the entropy per step,
+    the pooled power γ with its verdict beside the control's, and where in the network
+    (the logit lens) or, without one, how much temperature undoes."""
+    m = mitigation_on(src, base, base, aligned)
+    if m is None:
+        return []
+    h_b, h_a = src.cite(m, "base_entropy_mean"), src.cite(m, "aligned_entropy_mean")
+    g, g_ci = src.cite(m, "gamma_pooled", "gamma"), src.cite(m, "gamma_pooled", "ci95")
+    n = src.cite(m, "n_completions")
+    out = [
+        f"On {n} completions of {base} (both models read the identical tokens), {aligned}'s "
+        f"next-token entropy is {fmt(h_a)} nats per step against {fmt(h_b)} for {base} "
+        f"({fmt(h_a - h_b if None not in (h_a, h_b) else None)} nats)."
+    ]
+    noise = []
+    for c in controls(src, base, aligned):
+        mc = mitigation_on(src, base, base, c)
+        gc, gc_ci = src.cite(mc, "gamma_pooled", "gamma"), src.cite(mc, "gamma_pooled", "ci95")
+        noise.append(f"{c} (control): γ = {ci(gc, gc_ci, 4)}, {verdict(gc_ci)}")
+    out.append(
+        f"Its distribution is {base}'s raised to a pooled per-step power γ = {ci(g, g_ci, 4)} "
+        f"(95% CI), {verdict(g_ci)}"
+        + (f"; beside it {'; '.join(noise)}." if noise else "; no control was analysed.")
+    )
+    lay = own(src, "layers", base)
+    name = f"{base}~{aligned}"
+    last = src.cite(lay, "pairs", name, "gamma_last", "mean") if lay else None
+    if last is not None:
+        gm = src.cite(lay, "pairs", name, "gamma", "mean")
+        gm_ci = src.cite(lay, "pairs", name, "gamma", "ci95")
+        blocks = src.cite(lay, "pairs", name, "layers_base")
+        half = src.cite(lay, "pairs", name, "half_kl_layer", "block_base")
+        before = f"{ci(gm[-2], gm_ci[-2], 4)} at block {blocks[-2]}" if len(gm) > 1 else "undefined"
+        out.append(
+            f"Layer by layer (logit lens), the two models' predictions reach half their final "
+            f"divergence at block {fmt(half)} of {src.cite(lay, 'models', base, 'n_layers')}, "
+            f"while γ_l is {before} and "
+            f"{ci(last, src.cite(lay, 'pairs', name, 'gamma_last', 'ci95'), 4)} at the output."
+        )
+    else:
+        t = src.cite(m, "t_entropy", "t")
+        k1 = src.cite(m, "at_temperature", "1", "kl_base_aligned_mean")
+        kt = src.cite(m, "at_temperature", "t_entropy", "kl_base_aligned_mean")
+        out.append(
+            f"Sampling {aligned} at T* = {ci(t, src.cite(m, 't_entropy', 'ci95'), 4)} restores "
+            f"the entropy per step and moves KL({base} ‖ {aligned}) from {fmt(k1, 4)} to "
+            f"{fmt(kt, 4)} nats per step."
+        )
+    return out
+
+
 def layers_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str]]:
     """The logit lens over depth (analysis=layers), on the completions of each model: each
     model's prediction depth, and per layer-pair group with this base (the aligned model's
@@ -472,6 +550,7 @@ def run(cfg, a, out: Path) -> dict:
     src = Sources(list(c.runs))
     base, aligned = pick_models(src, c)
     rows = headline(src, base, aligned)
+    sharpen = answer(src, base, aligned)
     figs = {
         "entropy (each model's own completions; both models scored on them)": [],
         "diversity: t-SNE of sentence embeddings with k-means clusters": [],
@@ -528,7 +607,7 @@ def run(cfg, a, out: Path) -> dict:
     caption.update({p: "both models, from the attractor summaries" for p in drawn})
     for m in (base, aligned):
         add("attractor", figures_of(src, "attractor", m, ("probability_heatmap",)), m)
-    md, page = render(base, aligned, rows, figs, caption, out)
+    md, page = render(base, aligned, rows, figs, caption, out, sharpen)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     write_json(
@@ -538,6 +617,7 @@ def run(cfg, a, out: Path) -> dict:
             "base": base,
             "aligned": aligned,
             "rows": rows,
+            "answer": sharpen,
             "cited": src.cited,
             "images": [p for ps in figs.values() for p in ps],
         },
@@ -549,11 +629,15 @@ def run(cfg, a, out: Path) -> dict:
         "report_md": str(out / "report.md"),
         "n_sources": len(src.runs),
         "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
+        "answer": sharpen,
         "figures": drawn,
     }
 
 
-def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
+QUESTION = "Did alignment sharpen the model?"
+
+
+def render(base, aligned, rows, figs, caption, out: Path, sharpen=()) -> tuple[str, str]:
     rel = lambda p: os.path.relpath(p, out)
     md = [
         f"# {aligned} vs {base}",
@@ -561,6 +645,10 @@ def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
         "Each model generated its own completions and was scored on the other's (same tokens); "
         "every number below comes from a summary.json listed in report.json.",
         "",
+    ]
+    if sharpen:
+        md += [f"## {QUESTION}", "", " ".join(sharpen), ""]
+    md += [
         f"| metric | {base} (base) | {aligned} (aligned) |",
         "|---|---|---|",
     ]
@@ -581,6 +669,7 @@ def render(base, aligned, rows, figs, caption, out: Path) -> tuple[str, str]:
         f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
         "<p>Each model generated its own completions and was scored on the other's (same tokens). "
         "Every number comes from a summary.json listed in report.json.</p>",
+        *([f"<h2>{esc(QUESTION)}</h2>", f"<p>{esc(' '.join(sharpen))}</p>"] if sharpen else []),
         f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>",
     ]
     page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]

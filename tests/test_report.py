@@ -145,6 +145,23 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
         "[95% CI over prompts]"
     ]
     assert "[" in row["base"] and row["aligned"] == "–"  # the twin's diversity was not run
+    # "Did alignment sharpen the model?": three sentences, numbers from the base's mitigation
+    # summaries (the twin's and the control's), verdicts from their intervals
+    mit = {
+        s["aligned"]: s
+        for s in (json.loads(p.read_text()) for p in sweep.rglob("summary.json"))
+        if s["analysis"] == "mitigation" and s["generator"] == BASE
+    }
+    said = res["answer"]
+    assert len(said) == 3 and rep["answer"] == said and "Did alignment sharpen the model?" in page
+    assert f"{mit[TWIN]['aligned_entropy_mean']:.3f} nats per step against" in said[0]
+    assert f"against {mit[TWIN]['base_entropy_mean']:.3f} for {BASE}" in said[0]
+    assert f"γ = {mit[TWIN]['gamma_pooled']['gamma']:.4f} [" in said[1]
+    assert said[1].split(";")[0].endswith("resolved: above 1")  # planted 1.7
+    gc = mit[CONTROL_KEY]["gamma_pooled"]
+    assert f"{CONTROL_KEY} (control): γ = {gc['gamma']:.4f}" in said[1]
+    assert said[1].rstrip(".").endswith("not resolved: the interval holds 1")  # planted 1.0
+    assert f"T* = {mit[TWIN]['t_entropy']['t']:.4f}" in said[2]
 
 
 def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
