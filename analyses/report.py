@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -539,6 +540,55 @@ def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[s
     return save_figure(fig, out, "attractor_curves")
 
 
+#: completions of each archive shown in the report's token explorer pages, and the top-k
+EXPLORER_SAMPLES, EXPLORER_TOPK = 4, 10
+
+
+def explorer_pages(src: Sources, base: str, aligned: str, out: Path) -> list[dict]:
+    """Token-explorer pages (`engine.explorer`: standalone HTML, every number from the
+    kernels) of the first completions of each model's own archive, the other model's rows
+    beside its own, and of each perturbation archive, the generator after the edited prefix
+    beside itself after the control prefix (`@counterpart`, same tokens: the edit's
+    influence) when scored.  An archive no longer where its summary says is skipped."""
+    from engine import explorer
+    from engine.archive import Archive
+    from engine.archive.format import COUNTERPART_SUFFIX
+
+    wanted = []
+    for m in (base, aligned):
+        e = own(src, "entropy", m) or pair_on(src, m, base, aligned)
+        if e:
+            wanted.append(
+                ("completions", m, src.cite(e, "archive"), aligned if m == base else base)
+            )
+        at = own(src, "attractor", m)
+        if at:
+            wanted.append(("perturbation", m, src.cite(at, "archive"), m + COUNTERPART_SUFFIX))
+    pages = []
+    for kind, m, path, other in wanted:
+        if not path or not Path(path).is_file():
+            continue
+        with Archive(path) as a:
+            second = other if other in a.models else None
+            name = f"explorer_{kind}_{re.sub(r'[^A-Za-z0-9_-]', '_', m)}.html"
+            chosen = None  # the first completions
+            if kind == "perturbation":  # the first two after the control prefix and the edit
+                n, per = explorer.available(a, [a.model(m)]), a.samples_per_prompt
+                chosen = [i for i in (0, 1, per, per + 1) if i < n]
+            info = explorer.write(
+                a,
+                out / name,
+                samples=chosen,
+                topk=EXPLORER_TOPK,
+                base=m,
+                aligned=second,
+                overwrite=True,
+                limit=EXPLORER_SAMPLES,
+            )
+        pages.append({"kind": kind, "generator": m, "archive": str(path), **info})
+    return pages
+
+
 def figures_of(src: Sources, analysis: str, model: str, stems: tuple[str, ...]) -> list[str]:
     f = own(src, analysis, model)
     figs = src.cite(f, "figures") if f else None
@@ -607,7 +657,8 @@ def run(cfg, a, out: Path) -> dict:
     caption.update({p: "both models, from the attractor summaries" for p in drawn})
     for m in (base, aligned):
         add("attractor", figures_of(src, "attractor", m, ("probability_heatmap",)), m)
-    md, page = render(base, aligned, rows, figs, caption, out, sharpen)
+    pages = explorer_pages(src, base, aligned, out)
+    md, page = render(base, aligned, rows, figs, caption, out, sharpen, pages)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     write_json(
@@ -618,6 +669,7 @@ def run(cfg, a, out: Path) -> dict:
             "aligned": aligned,
             "rows": rows,
             "answer": sharpen,
+            "explorer": pages,
             "cited": src.cited,
             "images": [p for ps in figs.values() for p in ps],
         },
@@ -630,6 +682,7 @@ def run(cfg, a, out: Path) -> dict:
         "n_sources": len(src.runs),
         "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
         "answer": sharpen,
+        "explorer": pages,
         "figures": drawn,
     }
 
@@ -637,7 +690,25 @@ def run(cfg, a, out: Path) -> dict:
 QUESTION = "Did alignment sharpen the model?"
 
 
-def render(base, aligned, rows, figs, caption, out: Path, sharpen=()) -> tuple[str, str]:
+def explorer_lines(pages) -> list[tuple[str, str]]:
+    """(link, description) per token-explorer page."""
+    return [
+        (
+            Path(p["out"]).name,
+            f"{p['kind']} of {p['generator']}: {p['samples']} completions, {p['steps']} steps, "
+            f"{' vs '.join(p['models'])} ({p['bytes'] / 2**10:.0f} KiB)",
+        )
+        for p in pages
+    ]
+
+
+EXPLORER_NOTE = (
+    "Standalone pages (no server, no network): tokens coloured by p, entropy, KL, Δ log p or "
+    "the token-shift class; hover or use the arrow keys for each model's top-k at that step."
+)
+
+
+def render(base, aligned, rows, figs, caption, out: Path, sharpen=(), pages=()) -> tuple[str, str]:
     rel = lambda p: os.path.relpath(p, out)
     md = [
         f"# {aligned} vs {base}",
@@ -653,6 +724,9 @@ def render(base, aligned, rows, figs, caption, out: Path, sharpen=()) -> tuple[s
         "|---|---|---|",
     ]
     md += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+    if pages:
+        md += ["", "## Token explorer", "", EXPLORER_NOTE, ""]
+        md += [f"- [{link}]({link}): {what}" for link, what in explorer_lines(pages)]
     for title, paths in figs.items():
         if paths:
             md += ["", f"## {title}", ""] + [
@@ -674,6 +748,13 @@ def render(base, aligned, rows, figs, caption, out: Path, sharpen=()) -> tuple[s
     ]
     page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]
     page.append("</table>")
+    if pages:
+        page += ["<h2>Token explorer</h2>", f"<p>{esc(EXPLORER_NOTE)}</p>", "<ul>"]
+        page += [
+            f"<li><a href='{esc(link)}'>{esc(link)}</a>: {esc(what)}</li>"
+            for link, what in explorer_lines(pages)
+        ]
+        page.append("</ul>")
     for title, paths in figs.items():
         if paths:
             page.append(f"<h2>{esc(title)}</h2>")

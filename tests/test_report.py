@@ -162,6 +162,20 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert f"{CONTROL_KEY} (control): γ = {gc['gamma']:.4f}" in said[1]
     assert said[1].rstrip(".").endswith("not resolved: the interval holds 1")  # planted 1.0
     assert f"T* = {mit[TWIN]['t_entropy']['t']:.4f}" in said[2]
+    # the token explorer: a page per model's own completions (the other model beside it) and
+    # per perturbation archive (no counterpart scored here: the generator alone), linked
+    pages = {(p["kind"], p["generator"]): p for p in rep["explorer"]}
+    assert set(pages) == {(k, m) for k in ("completions", "perturbation") for m in (BASE, TWIN)}
+    assert pages["completions", BASE]["models"] == [BASE, TWIN]
+    assert pages["completions", TWIN]["models"] == [TWIN, BASE]
+    assert (
+        pages["perturbation", BASE]["models"] == [BASE]
+        and pages["perturbation", BASE]["samples"] == 4
+    )
+    for p in pages.values():
+        name = Path(p["out"]).name
+        assert (out / name).is_file() and f"href='{name}'" in page and f"]({name})" in md
+        assert (out / name).stat().st_size == p["bytes"] < 2**20
 
 
 def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
