@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 import kernels as K
 from analyses.lib import branching as B
-from analyses.lib.common import finite_rows, mean_std, save_figure, write_csv
+from analyses.lib.common import finite_rows, mean_std, position_bands, save_figure, write_csv
 from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.archive.codecs import decode
@@ -78,17 +78,6 @@ def per_step(a: Archive, key: str, topk: int, progress: bool, yh: B.Settings):
     return r["full"], r["top"], sample, step, skipped, rec
 
 
-def by_position(bf, step) -> dict:
-    """Mean over completions of the per-step exp(H) at each generated step (0 = the first
-    generated token), and how many completions reach that step."""
-    if len(step) == 0:
-        return {"mean": [], "n_completions": []}
-    n = np.bincount(step)
-    sums = np.bincount(step, bf, minlength=len(n))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"mean": (sums / n).tolist(), "n_completions": n.tolist()}
-
-
 def sampling_settings(a: Archive) -> dict:
     """temperature, top_k and top_p the archive's completions were drawn with (its run key);
     the engine's defaults (1, 0 = off, 1 = off) where the run key has none."""
@@ -135,7 +124,9 @@ def run(cfg, a: Archive, out: Path) -> dict:
             "top5_entropy_bits": {**mean_std(top_c), "n_completions": int(len(top_c))},
             "entropy_nats": mean_std(full_c),
             "branching_factor": mean_std(np.exp(full)),
-            "branching_factor_by_position": by_position(np.exp(full), step),
+            "branching_factor_by_position": position_bands(
+                np.exp(full), sample, step, int(c.n_boot), int(c.seed)
+            ),
             "branching_factor_yang_holtzman": yang_holtzman(a, key, rec, yh, limit, sampling),
             "n_steps": int(len(full)),
             "skipped_nonfinite_rows": skipped,

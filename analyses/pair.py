@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
-from analyses.lib.common import finite_rows, save_figure, write_csv
+from analyses.lib.common import finite_rows, position_bands, save_figure, write_csv
 from analyses.lib.pairing import moments_pass, pick_models, provenance_of
 from analyses.protocol import Analysis
 from engine.archive import Archive
@@ -100,6 +100,10 @@ def run(cfg, a: Archive, out: Path) -> dict:
     summary["gamma"] = gamma_report(a, r, sample, step, base, aligned, c)
     summary["gamma"]["caveat"] = CAVEAT
     summary["kl_by_position"] = by_position(step, kl)
+    bands = position_bands(kl, sample, step, int(c.n_boot), int(c.seed))
+    summary["kl_by_position_ci95"] = {
+        str(t): b for t, (b, n) in enumerate(zip(bands["ci95"], bands["n_completions"])) if n
+    }
     write_csv(
         out,
         "per_step.csv",

@@ -540,6 +540,73 @@ def attractor_curves(src: Sources, base: str, aligned: str, out: Path) -> list[s
     return save_figure(fig, out, "attractor_curves")
 
 
+def story_figure(src: Sources, base: str, aligned: str, out: Path) -> list[str]:
+    """The story in one figure, on the base model's own completions (every model read the
+    identical tokens), from summary numbers only: the per-step branching factor exp(H) along
+    the generation for every model scored there (Yang & Holtzman's view; log axis; bands:
+    95% CI over completions), and KL(base ‖ model) by position for the aligned model and every
+    other (the control) with a pair summary there (Qi et al.'s "where along the answer")."""
+    e = own(src, "entropy", base)
+    models = src.cite(e, "models") if e else None
+    if not models:
+        return []
+    others = sorted(
+        {
+            s["aligned"]
+            for _, s in src.runs
+            if s["analysis"] == "pair" and s.get("base") == base and s.get("generator") == base
+        },
+        key=lambda k: (k != aligned, k),
+    )
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    order = [base, aligned] + sorted(k for k in models if k not in (base, aligned))
+    for i, key in enumerate(k for k in order if k in models):
+        bf = src.cite(e, "models", key, "branching_factor_by_position")
+        y = np.asarray(bf["mean"], np.float64)
+        band = np.array([[np.nan if v is None else v for v in b] for b in bf.get("ci95", [])])
+        x = np.arange(len(y))
+        top.plot(x, y, c=f"C{i}", lw=1.2, label=key + (" (base)" if key == base else ""))
+        if band.size:
+            top.fill_between(x, band[:, 0], band[:, 1], color=f"C{i}", alpha=0.2, lw=0)
+    top.set_yscale("log")
+    top.set_ylabel("branching factor exp(H) per step\n(effective choices, log axis)")
+    top.set_title(f"Along the generation, on {base}'s own completions (bands: 95% CI)", fontsize=10)
+    top.legend(fontsize=7)
+    drawn = False
+    for i, key in enumerate(others):
+        p = pair_on(src, base, base, key)
+        kl = src.cite(p, "kl_by_position") or {}
+        bands = src.cite(p, "kl_by_position_ci95") or {}
+        t = sorted(kl, key=int)
+        c = f"C{order.index(key) if key in order else i + len(order)}"
+        bottom.plot([int(k) for k in t], [kl[k] for k in t], c=c, lw=1.2, label=f"{key}")
+        tb = [k for k in t if k in bands and None not in bands[k]]
+        if tb:
+            bottom.fill_between(
+                [int(k) for k in tb],
+                [bands[k][0] for k in tb],
+                [bands[k][1] for k in tb],
+                color=c,
+                alpha=0.2,
+                lw=0,
+            )
+        drawn = True
+    bottom.set_xlabel("generated step t (0 = the first token after the prompt)")
+    bottom.set_ylabel(f"KL({base} ‖ model) at step t\n(nats)")
+    if drawn:
+        bottom.legend(fontsize=7)
+    else:
+        bottom.text(
+            0.5,
+            0.5,
+            "no pair summary on these completions",
+            ha="center",
+            transform=bottom.transAxes,
+        )
+    fig.tight_layout()
+    return save_figure(fig, out, "story")
+
+
 #: completions of each archive shown in the report's token explorer pages, and the top-k
 EXPLORER_SAMPLES, EXPLORER_TOPK = 4, 10
 
@@ -602,6 +669,7 @@ def run(cfg, a, out: Path) -> dict:
     rows = headline(src, base, aligned)
     sharpen = answer(src, base, aligned)
     figs = {
+        "the story: where along the generation the models differ": [],
         "entropy (each model's own completions; both models scored on them)": [],
         "diversity: t-SNE of sentence embeddings with k-means clusters": [],
         "pair: per-step γ and KL": [],
@@ -652,6 +720,11 @@ def run(cfg, a, out: Path) -> dict:
                 [x for x in src.cite(la, "figures") if x.endswith(".png")],
                 m,
             )
+    story = story_figure(src, base, aligned, out)
+    figs["the story: where along the generation the models differ"] += [
+        p for p in story if p.endswith(".png")
+    ]
+    caption.update({p: f"every model on {base}'s completions, from the summaries" for p in story})
     drawn = attractor_curves(src, base, aligned, out)
     figs["attractor"] += [p for p in drawn if p.endswith(".png")]
     caption.update({p: "both models, from the attractor summaries" for p in drawn})
@@ -683,7 +756,7 @@ def run(cfg, a, out: Path) -> dict:
         "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
         "answer": sharpen,
         "explorer": pages,
-        "figures": drawn,
+        "figures": story + drawn,
     }
 
 

@@ -162,6 +162,16 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert f"{CONTROL_KEY} (control): γ = {gc['gamma']:.4f}" in said[1]
     assert said[1].rstrip(".").endswith("not resolved: the interval holds 1")  # planted 1.0
     assert f"T* = {mit[TWIN]['t_entropy']['t']:.4f}" in said[2]
+    # the story figure, from the summaries: exp(H) by position with its bands for every model
+    # scored on the base's completions (base, twin, control), KL by position for the twin
+    assert "story.png" in " ".join(images) and "story.png" in md
+    on_base = [c for c in rep["cited"] if "branching_factor_by_position" in c["path"]]
+    assert {c["path"][1] for c in on_base} == {BASE, TWIN, CONTROL_KEY}
+    for c in on_base:
+        bands, mean = c["value"]["ci95"], c["value"]["mean"]
+        assert len(bands) == len(mean) == 10
+        assert all(lo <= m <= hi for (lo, hi), m in zip(bands, mean) if lo is not None)
+    assert any(c["path"] == ["kl_by_position_ci95"] for c in rep["cited"])
     # the token explorer: a page per model's own completions (the other model beside it) and
     # per perturbation archive (no counterpart scored here: the generator alone), linked
     pages = {(p["kind"], p["generator"]): p for p in rep["explorer"]}

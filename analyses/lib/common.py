@@ -104,3 +104,32 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def position_bands(values, sample, step, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per generated step t: the mean over completions of `values` (one per row, rows keyed by
+    `sample` and `step`), how many completions reach t, and a 95% percentile bootstrap
+    interval of that mean over completions (whole completions resampled, the same draws at
+    every step, so neighbouring steps' bands are comparable; NaN where fewer than 2 reach t)."""
+    values, sample, step = (np.asarray(x) for x in (values, sample, step))
+    if len(values) == 0:
+        return {"mean": [], "n_completions": [], "ci95": []}
+    ids, s = np.unique(sample, return_inverse=True)
+    T = int(step.max()) + 1
+    grid = np.full((len(ids), T), np.nan)  # [completion, step]
+    grid[s, step] = values
+    reach = np.isfinite(grid)
+    n = reach.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nansum(grid, 0) / n
+        pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+        sums = np.nansum(grid[pick], 1)  # [boot, step]
+        counts = reach[pick].sum(1)
+        boot = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0) if n_boot else (mean, mean)
+    ok = n >= 2
+    return {
+        "mean": mean.tolist(),
+        "n_completions": n.tolist(),
+        "ci95": [[float(a), float(b)] if k else [None, None] for a, b, k in zip(lo, hi, ok)],
+    }
