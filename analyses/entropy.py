@@ -102,6 +102,7 @@ def run(cfg, a: Archive, out: Path) -> dict:
     s = a.samples()
     n = a.n_complete
     summary, figures, curves, comp_top, bf_curves = {"models": {}}, [], {}, {}, {}
+    by_completion: dict = {}  # model -> measure -> {completion: its mean}
     rows_table = {
         k: [] for k in ("model", "sample", "prompt", "step", "entropy_nats", "top5_entropy_bits")
     }
@@ -113,6 +114,10 @@ def run(cfg, a: Archive, out: Path) -> dict:
         top_c, done = per_completion(top, sample, n)
         full_c, _ = per_completion(full, sample, n)
         comp_top[key] = top_c
+        by_completion[key] = {
+            "entropy_nats": dict(zip(done, full_c)),
+            "top5_entropy_bits": dict(zip(done, top_c)),
+        }
         per_prompt = {}
         for p, text in enumerate(a.prompts):
             sel = s["prompt_index"][done] == p
@@ -148,8 +153,30 @@ def run(cfg, a: Archive, out: Path) -> dict:
     figures += token_figures(a, c, out)
     figures += curve_figure(curves, list(c.gammas), out)
     figures += bf_position_figure(bf_curves, out)
+    summary["paired_vs_generator"] = paired(by_completion, a.generator, int(c.n_boot), int(c.seed))
     summary["figures"] = figures
     return summary
+
+
+def paired(by_completion: dict, generator: str, n_boot: int, seed: int) -> dict:
+    """Every other model against the generator on the generator's own completions (identical
+    tokens): per measure, the mean over completions of (model − generator) of the completion's
+    mean, with a 95% percentile bootstrap interval over completions (`kernels.bootstrap_ci`)."""
+    out = {}
+    for key, measures in by_completion.items():
+        if key == generator or generator not in by_completion:
+            continue
+        out[key] = {}
+        for name, mine in measures.items():
+            theirs = by_completion[generator][name]
+            common = sorted(set(mine) & set(theirs))
+            d = np.array([mine[i] - theirs[i] for i in common], np.float64)
+            out[key][name] = {
+                "mean_diff": float(d.mean()) if len(d) else None,
+                "ci95": list(K.bootstrap_ci(d, n_boot=n_boot, seed=seed)) if len(d) > 1 else None,
+                "n_completions": len(d),
+            }
+    return out
 
 
 def yang_holtzman(a: Archive, key: str, rec: dict, yh: B.Settings, limit: int, sampling) -> dict:

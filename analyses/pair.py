@@ -83,6 +83,8 @@ def run(cfg, a: Archive, out: Path) -> dict:
             "min": float(kl.min()),
             "max": float(kl.max()),
             "percentiles": pct,
+            # rows of one completion are dependent: the interval resamples completions
+            "ci95": completion_ci(kl, sample, int(c.n_boot), int(c.seed)),
         },
         "kl_aligned_base": {"mean": float(r["kl_qp"].mean())},
         "js": {"mean": float(r["js"].mean())},
@@ -133,6 +135,18 @@ def shift_classes(rank) -> dict:
         "shifted": float(np.mean(rank > 3)),
         "n": int(n),
     }
+
+
+def completion_ci(values, sample, n_boot: int, seed: int) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean over rows, resampling whole completions
+    (each resample: the sum of its completions' rows over their number)."""
+    ids, s = np.unique(sample, return_inverse=True)
+    if len(ids) < 2:
+        return None
+    sums, counts = np.bincount(s, values), np.bincount(s).astype(np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    boot = sums[pick].sum(1) / counts[pick].sum(1)
+    return [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
 
 
 def by_position(step, values) -> dict:

@@ -330,6 +330,89 @@ def verdict(lo_hi, null: float = 1.0) -> str:
     return f"not resolved: the interval holds {null:g}"
 
 
+def effect_verdict(effect, noise, null) -> str:
+    """`resolved` when the effect's 95% interval excludes the null (where the measure has
+    one) and lies wholly outside every control's interval, else `not resolved`; without a
+    control, said so (a measure without a null then has no verdict)."""
+    if not effect or effect[1] is None or None in effect[1]:
+        return "–"
+    lo, hi = effect[1]
+    noise = [n for n in noise if n and n[1] is not None and None not in n[1]]
+    if null is not None and lo <= null <= hi:
+        return "not resolved"
+    if any(not (lo > n[1][1] or hi < n[1][0]) for n in noise):
+        return "not resolved"
+    if not noise:
+        return "no control" if null is None else f"resolved against {null:g} (no control)"
+    return "resolved"
+
+
+def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str, str]]:
+    """Effect against noise, on the base model's own completions (identical tokens): each
+    measure for the aligned model (the effect) beside every control (other aligned models
+    scored there: the noise floor), as (label, effect [95% CI], noise [95% CI], verdict)."""
+    e = own(src, "entropy", base)
+    others = set(src.cite(e, "paired_vs_generator") or {}) if e else set()
+    others |= set(controls(src, base, aligned))
+    others |= {
+        s["aligned"]
+        for _, s in src.runs
+        if s["analysis"] == "pair" and s.get("base") == base and s.get("generator") == base
+    }
+    noise_models = sorted(others - {base, aligned})
+    measures = []
+    for name, label, digits in (
+        ("entropy_nats", "full entropy per step, nats: model − base", 4),
+        ("top5_entropy_bits", "top-5 entropy, bits: model − base", 4),
+    ):
+        get = lambda m, name=name: (  # noqa: E731
+            (
+                src.cite(e, "paired_vs_generator", m, name, "mean_diff"),
+                src.cite(e, "paired_vs_generator", m, name, "ci95"),
+            )
+            if e and src.cite(e, "paired_vs_generator", m, name)
+            else None
+        )
+        measures.append((f"{label} (mean over completions)", get, 0.0, digits))
+
+    def kl(m):
+        p = pair_on(src, base, base, m)
+        return (
+            (src.cite(p, "kl_base_aligned", "mean"), src.cite(p, "kl_base_aligned", "ci95"))
+            if p
+            else None
+        )
+
+    def mit(*path):
+        def get(m):
+            r = mitigation_on(src, base, base, m)
+            return (
+                (src.cite(r, *path[:-1], path[-1]), src.cite(r, *path[:-1], "ci95")) if r else None
+            )
+
+        return get
+
+    measures += [
+        (f"KL({base} ‖ model) per step, nats", kl, None, 5),
+        ("pooled per-step γ (model ∝ base^γ)", mit("gamma_pooled", "gamma"), 1.0, 4),
+        ("T*: the model's entropy per step matches the base's", mit("t_entropy", "t"), 1.0, 4),
+    ]
+    rows = []
+    for label, get, null, digits in measures:
+        effect = get(aligned)
+        noise = [(m, get(m)) for m in noise_models]
+        shown = [f"{m}: {ci(v[0], v[1], digits)}" for m, v in noise if v]
+        rows.append(
+            (
+                f"{label} [95% CI]",
+                ci(effect[0], effect[1], digits) if effect else "–",
+                "; ".join(shown) if shown else "no control analysed",
+                effect_verdict(effect, [v for _, v in noise if v], null),
+            )
+        )
+    return rows
+
+
 def controls(src: Sources, base: str, aligned: str) -> list[str]:
     """Other aligned models compared with the same base on its completions (the control)."""
     return sorted(
@@ -668,6 +751,7 @@ def run(cfg, a, out: Path) -> dict:
     base, aligned = pick_models(src, c)
     rows = headline(src, base, aligned)
     sharpen = answer(src, base, aligned)
+    effects = effect_rows(src, base, aligned)
     figs = {
         "the story: where along the generation the models differ": [],
         "entropy (each model's own completions; both models scored on them)": [],
@@ -731,7 +815,7 @@ def run(cfg, a, out: Path) -> dict:
     for m in (base, aligned):
         add("attractor", figures_of(src, "attractor", m, ("probability_heatmap",)), m)
     pages = explorer_pages(src, base, aligned, out)
-    md, page = render(base, aligned, rows, figs, caption, out, sharpen, pages)
+    md, page = render(base, aligned, rows, figs, caption, out, sharpen, pages, effects)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     write_json(
@@ -742,6 +826,7 @@ def run(cfg, a, out: Path) -> dict:
             "aligned": aligned,
             "rows": rows,
             "answer": sharpen,
+            "effects": effects,
             "explorer": pages,
             "cited": src.cited,
             "images": [p for ps in figs.values() for p in ps],
@@ -755,6 +840,7 @@ def run(cfg, a, out: Path) -> dict:
         "n_sources": len(src.runs),
         "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
         "answer": sharpen,
+        "effects": {r[0]: {"effect": r[1], "noise": r[2], "verdict": r[3]} for r in effects},
         "explorer": pages,
         "figures": story + drawn,
     }
@@ -781,7 +867,9 @@ EXPLORER_NOTE = (
 )
 
 
-def render(base, aligned, rows, figs, caption, out: Path, sharpen=(), pages=()) -> tuple[str, str]:
+def render(
+    base, aligned, rows, figs, caption, out: Path, sharpen=(), pages=(), effects=()
+) -> tuple[str, str]:
     rel = lambda p: os.path.relpath(p, out)
     md = [
         f"# {aligned} vs {base}",
@@ -792,6 +880,17 @@ def render(base, aligned, rows, figs, caption, out: Path, sharpen=(), pages=()) 
     ]
     if sharpen:
         md += [f"## {QUESTION}", "", " ".join(sharpen), ""]
+    if effects:
+        md += [
+            f"## Effect against noise, on {base}'s completions",
+            "",
+            f"| measure | effect: {aligned} | noise: the controls | verdict |",
+            "|---|---|---|---|",
+            *(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in effects),
+            "",
+            "## Each model on its own completions and on the other's",
+            "",
+        ]
     md += [
         f"| metric | {base} (base) | {aligned} (aligned) |",
         "|---|---|---|",
@@ -817,6 +916,22 @@ def render(base, aligned, rows, figs, caption, out: Path, sharpen=(), pages=()) 
         "<p>Each model generated its own completions and was scored on the other's (same tokens). "
         "Every number comes from a summary.json listed in report.json.</p>",
         *([f"<h2>{esc(QUESTION)}</h2>", f"<p>{esc(' '.join(sharpen))}</p>"] if sharpen else []),
+        *(
+            [
+                f"<h2>Effect against noise, on {esc(base)}'s completions</h2>",
+                f"<table><tr><th>measure</th><th>effect: {esc(aligned)}</th>"
+                "<th>noise: the controls</th><th>verdict</th></tr>",
+                *(
+                    f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td>"
+                    f"<td>{esc(r[3])}</td></tr>"
+                    for r in effects
+                ),
+                "</table>",
+                "<h2>Each model on its own completions and on the other's</h2>",
+            ]
+            if effects
+            else []
+        ),
         f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>",
     ]
     page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]

@@ -162,6 +162,19 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert f"{CONTROL_KEY} (control): γ = {gc['gamma']:.4f}" in said[1]
     assert said[1].rstrip(".").endswith("not resolved: the interval holds 1")  # planted 1.0
     assert f"T* = {mit[TWIN]['t_entropy']['t']:.4f}" in said[2]
+    # effect against noise on the base's completions: the twin (power 1.7) beside the control
+    # (power 1.0: identical rows, so its differences are 0 and its gamma and T* are 1)
+    eff = res["effects"]
+    rows = {k.split(" [95% CI]")[0]: v for k, v in eff.items()}
+    ent = rows["full entropy per step, nats: model − base (mean over completions)"]
+    assert ent["verdict"] == "resolved" and ent["effect"].startswith("-")
+    nums = [float(x) for x in re.findall(r"-?\d+\.\d+", ent["noise"].split(": ", 1)[1])]
+    assert ent["noise"].startswith(f"{CONTROL_KEY}: ") and max(map(abs, nums)) < 1e-4
+    g = rows["pooled per-step γ (model ∝ base^γ)"]
+    assert g["effect"].startswith("1.7000") and g["noise"].startswith(f"{CONTROL_KEY}: 1.0000")
+    assert g["verdict"] == "resolved"
+    assert rows[f"KL({BASE} ‖ model) per step, nats"]["noise"] == "no control analysed"
+    assert "Effect against noise" in page and rep["effects"] == [list(r) for r in eff_rows(eff)]
     # the story figure, from the summaries: exp(H) by position with its bands for every model
     # scored on the base's completions (base, twin, control), KL by position for the twin
     assert "story.png" in " ".join(images) and "story.png" in md
@@ -186,6 +199,10 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
         name = Path(p["out"]).name
         assert (out / name).is_file() and f"href='{name}'" in page and f"]({name})" in md
         assert (out / name).stat().st_size == p["bytes"] < 2**20
+
+
+def eff_rows(eff: dict) -> list[tuple]:
+    return [(k, v["effect"], v["noise"], v["verdict"]) for k, v in eff.items()]
 
 
 def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
