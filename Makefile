@@ -23,6 +23,7 @@ LATEST := .venv-latest
 DEMO   := outputs/demo
 REF    := smollm2-135m-instruct
 TWIN   := smollm2-135m-typical-dpo
+CTRL   := smollm2-135m-random-dpo
 
 .PHONY: setup lock test-latest demo test bench clean
 
@@ -68,14 +69,18 @@ test-latest:
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: setup
-	@echo "== 1/6 the typicality-DPO twin of $(REF) (built once, about 12 min on 2 cores; then cached)"
+	@echo "== 1/6 the typicality-DPO twin of $(REF) and its coin-flip control (alpha 0; the same candidates), built once, then cached"
 	$(BIN)/python -m engine align hydra.run.dir=$(DEMO)/logs/align
+	$(BIN)/python -m engine align alpha=0 name=$(CTRL) hydra.run.dir=$(DEMO)/logs/align-control
 	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits and its logit lens"
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine dump model=$$m prompts=seeds n_samples=16 \
 		max_new_tokens=64 lens=true lens_layers=stride:3 out=$(DEMO)/$$m.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$$m || exit 1; done
 	@echo "== 3/6 each model scored on the other's completions (identical tokens), and both lenses compared layer by layer"
 	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(TWIN) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(TWIN)
 	$(BIN)/python -m engine score archive=$(DEMO)/$(TWIN).h5 model=$(REF) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(REF)
+	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(CTRL) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(CTRL)
+	$(BIN)/python -m engine layers archive=$(DEMO)/$(REF).h5 model@base=$(REF) model@aligned=$(CTRL) \
+		lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-control
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine layers archive=$(DEMO)/$$m.h5 model@base=$(REF) \
 		model@aligned=$(TWIN) lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-$$m || exit 1; done
 	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
@@ -92,12 +97,15 @@ demo: setup
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair
 	$(BIN)/python -m analyses -m analysis=mitigation analysis.base=$(REF) analysis.aligned=$(TWIN) \
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/mitigation
+	$(BIN)/python -m analyses -m analysis=pair,mitigation analysis.base=$(REF) analysis.aligned=$(CTRL) \
+		archive=$(DEMO)/$(REF).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/control
 	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
 	@echo "== 6/6 the report"
-	$(BIN)/python -m analyses analysis=report "analysis.runs=[$(DEMO)/analyses]" hydra.run.dir=$(DEMO)
+	$(BIN)/python -m analyses analysis=report analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		"analysis.runs=[$(DEMO)/analyses]" hydra.run.dir=$(DEMO)
 	@echo
-	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples):"
+	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s):"
 	@ls $(CURDIR)/$(DEMO)/*.h5
 	@echo "analyses (summary.json, CSV tables, PNG and SVG figures): $(CURDIR)/$(DEMO)/analyses/"
 	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
