@@ -97,8 +97,9 @@ demo: setup
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair
 	$(BIN)/python -m analyses -m analysis=mitigation analysis.base=$(REF) analysis.aligned=$(TWIN) \
 		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/mitigation
-	$(BIN)/python -m analyses -m analysis=pair,mitigation analysis.base=$(REF) analysis.aligned=$(CTRL) \
-		archive=$(DEMO)/$(REF).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/control
+	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
+		analysis.aligned=$(CTRL) archive=$(DEMO)/$(REF).h5 progress=false \
+		hydra.sweep.dir=$(DEMO)/analyses/control-$$a || exit 1; done
 	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
 	@echo "== 6/6 the report"
