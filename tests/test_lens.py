@@ -148,25 +148,20 @@ def test_tempered_twin_lens_is_its_base_below_the_last_block(lensed):
         )
 
 
+def twin_pair(path, tmp_path, cache_dir):
+    """The `layers` config of tiny-random against its tempered twin (gamma 1.7) over `path`."""
+    twin = ["model@aligned=tempered", "aligned.base=tiny-random", "aligned.gamma=1.7"]
+    return compose_cfg(
+        "layers", tmp_path, cache_dir, [f"archive={path}", "model@base=tiny-random", *twin]
+    )
+
+
 def test_layers_command_planted_tempered_twin(lensed, tmp_path, cache_dir):
     """KL(base_l || twin_l) = 0 below the last block; there it equals the pair KL of the two
     stored logit groups, and gamma there is the planted 1.7."""
     path = tmp_path / "a.h5"
     shutil.copy(lensed, path)
-    out = layers.run(
-        compose_cfg(
-            "layers",
-            tmp_path,
-            cache_dir,
-            [
-                f"archive={path}",
-                "model@base=tiny-random",
-                "model@aligned=tempered",
-                "aligned.base=tiny-random",
-                "aligned.gamma=1.7",
-            ],
-        )
-    )
+    out = layers.run(twin_pair(path, tmp_path, cache_dir))
     assert out["pairing"] == "layer" and out["layers_base"] == [0, 1]
     with Archive(path) as a:
         ok = valid(a)
@@ -198,20 +193,7 @@ def test_layers_command_planted_tempered_twin(lensed, tmp_path, cache_dir):
     assert "layer pairs tiny-random~tiny-random-tempered-1.7: 2 pairs by layer" in text
     assert "logit lens: 2 of 2 blocks (0,1), top-4, resid_post; last-block check" in text
     with pytest.raises(EngineError, match="already has layer pairs"):
-        layers.run(
-            compose_cfg(
-                "layers",
-                tmp_path,
-                cache_dir,
-                [
-                    f"archive={path}",
-                    "model@base=tiny-random",
-                    "model@aligned=tempered",
-                    "aligned.base=tiny-random",
-                    "aligned.gamma=1.7",
-                ],
-            )
-        )
+        layers.run(twin_pair(path, tmp_path, cache_dir))
 
 
 def test_layer_chunks_change_nothing(lensed, tmp_path, cache_dir, monkeypatch):
