@@ -333,6 +333,30 @@ def test_lens_settings_refuse_bad_input():
     assert layers.pair_layers(S(True, "all", 1), 4, 8)[0] == (0, 0, 1, 1, 2, 2, 3, 3)
 
 
+def test_a_non_finite_row_does_not_trip_the_invariant(cache_dir):
+    """on_nonfinite=record keeps a batch whose row went NaN: the check covers the finite rows,
+    and a wrong lens on those still fails."""
+    from engine.runtime.models import load_model
+    from engine.runtime.sampling import generate
+    from engine.runtime.settings import ModelSpec
+
+    spec = ModelSpec(source="tiny-random", name="tiny-random-llama", key="tiny-random")
+    lm = load_model(spec, "cpu", cache_dir)
+    lens = lenses.make(lm, lenses.LensSettings(True, "all", 3))
+    steps = generate(lm.bridge, [0, 70, 80], [1, 2, 3], 2, capture=lens.hooks)
+    next(steps)
+    st = next(steps)  # t = 1: three rows of their own
+    st.logits = st.logits.clone()
+    st.logits[1] = float("nan")
+    stats = lens.stats(st)
+    lens.check()
+    assert torch.isfinite(stats["lens/entropy"][[0, 2]]).all()
+    lens.gamma = 2.0  # a lens that does not reproduce the finite rows
+    lens.stats(st)
+    with pytest.raises(lenses.LensMismatch):
+        lens.check()
+
+
 def test_lens_invariant_stops_the_run(dump_cfg, monkeypatch):
     """A lens that does not reproduce the logits (here: a tempered twin's lens without its
     gamma) stops the run with one line and leaves only the partial."""

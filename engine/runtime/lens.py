@@ -167,12 +167,15 @@ class Lens:
         out = self.head(self.norm(x.reshape(L * rows, -1))).float().view(L, rows, V)
         at_last = [j for j, i in enumerate(which) if i == len(self.layers) - 1]
         if at_last:
-            final = step.logits.float()
+            final = step.logits.float()[:rows]
             raw = out[at_last[0]] * self.gamma if self.gamma != 1.0 else out[at_last[0]]
-            diff = (raw - final[:rows]).abs().amax()
-            bound = self.rel * final[:rows].abs().amax().clamp(min=1.0)
+            # a row with non-finite logits (on_nonfinite=record ends it there) has nothing to
+            # compare: the check covers the finite rows
+            ok = torch.isfinite(final).all(-1, keepdim=True)
+            diff = torch.where(ok, (raw - final).abs(), 0).amax()
+            bound = self.rel * torch.where(ok, final.abs(), 0).amax().clamp(min=1.0)
             self._diff.append(torch.stack([diff, bound]))
-            out[at_last] = final[:rows]
+            out[at_last] = final
         return out.expand(L, n, V) if rows < n else out
 
     @torch.inference_mode()
