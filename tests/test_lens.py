@@ -20,9 +20,9 @@ from engine.commands.inspect import summary
 from engine.commands.verify import verify
 from engine.errors import EngineError
 from engine.runtime import lens as lenses
-from engine.runtime.models import tiny_random_model, wrap
+from engine.runtime.models import resolve_device, tiny_random_model, wrap
 from kernels.lens import lens_stats
-from tests.conftest import compose_cfg, compose_dump
+from tests.conftest import DEVICE, compose_cfg, compose_dump
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7"]
@@ -94,13 +94,13 @@ def test_dump_lens_equals_float64_recomputation_from_captured_residuals(lensed, 
         ModelSpec(
             source="tiny-random", name="tiny-random-llama", key="tiny-random", dtype="float32"
         ),
-        "cpu",
+        DEVICE,
         cache_dir,
     )
     norm = lm.bridge.ln_final.original_component
-    w = norm.weight.detach().double().numpy()
+    w = norm.weight.detach().cpu().double().numpy()
     eps = float(norm.variance_epsilon)
-    W = lm.bridge.unembed.original_component.weight.detach().double().numpy()  # [vocab, d]
+    W = lm.bridge.unembed.original_component.weight.detach().cpu().double().numpy()  # [vocab, d]
     with Archive(lensed) as a:
         m, ok = a.model(), valid(a)
         lens = m.lens
@@ -268,7 +268,7 @@ def switched_off(blocks: int, off: int):
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     prov = {"source": "tiny-random", "name": "tiny-random-llama", "revision": f"off={off}"}
-    return wrap(model, tok, "tiny-random-llama", "tiny-off", torch.device("cpu"), prov)
+    return wrap(model, tok, "tiny-random-llama", "tiny-off", resolve_device(DEVICE), prov)
 
 
 def test_switched_off_blocks_give_zero_kl_and_shallow_prediction_depth(tmp_path, cache_dir):
@@ -341,7 +341,7 @@ def test_a_non_finite_row_does_not_trip_the_invariant(cache_dir):
     from engine.runtime.settings import ModelSpec
 
     spec = ModelSpec(source="tiny-random", name="tiny-random-llama", key="tiny-random")
-    lm = load_model(spec, "cpu", cache_dir)
+    lm = load_model(spec, DEVICE, cache_dir)
     lens = lenses.make(lm, lenses.LensSettings(True, "all", 3))
     steps = generate(lm.bridge, [0, 70, 80], [1, 2, 3], 2, capture=lens.hooks)
     next(steps)
