@@ -24,6 +24,8 @@ DEMO   := outputs/demo
 REF    := smollm2-135m-instruct
 TWIN   := smollm2-135m-typical-dpo
 CTRL   := smollm2-135m-random-dpo
+# the first N of the 50 held-out chat prompts (conf/prompts/open_ended_heldout.yaml) in the demo
+HELDOUT_PROMPTS := 16
 
 .PHONY: setup lock test-latest demo test bench clean
 
@@ -83,13 +85,27 @@ demo: setup
 		lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-control
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine layers archive=$(DEMO)/$$m.h5 model@base=$(REF) \
 		model@aligned=$(TWIN) lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-$$m || exit 1; done
+	@echo "== 3b/6 the held-out chat prompts (never trained on), where the twins were trained to differ:"
+	@echo "   each model samples its own completions; both twins scored on the reference's"
+	for m in $(REF) $(TWIN) $(CTRL); do $(BIN)/python -m engine dump model=$$m prompts=open_ended_heldout \
+		prompts.take=$(HELDOUT_PROMPTS) n_samples=4 max_new_tokens=32 out=$(DEMO)/heldout/$$m.h5 overwrite=true \
+		hydra.run.dir=$(DEMO)/logs/heldout-dump-$$m || exit 1; done
+	@echo "   and \"Name a US state\": every model's exact distribution over the 50 candidates"
+	$(BIN)/python -m engine answers model=$(REF) out=$(DEMO)/heldout/answers.h5 overwrite=true \
+		hydra.run.dir=$(DEMO)/logs/answers
+	for m in $(TWIN) $(CTRL); do \
+	  $(BIN)/python -m engine score archive=$(DEMO)/heldout/$(REF).h5 model=$$m \
+		overwrite=true hydra.run.dir=$(DEMO)/logs/heldout-score-$$m || exit 1; \
+	  $(BIN)/python -m engine score archive=$(DEMO)/heldout/answers.h5 model=$$m \
+		overwrite=true hydra.run.dir=$(DEMO)/logs/answers-score-$$m || exit 1; done
 	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
 	for m in $(REF) $(TWIN); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
 		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
 		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
 	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
 		hydra.run.dir=$(DEMO)/logs/counterpart-$$m || exit 1; done
-	@echo "== 5/6 analyses: entropy, diversity, layers, pair and mitigation (both directions), attractor"
+	@echo "== 5/6 analyses: entropy, diversity, layers, pair and mitigation (both directions), attractor; then"
+	@echo "   on the held-out prompts: entropy, diversity (each against the reference's own), pair, mitigation, answers"
 	rm -rf $(DEMO)/analyses
 	$(BIN)/python -m analyses -m analysis=entropy,diversity,layers archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/own
@@ -102,12 +118,26 @@ demo: setup
 		hydra.sweep.dir=$(DEMO)/analyses/control-$$a || exit 1; done
 	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
+	rm -rf $(DEMO)/heldout/analyses
+	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/heldout/$(REF).h5 \
+		progress=false hydra.sweep.dir=$(DEMO)/heldout/analyses/base
+	for a in entropy diversity; do $(BIN)/python -m analyses -m analysis=$$a \
+		archive=$(DEMO)/heldout/$(TWIN).h5,$(DEMO)/heldout/$(CTRL).h5 analysis.reference=$(DEMO)/heldout/$(REF).h5 \
+		progress=false hydra.sweep.dir=$(DEMO)/heldout/analyses/own-$$a || exit 1; done
+	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
+		analysis.aligned=$(TWIN),$(CTRL) archive=$(DEMO)/heldout/$(REF).h5 progress=false \
+		hydra.sweep.dir=$(DEMO)/heldout/analyses/$$a || exit 1; done
+	$(BIN)/python -m analyses -m analysis=answers archive=$(DEMO)/heldout/answers.h5 progress=false \
+		hydra.sweep.dir=$(DEMO)/heldout/analyses/answers
 	@echo "== 6/6 the report"
 	$(BIN)/python -m analyses analysis=report analysis.base=$(REF) analysis.aligned=$(TWIN) \
-		"analysis.runs=[$(DEMO)/analyses]" hydra.run.dir=$(DEMO)
+		"analysis.runs=[$(DEMO)/analyses]" "analysis.runs_label=on the seed prompts" \
+		"analysis.heldout=[$(DEMO)/heldout/analyses]" hydra.run.dir=$(DEMO)
 	@echo
 	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s):"
 	@ls $(CURDIR)/$(DEMO)/*.h5
+	@echo "held-out chat prompts (each model's own completions; both twins scored on $(REF)'s):"
+	@ls $(CURDIR)/$(DEMO)/heldout/*.h5
 	@echo "analyses (summary.json, CSV tables, PNG and SVG figures): $(CURDIR)/$(DEMO)/analyses/"
 	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"

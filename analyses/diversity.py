@@ -37,7 +37,7 @@ import numpy as np
 import kernels as K
 from analyses.lib import textdiv
 from analyses.lib.clusters import kmeans_by_silhouette, tsne_xy
-from analyses.lib.common import mean_std, save_figure, write_csv
+from analyses.lib.common import mean_std, paired_over_prompts, save_figure, write_csv
 from analyses.lib.embeddings import embed
 from analyses.lib.textdiv import ngrams
 from analyses.protocol import Analysis
@@ -237,21 +237,12 @@ def vs_reference(per_input: dict, path: str, max_n: int, n_boot: int, seed: int)
         raise EngineError(f"analysis.reference={path} shares no prompt with this archive")
     out = {"archive": str(path), "model": model, "n_prompts": len(shared)}
     for k in SCALAR_KEYS:
-        x = np.array([scalar(per_input[p])[k] for p in shared], np.float64)
-        y = np.array([scalar(ref[p])[k] for p in shared], np.float64)
-        d = x - y
-        ok = np.isfinite(d)
-        if ok.sum() < 2:
-            out[k] = {"delta": float("nan"), "ci95": [float("nan"), float("nan")]}
-            continue
-        lo, hi = K.bootstrap_ci(d[ok], np.mean, n_boot=n_boot, seed=seed)
-        out[k] = {
-            "this": float(x[ok].mean()),
-            "reference": float(y[ok].mean()),
-            "delta": float(d[ok].mean()),
-            "ci95": [lo, hi],
-            "resolved": bool(lo > 0 or hi < 0),
-        }
+        out[k] = paired_over_prompts(
+            {p: scalar(v)[k] for p, v in per_input.items()},
+            {p: scalar(v)[k] for p, v in ref.items()},
+            n_boot,
+            seed,
+        )
     return out
 
 

@@ -26,10 +26,18 @@ from matplotlib.ticker import MaxNLocator
 
 import kernels as K
 from analyses.lib import branching as B
-from analyses.lib.common import finite_rows, mean_std, position_bands, save_figure, write_csv
+from analyses.lib.common import (
+    finite_rows,
+    mean_std,
+    paired_over_prompts,
+    position_bands,
+    save_figure,
+    write_csv,
+)
 from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.archive.codecs import decode
+from engine.errors import EngineError
 from engine.stream import map_rows
 
 #: how the summary tells the two branching factors apart
@@ -154,8 +162,56 @@ def run(cfg, a: Archive, out: Path) -> dict:
     figures += curve_figure(curves, list(c.gammas), out)
     figures += bf_position_figure(bf_curves, out)
     summary["paired_vs_generator"] = paired(by_completion, a.generator, int(c.n_boot), int(c.seed))
+    if c.get("reference"):
+        summary["vs_reference"] = vs_reference(
+            summary["models"][a.generator], str(c.reference), c, cfg.progress
+        )
     summary["figures"] = figures
     return summary
+
+
+def own_per_prompt(m: dict) -> dict:
+    """prompt -> score, for each per-prompt score of a model's summary on its own samples:
+    its mean full entropy per step (mean over the prompt's completions) and Yang & Holtzman's
+    branching factor (undefined prompts: None)."""
+    yh = m["branching_factor_yang_holtzman"]["per_prompt"]
+    return {
+        "entropy_nats": {p: v["entropy_nats"]["mean"] for p, v in m["per_prompt"].items()},
+        "branching_factor_yang_holtzman": {p: v.get("bf") for p, v in yh.items()},
+    }
+
+
+def vs_reference(this: dict, path: str, c, progress: bool) -> dict:
+    """This archive's generator against another archive's generator on the same prompts, each
+    on its own completions (the base model's own samples, say): per score of
+    `own_per_prompt`, the difference of the means over prompts with a 95% bootstrap interval
+    over prompts, paired by prompt (`paired_over_prompts`).  Where the models share tokens
+    instead, `paired_vs_generator` is the finer comparison."""
+    with Archive(path) as b:
+        key = b.generator
+        sampling = sampling_settings(b)
+        yh = B.Settings.from_config(c.yang_holtzman, sampling)
+        limit = B.check_limit(c.yang_holtzman.asymptotic_limit)
+        full, _, sample, _, _, rec = per_step(b, key, c.topk, progress, yh)
+        full_c, done = per_completion(full, sample, b.n_complete)
+        prompt = b.samples()["prompt_index"][done]
+        ref = {
+            "entropy_nats": {
+                t: float(full_c[prompt == p].mean()) if (prompt == p).any() else None
+                for p, t in enumerate(b.prompts)
+            },
+            "branching_factor_yang_holtzman": {
+                p: v.get("bf")
+                for p, v in yang_holtzman(b, key, rec, yh, limit, sampling)["per_prompt"].items()
+            },
+        }
+    mine = own_per_prompt(this)
+    if not any(p in ref["entropy_nats"] for p in mine["entropy_nats"]):
+        raise EngineError(f"analysis.reference={path} shares no prompt with this archive")
+    out = {"archive": path, "model": key}
+    for k, v in mine.items():
+        out[k] = paired_over_prompts(v, ref[k], int(c.n_boot), int(c.seed))
+    return out
 
 
 def paired(by_completion: dict, generator: str, n_boot: int, seed: int) -> dict:

@@ -30,7 +30,8 @@ from engine.errors import EngineError
 class Sources:
     """Every summary found, by analysis name, and a record of every number cited."""
 
-    def __init__(self, dirs):
+    def __init__(self, dirs, label: str = ""):
+        self.label = label  # which prompts these runs are on, as the report says it
         self.runs: list[tuple[Path, dict]] = []
         for d in dirs:
             d = Path(str(d)).expanduser()
@@ -68,7 +69,10 @@ class Sources:
 def fmt(v, digits=3) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    out = f"{v:.{digits}f}"
+    return out[1:] if out.startswith("-") and float(out) == 0 else out  # no "-0.000"
 
 
 def pm(mean, sd, n=None, digits=3) -> str:
@@ -347,10 +351,34 @@ def effect_verdict(effect, noise, null) -> str:
     return "resolved"
 
 
+#: measures of each model on its own completions against the base's (`vs_reference` of the
+#: model's own summary): (analysis, key, label, digits)
+OWN_MEASURES = (
+    ("entropy", "entropy_nats", "full entropy per step, nats", 4),
+    ("entropy", "branching_factor_yang_holtzman", "branching factor (Yang & Holtzman's code)", 3),
+    ("diversity", "sentbert_diversity", "SBERT diversity per input (1 − mean cosine)", 4),
+    ("diversity", "tfidf_cosine_mean", "TF-IDF cosine similarity per input", 4),
+    ("diversity", "ead_tokens_mean", "EAD per input (tokens, n = 1…5)", 4),
+    ("diversity", "ead_words_kirk", "EAD per input (Kirk et al.'s words)", 4),
+)
+
+
+def provenance_alignment(src: Sources, found) -> dict | None:
+    """The aligned model's training record (α, β, ...) from a pair summary's provenance."""
+    al = src.cite(found, "aligned_provenance", "alignment") if found else None
+    if not al:
+        return None
+    al = json.loads(al) if isinstance(al, str) else al
+    return al if al.get("beta") else None
+
+
 def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str, str]]:
-    """Effect against noise, on the base model's own completions (identical tokens): each
-    measure for the aligned model (the effect) beside every control (other aligned models
-    scored there: the noise floor), as (label, effect [95% CI], noise [95% CI], verdict)."""
+    """Effect against noise: each measure for the aligned model (the effect) beside every
+    control (the other aligned models compared with the same base: the noise floor), as
+    (label, effect [95% CI], noise [95% CI], verdict).  Most measures are on the base model's
+    own completions (every model reads the identical tokens); the OWN_MEASURES compare each
+    model's own completions with the base's, paired by prompt.  A measure no run of `src`
+    has is left out."""
     e = own(src, "entropy", base)
     others = set(src.cite(e, "paired_vs_generator") or {}) if e else set()
     others |= set(controls(src, base, aligned))
@@ -358,6 +386,11 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
         s["aligned"]
         for _, s in src.runs
         if s["analysis"] == "pair" and s.get("base") == base and s.get("generator") == base
+    }
+    others |= {
+        s["generator"]
+        for _, s in src.runs
+        if (s.get("vs_reference") or {}).get("model") == base and s.get("generator")
     }
     noise_models = sorted(others - {base, aligned})
     measures = []
@@ -392,15 +425,53 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
 
         return get
 
+    def seq_gamma(m):
+        p = pair_on(src, base, base, m)
+        found = src.cite(p, "gamma", "sequence_level_pooled", "gamma") if p else None
+        return (found, src.cite(p, "gamma", "sequence_level_pooled", "ci95")) if found else None
+
+    def vs_base(analysis, name):
+        """this model's own completions against the base's own, paired by prompt (the
+        `vs_reference` of the model's own `analysis` summary, when its reference is the
+        base's archive)."""
+
+        def get(m):
+            r = own(src, analysis, m)
+            if not r or src.cite(r, "vs_reference", "model") != base:
+                return None
+            d = src.cite(r, "vs_reference", name, "delta")
+            return (d, src.cite(r, "vs_reference", name, "ci95")) if d is not None else None
+
+        return get
+
+    predicted = [
+        f"{m} {fmt(1 + al['alpha'] / al['beta'], 2)}"
+        for m in [aligned, *noise_models]
+        if (al := provenance_alignment(src, pair_on(src, base, base, m)))
+    ]
+    own_note = "each model on its own completions; paired by prompt, CI over prompts"
     measures += [
         (f"KL({base} ‖ model) per step, nats", kl, None, 5),
         ("pooled per-step γ (model ∝ base^γ)", mit("gamma_pooled", "gamma"), 1.0, 4),
+        (
+            "sequence-level γ, within-prompt slope"
+            + (f" (theory 1 + α/β: {', '.join(predicted)})" if predicted else ""),
+            seq_gamma,
+            1.0,
+            3,
+        ),
         ("T*: the model's entropy per step matches the base's", mit("t_entropy", "t"), 1.0, 4),
+    ]
+    measures += [
+        (f"{label}: model − base ({own_note})", vs_base(analysis, name), 0.0, digits)
+        for analysis, name, label, digits in OWN_MEASURES
     ]
     rows = []
     for label, get, null, digits in measures:
         effect = get(aligned)
         noise = [(m, get(m)) for m in noise_models]
+        if effect is None and not any(v for _, v in noise):
+            continue  # not measured on these runs (say, the model's own samples not analysed)
         shown = [f"{m}: {ci(v[0], v[1], digits)}" for m, v in noise if v]
         rows.append(
             (
@@ -408,6 +479,64 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
                 ci(effect[0], effect[1], digits) if effect else "–",
                 "; ".join(shown) if shown else "no control analysed",
                 effect_verdict(effect, [v for _, v in noise if v], null),
+            )
+        )
+    return rows + exact_rows(src, base, aligned)
+
+
+#: exact answer-distribution measures (`analysis=answers`): (label, key path under
+#: models.<model>, or None for the pair's exact sequence-level γ; null of the comparison)
+EXACT_MEASURES = (
+    ("entropy over the candidates, nats: model − base", ("entropy_nats",), 0.0),
+    ("KL(reference ‖ model) − KL(reference ‖ base), nats", ("kl_reference_to_model",), 0.0),
+    ("candidates holding 90% of P: model − base", ("coverage_90",), 0.0),
+    ("sequence-level γ over the candidates, exact fit", None, 1.0),
+)
+
+
+def exact_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, str, str]]:
+    """Effect against noise on an exact answer distribution (`analysis=answers` of the base's
+    candidate archive, every model scored there): no sampling, so no interval; the effect is
+    resolved when it departs from the null by more than every control's does."""
+    found = own(src, "answers", base)
+    if not found:
+        return []
+    models = src.cite(found, "models") or {}
+    others = [m for m in sorted(models) if m not in (base, aligned)]
+    what = f"{src.cite(found, 'source')}, exact over {src.cite(found, 'candidates')} candidates"
+    rows = []
+    for label, path, null in EXACT_MEASURES:
+
+        def get(m, path=path):
+            if m not in models:
+                return None
+            if path is None:
+                return src.cite(found, "pairs", f"{base} vs {m}", "gamma_sequence_level_exact")
+            mine, theirs = (
+                src.cite(found, "models", m, *path),
+                src.cite(found, "models", base, *path),
+            )
+            return None if None in (mine, theirs) else mine - theirs
+
+        effect = get(aligned)
+        if effect is None:
+            continue
+        noise = [(m, get(m)) for m in others]
+        noise = [(m, v) for m, v in noise if v is not None]
+        digits = 0 if path == ("coverage_90",) else 3
+        num = lambda v: f"{v:+.{digits}f}" if null == 0 else fmt(float(v), digits)  # noqa: E731
+        if not noise:
+            verdict = "no control"
+        elif all(abs(effect - null) > abs(v - null) for _, v in noise):
+            verdict = "resolved (exact: beyond every control)"
+        else:
+            verdict = "not resolved (exact: within a control's)"
+        rows.append(
+            (
+                f"{what}: {label} (exact, no interval)",
+                num(effect),
+                "; ".join(f"{m}: {num(v)}" for m, v in noise) or "no control analysed",
+                verdict,
             )
         )
     return rows
@@ -427,7 +556,9 @@ def controls(src: Sources, base: str, aligned: str) -> list[str]:
     )
 
 
-def answer(src: Sources, base: str, aligned: str) -> list[str]:
+def answer(
+    src: Sources, base: str, aligned: str, where: str = "", lens: Sources | None = None
+) -> list[str]:
     """ "Did alignment sharpen the model?" in three sentences, every number cited, all on the
     base model's own completions (both models on identical tokens): the entropy per step,
     the pooled power γ with its verdict beside the control's, and where in the network
@@ -439,7 +570,8 @@ def answer(src: Sources, base: str, aligned: str) -> list[str]:
     g, g_ci = src.cite(m, "gamma_pooled", "gamma"), src.cite(m, "gamma_pooled", "ci95")
     n = src.cite(m, "n_completions")
     out = [
-        f"On {n} completions of {base} (both models read the identical tokens), {aligned}'s "
+        f"On {n} completions of {base}{where} (both models read the identical tokens), "
+        f"{aligned}'s "
         f"next-token entropy is {fmt(h_a)} nats per step against {fmt(h_b)} for {base} "
         f"({fmt(h_a - h_b if None not in (h_a, h_b) else None)} nats)."
     ]
@@ -453,20 +585,23 @@ def answer(src: Sources, base: str, aligned: str) -> list[str]:
         f"(95% CI), {verdict(g_ci)}"
         + (f"; beside it {'; '.join(noise)}." if noise else "; no control was analysed.")
     )
-    lay = own(src, "layers", base)
+    lens = lens or src
+    lay = own(lens, "layers", base)
     name = f"{base}~{aligned}"
-    last = src.cite(lay, "pairs", name, "gamma_last", "mean") if lay else None
+    last = lens.cite(lay, "pairs", name, "gamma_last", "mean") if lay else None
     if last is not None:
-        gm = src.cite(lay, "pairs", name, "gamma", "mean")
-        gm_ci = src.cite(lay, "pairs", name, "gamma", "ci95")
-        blocks = src.cite(lay, "pairs", name, "layers_base")
-        half = src.cite(lay, "pairs", name, "half_kl_layer", "block_base")
+        gm = lens.cite(lay, "pairs", name, "gamma", "mean")
+        gm_ci = lens.cite(lay, "pairs", name, "gamma", "ci95")
+        blocks = lens.cite(lay, "pairs", name, "layers_base")
+        half = lens.cite(lay, "pairs", name, "half_kl_layer", "block_base")
         before = f"{ci(gm[-2], gm_ci[-2], 4)} at block {blocks[-2]}" if len(gm) > 1 else "undefined"
+        n_lens = lens.cite(lay, "models", base, "n_completions")
+        on = f", on {n_lens} completions of {base} {lens.label}" if lens is not src else ""
         out.append(
-            f"Layer by layer (logit lens), the two models' predictions reach half their final "
-            f"divergence at block {fmt(half)} of {src.cite(lay, 'models', base, 'n_layers')}, "
-            f"while γ_l is {before} and "
-            f"{ci(last, src.cite(lay, 'pairs', name, 'gamma_last', 'ci95'), 4)} at the output."
+            f"Layer by layer (logit lens{on}), the two models' predictions reach half their "
+            f"final divergence at block {fmt(half)} of "
+            f"{lens.cite(lay, 'models', base, 'n_layers')}, while γ_l is {before} and "
+            f"{ci(last, lens.cite(lay, 'pairs', name, 'gamma_last', 'ci95'), 4)} at the output."
         )
     else:
         t = src.cite(m, "t_entropy", "t")
@@ -653,7 +788,10 @@ def story_figure(src: Sources, base: str, aligned: str, out: Path) -> list[str]:
             top.fill_between(x, band[:, 0], band[:, 1], color=f"C{i}", alpha=0.2, lw=0)
     top.set_yscale("log")
     top.set_ylabel("branching factor exp(H) per step\n(effective choices, log axis)")
-    top.set_title(f"Along the generation, on {base}'s own completions (bands: 95% CI)", fontsize=10)
+    where = f" {src.label}" if src.label else ""
+    top.set_title(
+        f"Along the generation, on {base}'s own completions{where} (bands: 95% CI)", fontsize=10
+    )
     top.legend(fontsize=7)
     drawn = False
     for i, key in enumerate(others):
@@ -694,12 +832,20 @@ def story_figure(src: Sources, base: str, aligned: str, out: Path) -> list[str]:
 EXPLORER_SAMPLES, EXPLORER_TOPK = 4, 10
 
 
-def explorer_pages(src: Sources, base: str, aligned: str, out: Path) -> list[dict]:
+def explorer_pages(
+    src: Sources,
+    base: str,
+    aligned: str,
+    out: Path,
+    kinds=("completions", "perturbation", "answers"),
+    tag: str = "",
+) -> list[dict]:
     """Token-explorer pages (`engine.explorer`: standalone HTML, every number from the
     kernels) of the first completions of each model's own archive, the other model's rows
-    beside its own, and of each perturbation archive, the generator after the edited prefix
-    beside itself after the control prefix (`@counterpart`, same tokens: the edit's
-    influence) when scored.  An archive no longer where its summary says is skipped."""
+    beside its own, of each model's candidate-answer archive (the exact distribution over
+    every candidate, the other model's beside it), and of each perturbation archive, the
+    generator after the edited prefix beside itself after the control prefix (`@counterpart`,
+    same tokens: the edit's influence) when scored.  An archive no longer where its summary says is skipped."""
     from engine import explorer
     from engine.archive import Archive
     from engine.archive.format import COUNTERPART_SUFFIX
@@ -707,12 +853,15 @@ def explorer_pages(src: Sources, base: str, aligned: str, out: Path) -> list[dic
     wanted = []
     for m in (base, aligned):
         e = own(src, "entropy", m) or pair_on(src, m, base, aligned)
-        if e:
+        if e and "completions" in kinds:
             wanted.append(
                 ("completions", m, src.cite(e, "archive"), aligned if m == base else base)
             )
+        an = own(src, "answers", m)
+        if an and "answers" in kinds:
+            wanted.append(("answers", m, src.cite(an, "archive"), aligned if m == base else base))
         at = own(src, "attractor", m)
-        if at:
+        if at and "perturbation" in kinds:
             wanted.append(("perturbation", m, src.cite(at, "archive"), m + COUNTERPART_SUFFIX))
     pages = []
     for kind, m, path, other in wanted:
@@ -720,7 +869,7 @@ def explorer_pages(src: Sources, base: str, aligned: str, out: Path) -> list[dic
             continue
         with Archive(path) as a:
             second = other if other in a.models else None
-            name = f"explorer_{kind}_{re.sub(r'[^A-Za-z0-9_-]', '_', m)}.html"
+            name = f"explorer_{tag}{kind}_{re.sub(r'[^A-Za-z0-9_-]', '_', m)}.html"
             chosen = None  # the first completions
             if kind == "perturbation":  # the first two after the control prefix and the edit
                 n, per = explorer.available(a, [a.model(m)]), a.samples_per_prompt
@@ -735,7 +884,9 @@ def explorer_pages(src: Sources, base: str, aligned: str, out: Path) -> list[dic
                 overwrite=True,
                 limit=EXPLORER_SAMPLES,
             )
-        pages.append({"kind": kind, "generator": m, "archive": str(path), **info})
+        pages.append(
+            {"kind": kind, "generator": m, "archive": str(path), "where": src.label, **info}
+        )
     return pages
 
 
@@ -747,11 +898,17 @@ def figures_of(src: Sources, analysis: str, model: str, stems: tuple[str, ...]) 
 
 def run(cfg, a, out: Path) -> dict:
     c = cfg.analysis
-    src = Sources(list(c.runs))
+    src = Sources(list(c.runs), str(c.get("runs_label") or ""))
+    held = Sources(list(c.heldout), str(c.heldout_label)) if c.get("heldout") else None
     base, aligned = pick_models(src, c)
     rows = headline(src, base, aligned)
-    sharpen = answer(src, base, aligned)
-    effects = effect_rows(src, base, aligned)
+    main = held or src  # where the experiment's effect is measured: the held-out prompts
+    sharpen = answer(main, base, aligned, f" {main.label}" if main.label else "", src)
+    effects = [
+        {"where": s_.label, "rows": r}
+        for s_ in ([held] if held else []) + [src]
+        if (r := effect_rows(s_, base, aligned))
+    ]
     figs = {
         "the story: where along the generation the models differ": [],
         "entropy (each model's own completions; both models scored on them)": [],
@@ -804,17 +961,23 @@ def run(cfg, a, out: Path) -> dict:
                 [x for x in src.cite(la, "figures") if x.endswith(".png")],
                 m,
             )
-    story = story_figure(src, base, aligned, out)
+    story = story_figure(main, base, aligned, out)
     figs["the story: where along the generation the models differ"] += [
         p for p in story if p.endswith(".png")
     ]
-    caption.update({p: f"every model on {base}'s completions, from the summaries" for p in story})
+    caption.update(
+        {p: f"every model on {base}'s completions {main.label}, from the summaries" for p in story}
+    )
     drawn = attractor_curves(src, base, aligned, out)
     figs["attractor"] += [p for p in drawn if p.endswith(".png")]
     caption.update({p: "both models, from the attractor summaries" for p in drawn})
     for m in (base, aligned):
         add("attractor", figures_of(src, "attractor", m, ("probability_heatmap",)), m)
     pages = explorer_pages(src, base, aligned, out)
+    if held:
+        pages += explorer_pages(
+            held, base, aligned, out, kinds=("completions", "answers"), tag="heldout_"
+        )
     md, page = render(base, aligned, rows, figs, caption, out, sharpen, pages, effects)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
@@ -828,7 +991,7 @@ def run(cfg, a, out: Path) -> dict:
             "answer": sharpen,
             "effects": effects,
             "explorer": pages,
-            "cited": src.cited,
+            "cited": src.cited + (held.cited if held else []),
             "images": [p for ps in figs.values() for p in ps],
         },
     )
@@ -840,7 +1003,10 @@ def run(cfg, a, out: Path) -> dict:
         "n_sources": len(src.runs),
         "rows": {r[0]: {"base": r[1], "aligned": r[2]} for r in rows},
         "answer": sharpen,
-        "effects": {r[0]: {"effect": r[1], "noise": r[2], "verdict": r[3]} for r in effects},
+        "effects": {
+            e["where"]: {r[0]: {"effect": r[1], "noise": r[2], "verdict": r[3]} for r in e["rows"]}
+            for e in effects
+        },
         "explorer": pages,
         "figures": story + drawn,
     }
@@ -854,16 +1020,23 @@ def explorer_lines(pages) -> list[tuple[str, str]]:
     return [
         (
             Path(p["out"]).name,
-            f"{p['kind']} of {p['generator']}: {p['samples']} completions, {p['steps']} steps, "
+            f"{p['kind']} of {p['generator']}{' ' + p['where'] if p.get('where') else ''}: "
+            f"{p['samples']} completions, {p['steps']} steps, "
             f"{' vs '.join(p['models'])} ({p['bytes'] / 2**10:.0f} KiB)",
         )
         for p in pages
     ]
 
 
+def effect_title(base: str, where: str) -> str:
+    return f"Effect against noise{', ' + where if where else ''} (base: {base})"
+
+
 EXPLORER_NOTE = (
     "Standalone pages (no server, no network): tokens coloured by p, entropy, KL, Δ log p or "
-    "the token-shift class; hover or use the arrow keys for each model's top-k at that step."
+    "the token-shift class; hover or use the arrow keys for each model's top-k at that step. "
+    "Perturbation pages lay the edited and the control continuation side by side by step; "
+    "answers pages show each model's exact distribution over every candidate."
 )
 
 
@@ -880,17 +1053,17 @@ def render(
     ]
     if sharpen:
         md += [f"## {QUESTION}", "", " ".join(sharpen), ""]
-    if effects:
+    for e in effects:
         md += [
-            f"## Effect against noise, on {base}'s completions",
+            f"## {effect_title(base, e['where'])}",
             "",
             f"| measure | effect: {aligned} | noise: the controls | verdict |",
             "|---|---|---|---|",
-            *(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in effects),
-            "",
-            "## Each model on its own completions and on the other's",
+            *(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in e["rows"]),
             "",
         ]
+    if effects:
+        md += ["## Each model on its own completions and on the other's", ""]
     md += [
         f"| metric | {base} (base) | {aligned} (aligned) |",
         "|---|---|---|",
@@ -911,27 +1084,29 @@ def render(
         "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
         "th{background:#f3f3f3}figure{display:inline-block;width:49%;margin:0;vertical-align:top}"
         "figure.wide{width:99%}img{width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}"
+        "td.yes{color:#1a7f37;font-weight:600}td.no{color:#6e7781}"
         "</style></head><body>",
         f"<h1>{esc(aligned)} vs {esc(base)}</h1>",
         "<p>Each model generated its own completions and was scored on the other's (same tokens). "
         "Every number comes from a summary.json listed in report.json.</p>",
         *([f"<h2>{esc(QUESTION)}</h2>", f"<p>{esc(' '.join(sharpen))}</p>"] if sharpen else []),
         *(
-            [
-                f"<h2>Effect against noise, on {esc(base)}'s completions</h2>",
+            line
+            for e in effects
+            for line in (
+                f"<h2>{esc(effect_title(base, e['where']))}</h2>",
                 f"<table><tr><th>measure</th><th>effect: {esc(aligned)}</th>"
                 "<th>noise: the controls</th><th>verdict</th></tr>",
                 *(
                     f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td>"
-                    f"<td>{esc(r[3])}</td></tr>"
-                    for r in effects
+                    f"<td class='{'yes' if r[3].startswith('resolved') else 'no'}'>"
+                    f"{esc(r[3])}</td></tr>"
+                    for r in e["rows"]
                 ),
                 "</table>",
-                "<h2>Each model on its own completions and on the other's</h2>",
-            ]
-            if effects
-            else []
+            )
         ),
+        *(["<h2>Each model on its own completions and on the other's</h2>"] if effects else []),
         f"<table><tr><th>metric</th><th>{esc(base)} (base)</th><th>{esc(aligned)} (aligned)</th></tr>",
     ]
     page += [f"<tr><td>{esc(r[0])}</td><td>{esc(r[1])}</td><td>{esc(r[2])}</td></tr>" for r in rows]

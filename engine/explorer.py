@@ -183,6 +183,101 @@ def sample_data(a: Archive, base: ModelView, aligned: ModelView | None, i: int, 
     }
 
 
+def prompt_samples(a: Archive) -> dict[int, list[int]]:
+    """prompt index -> its complete samples, in order."""
+    out: dict[int, list[int]] = {}
+    for i, p in enumerate(a.samples()["prompt_index"][: a.n_complete].tolist()):
+        out.setdefault(int(p), []).append(i)
+    return out
+
+
+def perturbation_view(a: Archive, base: ModelView, d: dict) -> dict | None:
+    """For a sample of a perturbation archive (`/lineage`): its variant (the edited or the
+    control prefix of one parent, cut at the same step) and the other variant's continuation
+    at the same position in its prompt (the j-th continuation of the edited prefix beside the
+    j-th of the control prefix), with the generator's p of each of its tokens: the page
+    shows the two continuations aligned by generated step.  None for other archives."""
+    lin = a.lineage()
+    if lin is None:
+        return None
+    p = d["prompt"]
+    twin = [
+        q
+        for q in range(len(lin["variant"]))
+        if q != p
+        and lin["parent_sample"][q] == lin["parent_sample"][p]
+        and lin["cut"][q] == lin["cut"][p]
+        and lin["variant"][q] != lin["variant"][p]
+    ]
+    out = {
+        "variant": lin["variant"][p],
+        "parent": int(lin["parent_sample"][p]),
+        "cut": int(lin["cut"][p]),
+        "edit": lin["edit"][p],
+        "other": None,
+    }
+    by_prompt = prompt_samples(a)
+    mine = by_prompt.get(p, [])
+    if not twin or d["sample"] not in mine:
+        return out
+    theirs = by_prompt.get(twin[0], [])
+    j = mine.index(d["sample"])
+    if j >= len(theirs) or theirs[j] >= base.n_complete:
+        return out
+    i = theirs[j]
+    s = a.samples()
+    n = int(s["length"][i])
+    tokens = np.asarray(s["tokens"][i, :n], dtype=np.int64)
+    st = K.token_stats(base.rows(i, slice(0, n)), tokens)
+    out["other"] = {
+        "sample": int(i),
+        "variant": lin["variant"][twin[0]],
+        "prompt_text": base.prompt_text[twin[0]],
+        "tokens": tokens.tolist(),
+        "token_p": _num(np.exp(st.logprob)),
+    }
+    return out
+
+
+def answers_view(a: Archive, models) -> dict | None:
+    """For a candidate-answer archive (`/answers`, sample i = candidate i as a whole answer):
+    each model's exact distribution over the candidates, log P(candidate) = the sum of its
+    steps' token log-probabilities (`kernels.token_stats`), normalised over the set (as
+    `analysis=answers` computes it), and the mass the set holds; None for other archives."""
+    ans = a.answers()
+    if ans is None:
+        return None
+    n = available(a, models)
+    s = a.samples()
+    out = {"candidates": ans["candidates"][:n], "models": {}, "reference": None}
+    if ans["reference"] is not None:
+        ref = np.asarray(ans["reference"][:n], np.float64)
+        out["reference"] = _num(ref / ref.sum())
+    for m in models:
+        lp = np.array(
+            [
+                float(
+                    np.sum(
+                        K.token_stats(
+                            m.rows(i, slice(0, int(s["length"][i]))),
+                            np.asarray(s["tokens"][i, : int(s["length"][i])], np.int64),
+                        ).logprob,
+                        dtype=np.float64,
+                    )
+                )
+                for i in range(n)
+            ]
+        )
+        top = np.max(lp[np.isfinite(lp)]) if np.isfinite(lp).any() else 0.0
+        w = np.exp(lp - top)
+        out["models"][m.key] = {
+            "logp": _num(lp),
+            "p": _num(w / w.sum()),
+            "mass": _num(np.exp(lp).sum()),
+        }
+    return out
+
+
 def _range(values: list, symmetric: bool = False) -> tuple[float, float]:
     """Colour scale ends: 0 to the 99th percentile of the shown values (of |v| around 0 when
     symmetric), so that one outlier does not wash out the rest; beyond it colours saturate."""
@@ -203,9 +298,19 @@ def page_data(
         if not 0 <= i < n:
             raise EngineError(f"sample {i} out of range (0..{n - 1})")
     data = [sample_data(a, b, q, int(i), topk) for i in samples]
+    for d in data:
+        view = perturbation_view(a, b, d)
+        if view is not None:
+            d["perturbation"] = view
     pieces = {}
     for m in models:
         ids = {t for d in data for t in d["tokens"]}
+        ids.update(
+            t
+            for d in data
+            if (d.get("perturbation") or {}).get("other")
+            for t in d["perturbation"]["other"]["tokens"]
+        )
         ids.update(t for d in data for row in d["models"][m.key]["top"] for t in row)
         text = m.text
         pieces[m.key] = {str(t): text.piece(t) for t in sorted(ids)}
@@ -242,6 +347,7 @@ def page_data(
         "measures": measures,
         "pieces": pieces,
         "samples": data,
+        "answers": answers_view(a, models),
     }
 
 

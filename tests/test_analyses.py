@@ -509,6 +509,80 @@ def test_diversity_against_a_reference_archive(paired, tmp_path, cache_dir):
     assert same["sentbert_diversity"]["delta"] == 0 and not same["sentbert_diversity"]["resolved"]
 
 
+def test_entropy_against_a_reference_archive(paired, tmp_path, cache_dir):
+    """Each model on its own completions: the generator's per-prompt mean entropy (float64
+    here, from the stored rows) and Yang & Holtzman's BF (as the reference archive's own
+    entropy summary reports it) against another dump's, paired by prompt; the interval lies
+    within the per-prompt differences; against itself every delta is 0, not resolved."""
+    other = dump_mod.run(
+        compose_dump(
+            tmp_path / "other",
+            cache_dir,
+            ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "seed=7", "temperature=2"],
+        )
+    )["archive"]
+    run_analysis(analysis_cfg(tmp_path / "b", "analysis=entropy", f"archive={other}"))
+    ref = json.loads((tmp_path / "b" / "summary.json").read_text())["models"]["tiny-random"]
+    run_analysis(
+        analysis_cfg(
+            tmp_path / "a",
+            "analysis=entropy",
+            f"archive={paired}",
+            f"analysis.reference={other}",
+            "analysis.n_boot=300",
+        )
+    )
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    v = s["vs_reference"]
+    assert v["archive"] == str(other) and v["model"] == "tiny-random"
+
+    def per_prompt_h(path):
+        with Archive(path) as a:
+            prompt = a.samples()["prompt_index"][: a.n_complete]
+            h = np.array([R.entropy(rows).mean() for rows in decoded(a, a.generator)])
+            return {t: h[prompt == p].mean() for p, t in enumerate(a.prompts)}
+
+    mine, theirs = per_prompt_h(paired), per_prompt_h(other)
+    d = [mine[p] - theirs[p] for p in mine]
+    got = v["entropy_nats"]
+    assert got["n_prompts"] == 2 and got["delta"] == pytest.approx(np.mean(d), abs=1e-6)
+    assert got["this"] == pytest.approx(np.mean(list(mine.values())), abs=1e-6)
+    assert min(d) - 1e-6 <= got["ci95"][0] <= got["ci95"][1] <= max(d) + 1e-6  # float32 rows
+    bf = v["branching_factor_yang_holtzman"]
+    here = s["models"]["tiny-random"]["branching_factor_yang_holtzman"]["per_prompt"]
+    there = ref["branching_factor_yang_holtzman"]["per_prompt"]
+    d = [here[p]["bf"] - there[p]["bf"] for p in here]
+    assert bf["delta"] == pytest.approx(np.mean(d), rel=1e-9)
+    run_analysis(
+        analysis_cfg(
+            tmp_path / "c",
+            "analysis=entropy",
+            f"archive={paired}",
+            f"analysis.reference={paired}",
+        )
+    )
+    same = json.loads((tmp_path / "c" / "summary.json").read_text())["vs_reference"]
+    for k in ("entropy_nats", "branching_factor_yang_holtzman"):
+        assert same[k]["delta"] == 0 and same[k]["ci95"] == [0, 0] and not same[k]["resolved"]
+
+
+def test_paired_over_prompts_by_hand():
+    """The delta is the mean of the per-prompt differences over the prompts both sides have
+    (non-finite and None skipped); fewer than 2 such prompts give no interval."""
+    from analyses.lib.common import paired_over_prompts
+
+    r = paired_over_prompts(
+        {"a": 3.0, "b": 1.0, "c": None, "d": 2.0}, {"a": 1.0, "b": 2.0, "c": 5.0}, 500, 0
+    )
+    assert r["delta"] == pytest.approx(0.5) and r["n_prompts"] == 2
+    assert r["this"] == 2.0 and r["reference"] == 1.5
+    assert -1.0 <= r["ci95"][0] <= r["ci95"][1] <= 2.0 and not r["resolved"]
+    r = paired_over_prompts({"a": 3.0, "b": 4.0}, {"a": 1.0, "b": 1.5}, 500, 0)
+    assert r["ci95"][0] >= 2.0 and r["resolved"]
+    one = paired_over_prompts({"a": 1.0}, {"a": 0.0}, 500, 0)
+    assert one["n_prompts"] == 0 and np.isnan(one["delta"])
+
+
 def test_pooled_sequence_level_gamma_recovers_a_planted_power():
     """log q(y) = 1.7 log p(y) + c(prompt) + noise over 30 prompts x 6 completions: the
     within-prompt slope recovers 1.7 and its prompt-bootstrap interval covers it; a pooled

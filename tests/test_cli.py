@@ -16,6 +16,7 @@ import pytest
 from engine.archive import Archive
 from engine.commands import dump as dump_mod
 from engine.commands.verify import verify
+from engine.errors import EngineError
 from tests.conftest import ROOT, engine_cli
 
 
@@ -49,6 +50,7 @@ def assert_one_line_error(res, needle):
         (["chat_template=maybe"], "chat_template must be true, false or auto"),
         (["chat_template=true"], "tokenizer has no chat template"),
         (["prompts=file", "prompts.file=/nonexistent/prompts.txt"], "prompt file not found"),
+        (["prompts.take=0"], "prompts.take must be a positive integer or null, got 0"),
         (["model=gguf", "model.path=/nonexistent/m.gguf"], "GGUF file not found"),
     ],
 )
@@ -57,6 +59,17 @@ def test_bad_dump_input_gets_one_line(tmp_path, cache_dir, extra, needle):
     res = engine_cli(*dump_args(tmp_path, cache_dir, f"out={out}", *extra))
     assert_one_line_error(res, needle)
     assert not out.exists() and not (tmp_path / "a.h5.partial").exists()
+
+
+def test_prompts_take_keeps_the_first_n():
+    from engine.runtime.prompts import load_prompts
+
+    assert load_prompts(["a", "b", "c"], None, 2) == ["a", "b"]
+    assert load_prompts(["a", "b"], None, 5) == ["a", "b"]
+    assert load_prompts(["a", "b"], None, None) == ["a", "b"]
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(EngineError, match="prompts.take must be a positive integer"):
+            load_prompts(["a"], None, bad)
 
 
 def test_unreachable_hub_model_gets_one_line(tmp_path, cache_dir):

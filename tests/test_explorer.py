@@ -7,6 +7,7 @@ token, switching the measure and the arrow keys do what the README says."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -182,8 +183,11 @@ def test_cli_writes_the_page_without_torch_and_refuses_bad_input(pair_archive, t
     )
 
 
-def test_perturbation_and_answers_archives_render(pair_archive, tmp_path, cache_dir):
-    """Neither kind has a view of its own: their samples render as ordinary samples."""
+@pytest.fixture(scope="module")
+def pert_and_answers(pair_archive, tmp_path_factory, cache_dir):
+    """A perturbation archive of the pair archive's first sample (edited and control prefixes,
+    2 continuations each) and a candidate-answer archive of three candidates."""
+    tmp_path = tmp_path_factory.mktemp("views")
     pert = perturb_mod.run(
         compose_cfg(
             "perturb",
@@ -218,7 +222,17 @@ def test_perturbation_and_answers_archives_render(pair_archive, tmp_path, cache_
         )
     )["archive"]
     for path in (pert, ans):
-        out = Path(path).with_suffix(".html")
+        with Archive(path) as a:
+            explorer.write(a, Path(path).with_suffix(".html"), topk=5)
+    return pert, ans
+
+
+def test_perturbation_and_answers_archives_render(pert_and_answers):
+    """Their samples render as ordinary samples, with a view of their own beside them
+    (checked in `test_the_perturbation_view` and `test_the_answers_view`)."""
+    pert, ans = pert_and_answers
+    for path in (pert, ans):
+        out = Path(path).with_suffix(".cli.html")
         res = engine_cli("inspect", str(path), "--html", str(out))
         assert res.returncode == 0, res.stderr
         data = embedded(out)
@@ -231,6 +245,57 @@ def test_perturbation_and_answers_archives_render(pair_archive, tmp_path, cache_
                 assert d["tokens"] == s["tokens"][i, : int(s["length"][i])].tolist()
                 assert d["prompt_text"] == a.model().prompt_text[d["prompt"]]
             assert [m["id"] for m in data["measures"]] == ["p", "entropy"]
+
+
+def test_the_perturbation_view(pert_and_answers):
+    """Each sample of a perturbation archive carries the other variant's continuation at the
+    same position in its prompt (same parent and cut, the other prefix), its tokens as stored
+    and the generator's p of each, recomputed here from the stored rows in float64."""
+    pert, _ = pert_and_answers
+    out = Path(pert).with_suffix(".html")
+    data = embedded(out)
+    with Archive(pert) as a:
+        lin, s = a.lineage(), a.samples()
+        by_prompt = {}
+        for i in range(a.n_complete):
+            by_prompt.setdefault(int(s["prompt_index"][i]), []).append(i)
+        seen = set()
+        for d in data["samples"]:
+            v, o = d["perturbation"], d["perturbation"]["other"]
+            p, q = d["prompt"], int(s["prompt_index"][o["sample"]])
+            assert v["variant"] == lin["variant"][p] != o["variant"] == lin["variant"][q]
+            assert lin["parent_sample"][p] == lin["parent_sample"][q] == v["parent"]
+            assert lin["cut"][p] == lin["cut"][q] == v["cut"]
+            assert by_prompt[p].index(d["sample"]) == by_prompt[q].index(o["sample"])
+            n = int(s["length"][o["sample"]])
+            assert o["tokens"] == s["tokens"][o["sample"], :n].tolist()
+            rows = a.model().rows(o["sample"], slice(0, n)).astype(np.float64)
+            lp = rows - rows.max(-1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+            want = np.exp(lp[np.arange(n), o["tokens"]])
+            assert np.allclose(o["token_p"], want, atol=1e-6)
+            seen.add((d["sample"], o["sample"]))
+        assert {(b, a_) for a_, b in seen} == seen  # the pairing is mutual
+
+
+def test_the_answers_view(pert_and_answers):
+    """An answers archive's page carries each model's exact distribution over the candidates:
+    the same numbers as analysis=answers' `candidate_logp`, normalised, to float precision."""
+    from analyses.answers import candidate_logp
+
+    _, ans = pert_and_answers
+    data = embedded(Path(ans).with_suffix(".html"))
+    A = data["answers"]
+    with Archive(ans) as a:
+        assert A["candidates"] == a.answers()["candidates"] == ["ab", "abc", "b"]
+        for key in a.models:
+            lp = candidate_logp(a, key).astype(np.float64)
+            q = np.exp(lp - lp.max())
+            q /= q.sum()
+            assert np.allclose(A["models"][key]["p"], q, atol=1e-6)
+            assert np.allclose(A["models"][key]["logp"], lp, atol=1e-4)
+            assert A["models"][key]["mass"] == pytest.approx(np.exp(lp).sum(), rel=1e-5)
+    assert all("perturbation" not in d for d in data["samples"])
 
 
 # ---- in a real browser -------------------------------------------------------------------------
@@ -358,3 +423,75 @@ def test_the_page_in_headless_chromium(pair_archive, tmp_path):
     shot = tmp_path / "explorer.png"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page at `url` (skips where none can run); on leaving, no page
+    error, no console error and no request beyond the file itself."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not importable (pip install playwright: the test extra)")
+    exe = chromium()
+    if exe is None:
+        pytest.skip(
+            "no Chromium binary found (apt-get install chromium, or set LOGIT_ENGINE_CHROMIUM)"
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            problems, requests = [], []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url)
+            yield page
+            assert problems == []
+            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+        finally:
+            browser.close()
+
+
+def test_the_perturbation_and_answers_views_in_headless_chromium(pert_and_answers, tmp_path):
+    """The perturbation page lays the two continuations out by generated step (a cell per
+    token, p as embedded), hovering a cell of the sample's row moves the panel and marks that
+    step in both rows; the answers page lists every candidate with each model's P, and a
+    click on a candidate opens it as the sample."""
+    pert, ans = pert_and_answers
+    out = Path(pert).with_suffix(".html")
+    data = embedded(out)
+    with browser_page(out.as_uri()) as page:
+        d = data["samples"][0]
+        o = d["perturbation"]["other"]
+        cells = lambda row: page.eval_on_selector_all(  # noqa: E731
+            f"#aligned td[data-row='{row}']",
+            "els => els.map(e => [Number(e.dataset.token), Number(e.dataset.prob)])",
+        )
+        this, other = cells("this"), cells("other")
+        assert [t for t, _ in this] == d["tokens"] and [t for t, _ in other] == o["tokens"]
+        assert np.allclose([p for _, p in other], o["token_p"], atol=1e-9)
+        assert np.allclose([p for _, p in this], d["models"][data["models"][0]["key"]]["token_p"])
+        page.hover("#aligned td[data-row='this'][data-step='1']")
+        assert page.get_attribute("#panel-body", "data-step") == "1"
+        assert page.locator("#aligned td.current").count() == 2  # step 1 of both rows
+        page.screenshot(path=str(tmp_path / "perturbation.png"))
+    out = Path(ans).with_suffix(".html")
+    data = embedded(out)
+    with browser_page(out.as_uri()) as page:
+        A = data["answers"]
+        base = data["models"][0]["key"]
+        rows = page.eval_on_selector_all(
+            "#answers tr[data-candidate]",
+            f"els => els.map(e => [Number(e.dataset.candidate), "
+            f"Number(e.querySelector('td.num[data-model=\"{base}\"]').dataset.prob)])",
+        )
+        assert sorted(i for i, _ in rows) == list(range(len(A["candidates"])))
+        assert [p for _, p in rows] == sorted((p for _, p in rows), reverse=True)
+        assert all(p == A["models"][base]["p"][i] for i, p in rows)
+        page.click("#answers tr[data-candidate='2']")
+        assert page.locator("#text .tok").first.get_attribute("data-sample") == "2"
+        assert page.get_attribute("#answers tr.current", "data-candidate") == "2"
+        page.screenshot(path=str(tmp_path / "answers.png"))

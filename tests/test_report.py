@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from analyses.__main__ import run as run_analysis
+from engine.commands import answers as answers_mod
 from engine.commands import dump as dump_mod
 from engine.commands import perturb as perturb_mod
 from engine.commands import score as score_mod
@@ -164,7 +165,8 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert f"T* = {mit[TWIN]['t_entropy']['t']:.4f}" in said[2]
     # effect against noise on the base's completions: the twin (power 1.7) beside the control
     # (power 1.0: identical rows, so its differences are 0 and its gamma and T* are 1)
-    eff = res["effects"]
+    assert list(res["effects"]) == [""]  # one table: no held-out runs, no label given
+    eff = res["effects"][""]
     rows = {k.split(" [95% CI]")[0]: v for k, v in eff.items()}
     ent = rows["full entropy per step, nats: model − base (mean over completions)"]
     assert ent["verdict"] == "resolved" and ent["effect"].startswith("-")
@@ -174,7 +176,8 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
     assert g["effect"].startswith("1.7000") and g["noise"].startswith(f"{CONTROL_KEY}: 1.0000")
     assert g["verdict"] == "resolved"
     assert rows[f"KL({BASE} ‖ model) per step, nats"]["noise"] == "no control analysed"
-    assert "Effect against noise" in page and rep["effects"] == [list(r) for r in eff_rows(eff)]
+    assert "Effect against noise" in page
+    assert rep["effects"] == [{"where": "", "rows": [list(r) for r in eff_rows(eff)]}]
     # the story figure, from the summaries: exp(H) by position with its bands for every model
     # scored on the base's completions (base, twin, control), KL by position for the twin
     assert "story.png" in " ".join(images) and "story.png" in md
@@ -199,6 +202,151 @@ def test_report_numbers_and_images_come_from_the_summaries(runs, cache_dir):
         name = Path(p["out"]).name
         assert (out / name).is_file() and f"href='{name}'" in page and f"]({name})" in md
         assert (out / name).stat().st_size == p["bytes"] < 2**20
+
+
+@pytest.fixture(scope="module")
+def heldout(runs, cache_dir):
+    """A second experiment as `make demo` runs on the held-out prompts: the base's own
+    completions with the twin and the control scored there (entropy, pair, mitigation), and
+    each model's own completions against the base's (entropy and diversity with
+    analysis.reference).  The control is the base at power 1: its own dump samples the base's
+    tokens exactly, so every own-completion delta of the control is 0."""
+    tmp, _ = runs
+    tmp = tmp / "heldout"
+    arch = {}
+    for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED), (CONTROL_KEY, CONTROL)):
+        # 4 completions per prompt: Yang & Holtzman's BF pools positions 4 samples reach
+        arch[key] = dump_mod.run(
+            compose_cfg(
+                "dump",
+                tmp,
+                cache_dir,
+                [*model, "n_samples=4", "max_new_tokens=10", "codec=fp32", f"out={tmp}/{key}.h5"],
+            )
+        )["archive"]
+    for model in (TEMPERED, CONTROL):
+        score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *model]))
+    base, twin, ctrl = arch[BASE], arch[TWIN], arch[CONTROL_KEY]
+    answers = answers_mod.run(
+        compose_cfg(
+            "answers",
+            tmp,
+            cache_dir,
+            [
+                "model=tiny-random",
+                "candidates.prompt='Hi'",
+                "candidates.candidates=[ab,abc,b]",
+                "candidates.reference=null",
+                "chat_template=false",
+                f"out={tmp}/answers.h5",
+            ],
+        )
+    )["archive"]
+    for model in (TEMPERED, CONTROL):
+        score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={answers}", *model]))
+    sweep = tmp / "analyses"
+    pairs = [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]
+    controls = [f"analysis.base={BASE}", f"analysis.aligned={CONTROL_KEY}"]
+    ref = [f"analysis.reference={base}", "analysis.n_boot=200"]
+    for i, (analysis, archive, extra) in enumerate(
+        [
+            ("entropy", base, []),
+            ("entropy", twin, ref),
+            ("entropy", ctrl, ref),
+            ("diversity", twin, ref),
+            ("diversity", ctrl, ref),
+            ("pair", base, pairs),
+            ("pair", base, controls),
+            ("mitigation", base, pairs),
+            ("mitigation", base, controls),
+            ("answers", answers, []),
+        ]
+    ):
+        run_analysis(
+            compose_cfg(
+                "analyses",
+                sweep / f"{i}_{analysis}",
+                cache_dir,
+                [f"analysis={analysis}", f"archive={archive}", *extra],
+            )
+        )
+    return sweep
+
+
+def test_report_with_a_heldout_experiment(runs, heldout, cache_dir):
+    """With analysis.heldout, the first section, the first effect table and the story come
+    from the held-out runs, the seed runs' table follows, and every number is its summary's.
+    The own-completion rows (entropy, Yang & Holtzman's BF, diversity) show the twin's delta
+    against the base's own completions beside the control's, which is exactly 0."""
+    tmp, sweep = runs
+    out = tmp / "report-heldout"
+    res = run_analysis(
+        compose_cfg(
+            "analyses",
+            out,
+            cache_dir,
+            [
+                "analysis=report",
+                f"analysis.runs=[{sweep}]",
+                "analysis.runs_label=on the seed prompts",
+                f"analysis.heldout=[{heldout}]",
+            ],
+        )
+    )
+    rep = json.loads((out / "report.json").read_text())
+    for c in rep["cited"]:
+        v = json.loads(Path(c["file"]).read_text())
+        for k in c["path"]:
+            v = v[k]
+        assert v == c["value"], c
+    assert any(str(heldout) in c["file"] for c in rep["cited"])
+    assert list(res["effects"]) == ["on the held-out chat prompts", "on the seed prompts"]
+    assert [e["where"] for e in rep["effects"]] == list(res["effects"])
+    page = (out / "report.html").read_text()
+    held = res["effects"]["on the held-out chat prompts"]
+    own = {
+        json.loads(p.read_text())["generator"]: json.loads(p.read_text())
+        for p in heldout.glob("*_entropy/summary.json")
+    }
+    for label, key in (
+        ("full entropy per step, nats", "entropy_nats"),
+        ("branching factor (Yang & Holtzman's code)", "branching_factor_yang_holtzman"),
+    ):
+        row = next(v for k, v in held.items() if k.startswith(label + ": model − base (each"))
+        twin = own[TWIN]["vs_reference"][key]
+        digits = 3 if "branching" in label else 4
+        assert row["effect"] == f"{twin['delta']:.{digits}f} [{twin['ci95'][0]:.{digits}f}, " + (
+            f"{twin['ci95'][1]:.{digits}f}]"
+        )
+        zero = own[CONTROL_KEY]["vs_reference"][key]
+        assert zero["delta"] == 0 and zero["ci95"] == [0, 0] and not zero["resolved"]
+        assert twin["n_prompts"] == zero["n_prompts"] == 2
+        assert row["noise"].startswith(f"{CONTROL_KEY}: ")
+        assert f"{row['effect']}" in page
+    assert any(k.startswith("SBERT diversity per input") for k in held)
+    assert any(k.startswith("sequence-level γ, within-prompt slope") for k in held)
+    # the exact answer distribution: no interval; the control (the base at power 1) has the
+    # base's distribution exactly, so its differences are 0 and its gamma 1
+    ans = json.loads(next(heldout.glob("*_answers/summary.json")).read_text())
+    exact = {k: v for k, v in held.items() if "(exact, no interval)" in k}
+    assert len(exact) == 3  # no KL to a reference: these candidates have none
+    assert not any("KL(reference" in k for k in exact)
+    row = next(v for k, v in exact.items() if "entropy over the candidates" in k)
+    d = ans["models"][TWIN]["entropy_nats"] - ans["models"][BASE]["entropy_nats"]
+    assert row["effect"] == f"{d:+.3f}" and row["noise"] == f"{CONTROL_KEY}: +0.000"
+    assert row["verdict"] == "resolved (exact: beyond every control)"
+    row = next(v for k, v in exact.items() if "sequence-level γ over the candidates, exact" in k)
+    assert row["noise"] == f"{CONTROL_KEY}: 1.000"
+    seeds = res["effects"]["on the seed prompts"]
+    assert not any("own completions" in k for k in seeds)  # no own-sample runs there
+    said = res["answer"]
+    assert said[0].startswith(f"On 8 completions of {BASE} on the held-out chat prompts")
+    assert page.index("on the held-out chat prompts") < page.index("on the seed prompts")
+    kinds = {(p["kind"], p["generator"], p["where"]) for p in rep["explorer"]}
+    assert ("completions", BASE, "on the held-out chat prompts") in kinds
+    assert ("answers", BASE, "on the held-out chat prompts") in kinds
+    for p in rep["explorer"]:
+        assert (out / Path(p["out"]).name).is_file()
 
 
 def eff_rows(eff: dict) -> list[tuple]:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import kernels as K  # noqa: E402
+
 
 def write_json(out: Path, name: str, data: dict) -> Path:
     """Strict JSON: NaN and ±inf (an undefined statistic, e.g. the std of one value) are
@@ -132,4 +134,27 @@ def position_bands(values, sample, step, n_boot: int = 1000, seed: int = 0) -> d
         "mean": mean.tolist(),
         "n_completions": n.tolist(),
         "ci95": [[float(a), float(b)] if k else [None, None] for a, b, k in zip(lo, hi, ok)],
+    }
+
+
+def paired_over_prompts(this: dict, reference: dict, n_boot: int, seed: int) -> dict:
+    """One per-prompt score of two models on the same prompts, each on its own completions
+    (`this`, `reference`: prompt -> score): both means over the prompts where both are
+    finite, their difference (this - reference) with a 95% percentile bootstrap interval over
+    prompts, paired by prompt (`kernels.bootstrap_ci`), and `resolved` where it excludes 0."""
+    shared = [p for p in this if p in reference]
+    x = np.array([np.nan if this[p] is None else this[p] for p in shared], np.float64)
+    y = np.array([np.nan if reference[p] is None else reference[p] for p in shared], np.float64)
+    d = x - y
+    ok = np.isfinite(d)
+    if ok.sum() < 2:
+        return {"delta": float("nan"), "ci95": [float("nan"), float("nan")], "n_prompts": 0}
+    lo, hi = K.bootstrap_ci(d[ok], np.mean, n_boot=n_boot, seed=seed)
+    return {
+        "this": float(x[ok].mean()),
+        "reference": float(y[ok].mean()),
+        "delta": float(d[ok].mean()),
+        "ci95": [lo, hi],
+        "resolved": bool(lo > 0 or hi < 0),
+        "n_prompts": int(ok.sum()),
     }

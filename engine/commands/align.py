@@ -337,7 +337,7 @@ def train_dpo(
 # ---- the run --------------------------------------------------------------------------------------
 def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     validate(cfg)
-    prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
+    prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file, cfg.prompts.get("take"))
     bid = settings_id(cfg, prompts, ID_KEYS)
     cache = Path(os.path.expanduser(str(cfg.paths.cache_dir)))
     final = build_dir(cache, str(cfg.name), bid)

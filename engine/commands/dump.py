@@ -67,7 +67,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     rs = R.resolve_batch_size(RunSettings.from_cfg(cfg))
     check_chat_template(cfg.chat_template)
     lens_settings = lenses.LensSettings.from_cfg(cfg)
-    prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file)
+    prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file, cfg.prompts.get("take"))
     shard = plan_shard(Sharding.from_cfg(cfg), len(prompts), sampling.n_samples, rs.batch_size)
     rs = R.shard_device(rs, shard)
     key = run_key(

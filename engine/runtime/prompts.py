@@ -11,8 +11,9 @@ from engine.errors import EngineError
 log = logging.getLogger(__name__)
 
 
-def load_prompts(texts, file: str | None = None) -> list[str]:
-    """A prompt set's `texts` followed by the non-blank lines of its `file`."""
+def load_prompts(texts, file: str | None = None, take=None) -> list[str]:
+    """A prompt set's `texts` followed by the non-blank lines of its `file`; with `take`, the
+    first `take` of them only (a quick run over part of a set, as `make demo` does)."""
     texts = [str(t) for t in (texts or [])]
     if file:
         path = Path(str(file)).expanduser()
@@ -33,6 +34,10 @@ def load_prompts(texts, file: str | None = None) -> list[str]:
         texts += kept
     if not texts:
         raise EngineError("no prompts: set prompts.texts or prompts.file")
+    if take is not None:
+        if isinstance(take, bool) or not isinstance(take, int) or take < 1:
+            raise EngineError(f"prompts.take must be a positive integer or null, got {take!r}")
+        texts = texts[:take]
     return texts
 
 
