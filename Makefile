@@ -98,8 +98,11 @@ demo: setup
 		overwrite=true hydra.run.dir=$(DEMO)/logs/heldout-score-$$m || exit 1; \
 	  $(BIN)/python -m engine score archive=$(DEMO)/heldout/answers.h5 model=$$m \
 		overwrite=true hydra.run.dir=$(DEMO)/logs/answers-score-$$m || exit 1; done
-	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\""
-	for m in $(REF) $(TWIN); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
+	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\" (the control"
+	@echo "   samples its own seed completions for it first)"
+	$(BIN)/python -m engine dump model=$(CTRL) prompts=seeds n_samples=16 max_new_tokens=64 \
+		out=$(DEMO)/$(CTRL).h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$(CTRL)
+	for m in $(REF) $(TWIN) $(CTRL); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
 		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
 		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
 	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
@@ -116,8 +119,10 @@ demo: setup
 	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
 		analysis.aligned=$(CTRL) archive=$(DEMO)/$(REF).h5 progress=false \
 		hydra.sweep.dir=$(DEMO)/analyses/control-$$a || exit 1; done
-	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5,$(DEMO)/$(TWIN)-perturb.h5 \
+	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
+	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(TWIN)-perturb.h5,$(DEMO)/$(CTRL)-perturb.h5 \
+		analysis.reference=$(DEMO)/$(REF)-perturb.h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor-vs-ref
 	rm -rf $(DEMO)/heldout/analyses
 	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/heldout/$(REF).h5 \
 		progress=false hydra.sweep.dir=$(DEMO)/heldout/analyses/base
@@ -134,7 +139,7 @@ demo: setup
 		"analysis.runs=[$(DEMO)/analyses]" "analysis.runs_label=on the seed prompts" \
 		"analysis.heldout=[$(DEMO)/heldout/analyses]" hydra.run.dir=$(DEMO)
 	@echo
-	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s):"
+	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s, and its own for the attractor; the perturbation archives):"
 	@ls $(CURDIR)/$(DEMO)/*.h5
 	@echo "held-out chat prompts (each model's own completions; both twins scored on $(REF)'s):"
 	@ls $(CURDIR)/$(DEMO)/heldout/*.h5

@@ -31,7 +31,7 @@ import numpy as np
 
 import kernels as K
 from analyses.lib.common import mean_std, save_figure, write_csv
-from analyses.lib.influence import influence
+from analyses.lib.influence import influence, vs_reference
 from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.errors import EngineError
@@ -158,6 +158,9 @@ def run(cfg, a: Archive, out: Path) -> dict:
         )
     write_csv(out, "per_step.csv", table)
     infl = influence(a, lin, float(c.threshold_floors), int(c.n_boot), int(c.seed))
+    compared = None
+    if c.get("reference"):
+        compared = against_reference(infl, str(c.reference), c)
     figures = (influence_figure(infl, out) if infl else []) + kl_figure(curves, base_curves, out)
     figures += recovery_figure(results, out)
     figures += heatmap(a, traj, variant, M, out) + [
@@ -175,10 +178,36 @@ def run(cfg, a: Archive, out: Path) -> dict:
             "stores what the influence curves need"
         ),
         "variants": results,
+        **({"vs_reference": compared} if compared is not None else {}),
         "trajectory_divergence_by_step": curves,
         "trajectory_divergence_control_vs_control_by_step": base_curves,
         "figures": figures,
     }
+
+
+def against_reference(infl: dict | None, path: str, c) -> dict:
+    """This model's influence of the edit against another model's, each on its own
+    continuations of the same edit (`influence.vs_reference`: the area under I(t))."""
+    if infl is None:
+        raise EngineError(
+            "analysis.reference needs this archive's counterpart group: `python -m engine "
+            "score archive=... counterpart=true`"
+        )
+    with Archive(path) as b:
+        lin = b.lineage()
+        if lin is None:
+            raise EngineError(f"analysis.reference={path} is not a perturbation archive")
+        ref = influence(b, lin, float(c.threshold_floors), int(c.n_boot), int(c.seed))
+        model = b.generator
+    if ref is None:
+        raise EngineError(
+            f"analysis.reference={path} has no counterpart group: `python -m engine score "
+            f"archive={path} counterpart=true`"
+        )
+    variants = vs_reference(infl, ref, int(c.n_boot), int(c.seed))
+    if not variants:
+        raise EngineError(f"analysis.reference={path} shares no perturbed variant with this one")
+    return {"archive": path, "model": model, "variants": variants}
 
 
 def kl_figure(curves, base_curves, out: Path) -> list[str]:

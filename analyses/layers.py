@@ -37,7 +37,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analyses.lib.common import save_figure
+from analyses.lib.common import Bootstrap, save_figure
 from analyses.protocol import Analysis
 from engine.archive import Archive
 from engine.archive import format as F
@@ -87,31 +87,6 @@ def num(x, digits=3) -> str:
 
 def floats(x) -> list:
     return [float(v) for v in np.asarray(x, np.float64).ravel()]
-
-
-class Bootstrap:
-    """Resampling whole completions: one multiplicity matrix [n_boot, n] (how often each
-    completion is drawn in each resample), shared by every statistic of one group."""
-
-    def __init__(self, n: int, n_boot: int, seed: int):
-        rng = np.random.default_rng(seed)
-        self.n, self.n_boot = n, n_boot
-        idx = rng.integers(0, max(n, 1), size=(n_boot, n))
-        flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
-        self.w = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-
-    def ratio(self, sums: np.ndarray, counts: np.ndarray):
-        """Point estimate sum(sums) / sum(counts) over completions [n, m] -> [m], the
-        resamples' values [n_boot, m] and their 2.5 / 97.5% quantiles."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            point = sums.sum(0) / counts.sum(0)
-            boot = (self.w @ sums) / (self.w @ counts)
-        if self.n == 0 or self.n_boot == 0:
-            nan = np.full(point.shape, np.nan)
-            return point, boot, nan, nan
-        with np.errstate(invalid="ignore"), _quiet():
-            lo, hi = np.nanquantile(boot, [0.025, 0.975], axis=0)
-        return point, boot, lo, hi
 
 
 @contextlib.contextmanager

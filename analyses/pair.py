@@ -22,7 +22,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kernels as K
-from analyses.lib.common import finite_rows, position_bands, save_figure, write_csv
+from analyses.lib.common import (
+    completion_ci,
+    finite_rows,
+    position_bands,
+    save_figure,
+    write_csv,
+)
 from analyses.lib.pairing import moments_pass, pick_models, provenance_of
 from analyses.protocol import Analysis
 from engine.archive import Archive
@@ -135,18 +141,6 @@ def shift_classes(rank) -> dict:
         "shifted": float(np.mean(rank > 3)),
         "n": int(n),
     }
-
-
-def completion_ci(values, sample, n_boot: int, seed: int) -> list[float] | None:
-    """95% percentile bootstrap interval of the mean over rows, resampling whole completions
-    (each resample: the sum of its completions' rows over their number)."""
-    ids, s = np.unique(sample, return_inverse=True)
-    if len(ids) < 2:
-        return None
-    sums, counts = np.bincount(s, values), np.bincount(s).astype(np.float64)
-    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
-    boot = sums[pick].sum(1) / counts[pick].sum(1)
-    return [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
 
 
 def by_position(step, values) -> dict:

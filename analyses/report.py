@@ -444,6 +444,16 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
 
         return get
 
+    def attractor_area(m):
+        r = own(src, "attractor", m)
+        if not r or src.cite(r, "vs_reference", "model") != base:
+            return None
+        names = sorted(src.cite(r, "vs_reference", "variants") or {})
+        if not names:
+            return None
+        d = src.cite(r, "vs_reference", "variants", names[0], "area", "delta")
+        return (d, src.cite(r, "vs_reference", "variants", names[0], "area", "ci95"))
+
     predicted = [
         f"{m} {fmt(1 + al['alpha'] / al['beta'], 2)}"
         for m in [aligned, *noise_models]
@@ -466,6 +476,15 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
         (f"{label}: model − base ({own_note})", vs_base(analysis, name), 0.0, digits)
         for analysis, name, label, digits in OWN_MEASURES
     ]
+    measures.append(
+        (
+            "attractor: the edit's influence, area under I(t) (nats × steps): model − base "
+            "(each model's own continuations after the same edit; CI over continuations)",
+            attractor_area,
+            0.0,
+            3,
+        )
+    )
     rows = []
     for label, get, null, digits in measures:
         effect = get(aligned)

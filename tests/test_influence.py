@@ -146,6 +146,45 @@ def test_influence_matches_a_float64_recomputation(planted):
     # the kernels' float32 KL terms resolve 1e-6 nats (analyses.lib.influence.KL_RESOLUTION)
     np.testing.assert_allclose(v["kl_by_step"], want, rtol=1e-5, atol=1e-6)
     assert min(want) < 1e-9  # in float64, past the window I(t) is zero up to KV-cache numerics
+    # the area under I(t) per continuation, and its interval over continuations
+    areas = v["area"]["values"]
+    np.testing.assert_allclose(sorted(areas), sorted(c.sum() for c in curves), rtol=1e-5, atol=1e-5)
+    assert v["area"]["n"] == len(curves) and v["area"]["mean"] == pytest.approx(np.mean(areas))
+    assert min(areas) <= v["area"]["ci95"][0] <= v["area"]["ci95"][1] <= max(areas)
+
+
+def test_influence_against_a_reference_by_hand():
+    """The difference of mean areas, resampling each model's continuations independently."""
+    from analyses.lib.influence import vs_reference
+
+    def summary(values):
+        return {"variants": {"prompt 1 (edit: x)": {"area": {"values": values}}}}
+
+    this, ref = summary([1.0, 2.0, 3.0, 2.0]), summary([10.0, 11.0, 12.0])
+    (v,) = vs_reference(this, ref, 500, 0).values()
+    a = v["area"]
+    assert a["delta"] == pytest.approx(2.0 - 11.0) and (a["n_this"], a["n_reference"]) == (4, 3)
+    assert -11.0 <= a["ci95"][0] <= a["delta"] <= a["ci95"][1] <= -7.0 and a["resolved"]
+    (v,) = vs_reference(this, this, 500, 0).values()
+    assert v["area"]["delta"] == 0 and v["area"]["ci95"][0] < 0 < v["area"]["ci95"][1]
+    assert not v["area"]["resolved"]
+    assert vs_reference(this, {"variants": {"prompt 2 (edit: y)": {}}}, 500, 0) == {}
+
+
+def test_attractor_against_a_reference_archive(planted, tmp_path):
+    """analysis.reference: the same variant of another perturbation archive (here the same
+    one: every area is the reference's, so the difference is 0 and not resolved)."""
+    path, s, _ = planted
+    out = tmp_path / "vs"
+    run_analysis(
+        analysis_cfg(out, "analysis=attractor", f"archive={path}", f"analysis.reference={path}")
+    )
+    v = json.loads((out / "summary.json").read_text())["vs_reference"]
+    assert v["archive"] == str(path) and v["model"] == "tiny-random"
+    ((name, d),) = v["variants"].items()
+    assert name in s["influence"]["variants"]
+    assert d["area"]["delta"] == 0 and not d["area"]["resolved"]
+    assert d["area"]["this"] == pytest.approx(s["influence"]["variants"][name]["area"]["mean"])
 
 
 def test_counterpart_needs_a_perturbation_archive_and_its_generator(

@@ -244,6 +244,31 @@ def heldout(runs, cache_dir):
     )["archive"]
     for model in (TEMPERED, CONTROL):
         score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={answers}", *model]))
+    pert = {}
+    for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED), (CONTROL_KEY, CONTROL)):
+        pert[key] = perturb_mod.run(
+            compose_cfg(
+                "perturb",
+                tmp,
+                cache_dir,
+                [
+                    f"source={arch[key]}",
+                    *model,
+                    "parents=[0]",
+                    "cut_after=null",
+                    "cut_at=3",
+                    "edit.replace=[' was',' was not']",
+                    "n_samples=3",
+                    "max_new_tokens=6",
+                    f"out={tmp}/{key}-perturb.h5",
+                ],
+            )
+        )["archive"]
+        score_mod.run(
+            compose_cfg(
+                "score", tmp, cache_dir, [f"archive={pert[key]}", *model, "counterpart=true"]
+            )
+        )
     sweep = tmp / "analyses"
     pairs = [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]
     controls = [f"analysis.base={BASE}", f"analysis.aligned={CONTROL_KEY}"]
@@ -260,6 +285,9 @@ def heldout(runs, cache_dir):
             ("mitigation", base, pairs),
             ("mitigation", base, controls),
             ("answers", answers, []),
+            ("attractor", pert[BASE], []),
+            ("attractor", pert[TWIN], [f"analysis.reference={pert[BASE]}"]),
+            ("attractor", pert[CONTROL_KEY], [f"analysis.reference={pert[BASE]}"]),
         ]
     ):
         run_analysis(
@@ -337,6 +365,19 @@ def test_report_with_a_heldout_experiment(runs, heldout, cache_dir):
     assert row["verdict"] == "resolved (exact: beyond every control)"
     row = next(v for k, v in exact.items() if "sequence-level γ over the candidates, exact" in k)
     assert row["noise"] == f"{CONTROL_KEY}: 1.000"
+    # the attractor: the area under the edit's influence, each model's own continuations; the
+    # control's are the base's exactly (difference 0)
+    att = {
+        json.loads(p.read_text())["generator"]: json.loads(p.read_text())
+        for p in heldout.glob("*_attractor/summary.json")
+    }
+    row = next(v for k, v in held.items() if k.startswith("attractor: the edit's influence"))
+    ((name, d),) = att[TWIN]["vs_reference"]["variants"].items()
+    assert row["effect"] == (
+        f"{d['area']['delta']:.3f} [{d['area']['ci95'][0]:.3f}, {d['area']['ci95'][1]:.3f}]"
+    )
+    zero = att[CONTROL_KEY]["vs_reference"]["variants"][name]["area"]
+    assert zero["delta"] == 0 and row["noise"].startswith(f"{CONTROL_KEY}: 0.000 [")
     seeds = res["effects"]["on the seed prompts"]
     assert not any("own completions" in k for k in seeds)  # no own-sample runs there
     said = res["answer"]

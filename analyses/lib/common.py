@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -108,27 +109,67 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+class Bootstrap:
+    """Resampling whole completions (the rows of one completion are dependent, so the
+    completion is the unit): one multiplicity matrix [n_boot, n] (how often each completion is
+    drawn in each resample, from `default_rng(seed).integers(0, n, (n_boot, n))`), shared by
+    every statistic of one set of completions.  The one estimator behind every interval over
+    completions: pair's KL (`completion_ci`), the bands by position (`position_bands`) and
+    the layers analysis' curves."""
+
+    def __init__(self, n: int, n_boot: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.n, self.n_boot = n, n_boot
+        idx = rng.integers(0, max(n, 1), size=(n_boot, n))
+        flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+        self.w = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+    def ratio(self, sums: np.ndarray, counts: np.ndarray):
+        """Point estimate sum(sums) / sum(counts) over completions [n, m] -> [m], the
+        resamples' values [n_boot, m] and their 2.5 / 97.5% quantiles (NaN where a resample
+        or the point has no count)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            point = sums.sum(0) / counts.sum(0)
+            boot = (self.w @ sums) / (self.w @ counts)
+        if self.n == 0 or self.n_boot == 0:
+            nan = np.full(point.shape, np.nan)
+            return point, boot, nan, nan
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: undefined
+            lo, hi = np.nanquantile(boot, [0.025, 0.975], axis=0)
+        return point, boot, lo, hi
+
+
+def completion_ci(values, sample, n_boot: int, seed: int) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean over rows (`values`, one per row of
+    completion `sample`), resampling whole completions; None with fewer than 2."""
+    ids, s = np.unique(np.asarray(sample), return_inverse=True)
+    if len(ids) < 2:
+        return None
+    values = np.asarray(values, np.float64)
+    sums = np.bincount(s, values, minlength=len(ids))[:, None]
+    counts = np.bincount(s, minlength=len(ids)).astype(np.float64)[:, None]
+    _, _, lo, hi = Bootstrap(len(ids), n_boot, seed).ratio(sums, counts)
+    return [float(lo[0]), float(hi[0])]
+
+
 def position_bands(values, sample, step, n_boot: int = 1000, seed: int = 0) -> dict:
     """Per generated step t: the mean over completions of `values` (one per row, rows keyed by
     `sample` and `step`), how many completions reach t, and a 95% percentile bootstrap
-    interval of that mean over completions (whole completions resampled, the same draws at
-    every step, so neighbouring steps' bands are comparable; NaN where fewer than 2 reach t)."""
+    interval of that mean over completions (`Bootstrap`: whole completions resampled, the same
+    draws at every step, so neighbouring steps' bands are comparable; None where fewer than 2
+    reach t)."""
     values, sample, step = (np.asarray(x) for x in (values, sample, step))
     if len(values) == 0:
         return {"mean": [], "n_completions": [], "ci95": []}
     ids, s = np.unique(sample, return_inverse=True)
     T = int(step.max()) + 1
-    grid = np.full((len(ids), T), np.nan)  # [completion, step]
-    grid[s, step] = values
-    reach = np.isfinite(grid)
-    n = reach.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nansum(grid, 0) / n
-        pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
-        sums = np.nansum(grid[pick], 1)  # [boot, step]
-        counts = reach[pick].sum(1)
-        boot = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0) if n_boot else (mean, mean)
+    sums = np.zeros((len(ids), T))  # [completion, step]
+    counts = np.zeros((len(ids), T))
+    sums[s, step] = values
+    counts[s, step] = 1.0
+    n = counts.sum(0).astype(np.int64)
+    mean, _, lo, hi = Bootstrap(len(ids), n_boot, seed).ratio(sums, counts)
     ok = n >= 2
     return {
         "mean": mean.tolist(),

@@ -99,6 +99,53 @@ def pair_curves(a: Archive, cp: ModelView, variant: int, control: int) -> dict:
     return out
 
 
+def area_stats(areas: list[float], n_boot: int, seed: int) -> dict:
+    """The area under I(t) per continuation (nats x steps): mean, std, n, a 95% bootstrap
+    interval of the mean over continuations, and the values (what `vs_reference` resamples)."""
+    x = np.asarray(areas, np.float64)
+    return {
+        "mean": float(x.mean()) if len(x) else float("nan"),
+        "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
+        "n": int(len(x)),
+        "ci95": list(bootstrap_ci(x, n_boot=n_boot, seed=seed)) if len(x) > 1 else None,
+        "values": x.tolist(),
+    }
+
+
+def vs_reference(this: dict, ref: dict, n_boot: int, seed: int) -> dict:
+    """Per variant both influence summaries have (the same edit of the same parent index, one
+    perturbation archive per model): the mean area under I(t) of this model's continuations
+    minus the reference's, with a 95% percentile bootstrap interval resampling each model's
+    continuations independently (different continuations: no pairing), and `resolved`
+    where it excludes 0."""
+    out = {}
+    rng = np.random.default_rng(seed)
+    for name, v in this["variants"].items():
+        r = ref["variants"].get(name)
+        if r is None:
+            continue
+        x = np.asarray(v["area"]["values"], np.float64)
+        y = np.asarray(r["area"]["values"], np.float64)
+        d = float(x.mean() - y.mean()) if len(x) and len(y) else float("nan")
+        ci = None
+        if len(x) > 1 and len(y) > 1:
+            bx = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+            by = y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
+            ci = [float(q) for q in np.quantile(bx - by, [0.025, 0.975])]
+        out[name] = {
+            "area": {
+                "this": float(x.mean()) if len(x) else float("nan"),
+                "reference": float(y.mean()) if len(y) else float("nan"),
+                "delta": d,
+                "ci95": ci,
+                "resolved": bool(ci is not None and (ci[0] > 0 or ci[1] < 0)),
+                "n_this": int(len(x)),
+                "n_reference": int(len(y)),
+            }
+        }
+    return out
+
+
 def summarise(c: dict, threshold: float, n_boot: int, seed: int) -> dict:
     kl = c["kl"]
     mean = ragged_mean(kl)
@@ -132,7 +179,7 @@ def summarise(c: dict, threshold: float, n_boot: int, seed: int) -> dict:
             "censored_share": float(np.mean(~np.isfinite(settle))),
             "n_continuations": int(len(settle)),
         },
-        "area": stat([float(np.sum(k)) for k in kl]),
+        "area": area_stats([float(np.sum(k)) for k in kl], n_boot, seed),
         "half_life_steps": half_life(mean, threshold),
         "delta_logp_edited_continuations": stat(dlp[edited]),
         "delta_logp_control_continuations": stat(dlp[~edited]),
