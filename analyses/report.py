@@ -336,15 +336,19 @@ def verdict(lo_hi, null: float = 1.0) -> str:
 
 def effect_verdict(effect, noise, null) -> str:
     """`resolved` when the effect's 95% interval excludes the null (where the measure has
-    one) and lies wholly outside every control's interval, else `not resolved`; without a
-    control, said so (a measure without a null then has no verdict)."""
+    one) and lies farther from it than every control's whole interval (its nearest end beyond
+    the control's farthest: the effect exceeds the noise floor, whichever side the control
+    fell), else `not resolved`; without a control, said so (a measure without a null then has
+    no verdict).  A measure without a null (KL) is measured from 0."""
     if not effect or effect[1] is None or None in effect[1]:
         return "–"
     lo, hi = effect[1]
     noise = [n for n in noise if n and n[1] is not None and None not in n[1]]
     if null is not None and lo <= null <= hi:
         return "not resolved"
-    if any(not (lo > n[1][1] or hi < n[1][0]) for n in noise):
+    ref = 0.0 if null is None else null
+    near = 0.0 if lo <= ref <= hi else min(abs(lo - ref), abs(hi - ref))
+    if any(near <= max(abs(n[1][0] - ref), abs(n[1][1] - ref)) for n in noise):
         return "not resolved"
     if not noise:
         return "no control" if null is None else f"resolved against {null:g} (no control)"

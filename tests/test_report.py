@@ -405,3 +405,24 @@ def test_report_without_summaries_is_one_clear_error(tmp_path, cache_dir):
                 ["analysis=report", f"analysis.runs=[{tmp_path / 'empty'}]"],
             )
         )
+
+
+def test_effect_verdict_by_hand():
+    """Resolved only when the effect's interval excludes the null and lies farther from it
+    than every control's whole interval, whichever side the control fell on."""
+    from analyses.report import effect_verdict
+
+    e = (-0.3, [-0.33, -0.29])
+    assert effect_verdict(e, [(-0.01, [-0.02, 0.004])], 0.0) == "resolved"
+    assert effect_verdict(e, [(0.2, [0.1, 0.35])], 0.0) == "not resolved"  # noise reaches 0.35
+    assert effect_verdict(e, [(3.2, [2.4, 4.3])], 0.0) == "not resolved"  # no overlap, yet noise
+    assert effect_verdict((0.1, [-0.1, 0.3]), [], 0.0) == "not resolved"  # holds the null
+    assert effect_verdict(e, [], 0.0) == "resolved against 0 (no control)"
+    g = (1.063, [1.059, 1.067])
+    assert effect_verdict(g, [(0.9985, [0.9963, 1.0007])], 1.0) == "resolved"
+    assert effect_verdict(g, [(0.93, [0.92, 0.94])], 1.0) == "not resolved"  # 0.08 below 1
+    kl = (0.042, [0.037, 0.047])  # no null: measured from 0
+    assert effect_verdict(kl, [(0.014, [0.0125, 0.0163])], None) == "resolved"
+    assert effect_verdict(kl, [(0.04, [0.03, 0.05])], None) == "not resolved"
+    assert effect_verdict(kl, [], None) == "no control"
+    assert effect_verdict(None, [], 0.0) == "–"
