@@ -343,7 +343,12 @@ def effect_verdict(effect, noise, null) -> str:
     if not effect or effect[1] is None or None in effect[1]:
         return "–"
     lo, hi = effect[1]
-    noise = [n for n in noise if n and n[1] is not None and None not in n[1]]
+    # a control without an interval (too few completions for one) counts as its value
+    noise = [
+        n if n[1] is not None and None not in n[1] else (n[0], [n[0], n[0]])
+        for n in noise
+        if n and n[0] is not None
+    ]
     if null is not None and lo <= null <= hi:
         return "not resolved"
     ref = 0.0 if null is None else null
@@ -448,15 +453,18 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
 
         return get
 
-    def attractor_area(m):
-        r = own(src, "attractor", m)
-        if not r or src.cite(r, "vs_reference", "model") != base:
-            return None
-        names = sorted(src.cite(r, "vs_reference", "variants") or {})
-        if not names:
-            return None
-        d = src.cite(r, "vs_reference", "variants", names[0], "area", "delta")
-        return (d, src.cite(r, "vs_reference", "variants", names[0], "area", "ci95"))
+    def attractor_area(name):
+        def get(m):
+            r = own(src, "attractor", m)
+            if not r or src.cite(r, "vs_reference", "model") != base:
+                return None
+            d = src.cite(r, "vs_reference", "variants", name, "area", "delta")
+            return (d, src.cite(r, "vs_reference", "variants", name, "area", "ci95"))
+
+        return get
+
+    mine = own(src, "attractor", aligned)
+    variants = (mine[1].get("vs_reference") or {}).get("variants", {}) if mine else {}
 
     predicted = [
         f"{m} {fmt(1 + al['alpha'] / al['beta'], 2)}"
@@ -480,15 +488,17 @@ def effect_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, s
         (f"{label}: model − base ({own_note})", vs_base(analysis, name), 0.0, digits)
         for analysis, name, label, digits in OWN_MEASURES
     ]
-    measures.append(
+    measures += [
         (
-            "attractor: the edit's influence, area under I(t) (nats × steps): model − base "
-            "(each model's own continuations after the same edit; CI over continuations)",
-            attractor_area,
+            f"attractor, {name}: the edit's influence, area under I(t) (nats × steps): "
+            "model − base (each model's own continuations after the same edit of its own "
+            "parent; CI over seed pairs)",
+            attractor_area(name),
             0.0,
             3,
         )
-    )
+        for name in variants
+    ]
     rows = []
     for label, get, null, digits in measures:
         effect = get(aligned)
@@ -526,7 +536,10 @@ def exact_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, st
         return []
     models = src.cite(found, "models") or {}
     others = [m for m in sorted(models) if m not in (base, aligned)]
-    what = f"{src.cite(found, 'source')}, exact over {src.cite(found, 'candidates')} candidates"
+    what = (
+        f"{src.cite(found, 'source') or 'answers'}, exact over "
+        f"{src.cite(found, 'candidates')} candidates"
+    )
     rows = []
     for label, path, null in EXACT_MEASURES:
 
@@ -551,7 +564,7 @@ def exact_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, st
         if not noise:
             verdict = "no control"
         elif all(abs(effect - null) > abs(v - null) for _, v in noise):
-            verdict = "resolved (exact: beyond every control)"
+            verdict = "resolved (exact: beyond every control's difference)"
         else:
             verdict = "not resolved (exact: within a control's)"
         rows.append(
@@ -922,11 +935,19 @@ def figures_of(src: Sources, analysis: str, model: str, stems: tuple[str, ...]) 
 def run(cfg, a, out: Path) -> dict:
     c = cfg.analysis
     src = Sources(list(c.runs), str(c.get("runs_label") or ""))
-    held = Sources(list(c.heldout), str(c.heldout_label)) if c.get("heldout") else None
+    held = Sources(list(c.heldout), str(c.get("heldout_label") or "")) if c.get("heldout") else None
+    if held and held.label == src.label:
+        raise EngineError(
+            "report: analysis.heldout_label and analysis.runs_label must differ "
+            f"(both {held.label!r}): each names its own effect table"
+        )
     base, aligned = pick_models(src, c)
     rows = headline(src, base, aligned)
     main = held or src  # where the experiment's effect is measured: the held-out prompts
     sharpen = answer(main, base, aligned, f" {main.label}" if main.label else "", src)
+    if not sharpen and held:  # the held-out runs lack the mitigation: the seed runs answer
+        main = src
+        sharpen = answer(src, base, aligned, f" {src.label}" if src.label else "")
     effects = [
         {"where": s_.label, "rows": r}
         for s_ in ([held] if held else []) + [src]
@@ -985,6 +1006,9 @@ def run(cfg, a, out: Path) -> dict:
                 m,
             )
     story = story_figure(main, base, aligned, out)
+    if not story and main is not src:
+        main = src
+        story = story_figure(src, base, aligned, out)
     figs["the story: where along the generation the models differ"] += [
         p for p in story if p.endswith(".png")
     ]

@@ -275,6 +275,7 @@ def test_the_perturbation_view(pert_and_answers):
             want = np.exp(lp[np.arange(n), o["tokens"]])
             assert np.allclose(o["token_p"], want, atol=1e-6)
             seen.add((d["sample"], o["sample"]))
+        assert len(seen) == len(data["samples"]) == a.n_complete
         assert {(b, a_) for a_, b in seen} == seen  # the pairing is mutual
 
 

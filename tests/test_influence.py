@@ -157,8 +157,9 @@ def test_influence_against_a_reference_by_hand():
     """The difference of mean areas, resampling each model's continuations independently."""
     from analyses.lib.influence import vs_reference
 
-    def summary(values):
-        return {"variants": {"prompt 1 (edit: x)": {"area": {"values": values}}}}
+    def summary(values, pairs=None):
+        pairs = list(range(len(values))) if pairs is None else pairs
+        return {"variants": {"prompt 1 (edit: x)": {"area": {"values": values, "pairs": pairs}}}}
 
     this, ref = summary([1.0, 2.0, 3.0, 2.0]), summary([10.0, 11.0, 12.0])
     (v,) = vs_reference(this, ref, 500, 0).values()
@@ -169,6 +170,21 @@ def test_influence_against_a_reference_by_hand():
     assert v["area"]["delta"] == 0 and v["area"]["ci95"][0] < 0 < v["area"]["ci95"][1]
     assert not v["area"]["resolved"]
     assert vs_reference(this, {"variants": {"prompt 2 (edit: y)": {}}}, 500, 0) == {}
+    # whole seed pairs are resampled: pair means 2.0 and 2.0, so this side has no spread
+    paired = summary([1.0, 3.0, 2.0, 2.0], [0, 0, 1, 1])
+    (v,) = vs_reference(paired, summary([5.0, 5.0, 5.0]), 500, 0).values()
+    assert v["area"]["ci95"] == [-3.0, -3.0]
+
+
+def test_area_interval_resamples_seed_pairs():
+    """Two continuations of one seed go together: areas (0, 10) and (10, 0) in two pairs have
+    pair means 5 and 5, so the mean's interval is a point, where resampling continuations
+    would spread it over [0, 10]."""
+    from analyses.lib.influence import area_stats
+
+    a = area_stats([0.0, 10.0, 10.0, 0.0], [0, 0, 1, 1], 500, 0)
+    assert a["ci95"] == [5.0, 5.0] and a["n_pairs"] == 2 and a["mean"] == 5.0
+    assert area_stats([1.0, 2.0], [0, 0], 500, 0)["ci95"] is None  # one pair: no interval
 
 
 def test_attractor_against_a_reference_archive(planted, tmp_path):

@@ -362,7 +362,7 @@ def test_report_with_a_heldout_experiment(runs, heldout, cache_dir):
     row = next(v for k, v in exact.items() if "entropy over the candidates" in k)
     d = ans["models"][TWIN]["entropy_nats"] - ans["models"][BASE]["entropy_nats"]
     assert row["effect"] == f"{d:+.3f}" and row["noise"] == f"{CONTROL_KEY}: +0.000"
-    assert row["verdict"] == "resolved (exact: beyond every control)"
+    assert row["verdict"] == "resolved (exact: beyond every control's difference)"
     row = next(v for k, v in exact.items() if "sequence-level γ over the candidates, exact" in k)
     assert row["noise"] == f"{CONTROL_KEY}: 1.000"
     # the attractor: the area under the edit's influence, each model's own continuations; the
@@ -371,7 +371,7 @@ def test_report_with_a_heldout_experiment(runs, heldout, cache_dir):
         json.loads(p.read_text())["generator"]: json.loads(p.read_text())
         for p in heldout.glob("*_attractor/summary.json")
     }
-    row = next(v for k, v in held.items() if k.startswith("attractor: the edit's influence"))
+    row = next(v for k, v in held.items() if k.startswith("attractor, prompt 1 (edit: "))
     ((name, d),) = att[TWIN]["vs_reference"]["variants"].items()
     assert row["effect"] == (
         f"{d['area']['delta']:.3f} [{d['area']['ci95'][0]:.3f}, {d['area']['ci95'][1]:.3f}]"
@@ -383,6 +383,9 @@ def test_report_with_a_heldout_experiment(runs, heldout, cache_dir):
     said = res["answer"]
     assert said[0].startswith(f"On 8 completions of {BASE} on the held-out chat prompts")
     assert page.index("on the held-out chat prompts") < page.index("on the seed prompts")
+    story = next(c for c in rep["cited"] if "branching_factor_by_position" in c["path"])
+    assert str(heldout) in story["file"]  # the story figure is drawn from the held-out runs
+    assert "completions on the held-out chat prompts, from the summaries" in page
     kinds = {(p["kind"], p["generator"], p["where"]) for p in rep["explorer"]}
     assert ("completions", BASE, "on the held-out chat prompts") in kinds
     assert ("answers", BASE, "on the held-out chat prompts") in kinds

@@ -160,6 +160,8 @@ def position_bands(values, sample, step, n_boot: int = 1000, seed: int = 0) -> d
     draws at every step, so neighbouring steps' bands are comparable; None where fewer than 2
     reach t)."""
     values, sample, step = (np.asarray(x) for x in (values, sample, step))
+    keep = np.isfinite(values)  # a non-finite row is no value: it neither counts nor spreads
+    values, sample, step = values[keep], sample[keep], step[keep]
     if len(values) == 0:
         return {"mean": [], "n_completions": [], "ci95": []}
     ids, s = np.unique(sample, return_inverse=True)

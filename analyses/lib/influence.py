@@ -82,7 +82,7 @@ def pair_curves(a: Archive, cp: ModelView, variant: int, control: int) -> dict:
     """Per continuation of one (variant, control) pair of prompts: I(t), reverse KL, JS, and
     the continuation's log-probabilities under the edited and the control prefix."""
     s, own, M = a.samples(), a.model(), a.samples_per_prompt
-    out = {"kl": [], "kl_reverse": [], "js": [], "delta_logp": [], "edited": []}
+    out = {"kl": [], "kl_reverse": [], "js": [], "delta_logp": [], "edited": [], "pair": []}
     for prompt, edited_side_own in ((variant, True), (control, False)):
         for i in range(prompt * M, (prompt + 1) * M):
             n = int(s["length"][i])
@@ -96,19 +96,37 @@ def pair_curves(a: Archive, cp: ModelView, variant: int, control: int) -> dict:
             out["js"].append(st.js)
             out["delta_logp"].append(float(np.sum(st.logp_token - st.logq_token)))
             out["edited"].append(edited_side_own)
+            out["pair"].append(i - prompt * M)  # j: continuation j of either prefix, one seed
     return out
 
 
-def area_stats(areas: list[float], n_boot: int, seed: int) -> dict:
+def cluster_means(x: np.ndarray, groups: np.ndarray, rng, n_boot: int) -> np.ndarray:
+    """[n_boot] means of `x` over resamples of whole groups (the unit of independence)."""
+    ids, g = np.unique(groups, return_inverse=True)
+    sums = np.bincount(g, x, minlength=len(ids))
+    counts = np.bincount(g, minlength=len(ids)).astype(np.float64)
+    pick = rng.integers(0, len(ids), (n_boot, len(ids)))
+    return sums[pick].sum(1) / counts[pick].sum(1)
+
+
+def area_stats(areas: list[float], pairs: list[int], n_boot: int, seed: int) -> dict:
     """The area under I(t) per continuation (nats x steps): mean, std, n, a 95% bootstrap
-    interval of the mean over continuations, and the values (what `vs_reference` resamples)."""
-    x = np.asarray(areas, np.float64)
+    interval of the mean, and the values with their seed pair j (what `vs_reference`
+    resamples).  Continuation j after the edited prefix and continuation j after the control
+    prefix share one seed, so their areas are dependent: the bootstrap resamples whole pairs."""
+    x, j = np.asarray(areas, np.float64), np.asarray(pairs, np.int64)
+    ci = None
+    if len(np.unique(j)) > 1:
+        boot = cluster_means(x, j, np.random.default_rng(seed), n_boot)
+        ci = [float(q) for q in np.quantile(boot, [0.025, 0.975])]
     return {
         "mean": float(x.mean()) if len(x) else float("nan"),
         "std": float(np.std(x, ddof=1)) if len(x) > 1 else float("nan"),
         "n": int(len(x)),
-        "ci95": list(bootstrap_ci(x, n_boot=n_boot, seed=seed)) if len(x) > 1 else None,
+        "n_pairs": int(len(np.unique(j))),
+        "ci95": ci,
         "values": x.tolist(),
+        "pairs": j.tolist(),
     }
 
 
@@ -116,22 +134,23 @@ def vs_reference(this: dict, ref: dict, n_boot: int, seed: int) -> dict:
     """Per variant both influence summaries have (the same edit of the same parent index, one
     perturbation archive per model): the mean area under I(t) of this model's continuations
     minus the reference's, with a 95% percentile bootstrap interval resampling each model's
-    continuations independently (different continuations: no pairing), and `resolved`
-    where it excludes 0."""
+    seed pairs independently (different continuations of different parents: no pairing
+    between the models; within a model the two continuations of one seed go together), and
+    `resolved` where it excludes 0.  Each model perturbs its own parent text, so the interval
+    is conditional on the parents: a control model's difference measures that noise."""
     out = {}
     rng = np.random.default_rng(seed)
     for name, v in this["variants"].items():
         r = ref["variants"].get(name)
         if r is None:
             continue
-        x = np.asarray(v["area"]["values"], np.float64)
-        y = np.asarray(r["area"]["values"], np.float64)
+        x, y = (np.asarray(z["area"]["values"], np.float64) for z in (v, r))
+        jx, jy = (np.asarray(z["area"]["pairs"], np.int64) for z in (v, r))
         d = float(x.mean() - y.mean()) if len(x) and len(y) else float("nan")
         ci = None
-        if len(x) > 1 and len(y) > 1:
-            bx = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-            by = y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
-            ci = [float(q) for q in np.quantile(bx - by, [0.025, 0.975])]
+        if len(np.unique(jx)) > 1 and len(np.unique(jy)) > 1:
+            diff = cluster_means(x, jx, rng, n_boot) - cluster_means(y, jy, rng, n_boot)
+            ci = [float(q) for q in np.quantile(diff, [0.025, 0.975])]
         out[name] = {
             "area": {
                 "this": float(x.mean()) if len(x) else float("nan"),
@@ -179,7 +198,7 @@ def summarise(c: dict, threshold: float, n_boot: int, seed: int) -> dict:
             "censored_share": float(np.mean(~np.isfinite(settle))),
             "n_continuations": int(len(settle)),
         },
-        "area": area_stats([float(np.sum(k)) for k in kl], n_boot, seed),
+        "area": area_stats([float(np.sum(k)) for k in kl], c["pair"], n_boot, seed),
         "half_life_steps": half_life(mean, threshold),
         "delta_logp_edited_continuations": stat(dlp[edited]),
         "delta_logp_control_continuations": stat(dlp[~edited]),
