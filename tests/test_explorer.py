@@ -344,83 +344,61 @@ def check_panel(page, a: Archive, sample: int, step: int, k: int) -> None:
 
 
 def test_the_page_in_headless_chromium(pair_archive, tmp_path):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not importable (pip install playwright: the test extra)")
-    exe = chromium()
-    if exe is None:
-        pytest.skip(
-            "no Chromium binary found (apt-get install chromium, or set LOGIT_ENGINE_CHROMIUM)"
-        )
     out = tmp_path / "explorer.html"
     k = 10
     with Archive(pair_archive) as a:
         explorer.write(a, out, topk=k)
         data = embedded(out)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.set_default_timeout(30_000)
-                problems, requests = [], []
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-                page.on("request", lambda r: requests.append(r.url))
-                page.goto(out.as_uri())
-                n0 = len(data["samples"][0]["tokens"])
-                assert page.locator("#text .tok").count() == n0
+        with browser_page(out.as_uri()) as page:
+            n0 = len(data["samples"][0]["tokens"])
+            assert page.locator("#text .tok").count() == n0
 
-                # hover a token: the panel shows both models' top-k, as inspect prints them
-                page.hover('#text .tok[data-sample="0"][data-step="2"]')
-                check_panel(page, a, 0, 2, k)
-                sampled = page.get_attribute('#text .tok[data-step="2"]', "data-token")
-                assert sampled == str(data["samples"][0]["tokens"][2])
+            # hover a token: the panel shows both models' top-k, as inspect prints them
+            page.hover('#text .tok[data-sample="0"][data-step="2"]')
+            check_panel(page, a, 0, 2, k)
+            sampled = page.get_attribute('#text .tok[data-step="2"]', "data-token")
+            assert sampled == str(data["samples"][0]["tokens"][2])
 
-                # another measure: other colours, and the legend follows
-                colours = lambda: page.eval_on_selector_all(
-                    "#text .tok", "els => els.map(e => getComputedStyle(e).backgroundColor)"
-                )
-                before = colours()
-                assert page.get_attribute("#legend", "data-measure") == "p"
-                for measure in ("entropy", "kl", "dlogp", "shift"):
-                    page.select_option("#measure-select", measure)
-                    assert page.get_attribute("#legend", "data-measure") == measure
-                    assert colours() != before, measure
-                page.select_option("#measure-select", "entropy")
-                after = colours()
-                assert len(set(after)) > 1 and after != before
+            # another measure: other colours, and the legend follows
+            colours = lambda: page.eval_on_selector_all(  # noqa: E731
+                "#text .tok", "els => els.map(e => getComputedStyle(e).backgroundColor)"
+            )
+            before = colours()
+            assert page.get_attribute("#legend", "data-measure") == "p"
+            for measure in ("entropy", "kl", "dlogp", "shift"):
+                page.select_option("#measure-select", measure)
+                assert page.get_attribute("#legend", "data-measure") == measure
+                assert colours() != before, measure
+            page.select_option("#measure-select", "entropy")
+            after = colours()
+            assert len(set(after)) > 1 and after != before
 
-                # the right arrow moves the focus to the next token; the panel follows (the
-                # select boxes keep their own arrow keys: a click gives the text the keys)
-                page.click('#text .tok[data-step="2"]')
-                check_panel(page, a, 0, 2, k)
-                page.keyboard.press("ArrowRight")
-                current = page.locator("#text .tok.current")
-                assert current.count() == 1 and current.get_attribute("data-step") == "3"
-                assert page.evaluate("document.activeElement.dataset.step") == "3"
-                outline = page.eval_on_selector(
-                    "#text .tok.current", "e => getComputedStyle(e).outlineStyle"
-                )
-                assert outline == "solid"  # a visible focus
-                check_panel(page, a, 0, 3, k)
-                page.keyboard.press("ArrowLeft")
-                assert page.get_attribute("#text .tok.current", "data-step") == "2"
-                check_panel(page, a, 0, 2, k)
-                page.screenshot(path=str(tmp_path / "explorer.png"))
+            # the right arrow moves the focus to the next token; the panel follows (the
+            # select boxes keep their own arrow keys: a click gives the text the keys)
+            page.click('#text .tok[data-step="2"]')
+            check_panel(page, a, 0, 2, k)
+            page.keyboard.press("ArrowRight")
+            current = page.locator("#text .tok.current")
+            assert current.count() == 1 and current.get_attribute("data-step") == "3"
+            assert page.evaluate("document.activeElement.dataset.step") == "3"
+            outline = page.eval_on_selector(
+                "#text .tok.current", "e => getComputedStyle(e).outlineStyle"
+            )
+            assert outline == "solid"  # a visible focus
+            check_panel(page, a, 0, 3, k)
+            page.keyboard.press("ArrowLeft")
+            assert page.get_attribute("#text .tok.current", "data-step") == "2"
+            check_panel(page, a, 0, 2, k)
+            page.screenshot(path=str(tmp_path / "explorer.png"))
 
-                # another sample: its tokens, coloured by the chosen measure
-                page.select_option("#sample-select", "3")
-                s3 = data["samples"][3]
-                assert page.locator(f'#text .tok[data-sample="{s3["sample"]}"]').count() == len(
-                    s3["tokens"]
-                )
-                page.hover(f'#text .tok[data-sample="{s3["sample"]}"][data-step="0"]')
-                check_panel(page, a, s3["sample"], 0, k)
-                assert problems == []
-                assert all(u.startswith(("file:", "data:")) for u in requests), requests
-            finally:
-                browser.close()
+            # another sample: its tokens, coloured by the chosen measure
+            page.select_option("#sample-select", "3")
+            s3 = data["samples"][3]
+            assert page.locator(f'#text .tok[data-sample="{s3["sample"]}"]').count() == len(
+                s3["tokens"]
+            )
+            page.hover(f'#text .tok[data-sample="{s3["sample"]}"][data-step="0"]')
+            check_panel(page, a, s3["sample"], 0, k)
     shot = tmp_path / "explorer.png"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")

@@ -22,19 +22,26 @@ TEMPERED = ["model=tempered", "model.base=tiny-random", "model.gamma=1.7"]
 CONTROL = ["model=tempered", "model.base=tiny-random", "model.gamma=1.0"]
 
 
+def dump(tmp, cache_dir, key: str, model: list[str], n_samples: int) -> str:
+    """A tiny fp32 dump of the seed prompts, 10 tokens per completion, at tmp/<key>.h5."""
+    overrides = [*model, f"n_samples={n_samples}", "max_new_tokens=10", "codec=fp32"]
+    cfg = compose_cfg("dump", tmp, cache_dir, [*overrides, f"out={tmp}/{key}.h5"])
+    return dump_mod.run(cfg)["archive"]
+
+
+def perturb(tmp, cache_dir, source: str, model: list[str], key: str, edit: list[str]) -> str:
+    """3 continuations of 6 tokens after the first sample cut at step 3, edited by `edit`."""
+    overrides = [f"source={source}", *model, "parents=[0]", "cut_after=null", "cut_at=3", *edit]
+    overrides += ["n_samples=3", "max_new_tokens=6", f"out={tmp}/{key}-perturb.h5"]
+    return perturb_mod.run(compose_cfg("perturb", tmp, cache_dir, overrides))["archive"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("report")
     arch = {}
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED)):
-        arch[key] = dump_mod.run(
-            compose_cfg(
-                "dump",
-                tmp,
-                cache_dir,
-                [*model, "n_samples=3", "max_new_tokens=10", "codec=fp32", f"out={tmp}/{key}.h5"],
-            )
-        )["archive"]
+        arch[key] = dump(tmp, cache_dir, key, model, 3)
     score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *TEMPERED]))
     score_mod.run(
         compose_cfg("score", tmp, cache_dir, [f"archive={arch[TWIN]}", "model=tiny-random"])
@@ -42,25 +49,8 @@ def runs(tmp_path_factory, cache_dir):
     # a control: the base at power 1 (identical rows), scored on the base's completions
     score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *CONTROL]))
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED)):
-        arch[key + "-perturb"] = perturb_mod.run(
-            compose_cfg(
-                "perturb",
-                tmp,
-                cache_dir,
-                [
-                    f"source={arch[key]}",
-                    *model,
-                    "parents=[0]",
-                    "cut_after=null",
-                    "cut_at=3",
-                    "edit.replace=null",
-                    "edit.insert=X",
-                    "n_samples=3",
-                    "max_new_tokens=6",
-                    f"out={tmp}/{key}-perturb.h5",
-                ],
-            )
-        )["archive"]
+        edit = ["edit.replace=null", "edit.insert=X"]
+        arch[key + "-perturb"] = perturb(tmp, cache_dir, arch[key], model, key, edit)
     sweep = tmp / "analyses"
     for i, (analysis, archive, extra) in enumerate(
         [
@@ -216,14 +206,7 @@ def heldout(runs, cache_dir):
     arch = {}
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED), (CONTROL_KEY, CONTROL)):
         # 4 completions per prompt: Yang & Holtzman's BF pools positions 4 samples reach
-        arch[key] = dump_mod.run(
-            compose_cfg(
-                "dump",
-                tmp,
-                cache_dir,
-                [*model, "n_samples=4", "max_new_tokens=10", "codec=fp32", f"out={tmp}/{key}.h5"],
-            )
-        )["archive"]
+        arch[key] = dump(tmp, cache_dir, key, model, 4)
     for model in (TEMPERED, CONTROL):
         score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *model]))
     base, twin, ctrl = arch[BASE], arch[TWIN], arch[CONTROL_KEY]
@@ -246,24 +229,8 @@ def heldout(runs, cache_dir):
         score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={answers}", *model]))
     pert = {}
     for key, model in ((BASE, ["model=tiny-random"]), (TWIN, TEMPERED), (CONTROL_KEY, CONTROL)):
-        pert[key] = perturb_mod.run(
-            compose_cfg(
-                "perturb",
-                tmp,
-                cache_dir,
-                [
-                    f"source={arch[key]}",
-                    *model,
-                    "parents=[0]",
-                    "cut_after=null",
-                    "cut_at=3",
-                    "edit.replace=[' was',' was not']",
-                    "n_samples=3",
-                    "max_new_tokens=6",
-                    f"out={tmp}/{key}-perturb.h5",
-                ],
-            )
-        )["archive"]
+        edit = ["edit.replace=[' was',' was not']"]
+        pert[key] = perturb(tmp, cache_dir, arch[key], model, key, edit)
         score_mod.run(
             compose_cfg(
                 "score", tmp, cache_dir, [f"archive={pert[key]}", *model, "counterpart=true"]
