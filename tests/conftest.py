@@ -109,3 +109,19 @@ def engine_cli(*args, cwd=None, timeout=300, env=None):
         timeout=timeout,
         env=full_env,
     )
+
+
+def tiny_answers(tmp: Path, cache: Path, out: Path) -> str:
+    """A candidate-answer archive of tiny-random: prompt 'Hi', candidates ab, abc, b (no
+    reference weights), raw text."""
+    from engine.commands import answers
+
+    overrides = [
+        "model=tiny-random",
+        "candidates.prompt='Hi'",
+        "candidates.candidates=[ab,abc,b]",
+        "candidates.reference=null",
+        "chat_template=false",
+        f"out={out}",
+    ]
+    return answers.run(compose_cfg("answers", tmp, cache, overrides))["archive"]

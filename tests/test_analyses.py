@@ -34,6 +34,15 @@ def paired(tmp_path_factory, cache_dir):
     return tempered_pair(tmp_path_factory.mktemp("paired"), cache_dir, 4, 12)
 
 
+@pytest.fixture(scope="module")
+def other(tmp_path_factory, cache_dir):
+    """Another dump of the paired archive's prompts (another seed, temperature 2): a reference
+    of the same prompts for the `vs_reference` tests."""
+    tmp = tmp_path_factory.mktemp("other")
+    overrides = ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "seed=7", "temperature=2"]
+    return dump_mod.run(compose_dump(tmp, cache_dir, overrides))["archive"]
+
+
 def decoded(a, key):
     s = a.samples()
     return [
@@ -466,18 +475,11 @@ def test_diversity_report_on_an_archive(paired, tmp_path):
     assert (tmp_path / "tsne_clusters.png").exists() and (tmp_path / "completions.csv").exists()
 
 
-def test_diversity_against_a_reference_archive(paired, tmp_path, cache_dir):
+def test_diversity_against_a_reference_archive(paired, other, tmp_path):
     """Another dump of the same prompts (another seed, temperature 2) as the reference: each
     delta is the mean over prompts of this archive's per-prompt score minus the reference's,
     recomputed here from the two archives' own diversity summaries; against itself every
     delta is 0 and nothing is resolved."""
-    other = dump_mod.run(
-        compose_dump(
-            tmp_path / "other",
-            cache_dir,
-            ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "seed=7", "temperature=2"],
-        )
-    )["archive"]
     run_analysis(analysis_cfg(tmp_path / "b", "analysis=diversity", f"archive={other}"))
     ref = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert ref["temperature"] == 2.0
@@ -509,18 +511,11 @@ def test_diversity_against_a_reference_archive(paired, tmp_path, cache_dir):
     assert same["sentbert_diversity"]["delta"] == 0 and not same["sentbert_diversity"]["resolved"]
 
 
-def test_entropy_against_a_reference_archive(paired, tmp_path, cache_dir):
+def test_entropy_against_a_reference_archive(paired, other, tmp_path):
     """Each model on its own completions: the generator's per-prompt mean entropy (float64
     here, from the stored rows) and Yang & Holtzman's BF (as the reference archive's own
     entropy summary reports it) against another dump's, paired by prompt; the interval lies
     within the per-prompt differences; against itself every delta is 0, not resolved."""
-    other = dump_mod.run(
-        compose_dump(
-            tmp_path / "other",
-            cache_dir,
-            ["model=tiny-random", "n_samples=4", "max_new_tokens=12", "seed=7", "temperature=2"],
-        )
-    )["archive"]
     run_analysis(analysis_cfg(tmp_path / "b", "analysis=entropy", f"archive={other}"))
     ref = json.loads((tmp_path / "b" / "summary.json").read_text())["models"]["tiny-random"]
     run_analysis(

@@ -22,10 +22,9 @@ import pytest
 import kernels as K
 from engine import explorer
 from engine.archive import Archive
-from engine.commands import answers as answers_mod
 from engine.commands import inspect as inspect_mod
 from engine.commands import perturb as perturb_mod
-from tests.conftest import ROOT, compose_cfg, engine_cli, tempered_pair
+from tests.conftest import ROOT, compose_cfg, engine_cli, tempered_pair, tiny_answers
 from tests.test_cli import assert_one_line_error
 from tests.test_layers import NO_TORCH
 
@@ -206,21 +205,7 @@ def pert_and_answers(pair_archive, tmp_path_factory, cache_dir):
             ],
         )
     )["archive"]
-    ans = answers_mod.run(
-        compose_cfg(
-            "answers",
-            tmp_path,
-            cache_dir,
-            [
-                "model=tiny-random",
-                "candidates.prompt='Hi'",
-                "candidates.candidates=[ab,abc,b]",
-                "candidates.reference=null",
-                "chat_template=false",
-                f"out={tmp_path}/ans.h5",
-            ],
-        )
-    )["archive"]
+    ans = tiny_answers(tmp_path, cache_dir, tmp_path / "ans.h5")
     for path in (pert, ans):
         with Archive(path) as a:
             explorer.write(a, Path(path).with_suffix(".html"), topk=5)

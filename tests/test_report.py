@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from analyses.__main__ import run as run_analysis
-from engine.commands import answers as answers_mod
 from engine.commands import dump as dump_mod
 from engine.commands import perturb as perturb_mod
 from engine.commands import score as score_mod
 from engine.errors import EngineError
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, tiny_answers
 
 BASE, TWIN = "tiny-random", "tiny-random-tempered-1.7"
 CONTROL_KEY = "tiny-random-tempered-1.0"
@@ -36,6 +35,13 @@ def perturb(tmp, cache_dir, source: str, model: list[str], key: str, edit: list[
     return perturb_mod.run(compose_cfg("perturb", tmp, cache_dir, overrides))["archive"]
 
 
+def run_all(sweep, cache_dir, jobs) -> None:
+    """Each (analysis, archive, overrides) into sweep/<i>_<analysis>, as a multirun lays out."""
+    for i, (analysis, archive, extra) in enumerate(jobs):
+        overrides = [f"analysis={analysis}", f"archive={archive}", *extra]
+        run_analysis(compose_cfg("analyses", sweep / f"{i}_{analysis}", cache_dir, overrides))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("report")
@@ -52,7 +58,9 @@ def runs(tmp_path_factory, cache_dir):
         edit = ["edit.replace=null", "edit.insert=X"]
         arch[key + "-perturb"] = perturb(tmp, cache_dir, arch[key], model, key, edit)
     sweep = tmp / "analyses"
-    for i, (analysis, archive, extra) in enumerate(
+    run_all(
+        sweep,
+        cache_dir,
         [
             ("entropy", arch[BASE], []),
             ("entropy", arch[TWIN], []),
@@ -68,16 +76,8 @@ def runs(tmp_path_factory, cache_dir):
             ("diversity", arch[BASE], []),
             ("attractor", arch[BASE + "-perturb"], []),
             ("attractor", arch[TWIN + "-perturb"], []),
-        ]
-    ):
-        run_analysis(
-            compose_cfg(
-                "analyses",
-                sweep / f"{i}_{analysis}",
-                cache_dir,
-                [f"analysis={analysis}", f"archive={archive}", *extra],
-            )
-        )
+        ],
+    )
     return tmp, sweep
 
 
@@ -210,21 +210,7 @@ def heldout(runs, cache_dir):
     for model in (TEMPERED, CONTROL):
         score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={arch[BASE]}", *model]))
     base, twin, ctrl = arch[BASE], arch[TWIN], arch[CONTROL_KEY]
-    answers = answers_mod.run(
-        compose_cfg(
-            "answers",
-            tmp,
-            cache_dir,
-            [
-                "model=tiny-random",
-                "candidates.prompt='Hi'",
-                "candidates.candidates=[ab,abc,b]",
-                "candidates.reference=null",
-                "chat_template=false",
-                f"out={tmp}/answers.h5",
-            ],
-        )
-    )["archive"]
+    answers = tiny_answers(tmp, cache_dir, tmp / "answers.h5")
     for model in (TEMPERED, CONTROL):
         score_mod.run(compose_cfg("score", tmp, cache_dir, [f"archive={answers}", *model]))
     pert = {}
@@ -240,7 +226,9 @@ def heldout(runs, cache_dir):
     pairs = [f"analysis.base={BASE}", f"analysis.aligned={TWIN}"]
     controls = [f"analysis.base={BASE}", f"analysis.aligned={CONTROL_KEY}"]
     ref = [f"analysis.reference={base}", "analysis.n_boot=200"]
-    for i, (analysis, archive, extra) in enumerate(
+    run_all(
+        sweep,
+        cache_dir,
         [
             ("entropy", base, []),
             ("entropy", twin, ref),
@@ -255,16 +243,8 @@ def heldout(runs, cache_dir):
             ("attractor", pert[BASE], []),
             ("attractor", pert[TWIN], [f"analysis.reference={pert[BASE]}"]),
             ("attractor", pert[CONTROL_KEY], [f"analysis.reference={pert[BASE]}"]),
-        ]
-    ):
-        run_analysis(
-            compose_cfg(
-                "analyses",
-                sweep / f"{i}_{analysis}",
-                cache_dir,
-                [f"analysis={analysis}", f"archive={archive}", *extra],
-            )
-        )
+        ],
+    )
     return sweep
 
 
