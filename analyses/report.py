@@ -561,12 +561,12 @@ def exact_rows(src: Sources, base: str, aligned: str) -> list[tuple[str, str, st
         noise = [(m, v) for m, v in noise if v is not None]
         digits = 0 if path == ("coverage_90",) else 3
         num = lambda v: f"{v:+.{digits}f}" if null == 0 else fmt(float(v), digits)  # noqa: E731
-        if not noise:
-            verdict = "no control"
-        elif all(abs(effect - null) > abs(v - null) for _, v in noise):
-            verdict = "resolved (exact: beyond every control's difference)"
-        else:
-            verdict = "not resolved (exact: within a control's)"
+        # effect_verdict's rule on exact values (intervals of one point)
+        verdict = effect_verdict((effect, [effect] * 2), [(v, [v] * 2) for _, v in noise], null)
+        verdict = {
+            "resolved": "resolved (exact: beyond every control's difference)",
+            "not resolved": "not resolved (exact: within a control's)",
+        }.get(verdict, "no control" if not noise else verdict)
         rows.append(
             (
                 f"{what}: {label} (exact, no interval)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 import kernels as K
+from analyses.lib.common import Bootstrap
 from engine.archive import Archive, ModelView, codecs
 from engine.archive.format import COUNTERPART_SUFFIX
 from kernels import bootstrap_ci
@@ -100,13 +101,13 @@ def pair_curves(a: Archive, cp: ModelView, variant: int, control: int) -> dict:
     return out
 
 
-def cluster_means(x: np.ndarray, groups: np.ndarray, rng, n_boot: int) -> np.ndarray:
-    """[n_boot] means of `x` over resamples of whole groups (the unit of independence)."""
+def cluster_means(x: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot] means of `x` over resamples of whole groups (the unit of independence): the
+    completion bootstrap `analyses.lib.common.Bootstrap` with groups for completions."""
     ids, g = np.unique(groups, return_inverse=True)
-    sums = np.bincount(g, x, minlength=len(ids))
-    counts = np.bincount(g, minlength=len(ids)).astype(np.float64)
-    pick = rng.integers(0, len(ids), (n_boot, len(ids)))
-    return sums[pick].sum(1) / counts[pick].sum(1)
+    sums = np.bincount(g, x, minlength=len(ids))[:, None]
+    counts = np.bincount(g, minlength=len(ids)).astype(np.float64)[:, None]
+    return Bootstrap(len(ids), n_boot, seed).ratio(sums, counts)[1][:, 0]
 
 
 def area_stats(areas: list[float], pairs: list[int], n_boot: int, seed: int) -> dict:
@@ -117,7 +118,7 @@ def area_stats(areas: list[float], pairs: list[int], n_boot: int, seed: int) -> 
     x, j = np.asarray(areas, np.float64), np.asarray(pairs, np.int64)
     ci = None
     if len(np.unique(j)) > 1:
-        boot = cluster_means(x, j, np.random.default_rng(seed), n_boot)
+        boot = cluster_means(x, j, n_boot, seed)
         ci = [float(q) for q in np.quantile(boot, [0.025, 0.975])]
     return {
         "mean": float(x.mean()) if len(x) else float("nan"),
@@ -139,7 +140,6 @@ def vs_reference(this: dict, ref: dict, n_boot: int, seed: int) -> dict:
     `resolved` where it excludes 0.  Each model perturbs its own parent text, so the interval
     is conditional on the parents: a control model's difference measures that noise."""
     out = {}
-    rng = np.random.default_rng(seed)
     for name, v in this["variants"].items():
         r = ref["variants"].get(name)
         if r is None:
@@ -149,7 +149,8 @@ def vs_reference(this: dict, ref: dict, n_boot: int, seed: int) -> dict:
         d = float(x.mean() - y.mean()) if len(x) and len(y) else float("nan")
         ci = None
         if len(np.unique(jx)) > 1 and len(np.unique(jy)) > 1:
-            diff = cluster_means(x, jx, rng, n_boot) - cluster_means(y, jy, rng, n_boot)
+            # independent draws for the two models: seeds seed and seed + 1
+            diff = cluster_means(x, jx, n_boot, seed) - cluster_means(y, jy, n_boot, seed + 1)
             ci = [float(q) for q in np.quantile(diff, [0.025, 0.975])]
         out[name] = {
             "area": {
