@@ -26,8 +26,13 @@ TWIN   := smollm2-135m-typical-dpo
 CTRL   := smollm2-135m-random-dpo
 # the first N of the 50 held-out chat prompts (conf/prompts/open_ended_heldout.yaml) in the demo
 HELDOUT_PROMPTS := 16
+# a multirun job's model config name (`-m model=a,b`: one process, one archive per model)
+MODEL_NAME := $${hydra:runtime.choices.model}
+# the demo's steps after the seed dumps (make targets; `make demo` runs them, two at a time)
+DEMO_STEPS := demo-report demo-seed-dumps demo-seed-scores demo-seed-layers demo-twin-seed demo-control-dump demo-seed-attractor \
+	demo-seed-analyses demo-heldout
 
-.PHONY: setup lock test-latest demo test bench clean
+.PHONY: setup lock test-latest demo $(DEMO_STEPS) test bench clean
 
 setup: $(STAMP)
 
@@ -70,74 +75,24 @@ test-latest:
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|transformer-lens|trl|numba|h5py)=='
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
+# `make demo` runs the experiment as a graph of make targets, two at a time once the twins are
+# built (-j2: one step's imports, model loads and numpy run while another's matrix products
+# do): the held-out prompts beside the seed prompts' chain.  A file one step writes is never
+# open in the other (HDF5 locks it: score, layers and perturb on the same archive wait for
+# each other through the graph's edges).  Each target prints its output when it ends
+# (--output-sync), so those steps run without progress bars.  With two processes on 2 cores, OpenMP threads that spin while they wait made
+# a decode step 20x slower (4.06 s against 0.21 s): those steps run with OMP_WAIT_POLICY=PASSIVE
+# (alone it costs the decode steps nothing measurable: 0.217 against 0.204 s per step of 32 rows).
+$(DEMO_STEPS): export OMP_WAIT_POLICY = PASSIVE
+NOBAR := progress=false
+
 demo: setup
-	@echo "== 1/6 the typicality-DPO twin of $(REF) and its coin-flip control (alpha 0; the same candidates), built once, then cached"
+	@echo "== the typicality-DPO twin of $(REF) and its coin-flip control (alpha 0; the same candidates), built once, then cached"
 	$(BIN)/python -m engine align hydra.run.dir=$(DEMO)/logs/align
 	$(BIN)/python -m engine align alpha=0 name=$(CTRL) hydra.run.dir=$(DEMO)/logs/align-control
-	@echo "== 2/6 each model samples its own completions of the seed prompts, full logits and its logit lens"
-	for m in $(REF) $(TWIN); do $(BIN)/python -m engine dump model=$$m prompts=seeds n_samples=16 \
-		max_new_tokens=64 lens=true lens_layers=stride:3 out=$(DEMO)/$$m.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$$m || exit 1; done
-	@echo "== 3/6 each model scored on the other's completions (identical tokens), and both lenses compared layer by layer"
-	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(TWIN) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(TWIN)
-	$(BIN)/python -m engine score archive=$(DEMO)/$(TWIN).h5 model=$(REF) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(REF)
-	$(BIN)/python -m engine score archive=$(DEMO)/$(REF).h5 model=$(CTRL) overwrite=true hydra.run.dir=$(DEMO)/logs/score-$(CTRL)
-	$(BIN)/python -m engine layers archive=$(DEMO)/$(REF).h5 model@base=$(REF) model@aligned=$(CTRL) \
-		lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-control
-	for m in $(REF) $(TWIN); do $(BIN)/python -m engine layers archive=$(DEMO)/$$m.h5 model@base=$(REF) \
-		model@aligned=$(TWIN) lens_layers=stride:3 overwrite=true hydra.run.dir=$(DEMO)/logs/layers-$$m || exit 1; done
-	@echo "== 3b/6 the held-out chat prompts (never trained on), where the twins were trained to differ:"
-	@echo "   each model samples its own completions; both twins scored on the reference's"
-	for m in $(REF) $(TWIN) $(CTRL); do $(BIN)/python -m engine dump model=$$m prompts=open_ended_heldout \
-		prompts.take=$(HELDOUT_PROMPTS) n_samples=4 max_new_tokens=32 out=$(DEMO)/heldout/$$m.h5 overwrite=true \
-		hydra.run.dir=$(DEMO)/logs/heldout-dump-$$m || exit 1; done
-	@echo "   and \"Name a US state\": every model's exact distribution over the 50 candidates"
-	$(BIN)/python -m engine answers model=$(REF) out=$(DEMO)/heldout/answers.h5 overwrite=true \
-		hydra.run.dir=$(DEMO)/logs/answers
-	for m in $(TWIN) $(CTRL); do \
-	  $(BIN)/python -m engine score archive=$(DEMO)/heldout/$(REF).h5 model=$$m \
-		overwrite=true hydra.run.dir=$(DEMO)/logs/heldout-score-$$m || exit 1; \
-	  $(BIN)/python -m engine score archive=$(DEMO)/heldout/answers.h5 model=$$m \
-		overwrite=true hydra.run.dir=$(DEMO)/logs/answers-score-$$m || exit 1; done
-	@echo "== 4/6 the attractor experiment on each model's own completions: \"was\" -> \"was not\" (the control"
-	@echo "   samples its own seed completions for it first)"
-	$(BIN)/python -m engine dump model=$(CTRL) prompts=seeds n_samples=16 max_new_tokens=64 \
-		out=$(DEMO)/$(CTRL).h5 overwrite=true hydra.run.dir=$(DEMO)/logs/dump-$(CTRL)
-	for m in $(REF) $(TWIN) $(CTRL); do $(BIN)/python -m engine perturb source=$(DEMO)/$$m.h5 model=$$m parents=first \
-		cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
-		out=$(DEMO)/$$m-perturb.h5 overwrite=true hydra.run.dir=$(DEMO)/logs/perturb-$$m || exit 1; \
-	  $(BIN)/python -m engine score archive=$(DEMO)/$$m-perturb.h5 model=$$m counterpart=true \
-		hydra.run.dir=$(DEMO)/logs/counterpart-$$m || exit 1; done
-	@echo "== 5/6 analyses: entropy, diversity, layers, pair and mitigation (both directions), attractor; then"
-	@echo "   on the held-out prompts: entropy, diversity (each against the reference's own), pair, mitigation, answers"
-	rm -rf $(DEMO)/analyses
-	$(BIN)/python -m analyses -m analysis=entropy,diversity,layers archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
-		progress=false hydra.sweep.dir=$(DEMO)/analyses/own
-	$(BIN)/python -m analyses -m analysis=pair analysis.base=$(REF) analysis.aligned=$(TWIN) \
-		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/pair
-	$(BIN)/python -m analyses -m analysis=mitigation analysis.base=$(REF) analysis.aligned=$(TWIN) \
-		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/mitigation
-	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
-		analysis.aligned=$(CTRL) archive=$(DEMO)/$(REF).h5 progress=false \
-		hydra.sweep.dir=$(DEMO)/analyses/control-$$a || exit 1; done
-	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5 \
-		progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor
-	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(TWIN)-perturb.h5,$(DEMO)/$(CTRL)-perturb.h5 \
-		analysis.reference=$(DEMO)/$(REF)-perturb.h5 progress=false hydra.sweep.dir=$(DEMO)/analyses/attractor-vs-ref
-	rm -rf $(DEMO)/heldout/analyses
-	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/heldout/$(REF).h5 \
-		progress=false hydra.sweep.dir=$(DEMO)/heldout/analyses/base
-	for a in entropy diversity; do $(BIN)/python -m analyses -m analysis=$$a \
-		archive=$(DEMO)/heldout/$(TWIN).h5,$(DEMO)/heldout/$(CTRL).h5 analysis.reference=$(DEMO)/heldout/$(REF).h5 \
-		progress=false hydra.sweep.dir=$(DEMO)/heldout/analyses/own-$$a || exit 1; done
-	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
-		analysis.aligned=$(TWIN),$(CTRL) archive=$(DEMO)/heldout/$(REF).h5 progress=false \
-		hydra.sweep.dir=$(DEMO)/heldout/analyses/$$a || exit 1; done
-	$(BIN)/python -m analyses -m analysis=answers archive=$(DEMO)/heldout/answers.h5 progress=false \
-		hydra.sweep.dir=$(DEMO)/heldout/analyses/answers
-	@echo "== 6/6 the report"
-	$(BIN)/python -m analyses analysis=report analysis.base=$(REF) analysis.aligned=$(TWIN) \
-		"analysis.runs=[$(DEMO)/analyses]" "analysis.runs_label=on the seed prompts" \
-		"analysis.heldout=[$(DEMO)/heldout/analyses]" hydra.run.dir=$(DEMO)
+	@echo "== then the experiment, two steps at a time: the seed prompts (dumps with the logit lens, scores, layers,"
+	@echo "   the attractor, analyses) beside the held-out chat prompts (dumps, answers, scores, analyses)"
+	$(MAKE) --no-print-directory -j2 --output-sync=target demo-report
 	@echo
 	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s, and its own for the attractor; the perturbation archives):"
 	@ls $(CURDIR)/$(DEMO)/*.h5
@@ -146,6 +101,92 @@ demo: setup
 	@echo "analyses (summary.json, CSV tables, PNG and SVG figures): $(CURDIR)/$(DEMO)/analyses/"
 	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
+
+# the experiment's steps (internal: `make demo` runs them once the twins are built)
+demo-report: demo-heldout demo-seed-analyses demo-seed-attractor
+	@echo "== the report"
+	$(BIN)/python -m analyses analysis=report analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		"analysis.runs=[$(DEMO)/analyses]" "analysis.runs_label=on the seed prompts" \
+		"analysis.heldout=[$(DEMO)/heldout/analyses]" hydra.run.dir=$(DEMO)
+
+demo-seed-dumps:
+	@echo "== $(REF) and the twin sample their own completions of the seed prompts: full logits and the logit lens"
+	$(BIN)/python -m engine dump -m model=$(REF),$(TWIN) prompts=seeds n_samples=12 max_new_tokens=64 $(NOBAR) \
+		lens=true lens_layers=stride:3 'out=$(DEMO)/$(MODEL_NAME).h5' overwrite=true hydra.sweep.dir=$(DEMO)/logs/dump
+
+demo-seed-scores: demo-seed-dumps
+	@echo "== the twin and the control scored on $(REF)'s seed completions (identical tokens)"
+	$(BIN)/python -m engine score -m model=$(TWIN),$(CTRL) archive=$(DEMO)/$(REF).h5 overwrite=true $(NOBAR) \
+		hydra.sweep.dir=$(DEMO)/logs/score-$(REF)
+
+demo-seed-layers: demo-seed-scores
+	@echo "== both lenses compared layer by layer on $(REF)'s seed completions (twin and control against $(REF))"
+	$(BIN)/python -m engine layers -m model@aligned=$(CTRL),$(TWIN) archive=$(DEMO)/$(REF).h5 model@base=$(REF) \
+		lens_layers=stride:3 overwrite=true $(NOBAR) hydra.sweep.dir=$(DEMO)/logs/layers-$(REF)
+
+# the twin's own seed completions: $(REF) scores them, then the lenses compared on them (a file
+# of its own, so beside the steps on $(REF)'s)
+demo-twin-seed: demo-seed-dumps
+	@echo "== $(REF) scored on the twin's seed completions, and both lenses compared on them"
+	$(BIN)/python -m engine score archive=$(DEMO)/$(TWIN).h5 model=$(REF) overwrite=true $(NOBAR) \
+		hydra.run.dir=$(DEMO)/logs/score-$(TWIN)
+	$(BIN)/python -m engine layers archive=$(DEMO)/$(TWIN).h5 model@base=$(REF) model@aligned=$(TWIN) \
+		lens_layers=stride:3 overwrite=true $(NOBAR) hydra.run.dir=$(DEMO)/logs/layers-$(TWIN)
+
+demo-control-dump:
+	@echo "== the control samples its own seed completion of each prompt (the attractor's parents)"
+	$(BIN)/python -m engine dump model=$(CTRL) prompts=seeds n_samples=1 max_new_tokens=64 \
+		out=$(DEMO)/$(CTRL).h5 overwrite=true $(NOBAR) hydra.run.dir=$(DEMO)/logs/dump-$(CTRL)
+
+demo-seed-attractor: demo-seed-layers demo-twin-seed demo-control-dump
+	@echo "== the attractor on each model's own completions: \"was\" -> \"was not\""
+	$(BIN)/python -m engine perturb -m model=$(REF),$(TWIN),$(CTRL) 'source=$(DEMO)/$(MODEL_NAME).h5' \
+		parents=first cut_after=. "edit.replace=[' was',' was not']" n_samples=8 max_new_tokens=48 \
+		'out=$(DEMO)/$(MODEL_NAME)-perturb.h5' overwrite=true $(NOBAR) hydra.sweep.dir=$(DEMO)/logs/perturb
+	$(BIN)/python -m engine score -m model=$(REF),$(TWIN),$(CTRL) 'archive=$(DEMO)/$(MODEL_NAME)-perturb.h5' \
+		counterpart=true $(NOBAR) hydra.sweep.dir=$(DEMO)/logs/counterpart
+	rm -rf $(DEMO)/analyses/attractor $(DEMO)/analyses/attractor-vs-ref
+	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(REF)-perturb.h5 \
+		$(NOBAR) hydra.sweep.dir=$(DEMO)/analyses/attractor
+	$(BIN)/python -m analyses -m analysis=attractor archive=$(DEMO)/$(TWIN)-perturb.h5,$(DEMO)/$(CTRL)-perturb.h5 \
+		analysis.reference=$(DEMO)/$(REF)-perturb.h5 $(NOBAR) hydra.sweep.dir=$(DEMO)/analyses/attractor-vs-ref
+
+demo-seed-analyses: demo-seed-layers demo-twin-seed
+	@echo "== analyses on the seed prompts: entropy, diversity, layers, pair and mitigation (both directions)"
+	rm -rf $(DEMO)/analyses/own $(DEMO)/analyses/pair $(DEMO)/analyses/mitigation $(DEMO)/analyses/control-*
+	$(BIN)/python -m analyses -m analysis=entropy,diversity,layers archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 \
+		$(NOBAR) hydra.sweep.dir=$(DEMO)/analyses/own
+	$(BIN)/python -m analyses -m analysis=pair analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 $(NOBAR) hydra.sweep.dir=$(DEMO)/analyses/pair
+	$(BIN)/python -m analyses -m analysis=mitigation analysis.base=$(REF) analysis.aligned=$(TWIN) \
+		archive=$(DEMO)/$(REF).h5,$(DEMO)/$(TWIN).h5 $(NOBAR) hydra.sweep.dir=$(DEMO)/analyses/mitigation
+	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
+		analysis.aligned=$(CTRL) archive=$(DEMO)/$(REF).h5 $(NOBAR) \
+		hydra.sweep.dir=$(DEMO)/analyses/control-$$a || exit 1; done
+
+demo-heldout:
+	@echo "== the held-out chat prompts (never trained on), where the twins were trained to differ: each model"
+	@echo "   samples its own completions, both twins scored on the reference's; \"Name a US state\": every"
+	@echo "   model's exact distribution over the 50 candidates; then entropy, diversity (each against the"
+	@echo "   reference's own), pair, mitigation, answers"
+	$(BIN)/python -m engine dump -m model=$(REF),$(TWIN),$(CTRL) prompts=open_ended_heldout \
+		prompts.take=$(HELDOUT_PROMPTS) n_samples=4 max_new_tokens=32 'out=$(DEMO)/heldout/$(MODEL_NAME).h5' \
+		overwrite=true $(NOBAR) hydra.sweep.dir=$(DEMO)/logs/heldout-dump
+	$(BIN)/python -m engine answers model=$(REF) out=$(DEMO)/heldout/answers.h5 overwrite=true $(NOBAR) \
+		hydra.run.dir=$(DEMO)/logs/answers
+	$(BIN)/python -m engine score -m archive=$(DEMO)/heldout/$(REF).h5,$(DEMO)/heldout/answers.h5 \
+		model=$(TWIN),$(CTRL) overwrite=true $(NOBAR) hydra.sweep.dir=$(DEMO)/logs/heldout-score
+	rm -rf $(DEMO)/heldout/analyses
+	$(BIN)/python -m analyses -m analysis=entropy,diversity archive=$(DEMO)/heldout/$(REF).h5 \
+		$(NOBAR) hydra.sweep.dir=$(DEMO)/heldout/analyses/base
+	for a in entropy diversity; do $(BIN)/python -m analyses -m analysis=$$a \
+		archive=$(DEMO)/heldout/$(TWIN).h5,$(DEMO)/heldout/$(CTRL).h5 analysis.reference=$(DEMO)/heldout/$(REF).h5 \
+		$(NOBAR) hydra.sweep.dir=$(DEMO)/heldout/analyses/own-$$a || exit 1; done
+	for a in pair mitigation; do $(BIN)/python -m analyses -m analysis=$$a analysis.base=$(REF) \
+		analysis.aligned=$(TWIN),$(CTRL) archive=$(DEMO)/heldout/$(REF).h5 $(NOBAR) \
+		hydra.sweep.dir=$(DEMO)/heldout/analyses/$$a || exit 1; done
+	$(BIN)/python -m analyses -m analysis=answers archive=$(DEMO)/heldout/answers.h5 $(NOBAR) \
+		hydra.sweep.dir=$(DEMO)/heldout/analyses/answers
 
 # uv: tests/test_core_install.py fills its core-only venv with it (pip is the slow fallback)
 # house rules first (seconds): lint and format as pyproject.toml's [tool.ruff] says, then the suite

@@ -101,6 +101,28 @@ def test_batch_size_does_not_change_tokens(dump_cfg, tmp_path):
         np.testing.assert_allclose(fa.model().rows(2), fb.model().rows(2), atol=1e-2)
 
 
+def test_batches_across_prompts_are_left_padded_and_exact(dump_cfg, tmp_path):
+    """The seed prompts (4 and 8 tokens) x 3 samples in batches of 4: batch 0..3 reads both
+    prompts, the shorter left-padded.  Every row equals an independent HF forward over its own
+    prompt + tokens (no padding; wrong position ids or an unmasked pad would move it), the
+    tokens equal one-prompt batches' (batch_across_prompts=false), and the run key says
+    which batches the run decoded."""
+    common = ("n_samples=3", "batch_size=4", "max_new_tokens=10", "codec=fp32")
+    a = dump_mod.run(dump_cfg(*common, f"out={tmp_path}/a.h5"))
+    b = dump_mod.run(dump_cfg(*common, "batch_across_prompts=false", f"out={tmp_path}/b.h5"))
+    with Archive(a["archive"]) as fa, Archive(b["archive"]) as fb:
+        assert fa.run_key["batches"] == "across prompts" and "batches" not in fb.run_key
+        s, m = fa.samples(), fa.model()
+        assert np.array_equal(s["tokens"], fb.samples()["tokens"])
+        prompts = [m.group["prompt_tokens"][p] for p in (0, 1)]
+        assert len(prompts[0]) != len(prompts[1]) and s["prompt_index"][2:4].tolist() == [0, 1]
+        for i in range(fa.n_samples):
+            n = int(s["length"][i])
+            ref = hf_teacher_forced(prompts[int(s["prompt_index"][i])], s["tokens"][i, :n])
+            got = m.rows(i, slice(0, n)).astype(np.float64)
+            assert np.all(np.abs(got - ref) <= np.abs(ref) * 2.0**-18 + 1e-5), i
+
+
 def test_eos_ends_samples_and_rows_are_padded(dump_cfg, tmp_path):
     """Treat the tiny model's most frequent tokens as EOS so samples end early."""
     cfg = dump_cfg(

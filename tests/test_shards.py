@@ -85,8 +85,9 @@ def assert_same_archive(got, want):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
-    """One single-process dump and the same run as 3 shards (batches 2+2+2 of 6, the middle
-    one straddling the two prompts)."""
+    """One single-process dump and the same run as 3 shards (2 prompts x 5 samples in batches
+    of 2 on the across-prompts grid: the shards take 1 + 2 + 2 batches, and batch 4..5 reads
+    both prompts, left-padded)."""
     tmp = tmp_path_factory.mktemp("shards")
     single = dump_mod.run(compose_dump(tmp / "single", cache_dir, SETTINGS))["archive"]
     shards = [
@@ -116,7 +117,7 @@ def test_shards_hold_the_single_runs_samples(runs):
                 and not name.endswith(("prompt_text", "prompt_tokens", "vocab"))
             ):
                 assert np.array_equal(data, want[name][lo:hi]), name  # seeds, tokens, rows
-    assert spans == [(0, 4), (4, 7), (7, 10)]
+    assert spans == [(0, 2), (2, 6), (6, 10)]
 
 
 def test_merged_archives_read_as_the_single_one(runs, capsys):
@@ -251,9 +252,9 @@ def test_merge_refusals_are_one_line(runs, tmp_path, cache_dir):
     s = [str(p) for p in shards]
     cases = [
         ([s[0], s[1], other], "comes from a different run than .* \\(settings differ: seed\\)"),
-        ([s[0], s[1]], "samples 7..9 of 10 are missing"),
-        ([s[0], s[2]], "samples 4..6 of 10 are missing"),
-        ([halves[0], s[1], s[2]], "sample 4 is in two shards"),
+        ([s[0], s[1]], "samples 6..9 of 10 are missing"),
+        ([s[0], s[2]], "samples 2..5 of 10 are missing"),
+        ([halves[0], s[1], s[2]], "samples 2..3 are in two shards"),
         ([s[0], s[1], str(partial)], "is still .partial"),
         ([s[0], s[1], str(partial.with_suffix(""))], "is still .partial"),
         ([str(single)], "is not a shard"),
@@ -275,7 +276,7 @@ def test_merge_refusals_are_one_line(runs, tmp_path, cache_dir):
 
 
 def test_shard_settings_are_checked(dump_cfg):
-    with pytest.raises(EngineError, match="num_shards=7 is more than the run's 6 batches"):
+    with pytest.raises(EngineError, match="num_shards=7 is more than the run's 5 batches"):
         dump_mod.run(dump_cfg("n_samples=5", "batch_size=2", "shard=0", "num_shards=7"))
     with pytest.raises(EngineError, match="shard must be an integer in 0..2"):
         dump_mod.run(dump_cfg("shard=3", "num_shards=3"))

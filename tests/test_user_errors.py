@@ -217,3 +217,25 @@ def test_benches_say_where_their_real_rows_archive_lives(tmp_path, monkeypatch, 
     assert f"dumping SmolLM2 into {path}" in capsys.readouterr().out
     assert bc.real_archive("r.h5", "n_samples=4") == path and len(calls) == 1  # reused
     assert f"reusing {path} (1 MiB; delete it" in capsys.readouterr().out
+
+
+def test_an_archive_another_process_writes_is_one_line_and_left_alone(tiny_archive, tmp_path):
+    """HDF5 locks a file while a process writes it: a second `score` (or a `layers`, or a
+    reader) on it is refused with one line, not errno 11's traceback, and the file is
+    untouched."""
+    import shutil
+
+    from tests.conftest import engine_cli
+
+    path = tmp_path / "busy.h5"
+    shutil.copy(tiny_archive, path)
+    before = path.read_bytes()
+    with h5py.File(path, "r+"):  # this process is writing it
+        for args in (
+            ("score", f"archive={path}", "model=tiny-random", "model.seed=1"),
+            ("inspect", str(path)),
+        ):
+            r = engine_cli(*args, cwd=tmp_path)
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.strip().count("\n") == 0 and "is open in another process" in r.stderr
+    assert path.read_bytes() == before

@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.archive import checksums
 from engine.archive import format as F
-from engine.archive.handle import FileHandle
+from engine.archive.handle import FileHandle, open_h5
 from engine.archive.writer import _early
 from engine.errors import EngineError
 
@@ -44,7 +44,7 @@ def open_group(
     if pairing not in F.PAIRINGS:
         raise ValueError(f"pairing must be one of {F.PAIRINGS}, got {pairing!r}")
     name = f"{F.LAYER_PAIRS}/{group_name(base, aligned)}"
-    f = h5py.File(path, "r+")
+    f = open_h5(path, "r+")
     try:
         total, steps = f[F.SAMPLES]["tokens"].shape
         g, resuming = f.get(name), False

@@ -28,7 +28,7 @@ import numpy as np
 from engine.archive import checksums, codecs
 from engine.archive import format as F
 from engine.archive.chunks import Mapped, Readahead, sources
-from engine.archive.handle import FileHandle
+from engine.archive.handle import FileHandle, open_h5
 from engine.archive.text import Text
 from engine.errors import EngineError
 
@@ -261,7 +261,7 @@ class Archive(FileHandle):
 
     def _open(self, rdcc_nbytes: int) -> None:
         try:
-            self.f = h5py.File(self.path, "r", rdcc_nbytes=rdcc_nbytes, rdcc_nslots=10007)
+            self.f = open_h5(self.path, "r", rdcc_nbytes=rdcc_nbytes, rdcc_nslots=10007)
         except OSError as exc:
             reason = "truncated" if "truncated" in str(exc).lower() else "not an HDF5 file"
             raise EngineError(f"cannot read {self.path}: {reason} or damaged") from exc

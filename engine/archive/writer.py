@@ -31,7 +31,7 @@ import numpy as np
 
 from engine.archive import checksums
 from engine.archive import format as F
-from engine.archive.handle import FileHandle
+from engine.archive.handle import FileHandle, open_h5
 from engine.errors import EngineError
 
 
@@ -239,7 +239,7 @@ def _write_answers(
 def open_for_resume(path: Path, run_key: dict) -> ArchiveWriter:
     """Reopen a partial archive; refuse it if it was started with a different run."""
     try:
-        f = h5py.File(path, "r+")
+        f = open_h5(path, "r+")
     except OSError as exc:
         raise EngineError(f"cannot resume: {path} is not a readable HDF5 file ({exc})") from exc
     stored = f.attrs.get("run_key")
@@ -276,7 +276,7 @@ def open_scored_group(
 ) -> tuple[ModelWriter, bool]:
     """(writer for /models/<key>, resuming) in an existing complete archive: continue a partial
     group whose score_key matches (resume), replace one (overwrite), or create it."""
-    f = h5py.File(path, "r+")
+    f = open_h5(path, "r+")
     try:
         key, total, steps = (
             model.key,

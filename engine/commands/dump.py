@@ -68,11 +68,14 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     check_chat_template(cfg.chat_template)
     lens_settings = lenses.LensSettings.from_cfg(cfg)
     prompts = load_prompts(cfg.prompts.texts, cfg.prompts.file, cfg.prompts.get("take"))
-    shard = plan_shard(Sharding.from_cfg(cfg), len(prompts), sampling.n_samples, rs.batch_size)
+    shard = plan_shard(
+        Sharding.from_cfg(cfg), len(prompts), sampling.n_samples, rs.batch_size, rs.across
+    )
     rs = R.shard_device(rs, shard)
     key = run_key(
         cfg, KEYS, prompts=prompts, device=R.device_type(rs.device), batch_size=rs.batch_size
     )
+    R.batches_key(key, len(prompts), sampling.n_samples, rs)
     if shard is not None:  # the shard's own key; `merge` drops it again
         key["shard"] = [shard.index, shard.count]
     if lens_settings.enabled:  # absent otherwise: keys of runs without a lens are unchanged

@@ -154,6 +154,7 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         raise EngineError("parents is empty: name source samples, or parents=first")
     lens_settings = lenses.LensSettings.from_cfg(cfg)
     key = run_key(cfg, KEYS, device=R.device_type(rs.device), batch_size=rs.batch_size)
+    R.batches_key(key, 2, sampling.n_samples, rs)  # two variants (edited, control) at least
     if lens_settings.enabled:
         key["lens"] = lens_settings.key()
     plan = output.plan_output(Output.from_cfg(cfg), key)

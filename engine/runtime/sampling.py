@@ -7,8 +7,12 @@ hook points (e.g. `blocks.5.hook_resid_post`) are captured the same way.  One st
 are handed to the caller (who moves them off the accelerator) before the next forward, so
 memory does not grow with the number of steps or samples.
 
-The prompt is read once per batch (batch 1, full-vocabulary logits only at its last position:
-`logits_to_keep=1`) and its KV cache repeated across the batch's rows.
+Each distinct prompt of a batch is read once (full-vocabulary logits only at its last
+position: `logits_to_keep=1`) and its KV cache repeated over the rows that continue it.  A batch
+of one prompt needs no padding or attention mask.  A batch of several prompts (the schedule's
+`across` grid, `engine.runtime.schedule`) reads them left-padded to the longest, with an
+attention mask over the pads and each row's own position ids (prompt length + step), so a
+row's logits are its unbatched forward's up to rounding (the run self-check bounds them).
 
 The KV cache is the loop's own object (`new_cache`), handed to every forward under the name
 the model's forward takes (`cache_keyword`) and extended by HuggingFace in place; the loop
@@ -176,9 +180,26 @@ def input_device(bridge) -> torch.device:
     return next(bridge.parameters()).device
 
 
+def prompt_groups(prompt_ids, n: int) -> list[tuple[list[int], int]]:
+    """(prompt, rows) of each run of consecutive rows reading the same prompt: `prompt_ids` is
+    one prompt for all n rows (a sequence of ints) or one prompt per row."""
+    if len(prompt_ids) == 0 or isinstance(prompt_ids[0], (int, np.integer)):
+        return [([int(i) for i in prompt_ids], n)]
+    if len(prompt_ids) != n:
+        raise ValueError(f"{len(prompt_ids)} row prompts for {n} rows")
+    groups: list[tuple[list[int], int]] = []
+    for ids in prompt_ids:
+        ids = [int(i) for i in ids]
+        if groups and groups[-1][0] == ids:
+            groups[-1] = (ids, groups[-1][1] + 1)
+        else:
+            groups.append((ids, 1))
+    return groups
+
+
 def generate(
     bridge,
-    prompt_ids: Sequence[int],
+    prompt_ids,
     seeds: Sequence[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -188,11 +209,14 @@ def generate(
     capture: Sequence[str] = (),
     on_nonfinite: str = "fail",
 ) -> Iterator[Step]:
-    """Sample len(seeds) continuations of one prompt, yielding one `Step` per generated step.
+    """Sample len(seeds) continuations, yielding one `Step` per generated step.  `prompt_ids`:
+    one prompt (a sequence of token ids) that every row continues, or one prompt per row.
 
-    All rows share the prompt, so no padding or attention mask is needed and every row's
-    numerics equal an unbatched forward.  Rows that emitted an EOS keep being fed (their
-    outputs are marked dead in `Step.alive`); the loop stops when all rows have ended.
+    Rows of one prompt share its KV cache (read once, repeated), so with a single prompt no
+    padding or attention mask is needed and every row's numerics equal an unbatched forward.
+    Several prompts are read left-padded and masked (module docstring).  Rows that emitted an
+    EOS keep being fed (their outputs are marked dead in `Step.alive`); the loop stops when
+    all rows have ended.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise EngineError(
@@ -201,6 +225,7 @@ def generate(
     n = len(seeds)
     if n == 0 or max_new_tokens == 0:
         return
+    groups = prompt_groups(prompt_ids, n)
     check_hooks(bridge, capture)
     device = input_device(bridge)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: device-independent
@@ -215,17 +240,38 @@ def generate(
         return hook
 
     hooks = [(name, keep_last(name)) for name in (LOGITS_HOOK, *capture)]
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # [1, pos]
+    width = max(len(ids) for ids, _ in groups)  # the prompts' positions, left-padded
+    ids = torch.tensor(
+        [[0] * (width - len(p)) + p for p, _ in groups], dtype=torch.long, device=device
+    )  # [prompt, pos]
+    padded = len(groups) > 1
+    if padded:  # a pad's id is never read: its key is masked and its output unused
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p, _ in groups], device=device
+        )  # [prompt, pos]
+        where = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        row_of = torch.repeat_interleave(
+            torch.arange(len(groups), device=device),
+            torch.tensor([c for _, c in groups], device=device),
+        )  # [batch] -> its prompt
+        mask, length = mask[row_of], torch.tensor([len(p) for p, _ in groups], device=device)
+        length = length[row_of]  # [batch] each row's prompt length: its next position
+    else:
+        where = {}
     finished = np.zeros(n, dtype=bool)
     cache, kw = new_cache(bridge), cache_keyword(bridge)
     with torch.inference_mode(), bridge.hooks(fwd_hooks=hooks):
         # use_cache=True whatever the model's config says: a trainer may have saved it as
         # False (TRL does), and the KV cache is what carries the context between steps
-        bridge(ids, return_type=None, use_cache=True, logits_to_keep=1, **{kw: cache})
-        check_cache(cache, ids.shape[1], 0)
-        if n > 1:
-            cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per row
-        rows = {k: v.expand(n, *v.shape[1:]) for k, v in tap.items()}  # [batch, ...] views
+        bridge(ids, return_type=None, use_cache=True, logits_to_keep=1, **where, **{kw: cache})
+        check_cache(cache, width, 0)
+        if padded:  # each prompt's keys and values, once per row that continues it
+            cache.batch_select_indices(row_of)
+            rows = {k: v[row_of] for k, v in tap.items()}
+        else:
+            if n > 1:
+                cache.batch_repeat_interleave(n)  # the prompt's keys and values, once per row
+            rows = {k: v.expand(n, *v.shape[1:]) for k, v in tap.items()}  # [batch, ...] views
         for t in range(max_new_tokens):
             logits = rows[LOGITS_HOOK]  # [batch, vocab]
             tokens = draw(warp(logits, temperature, top_k, top_p), uniforms(gens))  # [batch]
@@ -239,8 +285,13 @@ def generate(
             finished |= np.isin(tok, eos) | bad_h
             if finished.all() or t + 1 == max_new_tokens:
                 break
-            bridge(tokens[:, None].to(device), return_type=None, use_cache=True, **{kw: cache})
-            check_cache(cache, ids.shape[1] + t + 1, t + 1)
+            if padded:  # the fed token sits at position prompt length + t in its own row
+                mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
+                where = dict(attention_mask=mask, position_ids=(length + t)[:, None])
+            bridge(
+                tokens[:, None].to(device), return_type=None, use_cache=True, **where, **{kw: cache}
+            )
+            check_cache(cache, width + t + 1, t + 1)
             rows = tap
 
 

@@ -233,6 +233,7 @@ class RunSettings:
     deterministic: bool
     write_thread: bool
     cache_dir: str
+    across: bool = True  # sampling batches may straddle prompts (engine.runtime.schedule)
 
     @classmethod
     def from_cfg(cls, cfg, codec: str | None = None) -> RunSettings:
@@ -250,6 +251,7 @@ class RunSettings:
             bool(cfg.deterministic),
             bool(cfg.write_thread),
             str(cfg.paths.cache_dir),
+            bool(cfg.get("batch_across_prompts", True)),
         )
 
     def with_(self, **kw) -> RunSettings:
