@@ -33,3 +33,17 @@ def test_the_grids_agree_where_no_batch_straddles(run):
     assert straddles(P, M, B, True) == bool(many)
     assert (within == across) == (not many)
     assert not straddles(P, M, B, False)
+
+
+def test_each_row_reads_its_own_prompt():
+    """`prompt_groups` runs of consecutive rows and `row_prompt` (the self-check's lookup) on
+    rows of three prompts, 3 + 1 + 4 rows, and on one prompt for every row."""
+    from engine.runtime.sampling import prompt_groups, row_prompt
+
+    a, b, c = [5, 6], [7], [8, 9, 10]
+    rows = [a, a, a, b, c, c, c, c]
+    groups = prompt_groups(rows, len(rows))
+    assert groups == [(a, 3), (b, 1), (c, 4)]
+    assert [row_prompt(groups, i) for i in range(len(rows))] == rows
+    one = prompt_groups(a, 4)
+    assert one == [(a, 4)] and [row_prompt(one, i) for i in range(4)] == [a] * 4

@@ -19,6 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from engine.archive.handle import open_h5
+
 #: a mapping's pages already read are released in windows of this size (`Mapped`)
 RELEASE_BYTES = 64 << 20
 
@@ -42,7 +44,7 @@ class _Chunks:
     def __init__(self, ds: h5py.Dataset, k: int, usable=lambda d: True):
         self.k, self.parts, self.files = k, [], []
         for lo, hi, path, name in sources(ds):
-            f = h5py.File(path, "r") if ds.is_virtual else None
+            f = open_h5(path, "r") if ds.is_virtual else None
             src = f[name] if f is not None else ds
             if f is not None:
                 self.files.append(f)

@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.archive import checksums
 from engine.archive import format as F
+from engine.archive.handle import open_h5
 from engine.archive.reader import Archive, ModelView
 from engine.archive.writer import _early
 from engine.errors import EngineError
@@ -52,7 +53,7 @@ def write_merged(
     """Write the merged archive of `shards` (sorted by start, checked by the caller) to
     `path`.  `records` become `merged_from`; `progress(bytes)` is told of every copied logits
     row."""
-    with h5py.File(path, "w") as f:
+    with open_h5(path, "w") as f:
         _root(f, shards, run_key, records)
         _samples(f, shards)
         for key in shards[0].models:

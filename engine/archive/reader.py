@@ -175,7 +175,7 @@ class ModelView:
             return int(self.logits.id.get_storage_size())
         total = 0
         for *_, path, name in sources(self.logits):
-            with h5py.File(path, "r") as f:
+            with open_h5(path, "r") as f:
                 total += int(f[name].id.get_storage_size())
         return total
 

@@ -95,7 +95,7 @@ def create(
     n_prompts, total, steps = len(prompts), len(prompts) * n_samples, max_new_tokens
     span = slice(0, total) if shard is None else slice(shard.start, shard.stop)
     total = span.stop - span.start
-    f = h5py.File(path, "w")
+    f = open_h5(path, "w")
     try:
         a = f.attrs
         a["format"], a["format_version"] = F.FORMAT, F.FORMAT_VERSION

@@ -24,7 +24,13 @@ from engine.runtime.models import LoadedModel, load_model, resolve_device
 from engine.runtime.overlap import overlapped, to_host
 from engine.runtime.prompts import render, uses_chat_template
 from engine.runtime.provenance import root_provenance, tokenizer_record
-from engine.runtime.sampling import NonFiniteLogits, generate, prompt_groups, sample_seed
+from engine.runtime.sampling import (
+    NonFiniteLogits,
+    generate,
+    prompt_groups,
+    row_prompt,
+    sample_seed,
+)
 from engine.runtime.schedule import fill, straddles
 from engine.runtime.selfcheck import SelfCheck, enforce, run_check
 from engine.runtime.settings import Codec, ModelSpec, RunSettings, Sampling, Shape
@@ -167,8 +173,7 @@ def self_check(
     i = int(np.argmax(length))
     if length[i] == 0:
         return None
-    groups = prompt_groups(prompt_ids, n)  # sample i's prompt: the group whose rows hold it
-    ids = groups[int(np.searchsorted(np.cumsum([c for _, c in groups]), i, side="right"))][0]
+    ids = row_prompt(prompt_groups(prompt_ids, n), i)
     c = run_check(lm, writer.rows.g, s0 + i, ids, samples["tokens"][s0 + i], int(length[i]), window)
     writer.rows.record_self_check(c.sample, c.steps, c.max_abs_diff, c.bound)
     log.info(

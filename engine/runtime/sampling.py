@@ -197,6 +197,11 @@ def prompt_groups(prompt_ids, n: int) -> list[tuple[list[int], int]]:
     return groups
 
 
+def row_prompt(groups: list[tuple[list[int], int]], i: int) -> list[int]:
+    """The prompt of row i of a batch whose rows are `groups` (`prompt_groups`)."""
+    return groups[int(np.searchsorted(np.cumsum([c for _, c in groups]), i, side="right"))][0]
+
+
 def generate(
     bridge,
     prompt_ids,
@@ -249,7 +254,12 @@ def generate(
         mask = torch.tensor(
             [[0] * (width - len(p)) + [1] * len(p) for p, _ in groups], device=device
         )  # [prompt, pos]
-        where = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        # position ids where the model's forward takes them (a model that derives its own
+        # from the mask, or takes none, gets the mask alone)
+        positions = "position_ids" in inspect.signature(bridge.original_model.forward).parameters
+        where = dict(attention_mask=mask)
+        if positions:
+            where["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         row_of = torch.repeat_interleave(
             torch.arange(len(groups), device=device),
             torch.tensor([c for _, c in groups], device=device),
@@ -287,7 +297,9 @@ def generate(
                 break
             if padded:  # the fed token sits at position prompt length + t in its own row
                 mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
-                where = dict(attention_mask=mask, position_ids=(length + t)[:, None])
+                where = dict(attention_mask=mask)
+                if positions:
+                    where["position_ids"] = (length + t)[:, None]
             bridge(
                 tokens[:, None].to(device), return_type=None, use_cache=True, **where, **{kw: cache}
             )
