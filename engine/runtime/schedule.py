@@ -38,19 +38,20 @@ def batches(
     straddle prompts (grid: each prompt's first sample + k * batch_size); across=True: the
     grid is k * batch_size and a batch's rows may read several prompts (row i reads prompt
     i // per_prompt)."""
-    stop = n_prompts * per_prompt if stop is None else stop
-    if across:
-        for s0 in range(0, n_prompts * per_prompt, batch_size):
-            s1 = min(s0 + batch_size, n_prompts * per_prompt)
+    total = n_prompts * per_prompt
+    stop = total if stop is None else stop
+    # the grid's ranges: all samples at once, or each prompt's own
+    ranges = (
+        [(0, total)]
+        if across
+        else [(p * per_prompt, (p + 1) * per_prompt) for p in range(n_prompts)]
+    )
+    for lo, hi in ranges:
+        for s0 in range(lo, hi, batch_size):
+            s1 = min(s0 + batch_size, hi)
             if s1 > start and s0 < stop:
                 a = max(s0, start)
                 yield a // per_prompt, a, min(s1, stop)
-        return
-    for p in range(n_prompts):
-        for s0 in range(p * per_prompt, (p + 1) * per_prompt, batch_size):
-            s1 = min(s0 + batch_size, (p + 1) * per_prompt)
-            if s1 > start and s0 < stop:
-                yield p, max(s0, start), min(s1, stop)
 
 
 def straddles(n_prompts: int, per_prompt: int, batch_size: int, across: bool) -> bool:
