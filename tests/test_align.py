@@ -202,6 +202,65 @@ def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
     assert (cache / "aligned" / "tiny-typ.latest").read_text().strip() == other["build_id"]
 
 
+def test_candidates_only_samples_them_once_for_the_builds_that_share_them(built, tmp_path):
+    """`candidates_only=true` (make demo's first step) samples the candidates and stops: no
+    build directory; a build (or its control) then trains on them without sampling; for a
+    config already built it is the cached build."""
+    res, cache, tmp = built
+    assert align(tmp, cache, "name=tiny-typ", "alpha=5", "candidates_only=true")["cached"]
+    cand = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "candidates_only=true")
+    assert Path(cand["candidates"]).is_file() and "build_id" not in cand
+    assert not list((cache / "aligned").glob("*tiny-short*"))  # no build, no .build- dir
+    assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 2
+    one = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "threads=1")
+    assert not one["cached"] and one["candidates_seconds"] < 1.0 and one["threads"] == 1
+
+
+def test_compact_lm_head_scores_only_the_completions_and_keeps_the_log_probs(tmp_path, cache_dir):
+    """With `compact_lm_head` TRL's fused LM head receives one row per completion token
+    (not one per position) and the sequence log-probs are the same to float32 rounding;
+    TRL's own choice (every position on the CPU) is back afterwards."""
+    import torch
+    import trl.trainer.utils as tu
+
+    from engine.runtime.models import load_hf_source
+
+    cfg = compose_cfg("align", tmp_path, cache_dir, TINY)
+    model, tok, _ = load_hf_source(ModelSpec.from_node(cfg.model), cache_dir)
+    rng = np.random.default_rng(0)
+    examples = [
+        {
+            "prompt_ids": rng.integers(3, 100, int(rng.integers(4, 9))).tolist(),
+            "chosen_ids": rng.integers(3, 100, 5).tolist(),
+            "rejected_ids": rng.integers(3, 100, int(rng.integers(2, 6))).tolist(),
+            "ref_chosen_logps": 0.0,
+            "ref_rejected_logps": 0.0,
+        }
+        for _ in range(4)
+    ]
+    trainer = align_mod.dpo_trainer(cfg, model, tok, examples, tmp_path / "trainer")
+    batch = trainer.data_collator([{k: e[k] for k in align_mod.COLUMNS[:3]} for e in examples])
+    rows, apply = [], tu._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    out = {}
+    tu._ChunkedLogProbFunction.apply = spy
+    try:
+        for compact in (False, True):
+            with align_mod.compact_lm_head(compact), torch.no_grad():
+                out[compact] = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    finally:
+        tu._ChunkedLogProbFunction.apply = apply
+    n_completion = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    full = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+    assert rows == [full, n_completion] and n_completion < full / 2
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    assert not tu._use_triton(torch.device("cpu"))
+
+
 def test_model_config_loads_the_build_and_names_the_command_when_missing(built, tmp_path):
     res, cache, _ = built
     cfg = compose_cfg(
@@ -236,6 +295,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):
         ("beta=0", "beta"),
         ("alpha=-1", "alpha"),
         ("min_tokens=99", "min_tokens"),
+        ("threads=0", "threads"),
     ):
         with pytest.raises(EngineError, match=msg):
             align(tmp_path, cache_dir, "name=bad", bad)

@@ -19,16 +19,20 @@ pairs.  So:
    + noise * N(0, 1) (r_true), with the recorded `label_seed`; alpha = 0 is the coin-flip control;
 5. DPO with TRL's `DPOTrainer` (sigmoid loss, strength beta, full fine-tune in float32), the
    reference log-probs precomputed: step 2's, checked against TRL's own forward on one batch;
+   the LM head scores only the completions' positions (`compact_lm_head`);
 6. a HuggingFace directory `<cache>/aligned/<name>-<build id>/` with provenance.json
    (`engine.runtime.builds`); the model configs `smollm2-135m-typical-dpo` and
    `smollm2-135m-random-dpo` load it.
 
 Each step survives an interruption: the build directory is `.build-<name>-<id>` until the
 final rename, and a rerun reuses the candidates archive (or resumes its partial dump).
+`candidates_only=true` stops after step 1, so that builds sharing the candidates (the twin
+and its control) can then train side by side (`make demo`: one torch thread each, `threads=1`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +74,8 @@ CANDIDATE_KEYS = (
     "chat_template",
     "codec",
     "q16_window",
+    "batch_size",  # the batches change the candidates' last bits (padding, matrix shapes)
+    "batch_across_prompts",
 )
 #: settings that decide the weights: the build id hashes them
 ID_KEYS = (*CANDIDATE_KEYS, "min_tokens", "alpha", "beta", "noise", "label_seed", "train")
@@ -87,6 +93,9 @@ def validate(cfg: DictConfig) -> None:
         raise EngineError(f"min_tokens must be in [1, max_new_tokens], got {cfg.min_tokens}")
     if not (cfg.train.epochs > 0 and cfg.train.batch_pairs > 0 and cfg.train.learning_rate > 0):
         raise EngineError("train.epochs, train.batch_pairs and train.learning_rate must be > 0")
+    threads = cfg.get("threads")
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise EngineError(f"threads must be null or a positive integer, got {threads}")
 
 
 def settings_id(cfg: DictConfig, prompts: list[str], keys) -> str:
@@ -225,13 +234,40 @@ def first_loss_callback(beta: float, seq_bound: float):
     return FirstLoss()
 
 
-def train_dpo(
-    cfg: DictConfig, model, tok, examples: list[dict], workdir: Path, token_bound: float
-) -> dict:
-    """TRL DPOTrainer over pre-tokenized pairs; returns the training record.  Two checks stop
-    the build with one line, before anything is cached: TRL's reference log-probs against
-    ours on the first batch (`check_reference`), and the first loss against ln 2
-    (`first_loss_callback`)."""
+@contextlib.contextmanager
+def compact_lm_head(on: bool):
+    """TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) scores only the positions
+    that carry a label (the completions) where it runs Triton (CUDA, XPU), and every position
+    elsewhere, because on Neuron a changing number of positions changes the tile shapes and
+    recompiles.  Nothing recompiles on the CPU, where the prompts are about 3/4 of a pair's
+    tokens: with `on`, TRL's choice answers "compact" on every device.  The log-probs are the
+    same sums over the same positions (the prompt positions were masked to 0 after scoring);
+    only the matrix shapes, and so the last bits, differ.  Measured on 2 cores: 8.3 s per DPO
+    step of 8 pairs against 13.5 s (two builds side by side, one thread each)."""
+    if not on:
+        yield
+        return
+    import trl.trainer.utils as tu
+
+    choice = getattr(tu, "_use_triton", None)
+    if not callable(choice):
+        raise EngineError(
+            f"train.compact_lm_head=true: TRL {package_versions()['trl']} has no "
+            f"trl.trainer.utils._use_triton (the fused LM head's choice of positions): "
+            f"set train.compact_lm_head=false"
+        )
+    tu._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        tu._use_triton = choice
+
+
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def dpo_trainer(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path):
+    """TRL's DPOTrainer over pre-tokenized pairs (`COLUMNS`), set up as a build trains."""
     import torch
     from datasets import Dataset
     from transformers import set_seed
@@ -264,8 +300,7 @@ def train_dpo(
         fp16=False,
         gradient_checkpointing=False,
     )
-    cols = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
-    data = Dataset.from_list([{k: e[k] for k in cols} for e in examples])
+    data = Dataset.from_list([{k: e[k] for k in COLUMNS} for e in examples])
 
     class TokenIdDPOTrainer(DPOTrainer):
         """The pairs are token ids exactly as sampled (decoding and re-tokenizing could change
@@ -281,37 +316,55 @@ def train_dpo(
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset
 
-    trainer = TokenIdDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    # TRL's reference log-probs (float32 HF forward, before any step) against ours (stored
-    # logits) on the first batch: the same tokens, so they agree to the codec's precision
-    first = [{k: e[k] for k in cols[:3]} for e in examples[: int(cfg.train.batch_pairs)]]
-    with torch.no_grad():
-        ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator(first))
-    ref = torch.cat([ref_c, ref_r]).double().cpu().numpy()
-    ours = np.array(
-        [e["ref_chosen_logps"] for e in examples[: len(first)]]
-        + [e["ref_rejected_logps"] for e in examples[: len(first)]]
-    )
-    lengths = np.array(
-        [len(e["chosen_ids"]) for e in first] + [len(e["rejected_ids"]) for e in first]
-    )
-    ref_diff, ref_bound = check_reference(ref, ours, lengths, token_bound)
-    seq_bound = float(max(len(e["chosen_ids"]) for e in examples)) * token_bound
-    gate = first_loss_callback(float(cfg.beta), seq_bound)
-    trainer.add_callback(gate)
-    t0 = time.perf_counter()
-    trainer.train()
+    return TokenIdDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+
+
+def train_dpo(
+    cfg: DictConfig, model, tok, examples: list[dict], workdir: Path, token_bound: float
+) -> dict:
+    """Trains the policy `model` by DPO (`dpo_trainer`); returns the training record.  Two
+    checks stop the build with one line, before anything is cached: TRL's reference
+    log-probs against ours on the first batch (`check_reference`), and the first loss
+    against ln 2 (`first_loss_callback`)."""
+    import torch
+
+    if cfg.get("threads"):  # here, after the numba kernels: their OpenMP launches reset the count
+        torch.set_num_threads(int(cfg.threads))
+    trainer = dpo_trainer(cfg, model, tok, examples, workdir)
+    cols = COLUMNS
+    with compact_lm_head(bool(cfg.train.get("compact_lm_head", False))):
+        # TRL's reference log-probs (float32 HF forward, before any step) against ours (stored
+        # logits) on the first batch: the same tokens, so they agree to the codec's precision
+        first = [{k: e[k] for k in cols[:3]} for e in examples[: int(cfg.train.batch_pairs)]]
+        with torch.no_grad():
+            batch = trainer.data_collator(first)
+            ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, batch)
+        ref = torch.cat([ref_c, ref_r]).double().cpu().numpy()
+        ours = np.array(
+            [e["ref_chosen_logps"] for e in examples[: len(first)]]
+            + [e["ref_rejected_logps"] for e in examples[: len(first)]]
+        )
+        lengths = np.array(
+            [len(e["chosen_ids"]) for e in first] + [len(e["rejected_ids"]) for e in first]
+        )
+        ref_diff, ref_bound = check_reference(ref, ours, lengths, token_bound)
+        seq_bound = float(max(len(e["chosen_ids"]) for e in examples)) * token_bound
+        gate = first_loss_callback(float(cfg.beta), seq_bound)
+        trainer.add_callback(gate)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
     if not gate.checked:
         raise EngineError(
             "the first DPO loss was never logged (logging_steps or TRL's log keys "
             "changed): the build cannot be checked; nothing was cached"
         )
-    seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h and "rewards/accuracies" in h]
     last_epoch = [h for h in logs if h["epoch"] > float(cfg.train.epochs) - 1 + 1e-9] or logs[-1:]
     return {
         "steps": int(trainer.state.global_step),
         "train_seconds": seconds,
+        "threads": torch.get_num_threads(),
         "final_loss": float(np.mean([h["loss"] for h in last_epoch])),
         "reward_accuracy": float(np.mean([h["rewards/accuracies"] for h in last_epoch])),
         "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
@@ -349,8 +402,6 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         record_latest(cache, str(cfg.name), bid)
         log.info("%s is built already: %s", cfg.name, final)
         return {"name": str(cfg.name), "path": str(final), "cached": True, **done.provenance}
-    work = final.with_name(f".build-{final.name}")
-    work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     # 1. candidates (the engine's own dump; resumable), shared by every build that differs
@@ -369,6 +420,11 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
             dcfg.overwrite = False
         dump.run(dcfg, model=model)
     t_cand = time.perf_counter() - t_start
+    if cfg.candidates_only:
+        log.info("candidates of %s: %s", cfg.name, cand)
+        return {"name": str(cfg.name), "candidates": str(cand), "candidates_seconds": t_cand}
+    work = final.with_name(f".build-{final.name}")
+    work.mkdir(parents=True, exist_ok=True)
 
     # 2-4. log pi_ref from the stored logits, pairs, labels
     with Archive(cand) as a:
@@ -468,6 +524,9 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 def main(cfg: DictConfig) -> None:
     with user_errors():
         r = run(cfg)
+    if "candidates" in r:
+        print(f"candidates of {r['name']} ({r['candidates_seconds']:.0f} s): {r['candidates']}")
+        return
     state = "cached" if r["cached"] else f"built in {r['build_seconds']:.0f} s"
     print(
         f"{r['name']} ({state}): {r['n_pairs']} pairs, alpha {r['alpha']:g}, beta {r['beta']:g} "
