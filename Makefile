@@ -90,10 +90,11 @@ demo: setup
 	@echo "== the typicality-DPO twin of $(REF) and its coin-flip control (alpha 0), built once, then cached:"
 	@echo "   first the completions both are trained on (about 2 min the first time)"
 	$(BIN)/python -m engine align candidates_only=true hydra.run.dir=$(DEMO)/logs/align-candidates
-	@echo "== then both DPO trainings at once, one thread each (about 8 min the first time; no output until each ends)"
+	@echo "== then both DPO trainings at once, one thread each (about 8 min the first time; each prints when it ends)"
 	$(MAKE) --no-print-directory -j2 --output-sync=target demo-align
 	@echo "== then the experiment, two steps at a time: the seed prompts (dumps with the logit lens, scores, layers,"
 	@echo "   the attractor, analyses) beside the held-out chat prompts (dumps, answers, scores, analyses)"
+	rm -rf $(DEMO)/analyses  # no summary of an older demo survives for the report to read
 	$(MAKE) --no-print-directory -j2 --output-sync=target demo-report
 	@echo
 	@echo "archives ($(REF) and its typicality-DPO twin $(TWIN), each scored on the other's samples; the control $(CTRL) scored on $(REF)'s, and its own for the attractor; the perturbation archives):"
@@ -105,10 +106,10 @@ demo: setup
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
 
 # the experiment's steps (internal: `make demo` runs them once the twins are built)
-# The two DPO trainings run side by side with one torch thread each: 8.3 s per step of both,
-# against 2 x 5.3 s one after the other with two threads (135M parameters' small matrix
-# products use a second thread poorly).  One thread also makes the twins' bits independent
-# of the machine's core count (1 and 2 threads train different last bits).
+# The two DPO trainings run side by side with one torch thread each: 442 and 468 s, against
+# 2 x 262 s one after the other with two threads (135M parameters' small matrix products use
+# a second thread poorly).  One thread also makes the twins' bits independent of the
+# machine's core count (1 and 2 threads train different last bits).
 demo-align: demo-align-twin demo-align-control
 demo-align-twin:
 	$(BIN)/python -m engine align threads=1 $(NOBAR) hydra.run.dir=$(DEMO)/logs/align

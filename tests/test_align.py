@@ -202,10 +202,10 @@ def test_same_config_is_cached_and_another_builds_another(built, tmp_path):
     assert (cache / "aligned" / "tiny-typ.latest").read_text().strip() == other["build_id"]
 
 
-def test_candidates_only_samples_them_once_for_the_builds_that_share_them(built, tmp_path):
+def test_candidates_only_samples_them_once_for_the_builds_that_share_them(built, tmp_path, capsys):
     """`candidates_only=true` (make demo's first step) samples the candidates and stops: no
     build directory; a build (or its control) then trains on them without sampling; for a
-    config already built it is the cached build."""
+    config already built it is the cached build.  progress=false prints no step logs."""
     res, cache, tmp = built
     assert align(tmp, cache, "name=tiny-typ", "alpha=5", "candidates_only=true")["cached"]
     cand = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "candidates_only=true")
@@ -214,6 +214,7 @@ def test_candidates_only_samples_them_once_for_the_builds_that_share_them(built,
     assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 2
     one = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "threads=1")
     assert not one["cached"] and one["candidates_seconds"] < 1.0 and one["threads"] == 1
+    assert "'loss'" not in capsys.readouterr().out
 
 
 def test_compact_lm_head_scores_only_the_completions_and_keeps_the_log_probs(tmp_path, cache_dir):

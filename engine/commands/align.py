@@ -316,7 +316,12 @@ def dpo_trainer(cfg: DictConfig, model, tok, examples: list[dict], workdir: Path
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset
 
-    return TokenIdDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer = TokenIdDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    if not cfg.progress:  # without a bar the Trainer prints every step's log dict instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train_dpo(

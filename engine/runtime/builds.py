@@ -88,7 +88,7 @@ def find_build(cache: Path, name: str, build_id: str | None, command: str) -> Bu
         if not pointer.is_file():
             raise EngineError(
                 f"model {name!r} is not built yet in {cache}: build it with "
-                f"`{command}` (about 12 minutes on 2 CPU cores, then cached)"
+                f"`{command}` (about 7 minutes on 2 CPU cores, then cached)"
             )
         build_id = pointer.read_text().strip()
     build = read_build(build_dir(cache, name, str(build_id)))
