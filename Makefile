@@ -29,7 +29,7 @@ HELDOUT_PROMPTS := 16
 # a multirun job's model config name (`-m model=a,b`: one process, one archive per model)
 MODEL_NAME := $${hydra:runtime.choices.model}
 # the demo's steps after the seed dumps (make targets; `make demo` runs them, two at a time)
-DEMO_STEPS := demo-align demo-align-twin demo-align-control demo-report demo-seed-dumps demo-seed-scores demo-seed-layers demo-twin-seed demo-control-dump demo-seed-attractor \
+DEMO_STEPS := demo-align demo-align-candidates demo-align-twin demo-align-control demo-report demo-seed-dumps demo-seed-scores demo-seed-layers demo-twin-seed demo-control-dump demo-seed-attractor \
 	demo-seed-analyses demo-heldout
 
 .PHONY: setup lock test-latest demo $(DEMO_STEPS) test bench clean
@@ -88,9 +88,8 @@ NOBAR := progress=false
 
 demo: setup
 	@echo "== the typicality-DPO twin of $(REF) and its coin-flip control (alpha 0), built once, then cached:"
-	@echo "   first the completions both are trained on (about 2 min the first time)"
-	$(BIN)/python -m engine align candidates_only=true hydra.run.dir=$(DEMO)/logs/align-candidates
-	@echo "== then both DPO trainings at once, one thread each (about 8 min the first time; each prints when it ends)"
+	@echo "   the completions both are trained on (about 2 min the first time), then both DPO trainings"
+	@echo "   at once, one thread each (about 8 min the first time); each step prints when it ends"
 	$(MAKE) --no-print-directory -j2 --output-sync=target demo-align
 	@echo "== then the experiment, two steps at a time: the seed prompts (dumps with the logit lens, scores, layers,"
 	@echo "   the attractor, analyses) beside the held-out chat prompts (dumps, answers, scores, analyses)"
@@ -108,12 +107,15 @@ demo: setup
 # the experiment's steps (internal: `make demo` runs them once the twins are built)
 # The two DPO trainings run side by side with one torch thread each: 442 and 468 s, against
 # 2 x 262 s one after the other with two threads (135M parameters' small matrix products use
-# a second thread poorly).  One thread also makes the twins' bits independent of the
-# machine's core count (1 and 2 threads train different last bits).
+# a second thread poorly).  The thread count changes the weights' last bits (the provenance
+# records it; a build cached with other threads is used as it is).  The candidates they share
+# are sampled first, by one process.
 demo-align: demo-align-twin demo-align-control
-demo-align-twin:
+demo-align-candidates:
+	$(BIN)/python -m engine align candidates_only=true $(NOBAR) hydra.run.dir=$(DEMO)/logs/align-candidates
+demo-align-twin: demo-align-candidates
 	$(BIN)/python -m engine align threads=1 $(NOBAR) hydra.run.dir=$(DEMO)/logs/align
-demo-align-control:
+demo-align-control: demo-align-candidates
 	$(BIN)/python -m engine align alpha=0 name=$(CTRL) threads=1 $(NOBAR) hydra.run.dir=$(DEMO)/logs/align-control
 
 demo-report: demo-heldout demo-seed-analyses demo-seed-attractor

@@ -208,12 +208,15 @@ def test_candidates_only_samples_them_once_for_the_builds_that_share_them(built,
     config already built it is the cached build.  progress=false prints no step logs."""
     res, cache, tmp = built
     assert align(tmp, cache, "name=tiny-typ", "alpha=5", "candidates_only=true")["cached"]
+    cache = tmp_path / "cache"  # a cache of its own: the module's build keeps one candidates file
     cand = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "candidates_only=true")
     assert Path(cand["candidates"]).is_file() and "build_id" not in cand
-    assert not list((cache / "aligned").glob("*tiny-short*"))  # no build, no .build- dir
-    assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 2
+    assert [p.name for p in (cache / "aligned").iterdir()] == ["candidates"]  # no build, no .build-
+    stamp = Path(cand["candidates"]).stat().st_mtime_ns
     one = align(tmp_path, cache, "name=tiny-short", "max_new_tokens=6", "threads=1")
     assert not one["cached"] and one["candidates_seconds"] < 1.0 and one["threads"] == 1
+    assert Path(cand["candidates"]).stat().st_mtime_ns == stamp  # read, not sampled again
+    assert len(list((cache / "aligned" / "candidates").glob("*.h5"))) == 1
     assert "'loss'" not in capsys.readouterr().out
 
 
@@ -262,6 +265,27 @@ def test_compact_lm_head_scores_only_the_completions_and_keeps_the_log_probs(tmp
     assert not tu._use_triton(torch.device("cpu"))
 
 
+def test_compact_lm_head_and_threads_are_undone_on_error_and_refused_without_trls_choice(
+    monkeypatch,
+):
+    """Both settings hold only inside their block, an exception included; a TRL without the
+    choice of positions is one line naming the setting."""
+    import torch
+    import trl.trainer.utils as tu
+
+    choice, threads = tu._use_triton, torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with align_mod.torch_threads(threads + 1) as n, align_mod.compact_lm_head(True):
+            assert n == threads + 1 == torch.get_num_threads()
+            assert tu._use_triton(torch.device("cpu"))
+            raise RuntimeError("inside")
+    assert tu._use_triton is choice and torch.get_num_threads() == threads
+    monkeypatch.delattr(tu, "_use_triton")
+    with pytest.raises(EngineError, match="train.compact_lm_head=false"):
+        with align_mod.compact_lm_head(True):
+            pass
+
+
 def test_model_config_loads_the_build_and_names_the_command_when_missing(built, tmp_path):
     res, cache, _ = built
     cfg = compose_cfg(
@@ -297,6 +321,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, cache_dir):
         ("alpha=-1", "alpha"),
         ("min_tokens=99", "min_tokens"),
         ("threads=0", "threads"),
+        ("threads=true", "threads"),
     ):
         with pytest.raises(EngineError, match=msg):
             align(tmp_path, cache_dir, "name=bad", bad)

@@ -94,7 +94,9 @@ def validate(cfg: DictConfig) -> None:
     if not (cfg.train.epochs > 0 and cfg.train.batch_pairs > 0 and cfg.train.learning_rate > 0):
         raise EngineError("train.epochs, train.batch_pairs and train.learning_rate must be > 0")
     threads = cfg.get("threads")
-    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+    if threads is not None and not (
+        isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
+    ):
         raise EngineError(f"threads must be null or a positive integer, got {threads}")
 
 
@@ -242,11 +244,22 @@ def compact_lm_head(on: bool):
     recompiles.  Nothing recompiles on the CPU, where the prompts are about 3/4 of a pair's
     tokens: with `on`, TRL's choice answers "compact" on every device.  The log-probs are the
     same sums over the same positions (the prompt positions were masked to 0 after scoring);
-    only the matrix shapes, and so the last bits, differ.  Measured on 2 cores: 8.3 s per DPO
-    step of 8 pairs against 13.5 s (two builds side by side, one thread each)."""
+    only the matrix shapes, and so the last bits, differ.  Measured on 2 cores: 5.2 s per DPO
+    step of 8 pairs against about 9.5 s scoring every position."""
     if not on:
         yield
         return
+    tu, choice = trl_position_choice()
+    tu._use_triton = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        tu._use_triton = choice
+
+
+def trl_position_choice():
+    """(TRL's module, its function) that chooses the fused LM head's positions; one line
+    naming the setting to turn off where this TRL has none (`run` asks before any work)."""
     import trl.trainer.utils as tu
 
     choice = getattr(tu, "_use_triton", None)
@@ -256,11 +269,23 @@ def compact_lm_head(on: bool):
             f"trl.trainer.utils._use_triton (the fused LM head's choice of positions): "
             f"set train.compact_lm_head=false"
         )
-    tu._use_triton = lambda device: True
+    return tu, choice
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` (None: as they are) for the block, and back after;
+    yields the count in use.  Set here, after the numba kernels: their OpenMP launches reset
+    it (a process started with OMP_NUM_THREADS=1 trained on 2)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
     try:
-        yield
+        yield torch.get_num_threads()
     finally:
-        tu._use_triton = choice
+        torch.set_num_threads(before)
 
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
@@ -333,11 +358,10 @@ def train_dpo(
     against ln 2 (`first_loss_callback`)."""
     import torch
 
-    if cfg.get("threads"):  # here, after the numba kernels: their OpenMP launches reset the count
-        torch.set_num_threads(int(cfg.threads))
-    trainer = dpo_trainer(cfg, model, tok, examples, workdir)
-    cols = COLUMNS
-    with compact_lm_head(bool(cfg.train.get("compact_lm_head", False))):
+    compact = bool(cfg.train.get("compact_lm_head", False))
+    with torch_threads(cfg.get("threads")) as threads, compact_lm_head(compact):
+        trainer = dpo_trainer(cfg, model, tok, examples, workdir)
+        cols = COLUMNS
         # TRL's reference log-probs (float32 HF forward, before any step) against ours (stored
         # logits) on the first batch: the same tokens, so they agree to the codec's precision
         first = [{k: e[k] for k in cols[:3]} for e in examples[: int(cfg.train.batch_pairs)]]
@@ -369,7 +393,7 @@ def train_dpo(
     return {
         "steps": int(trainer.state.global_step),
         "train_seconds": seconds,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "final_loss": float(np.mean([h["loss"] for h in last_epoch])),
         "reward_accuracy": float(np.mean([h["rewards/accuracies"] for h in last_epoch])),
         "first_loss": float(logs[0]["loss"]) if logs else float("nan"),
@@ -407,6 +431,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
         record_latest(cache, str(cfg.name), bid)
         log.info("%s is built already: %s", cfg.name, final)
         return {"name": str(cfg.name), "path": str(final), "cached": True, **done.provenance}
+    if cfg.train.get("compact_lm_head") and not cfg.candidates_only:
+        trl_position_choice()  # before minutes of work, not after
     t_start = time.perf_counter()
 
     # 1. candidates (the engine's own dump; resumable), shared by every build that differs
@@ -427,7 +453,12 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     t_cand = time.perf_counter() - t_start
     if cfg.candidates_only:
         log.info("candidates of %s: %s", cfg.name, cand)
-        return {"name": str(cfg.name), "candidates": str(cand), "candidates_seconds": t_cand}
+        return {
+            "name": str(cfg.name),
+            "stopped": "candidates",
+            "candidates": str(cand),
+            "candidates_seconds": t_cand,
+        }
     work = final.with_name(f".build-{final.name}")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -490,7 +521,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
     hf_model.save_pretrained(work)
     tok.save_pretrained(work)
     if not cfg.keep_candidates:
-        cand.unlink()  # the next build with these candidates samples them again
+        cand.unlink(missing_ok=True)  # the next build samples them again (a build beside this
+        # one may have deleted them first)
     prov = {
         "build_id": bid,
         "name": str(cfg.name),
@@ -529,8 +561,8 @@ def run(cfg: DictConfig, model: LoadedModel | None = None) -> dict:
 def main(cfg: DictConfig) -> None:
     with user_errors():
         r = run(cfg)
-    if "candidates" in r:
-        print(f"candidates of {r['name']} ({r['candidates_seconds']:.0f} s): {r['candidates']}")
+    if r.get("stopped") == "candidates":
+        print(f"candidates for {r['name']} ({r['candidates_seconds']:.0f} s): {r['candidates']}")
         return
     state = "cached" if r["cached"] else f"built in {r['build_seconds']:.0f} s"
     print(
