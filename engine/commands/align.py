@@ -361,10 +361,9 @@ def train_dpo(
     compact = bool(cfg.train.get("compact_lm_head", False))
     with torch_threads(cfg.get("threads")) as threads, compact_lm_head(compact):
         trainer = dpo_trainer(cfg, model, tok, examples, workdir)
-        cols = COLUMNS
         # TRL's reference log-probs (float32 HF forward, before any step) against ours (stored
         # logits) on the first batch: the same tokens, so they agree to the codec's precision
-        first = [{k: e[k] for k in cols[:3]} for e in examples[: int(cfg.train.batch_pairs)]]
+        first = [{k: e[k] for k in COLUMNS[:3]} for e in examples[: int(cfg.train.batch_pairs)]]
         with torch.no_grad():
             batch = trainer.data_collator(first)
             ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, batch)
