@@ -104,7 +104,7 @@ demo: setup
 	@echo "report: $(CURDIR)/$(DEMO)/report.html  (and report.md)"
 	@echo "look inside: $(BIN)/python -m engine inspect $(DEMO)/$(REF).h5 --sample 0 --step 3"
 
-# the experiment's steps (internal: `make demo` runs them once the twins are built)
+# the twins' builds (internal: `make demo` runs them first)
 # The two DPO trainings run side by side with one torch thread each: 442 and 468 s, against
 # 2 x 262 s one after the other with two threads (135M parameters' small matrix products use
 # a second thread poorly).  The thread count changes the weights' last bits (the provenance
@@ -118,6 +118,7 @@ demo-align-twin: demo-align-candidates
 demo-align-control: demo-align-candidates
 	$(BIN)/python -m engine align alpha=0 name=$(CTRL) threads=1 $(NOBAR) hydra.run.dir=$(DEMO)/logs/align-control
 
+# the experiment's steps (internal: `make demo` runs them once the twins are built)
 demo-report: demo-heldout demo-seed-analyses demo-seed-attractor
 	@echo "== the report"
 	$(BIN)/python -m analyses analysis=report analysis.base=$(REF) analysis.aligned=$(TWIN) \

@@ -243,11 +243,11 @@ def sample_all(
 
     def write(p, s0, s1):
         seeds = [seed_of(i) for i in range(s0, s1)]
-        rows = [prompt_ids[i // per_prompt] for i in range(s0, s1)]  # each row's prompt
+        row_prompts = [prompt_ids[i // per_prompt] for i in range(s0, s1)]
         hooks = list(capture) + [h for h in (lens.hooks if lens else []) if h not in capture]
         steps = generate(
             lm.bridge,
-            rows,
+            row_prompts,
             seeds,
             sampling.max_new_tokens,
             sampling.temperature,
@@ -271,7 +271,7 @@ def sample_all(
             ) from None
         if check.pending:  # wait for the batch's commit, then check it
             pipe.drain()
-            check.after(rows, s0 - span[0], s1 - s0)
+            check.after(row_prompts, s0 - span[0], s1 - s0)
 
     with overlapped(run.write_thread) as pipe:
         fill(
